@@ -1,0 +1,12 @@
+"""repvgg-jax: RepVGG in JAX/Flax with Outlier-Aware BatchNorm and ClusterQAT."""
+
+from repvgg_jax.models.repvgg import RepVGG, VARIANTS, create_model, list_models
+from repvgg_jax.nn.oabn import OABN, bound
+from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OABN", "RepVGG", "VARIANTS", "bound", "create_model", "fold_bn", "identity_kernel",
+    "list_models", "merge", "merge_block",
+]

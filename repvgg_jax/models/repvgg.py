@@ -1,0 +1,232 @@
+"""The RepVGG model zoo (Flax Linen), train form and deploy form.
+
+Layout: inputs NHWC, kernels HWIO. Parameter tree (train form)::
+
+  stem/                     one block, 3 -> min(64, 64a), stride 2
+  stages_{i}_{j}/           stage i (0..3), block j
+    conv_kxk/{conv,bn}      3x3 conv (no bias) + BN      (official: rbr_dense)
+    conv_1x1/{conv,bn}      1x1 conv (no bias) + BN      (official: rbr_1x1)
+    identity/               BN, when Cin == Cout and stride 1 (rbr_identity)
+    se/{down,up}            squeeze-excitation (D2se only)
+  head/                     dense classifier            (official: linear)
+
+Deploy form: each block is ``reparam_conv/{kernel,bias}`` (+ ``se``); see
+:func:`repvgg_jax.merge`. Names follow timm's roles (``conv_kxk``,
+``conv_1x1``, ``identity``); ``repvgg_jax.convert`` maps both naming schemes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from repvgg_jax.nn.oabn import BOUNDS, OABN
+from repvgg_jax.reparam import BN_EPSILON
+
+NORMS = ("bn", "oabn")
+# PyTorch's default BN momentum 0.1 is Flax's 0.9.
+BN_MOMENTUM = 0.9
+# Layers 2, 4, ..., 26 (layer 1 = first block of stage 1) are grouped in g2/g4 variants.
+GROUPED_LAYERS = frozenset(range(2, 27, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the zoo: blocks per stage, width multipliers, groups, SE."""
+  blocks: tuple[int, int, int, int]
+  widths: tuple[float, float, float, float]
+  groups: int = 1
+  se: bool = False
+
+
+_A = (2, 4, 14, 1)
+_B = (4, 6, 16, 1)
+VARIANTS: dict[str, Variant] = {
+    "RepVGG-A0": Variant(_A, (0.75, 0.75, 0.75, 2.5)),
+    "RepVGG-A1": Variant(_A, (1, 1, 1, 2.5)),
+    "RepVGG-A2": Variant(_A, (1.5, 1.5, 1.5, 2.75)),
+    "RepVGG-B0": Variant(_B, (1, 1, 1, 2.5)),
+    "RepVGG-B1": Variant(_B, (2, 2, 2, 4)),
+    "RepVGG-B1g2": Variant(_B, (2, 2, 2, 4), groups=2),
+    "RepVGG-B1g4": Variant(_B, (2, 2, 2, 4), groups=4),
+    "RepVGG-B2": Variant(_B, (2.5, 2.5, 2.5, 5)),
+    "RepVGG-B2g4": Variant(_B, (2.5, 2.5, 2.5, 5), groups=4),
+    "RepVGG-B3": Variant(_B, (3, 3, 3, 5)),
+    "RepVGG-B3g4": Variant(_B, (3, 3, 3, 5), groups=4),
+    "RepVGG-D2se": Variant((8, 14, 24, 1), (2.5, 2.5, 2.5, 5), se=True),
+}
+
+
+def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
+          dtype: Any, name: str) -> nn.Conv:
+  # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
+  # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                 name=name)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) followed by a BN/OABN: one branch of a train-form block."""
+  features: int
+  kernel: int
+  strides: int
+  groups: int
+  norm: Callable[..., nn.Module]
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = _conv(self.features, self.kernel, self.strides, self.groups, False,
+              self.dtype, "conv")(x)
+    return self.norm(name="bn")(x, use_running_average=not train)
+
+
+class SqueezeExcite(nn.Module):
+  """Official RepVGG SEBlock: global pool, C -> C/16 (+ReLU) -> C (+sigmoid)."""
+  reduction: int = 16
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Dense(c // self.reduction, dtype=self.dtype, name="down")(s))
+    s = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name="up")(s))
+    return x * s
+
+
+class RepVGGBlock(nn.Module):
+  """3x3+BN, 1x1+BN and identity BN summed (train form), or one 3x3 conv
+  with bias (deploy form); then optional SE, then ReLU."""
+  features: int
+  strides: int
+  groups: int
+  se: bool
+  deploy: bool
+  norm: Callable[..., nn.Module]
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.deploy:
+      y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
+                "reparam_conv")(x)
+    else:
+      branch = functools.partial(ConvBN, self.features, strides=self.strides,
+                                 groups=self.groups, norm=self.norm, dtype=self.dtype)
+      y = branch(3, name="conv_kxk")(x, train) + branch(1, name="conv_1x1")(x, train)
+      if x.shape[-1] == self.features and self.strides == 1:
+        y = y + self.norm(name="identity")(x, use_running_average=not train)
+    if self.se:
+      y = SqueezeExcite(dtype=self.dtype, name="se")(y)
+    return nn.relu(y)
+
+
+class RepVGG(nn.Module):
+  """RepVGG network; build it with :func:`create_model`.
+
+  Attributes:
+    variant: the zoo row (depths, widths, groups, SE).
+    num_classes: size of the dense head.
+    norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
+    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``nn/oabn.py``).
+    deploy: single-conv deploy form (the output of :func:`repvgg_jax.merge`).
+    cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
+      logits are returned in float32.
+  """
+  variant: Variant
+  num_classes: int = 1000
+  norm: str = "bn"
+  oabn_bound: str = "tanh"
+  oabn_tau: float = 4.0
+  oabn_relative: bool = True
+  deploy: bool = False
+  cifar_stem: bool = False
+  dtype: Any = None
+
+  def _norm_factory(self) -> Callable[..., nn.Module]:
+    if self.norm == "bn":
+      return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                               dtype=self.dtype)
+    return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                             bound=self.oabn_bound, tau=self.oabn_tau,
+                             relative=self.oabn_relative, dtype=self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Args: x, images ``(N, H, W, 3)``. Returns logits ``(N, num_classes)``."""
+    if x.ndim != 4:
+      raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
+    v = self.variant
+    block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
+                              norm=self._norm_factory(), dtype=self.dtype)
+    first_stride = 1 if self.cifar_stem else 2
+    x = x.astype(self.dtype) if self.dtype is not None else x
+    x = block(min(64, int(64 * v.widths[0])), first_stride, 1, name="stem")(x, train)
+    layer = 1
+    for i, (depth, width) in enumerate(zip(v.blocks, v.widths)):
+      features = int(64 * 2 ** i * width)
+      for j in range(depth):
+        strides = (first_stride if i == 0 else 2) if j == 0 else 1
+        groups = v.groups if layer in GROUPED_LAYERS else 1
+        x = block(features, strides, groups, name=f"stages_{i}_{j}")(x, train)
+        layer += 1
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def _canonical(name: str) -> str:
+  return name.lower().replace("repvgg", "").strip("-_ ")
+
+
+_BY_KEY = {_canonical(n): n for n in VARIANTS}
+
+
+def list_models() -> list[str]:
+  """Names accepted by :func:`create_model` (timm-style ``repvgg_a0`` works too)."""
+  return list(VARIANTS)
+
+
+def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
+                 deploy: bool = False, **kwargs: Any) -> RepVGG:
+  """Builds a RepVGG variant by name, e.g. ``create_model("RepVGG-A0")``.
+
+  Args:
+    name: one of :func:`list_models` (case-insensitive; ``"repvgg_a0"`` and
+      ``"A0"`` are accepted).
+    num_classes: classifier width.
+    norm: ``"bn"`` or ``"oabn"``.
+    deploy: the merged single-conv form.
+    **kwargs: other :class:`RepVGG` fields: ``oabn_bound``, ``oabn_tau``,
+      ``oabn_relative``, ``cifar_stem``, ``dtype``.
+  """
+  key = _canonical(name) if isinstance(name, str) else None
+  if key not in _BY_KEY:
+    raise ValueError(f"unknown RepVGG variant {name!r}; valid names: {list_models()}")
+  fields = {f.name for f in dataclasses.fields(RepVGG)} - {"variant", "parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
+  if norm not in NORMS:
+    raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+  if not (isinstance(num_classes, int) and num_classes > 0):
+    raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
+  bound = kwargs.get("oabn_bound", "tanh")
+  if bound not in BOUNDS:
+    raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
+  tau = kwargs.get("oabn_tau", 4.0)
+  if not tau > 0:
+    raise ValueError(f"oabn_tau={tau!r}: must be > 0")
+  return RepVGG(VARIANTS[_BY_KEY[key]], num_classes=num_classes, norm=norm,
+                deploy=deploy, **kwargs)

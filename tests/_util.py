@@ -1,0 +1,45 @@
+"""Shared test helpers: variables with random, non-trivial values."""
+
+import jax
+import numpy as np
+
+
+def random_variables(model, x, seed=0, tiny_var_channels=0):
+  """Variables for ``model`` filled from numpy (fast even for B3/D2se).
+
+  Kernels ~ N(0, 1/fan_in); BN scales in [0.2, 1], biases and means ~ N(0, 0.1),
+  running variances in [0.5, 2]. ``tiny_var_channels`` > 0 sets that many
+  channels of every identity BN to variance 1e-6 (dead channels: the source of
+  merged-kernel outliers). OABN settings keep the model's values.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  defaults = {}
+  if model.norm == "oabn":
+    defaults = {"tau": np.float32(model.oabn_tau), "relative": np.bool_(model.oabn_relative),
+                "smooth": np.bool_(model.oabn_bound == "tanh")}
+
+  def fill(path, s):
+    names = [getattr(p, "key", str(p)) for p in path]
+    leaf, shape = names[-1], s.shape
+    if leaf in defaults:
+      return defaults[leaf]
+    if leaf == "kernel":
+      return rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
+    if leaf == "scale":
+      return rng.uniform(0.2, 1.0, shape).astype(np.float32)
+    if leaf in ("bias", "mean"):
+      return 0.1 * rng.standard_normal(shape, np.float32)
+    if leaf == "var":
+      v = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+      if tiny_var_channels and "identity" in names:
+        v[:tiny_var_channels] = 1e-6
+      return v
+    raise AssertionError(f"random_variables: no rule for {'/'.join(names)}")
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))

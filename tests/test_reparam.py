@@ -1,0 +1,133 @@
+"""merge / fold_bn: exactness and errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import repvgg_jax as rv
+from repvgg_jax.models.repvgg import RepVGG, Variant
+from _util import random_variables, rel_err
+
+# A tiny network with every kind of block: strides 1/2, identity, g2 groups, SE.
+TINY = Variant((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, se=True)
+OABN_SETTINGS = [dict(oabn_bound=b, oabn_relative=r, oabn_tau=t)
+                 for b in ("clip", "tanh") for r, t in ((True, 1.5), (False, 0.8))]
+
+
+def _images(size, n=2, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((n, size, size, 3)), jnp.float32)
+
+
+@pytest.mark.parametrize("name", rv.list_models())
+def test_merge_is_exact_for_every_variant(name):
+  # Odd input size (33 px); norms alternate over the zoo to bound the run time,
+  # every block kind x every OABN mode is covered by the tiny tests below.
+  norm = "oabn" if rv.list_models().index(name) % 2 else "bn"
+  x = _images(33, n=1)
+  model = rv.create_model(name, num_classes=10, norm=norm)
+  v = random_variables(model, x)
+  deploy = rv.create_model(name, num_classes=10, norm=norm, deploy=True)
+  y = jax.jit(model.apply)(v, x)
+  y_deploy = jax.jit(deploy.apply)(jax.jit(rv.merge)(v), x)
+  assert rel_err(y, y_deploy) <= 1e-5
+
+
+class MergeTinyTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(size=(32, 33), norm=("bn",) + tuple(range(len(OABN_SETTINGS))))
+  def test_merge_exact_all_block_kinds(self, size, norm):
+    kw = dict(norm="bn") if norm == "bn" else dict(norm="oabn", **OABN_SETTINGS[norm])
+    x = _images(size)
+    model = RepVGG(TINY, num_classes=7, **kw)
+    v = random_variables(model, x, tiny_var_channels=1)
+    merged = self.variant(rv.merge)(v)
+    y = model.apply(v, x)
+    y_deploy = RepVGG(TINY, num_classes=7, deploy=True, **kw).apply(merged, x)
+    assert rel_err(y, y_deploy) <= 1e-5
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1, 2, 4)
+  def test_identity_kernel_is_identity(self, groups):
+    x = _images(5)
+    x = jnp.concatenate([x] * 4, axis=-1)  # 12 channels
+    k = self.variant(rv.identity_kernel, static_argnums=(0, 1))(12, groups)
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=groups)
+    chex.assert_trees_all_close(y, x)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fold_bn_matches_conv_then_batchnorm(self):
+    model = RepVGG(TINY, num_classes=3)
+    x = _images(8)
+    v = random_variables(model, x)
+    p, s = v["params"]["stem"]["conv_kxk"], v["batch_stats"]["stem"]["conv_kxk"]
+    k, b = self.variant(rv.fold_bn)(p["conv"]["kernel"], p["bn"], s["bn"])
+    conv = lambda k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    bn = s["bn"]
+    want = (conv(p["conv"]["kernel"]) - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5) \
+        * p["bn"]["scale"] + p["bn"]["bias"]
+    chex.assert_trees_all_close(conv(k) + b, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_block_returns_one_3x3_kernel_and_bias():
+  model = RepVGG(TINY, num_classes=3)
+  v = random_variables(model, _images(8))
+  k, b = rv.merge_block(v["params"]["stages_0_1"], v["batch_stats"]["stages_0_1"])
+  chex.assert_shape(k, (3, 3, 8, 16))  # 16 channels, 2 groups
+  chex.assert_shape(b, (16,))
+
+
+def test_merge_of_deploy_variables_is_identity():
+  model = RepVGG(TINY, num_classes=3)
+  merged = rv.merge(random_variables(model, _images(8)))
+  chex.assert_trees_all_equal(rv.merge(merged), merged)
+
+
+def _tiny_variables():
+  return random_variables(RepVGG(TINY, num_classes=3), _images(8))
+
+
+def _drop(tree, path):
+  *head, last = path.split("/")
+  for k in head:
+    tree = tree[k]
+  del tree[last]
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("params/stages_0_1/conv_1x1", "missing variable params/stages_0_1/conv_1x1"),
+    ("params/stem/conv_kxk/bn/scale", "missing variable params/stem/conv_kxk/bn/scale"),
+    ("batch_stats/stages_1_1/identity/var",
+     "missing variable batch_stats/stages_1_1/identity/var"),
+    ("params/stages_1_1/identity", r"batch_stats \['identity'\] in block batch_stats/stages_1_1"),
+])
+def test_merge_names_missing_paths(path, needle):
+  v = _tiny_variables()
+  _drop(v, path)
+  with pytest.raises(ValueError, match=needle):
+    rv.merge(v)
+
+
+def test_merge_names_misshaped_and_odd_variables():
+  v = _tiny_variables()
+  v["params"]["stem"]["conv_kxk"]["bn"]["scale"] = jnp.ones(5)
+  with pytest.raises(ValueError, match=r"params/stem/conv_kxk/bn/scale has shape \(5,\)"):
+    rv.merge(v)
+  v = _tiny_variables()
+  v["params"]["stem"]["rbr_dense"] = {}
+  with pytest.raises(ValueError, match=r"unexpected variable\(s\) \['rbr_dense'\] in block params/stem"):
+    rv.merge(v)
+  v = _tiny_variables()
+  v["batch_stats"]["stage9"] = {}
+  with pytest.raises(ValueError, match=r"batch_stats \['stage9'\] under batch_stats have no params"):
+    rv.merge(v)
+  with pytest.raises(ValueError, match=r"unexpected collection\(s\) \['quant'\]"):
+    rv.merge({**_tiny_variables(), "quant": {}})
+  with pytest.raises(ValueError, match="'params' collection"):
+    rv.merge({"batch_stats": {}})
