@@ -1,0 +1,17 @@
+"""Input pipelines: grain over Fashion-MNIST IDX files, tfds ArrayRecord, or synthetic data.
+
+``make_loader(cfg, split, global_batch_size=..., train=...)`` is the one entry
+point; batches are ``{"image": float32 (B, H, W, 3) NHWC, "label": int32 (B,),
+"mask": bool (B,)}``. See docs/data.md.
+"""
+
+from repvgg_jax.data.pipeline import Loader, make_loader
+from repvgg_jax.data.sources import (
+    DEFAULT_IDX_DIR, SOURCES, STATS, IdxSource, Stats, SyntheticSource, make_source,
+    read_idx)
+from repvgg_jax.data.transforms import AUGMENTS
+
+__all__ = [
+    "AUGMENTS", "DEFAULT_IDX_DIR", "IdxSource", "Loader", "SOURCES", "STATS", "Stats",
+    "SyntheticSource", "make_loader", "make_source", "read_idx",
+]

@@ -1,0 +1,194 @@
+"""``make_loader``: one grain pipeline over every source, sharded per process, resumable.
+
+Pipeline (grain ``MapDataset``, so every element is a pure function of its index)::
+
+  train: source[:subset][shard] -> shuffle(per epoch) -> repeat -> random_map(augment)
+         -> batch(local, drop remainder) -> threads / worker processes
+  eval:  source[shard] padded to whole batches (mask False on padding) -> map -> batch
+
+Because batch ``k`` depends only on (seed, process, k), an iterator's state is just
+its position, and ``set_state`` reproduces the uninterrupted stream bit for bit,
+augmentation included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from repvgg_jax.data import sources, transforms
+
+
+def _even_split(n: int, index: int, count: int) -> tuple[int, int]:
+  """[start, end) of shard ``index`` of ``count``: contiguous, sizes differ by at most one."""
+  per, extra = divmod(n, count)
+  start = index * per + min(index, extra)
+  return start, start + per + (index < extra)
+
+
+def _derived_seed(*parts: int) -> int:
+  """A 32-bit seed from integers; grain's shuffle and random_map need seeds < 2**32."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class _Window:
+  """Records ``source[start:stop]``, then ``length - (stop - start)`` padding records.
+
+  A padding record is a real record (so shapes match) with label 0 and
+  ``mask=False``; it lets the last evaluation batch be full and every process
+  yield the same number of batches. Each record gains a ``"mask"`` bool.
+  """
+
+  def __init__(self, source: Any, start: int, stop: int, length: int):
+    self.source, self.start, self.stop, self.length = source, start, stop, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if index < self.stop - self.start:
+      record = dict(self.source[self.start + index])
+      record["mask"] = True
+      return record
+    record = dict(self.source[self.start if self.stop > self.start else 0])
+    record["label"], record["mask"] = 0, False
+    return record
+
+
+class _Preprocess:
+  """Record -> {"image": float32 (S, S, 3), "label": int32 (), "mask": bool ()}."""
+
+  def __init__(self, augment: str, size: int, train: bool, stats: sources.Stats):
+    self.augment, self.size, self.train = augment, size, train
+    self.mean = np.asarray(stats.mean, np.float32)
+    self.std = np.asarray(stats.std, np.float32)
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
+    image = np.asarray(record["image"])
+    if image.ndim == 2:
+      image = image[:, :, None]
+    image = transforms.augment_image(image, self.augment, self.size, self.train, rng)
+    return {"image": transforms.normalize(image, self.mean, self.std),
+            "label": np.int32(record["label"]),
+            "mask": np.bool_(record.get("mask", True))}
+
+
+class Loader:
+  """An iterable over batches; ``iter(loader)`` gives a grain iterator with get/set_state.
+
+  Attributes:
+    num_examples: examples in the split (after ``train_subset``), over all processes.
+    num_classes: label count.
+    image_shape: (H, W, 3) of one image; batches are float32 NHWC.
+    global_batch_size, local_batch_size: per step, over all processes / in this one.
+    steps_per_epoch: train: ``max(1, num_examples // global_batch_size)`` (batches run
+      across epoch boundaries, so this is the mean); eval: the number of batches of
+      the single pass.
+  """
+
+  def __init__(self, dataset: Any, *, num_examples: int, num_classes: int, image_size: int,
+               global_batch_size: int, local_batch_size: int, steps_per_epoch: int,
+               train: bool):
+    self._dataset = dataset
+    self.num_examples, self.num_classes = num_examples, num_classes
+    self.image_shape = (image_size, image_size, 3)
+    self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
+    self.steps_per_epoch, self.train = steps_per_epoch, train
+
+  def __iter__(self):
+    return iter(self._dataset)
+
+  def __repr__(self) -> str:
+    return (f"Loader(n={self.num_examples}, classes={self.num_classes}, "
+            f"image_shape={self.image_shape}, local_batch={self.local_batch_size}, "
+            f"train={self.train})")
+
+
+def _int_field(cfg: Any, name: str, default: int) -> int:
+  value = getattr(cfg, name, default)
+  value = default if value is None else value
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"data: {name}={value!r} must be a non-negative integer")
+  return int(value)
+
+
+def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, seed: int = 0,
+                process_index: int | None = None, process_count: int | None = None) -> Loader:
+  """Builds the input pipeline of one process.
+
+  Args:
+    cfg: attribute object (e.g. ``ml_collections.ConfigDict``) with ``source``
+      ("fashion_mnist_idx" | "tfds" | "synthetic"), ``name`` (tfds), ``data_dir``,
+      ``image_size``, ``augment`` ("none" | "pad_crop_flip" | "rrc_flip"),
+      ``train_subset`` (0 = all; the first N examples of the train split) and
+      ``worker_count`` (grain worker processes, 0 = in-process). Optional:
+      ``read_threads`` (default 2), ``num_classes`` and ``synthetic_examples``
+      (synthetic source).
+    split: "train" or "test" ("test" reads ImageNet's "validation").
+    global_batch_size: batch over all processes; must divide by ``process_count``.
+    train: True: infinite, reshuffled every epoch, augmented, full batches.
+      False: one pass in order, no randomness, last batch padded with ``mask=False``.
+    seed: shuffle and augmentation seed.
+    process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+      Each process reads only its contiguous shard of the examples.
+
+  Returns:
+    A ``Loader`` whose iterators yield ``{"image": float32 (B, H, W, 3) NHWC,
+    "label": int32 (B,), "mask": bool (B,)}`` with ``B = global_batch_size // process_count``.
+  """
+  import grain  # Lazy: the package stays importable where grain is not installed.
+
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"data: process_index={process_index} not in [0, {process_count})")
+  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer)) \
+      or global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"data: global_batch_size={global_batch_size!r} must be a positive "
+                     f"multiple of process_count={process_count}")
+  augment = getattr(cfg, "augment", "none")
+  if augment not in transforms.AUGMENTS:
+    raise ValueError(f"data: unknown augment {augment!r}, expected one of {transforms.AUGMENTS}")
+  image_size = _int_field(cfg, "image_size", 0)
+  if image_size == 0:
+    raise ValueError(f"data: image_size={getattr(cfg, 'image_size', None)!r} must be positive")
+  subset = _int_field(cfg, "train_subset", 0)
+  worker_count = _int_field(cfg, "worker_count", 0)
+  read_threads = _int_field(cfg, "read_threads", 2)
+
+  source, stats = sources.make_source(cfg, split)
+  n = len(source)
+  if subset and split == "train":
+    if subset > n:
+      raise ValueError(f"data: train_subset={subset} exceeds the {n} training examples")
+    n = subset
+  local_batch = global_batch_size // process_count
+  start, stop = _even_split(n, process_index, process_count)
+  preprocess = _Preprocess(augment, image_size, train, stats)
+
+  if train:
+    if stop <= start:
+      raise ValueError(f"data: process {process_index} of {process_count} gets no examples "
+                       f"of the {n} in split {split!r}")
+    # Per-process seeds: otherwise the k-th record of every shard would get the same crop.
+    ds = grain.MapDataset.source(_Window(source, start, stop, stop - start))
+    ds = ds.shuffle(seed=_derived_seed(seed, process_index, 0)).repeat(None)
+    ds = ds.random_map(preprocess, seed=_derived_seed(seed, process_index, 1))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    steps = max(1, n // global_batch_size)
+  else:
+    # Same batch count on every process (collectives in the eval step need it).
+    steps = math.ceil(math.ceil(n / process_count) / local_batch)
+    ds = grain.MapDataset.source(_Window(source, start, stop, steps * local_batch))
+    ds = ds.map(preprocess).batch(local_batch)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=max(2, 2 * read_threads)))
+  if worker_count:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return Loader(ds, num_examples=n, num_classes=stats.num_classes, image_size=image_size,
+                global_batch_size=global_batch_size, local_batch_size=local_batch,
+                steps_per_epoch=steps, train=train)
