@@ -169,7 +169,7 @@ def _expected(name: str, num_classes: int, deploy: bool) -> dict[tuple[str, ...]
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
-def _plausible(variant, found: dict[tuple[str, ...], tuple]) -> bool:
+def _plausible(variant, found: dict[tuple[str, ...], tuple], depths_only: bool = False) -> bool:
   """Cheap filter on depths, SE and block widths before building shape tables.
 
   ``found`` maps ``(collection, block, ...)`` to the PyTorch tensor shape.
@@ -179,8 +179,8 @@ def _plausible(variant, found: dict[tuple[str, ...], tuple]) -> bool:
     m = re.fullmatch(r"stages_(\d)_(\d+)", block)
     if m and int(m.group(1)) < 4:
       depths[int(m.group(1))] = max(depths[int(m.group(1))], int(m.group(2)) + 1)
-  if tuple(depths) != variant.blocks:
-    return False
+  if tuple(depths) != variant.blocks or depths_only:
+    return tuple(depths) == variant.blocks
   if any(p[2] == "se" for p in found if len(p) > 2) != variant.se:
     return False
   for (coll, block, *rest), shape in found.items():
@@ -265,6 +265,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
       unknown.append(key)
     else:
       given[(parsed[0],) + parsed[1]] = (key, tuple(np.shape(raw[key])), parsed[2])
+  if not given:
+    raise ValueError(f"none of the {len(unknown)} keys is a RepVGG key (official or timm "
+                     "names); unexpected keys:\n" + "\n".join(f"  {k}" for k in unknown))
   deploy = any("reparam_conv" in p for p in given)
   if num_classes is None:
     head = given.get(("params", "head", "kernel"))
@@ -274,7 +277,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
     model = create_model(name, num_classes=num_classes)  # validates the name
     candidates = [n for n, v in VARIANTS.items() if v == model.variant]
   else:
-    candidates = [n for n, v in VARIANTS.items() if _plausible(v, found)] or list(VARIANTS)
+    # When nothing fits, the closest variant (same depths first) is reported.
+    candidates = ([n for n, v in VARIANTS.items() if _plausible(v, found)] or
+                  [n for n, v in VARIANTS.items() if _plausible(v, found, depths_only=True)] or
+                  list(VARIANTS))
   reports = []
   for cand in candidates:
     report = _problems(_expected(cand, num_classes, deploy), given, unknown, style)
@@ -333,7 +339,8 @@ def to_torch_state_dict(variables: Mapping[str, Any], style: str = "timm", *,
       bad.append("/".join(path))
       continue
     key, layout = found
-    out[key] = _to_torch_layout(layout, np.asarray(value))
+    # A C-ordered, writable copy: torch and safetensors expect contiguous buffers.
+    out[key] = np.array(_to_torch_layout(layout, np.asarray(value)), order="C")
     if key.endswith("running_mean"):
       out[key[:-len("running_mean")] + "num_batches_tracked"] = np.array(0, np.int64)
   if bad:
@@ -342,7 +349,7 @@ def to_torch_state_dict(variables: Mapping[str, Any], style: str = "timm", *,
   out = dict(sorted(out.items(), key=lambda kv: _natural(kv[0])))
   if as_torch:
     import torch  # optional dependency: only for tensors out
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    out = {k: torch.from_numpy(v) for k, v in out.items()}
   return out
 
 
