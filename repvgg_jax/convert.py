@@ -254,8 +254,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
   for k, v in state_dict.items():
     if not isinstance(k, str):
       raise ValueError(f"state dict key {k!r} is not a string")
-    if not k.endswith("num_batches_tracked"):  # a PyTorch BN counter, no Flax variable
-      raw[_strip_prefix(k)] = v
+    if k.endswith("num_batches_tracked"):  # a PyTorch BN counter, no Flax variable
+      continue
+    if _strip_prefix(k) in raw:
+      raise ValueError(f"state dict has both {k!r} and {_strip_prefix(k)!r}")
+    raw[_strip_prefix(k)] = v
   keys = list(raw)
   style = _detect_style(keys)
   given, unknown = {}, []
@@ -264,7 +267,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
     if parsed is None:
       unknown.append(key)
     else:
-      given[(parsed[0],) + parsed[1]] = (key, tuple(np.shape(raw[key])), parsed[2])
+      shape = tuple(raw[key].shape) if hasattr(raw[key], "shape") else np.shape(raw[key])
+      given[(parsed[0],) + parsed[1]] = (key, shape, parsed[2])
   if not given:
     raise ValueError(f"none of the {len(unknown)} keys is a RepVGG key (official or timm "
                      "names); unexpected keys:\n" + "\n".join(f"  {k}" for k in unknown))
