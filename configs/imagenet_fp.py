@@ -1,0 +1,41 @@
+"""RepVGG-A0 on ImageNet, official recipe: 120 epochs, batch 256, lr 0.1 cosine, wd 1e-4.
+
+FP training, merge and report; no quantization (see imagenet_w4.py).
+Data: tfds ``imagenet2012`` prepared as ArrayRecord in ``data.data_dir`` (local or gs://).
+"""
+
+from repvgg_jax.train.config import base_config, finalize
+
+TRAIN_EXAMPLES = 1_281_167
+
+
+def imagenet_base():
+  c = base_config()
+  c.model.name = "RepVGG-A0"
+  c.model.norm = "bn"
+  c.data.source = "tfds"
+  c.data.name = "imagenet2012"
+  c.data.image_size = 224
+  c.data.augment = "rrc_flip"
+  c.data.worker_count = 8
+  c.eval_batch_size = 1000
+  c.log_every = 100
+  c.fp.batch_size = 256
+  c.fp.base_lr = 0.1
+  c.fp.weight_decay = 1e-4
+  c.fp.momentum = 0.9
+  c.fp.label_smoothing = 0.0  # The paper's 120-epoch models used none.
+  c.fp.num_steps = 120 * TRAIN_EXAMPLES // c.fp.batch_size
+  c.fp.warmup_steps = 0
+  c.fp.checkpoint_every = 2000
+  c.fp.keep = 3
+  c.qat.batch_size = 256
+  c.qat.checkpoint_every = 2000
+  c.qat.keep = 3
+  return c
+
+
+def get_config():
+  c = imagenet_base()
+  c.quant.method = "none"
+  return finalize(c)

@@ -1,0 +1,20 @@
+"""RepVGG-A0 on ImageNet: the official FP recipe, then 4-bit ClusterQAT of the merged network.
+
+``--config.quant.bits=3`` changes the bit width; ``--config.init_from=<dir>``
+starts QAT from an existing FP-stage checkpoint directory (and skips FP).
+"""
+
+from configs.imagenet_fp import TRAIN_EXAMPLES, imagenet_base
+from repvgg_jax.train.config import finalize
+
+
+def get_config():
+  c = imagenet_base()
+  c.model.norm = "oabn"
+  c.quant.method = "cluster"
+  c.quant.bits = 4
+  c.quant.refit_every = 500
+  c.qat.num_steps = 10 * TRAIN_EXAMPLES // c.qat.batch_size
+  c.qat.base_lr = 0.01
+  c.qat.weight_decay = 0.0
+  return finalize(c)

@@ -1,0 +1,28 @@
+"""A seconds-long smoke run for tests: tiny RepVGG, synthetic 16 px data, a few steps each stage."""
+
+from repvgg_jax.train.config import base_config, finalize
+
+
+def tiny_config():
+  c = base_config()
+  c.model.name = "tiny"
+  c.model.norm = "oabn"
+  c.model.cifar_stem = True
+  c.data.source = "synthetic"
+  c.data.image_size = 16
+  c.data.augment = "none"
+  c.data.synthetic_examples = 64
+  c.eval_batch_size = 32
+  c.log_every = 2
+  for s in (c.fp, c.qat):
+    s.batch_size = 16
+    s.num_steps = 4
+    s.checkpoint_every = 2
+    s.keep = 2
+  c.quant.method = "cluster"
+  c.quant.refit_every = 2
+  return c
+
+
+def get_config():
+  return finalize(tiny_config())

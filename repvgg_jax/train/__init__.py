@@ -1,0 +1,1 @@
+"""Training: state, optimizer, sharding, checkpoints, steps and the staged pipeline."""

@@ -1,0 +1,162 @@
+"""Validation of the pipeline config: unknown or invalid fields fail at start, by name.
+
+The ``ConfigDict`` returned by ``configs/*.py`` is locked, so a misspelt
+``--config.x.y`` override is rejected by ml_collections itself; ``validate``
+checks enums and ranges that a lock cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+MODEL_NAMES_EXTRA = ("tiny",)
+NORMS = ("bn", "oabn")
+DTYPES = ("float32", "bfloat16")
+QUANT_METHODS = ("cluster", "uniform", "none")
+GRANULARITIES = ("channel", "tensor")
+SOURCES = ("fashion_mnist_idx", "tfds", "synthetic")
+AUGMENTS = ("none", "pad_crop_flip", "rrc_flip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the pipeline reads, with defaults; configs override a few and lock."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.log_every = 50
+  c.eval_batch_size = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "RepVGG-A0"          # a zoo name or "tiny" (blocks 1,1,1,1, widths 0.25)
+  c.model.norm = "bn"                 # "bn" | "oabn"
+  c.model.oabn_tau = 4.0
+  c.model.cifar_stem = False          # stride 1 in the stem and stage 1, for 28-32 px inputs
+  c.model.dtype = "float32"           # compute dtype; params stay float32
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"
+  c.data.name = "imagenet2012"
+  c.data.data_dir = ""                # "" = the source's default; local or gs://
+  c.data.image_size = 224
+  c.data.augment = "rrc_flip"
+  c.data.train_subset = 0
+  c.data.worker_count = 0
+  c.data.synthetic_examples = 0       # synthetic source only: 0 = the source's default
+
+  # Stage 1: FP training of the multi-branch network.
+  c.fp = _stage_config()
+  # Stage 2: QAT of the merged network (the "merge" stage has no training).
+  c.qat = _stage_config()
+  c.qat.base_lr = 0.01
+  c.qat.warmup_steps = 0
+  c.quant = ml_collections.ConfigDict()
+  c.quant.method = "cluster"          # "cluster" | "uniform" | "none" (no QAT, no export)
+  c.quant.bits = 4
+  c.quant.granularity = "channel"
+  c.quant.first_last_bits = 8
+  c.quant.refit_every = 100
+
+  # Start QAT from these train-form variables instead of the FP stage: an orbax
+  # checkpoint directory of a previous run's FP stage, or a .npz/.msgpack of
+  # flax variables (e.g. written by repvgg_jax.convert). "" = this run's FP stage.
+  c.init_from = ""
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False    # call jax.distributed.initialize at start
+  c.distributed.coordinator_address = ""  # "" = auto-detected (TPU VM, SLURM)
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c
+
+
+def _stage_config() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.enabled = True
+  s.num_steps = 1000
+  s.batch_size = 256                  # global
+  s.base_lr = 0.1                     # per 256 examples: lr = base_lr * batch_size / 256
+  s.warmup_steps = 0
+  s.momentum = 0.9
+  s.nesterov = False
+  s.weight_decay = 1e-4
+  s.label_smoothing = 0.0
+  s.checkpoint_every = 500
+  s.keep = 2
+  return s
+
+
+def _fail(problems: list[str]) -> None:
+  if problems:
+    raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every unknown or invalid field of ``cfg``."""
+  problems = []
+  ref = base_config()
+
+  def walk(c: Any, r: Any, prefix: str) -> None:
+    for key in c.keys():
+      name = f"{prefix}{key}"
+      if key not in r:
+        problems.append(f"unknown field {name}")
+      elif isinstance(r[key], ml_collections.ConfigDict):
+        if isinstance(c[key], ml_collections.ConfigDict):
+          walk(c[key], r[key], name + ".")
+        else:
+          problems.append(f"{name} must be a group of fields")
+  walk(cfg, ref, "")
+  _fail(problems)
+
+  def enum(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+      problems.append(f"{name}={value!r} not in {allowed}")
+
+  def positive(name: str, value: Any, zero_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value >= 0 if zero_ok else value > 0)
+    if not ok:
+      problems.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+  from repvgg_jax.models.repvgg import list_models, _canonical
+  names = {_canonical(n) for n in list_models()} | set(MODEL_NAMES_EXTRA)
+  if _canonical(cfg.model.name) not in names:
+    problems.append(f"model.name={cfg.model.name!r} not in {list_models() + ['tiny']}")
+  enum("model.norm", cfg.model.norm, NORMS)
+  enum("model.dtype", cfg.model.dtype, DTYPES)
+  enum("data.source", cfg.data.source, SOURCES)
+  enum("data.augment", cfg.data.augment, AUGMENTS)
+  positive("data.image_size", cfg.data.image_size)
+  positive("data.train_subset", cfg.data.train_subset, zero_ok=True)
+  positive("eval_batch_size", cfg.eval_batch_size)
+  positive("log_every", cfg.log_every)
+  enum("quant.method", cfg.quant.method, QUANT_METHODS)
+  enum("quant.granularity", cfg.quant.granularity, GRANULARITIES)
+  for f in ("bits", "first_last_bits"):
+    v = cfg.quant[f]
+    if not (isinstance(v, int) and 1 <= v <= 8):
+      problems.append(f"quant.{f}={v!r} must be an int in [1, 8]")
+  positive("quant.refit_every", cfg.quant.refit_every)
+  for stage in ("fp", "qat"):
+    s = cfg[stage]
+    for f in ("num_steps", "batch_size", "checkpoint_every", "keep"):
+      v = s[f]
+      if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        problems.append(f"{stage}.{f}={v!r} must be a positive int")
+    positive(f"{stage}.base_lr", s.base_lr)
+    positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
+    if not 0 <= s.momentum < 1:
+      problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
+    if not 0 <= s.label_smoothing < 1:
+      problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
+    if not (isinstance(s.warmup_steps, int) and 0 <= s.warmup_steps < s.num_steps):
+      problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be in [0, num_steps)")
+  _fail(problems)
+
+
+def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates and locks ``cfg`` (configs/*.py call this in ``get_config``)."""
+  validate(cfg)
+  cfg.lock()
+  return cfg

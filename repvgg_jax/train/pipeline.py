@@ -1,0 +1,183 @@
+"""The staged pipeline: FP train -> merge -> QAT -> packed export -> evaluate every form -> report.
+
+Every training stage checkpoints under ``<workdir>/checkpoints/<stage>`` and
+resumes from there, so the same command continues a killed run. Outputs of
+process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.png``,
+``accuracy.png``, ``model.packed`` (when quantized) and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import repvgg_jax
+from repvgg_jax import data
+from repvgg_jax.train import config as config_lib
+from repvgg_jax.train import report as report_lib
+from repvgg_jax.train import sharding, steps
+from repvgg_jax.train.checkpoint import StageCheckpoints
+from repvgg_jax.train.loop import train_stage
+from repvgg_jax.train.state import build_model, create_train_state, init_variables
+from repvgg_jax.train.writers import create_writer
+
+
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize`` when ``cfg.distributed.initialize`` (before any jax use).
+
+  Empty/unset fields are left to JAX's auto-detection (TPU VMs, SLURM).
+  """
+  d = cfg.distributed
+  if not d.initialize:
+    return
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  # CPU collectives across processes need gloo; the flag does not affect TPU/GPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def load_variables(path: str, template: dict) -> dict:
+  """Train-form variables from an FP-stage orbax directory, a .npz or a .msgpack file.
+
+  ``template`` (freshly initialised variables) gives the structure to restore into.
+  A .npz holds flattened ``"params/stem/conv_kxk/conv/kernel"``-style keys.
+  """
+  import flax
+  from flax import traverse_util
+  if path.endswith(".msgpack"):
+    with open(path, "rb") as f:
+      return flax.serialization.from_bytes(template, f.read())
+  if path.endswith(".npz"):
+    flat = dict(np.load(path))
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  ckpt = StageCheckpoints(path, every=1, keep=1)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
+  state_dict = ckpt.manager.restore(ckpt.latest_step())["state"]
+  ckpt.close()
+  return {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
+
+
+def _replace_quant(state: Any, quant: Any, mesh: Any) -> Any:
+  return state.replace(quant=sharding.replicate(quant, mesh))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
+        interrupt: tuple[str, int] | None = None) -> dict:
+  """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
+
+  Args:
+    interrupt: testing aid ``(stage, step)``: a simulated kill after that step.
+  """
+  config_lib.validate(cfg)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+  writer = create_writer(workdir)
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  kill = lambda stage: interrupt[1] if interrupt and interrupt[0] == stage else None
+
+  def loader(split: str, batch: int, train: bool):
+    return data.make_loader(cfg.data, split, global_batch_size=batch, train=train, seed=cfg.seed)
+
+  eval_loader = loader("test", cfg.eval_batch_size, False)
+  num_classes, image_shape = eval_loader.num_classes, eval_loader.image_shape
+  model = build_model(cfg.model, num_classes, deploy=False)
+  deploy_model = build_model(cfg.model, num_classes, deploy=True)
+  forms, timings = {}, {}
+  eval_plain = steps.make_eval_step(mesh)
+
+  # Stage 1: FP training of the multi-branch network (or import).
+  t = time.time()
+  template = init_variables(model, image_shape, cfg.seed)
+  if cfg.fp.enabled and not cfg.init_from:
+    state = create_train_state(model, template, cfg.fp)
+    state = train_stage(
+        "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
+        train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing),
+        ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
+        log_every=cfg.log_every, interrupt_at=kill("fp"))
+    variables = {"params": sharding.to_host(state.params),
+                 "batch_stats": sharding.to_host(state.batch_stats)}
+  else:
+    if cfg.init_from:
+      variables = load_variables(cfg.init_from, template)
+    else:
+      logging.warning("fp.enabled=False and no init_from: using the random initialisation")
+      variables = template
+    state = sharding.replicate(create_train_state(model, variables, cfg.fp), mesh)
+  forms["fp"] = {"accuracy": steps.evaluate(eval_plain, state, eval_loader, mesh)}
+  timings["fp"] = time.time() - t
+  del state
+
+  # Stage 2: merge (pure) and evaluate the single-conv network.
+  merged = jax.device_get(repvgg_jax.merge(variables))
+  merged_state = sharding.replicate(create_train_state(deploy_model, merged, cfg.qat), mesh)
+  forms["merged"] = {"accuracy": steps.evaluate(eval_plain, merged_state, eval_loader, mesh),
+                     "size_bytes": report_lib._param_bytes(merged["params"])}
+  histograms = {"merged FP": merged}
+  del merged_state
+
+  # Stage 3: QAT of the merged network, then the packed export.
+  if cfg.quant.method != "none":
+    from repvgg_jax.quant import make_quantizer
+    t = time.time()
+    q = make_quantizer(cfg.quant.method, bits=cfg.quant.bits,
+                       granularity=cfg.quant.granularity,
+                       first_last_bits=cfg.quant.first_last_bits)
+    quant = q.init(merged["params"])
+    state = create_train_state(deploy_model, merged, cfg.qat, quant=quant)
+    if cfg.qat.enabled:
+      refit_every = cfg.quant.refit_every
+
+      def refit(step: int, state: Any) -> Any:
+        if step % refit_every:
+          return state
+        host = sharding.to_host({"p": state.params, "q": state.quant})
+        return _replace_quant(state, q.refit(host["p"], host["q"]), mesh)
+
+      state = train_stage(
+          "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
+          train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q),
+          ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
+          log_every=cfg.log_every, after_step=refit, interrupt_at=kill("qat"))
+    else:
+      state = sharding.replicate(state, mesh)
+    forms["qat"] = {"accuracy": steps.evaluate(steps.make_eval_step(mesh, q), state,
+                                               eval_loader, mesh)}
+    timings["qat"] = time.time() - t
+    params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
+    del state
+
+    packed = repvgg_jax.export(params, q, quant)
+    path = os.path.join(workdir, "model.packed")
+    if primary:
+      packed.save(path)
+    # Every process evaluates the decoded export (the file on process 0's disk may
+    # not be visible to the others, so they decode the same object in memory).
+    p2 = repvgg_jax.load_packed(path) if primary else packed
+    decoded = p2.to_variables()
+    packed_state = sharding.replicate(create_train_state(deploy_model, decoded, cfg.qat), mesh)
+    forms["packed"] = {"accuracy": steps.evaluate(eval_plain, packed_state, eval_loader, mesh),
+                       "size_bytes": int(p2.size_bytes())}
+    histograms[f"{cfg.quant.method} {cfg.quant.bits}-bit"] = jax.device_get(decoded)
+
+  result = {"forms": forms}
+  if primary:
+    result = report_lib.write_report(workdir, forms, cfg, histograms, timings)
+    logging.info("report:\n%s", report_lib.markdown(result))
+  writer.flush()
+  return result

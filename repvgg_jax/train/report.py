@@ -1,0 +1,81 @@
+"""report.json, report.md and figures in the workdir (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from repvgg_jax import analysis
+
+FORMS = ("fp", "merged", "qat", "packed")
+LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
+          "packed": "packed export"}
+
+
+def _param_bytes(params: Any) -> int:
+  import jax
+  return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params)))
+
+
+def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
+                 histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float]) -> dict:
+  """Writes report.json, report.md, weight_histograms.png and accuracy.png; returns the report.
+
+  Args:
+    forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out.
+    histograms: ``{label: variables}`` for :func:`analysis.plot_weight_histograms`.
+    timings: seconds per stage.
+  """
+  report = {"forms": {k: dict(v) for k, v in forms.items()},
+            "config": json.loads(config.to_json_best_effort()),
+            "seconds": dict(timings)}
+  if histograms:
+    report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
+                          for label, v in histograms.items()}
+    analysis.plot_weight_histograms(histograms, os.path.join(workdir, "weight_histograms.png"))
+  _plot_accuracy(forms, os.path.join(workdir, "accuracy.png"))
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(markdown(report))
+  return report
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+  """The Markdown table of ``report``: one row per form."""
+  lines = ["| form | top-1 accuracy | size (bytes) |", "|---|---:|---:|"]
+  for k in FORMS:
+    if k in report["forms"]:
+      r = report["forms"][k]
+      size = f"{r['size_bytes']:,}" if "size_bytes" in r else ""
+      lines.append(f"| {LABELS[k]} | {100 * r['accuracy']:.2f}% | {size} |")
+  out = "\n".join(lines) + "\n"
+  if "outliers" in report:
+    out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
+    for label, s in report["outliers"].items():
+      out += f"| {label} | {s['max_over_std']:.1f} | {s['kurtosis']:.1f} |\n"
+  if report.get("seconds"):
+    out += "\nSeconds per stage: " + ", ".join(
+        f"{k} {v:.0f}" for k, v in report["seconds"].items()) + "\n"
+  return out
+
+
+def _plot_accuracy(forms: Mapping[str, Mapping[str, Any]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+  keys = [k for k in FORMS if k in forms]
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  acc = [100 * forms[k]["accuracy"] for k in keys]
+  ax.bar([LABELS[k] for k in keys], acc, color="tab:blue")
+  for i, a in enumerate(acc):
+    ax.text(i, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_ylim(max(0, min(acc, default=0) - 10), 100)
+  ax.tick_params(axis="x", labelsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,87 @@
+"""Model construction, ``TrainState`` and the optimizer of the official recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from repvgg_jax.models.repvgg import RepVGG, Variant, create_model
+
+TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
+
+
+class TrainState(train_state.TrainState):
+  """Adds BN running statistics (FP stage) and the quantizer state (QAT stage).
+
+  Either may be ``{}``: the merged network has no BN, the FP network no quantizer.
+  """
+  batch_stats: Any = flax.core.FrozenDict()
+  quant: Any = flax.core.FrozenDict()
+
+
+def build_model(model_cfg: Any, num_classes: int, *, deploy: bool) -> RepVGG:
+  """The train-form (``deploy=False``) or merged model of ``cfg.model``."""
+  dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
+  kw = dict(num_classes=num_classes, norm=model_cfg.norm, oabn_tau=model_cfg.oabn_tau,
+            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype)
+  if model_cfg.name.lower() == "tiny":
+    return RepVGG(TINY, **kw)
+  return create_model(model_cfg.name, **kw)
+
+
+def weight_decay_mask(params: Mapping[str, Any]) -> Any:
+  """True where weight decay applies, as in the official recipe.
+
+  No decay on biases (conv, dense and BN shifts) nor on the BN scales of the 3x3
+  and 1x1 branches; the identity-branch BN scale and all kernels decay.
+  """
+  def decays(path, _):
+    keys = [getattr(p, "key", str(p)) for p in path]
+    if keys[-1] == "bias":
+      return False
+    if keys[-1] == "scale" and any(k in ("conv_kxk", "conv_1x1") for k in keys):
+      return False
+    return True
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(stage_cfg: Any) -> optax.Schedule:
+  """Linear warmup to ``base_lr * batch/256``, then cosine to 0 at ``num_steps``."""
+  peak = stage_cfg.base_lr * stage_cfg.batch_size / 256
+  if stage_cfg.warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak, stage_cfg.num_steps)
+  warmup = optax.linear_schedule(0.0, peak, stage_cfg.warmup_steps)
+  cosine = optax.cosine_decay_schedule(peak, stage_cfg.num_steps - stage_cfg.warmup_steps)
+  return optax.join_schedules([warmup, cosine], [stage_cfg.warmup_steps])
+
+
+def make_optimizer(stage_cfg: Any, params: Mapping[str, Any]) -> optax.GradientTransformation:
+  """SGD with momentum (optionally Nesterov) and masked, decoupled-from-loss L2 decay.
+
+  ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(stage_cfg.weight_decay, mask=weight_decay_mask(params)),
+      optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
+                nesterov=stage_cfg.nesterov))
+
+
+def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) -> dict:
+  """``model.init`` on one zero image ``(1, H, W, 3)``, jitted (faster on CPU)."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed))
+  return flax.core.unfreeze(variables)
+
+
+def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: Any,
+                       quant: Any = None) -> TrainState:
+  params = variables["params"]
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(stage_cfg, params),
+                           batch_stats=dict(variables.get("batch_stats", {})),
+                           quant=quant if quant is not None else {})
