@@ -1,0 +1,105 @@
+"""Codebook quantizer: nearest-level assignment and a straight-through quantize.
+
+A codebook is sorted float32 levels ``(K,)`` (per tensor) or ``(Cout, K)``
+(per output channel = the last axis of the weight, HWIO convs and
+``(in, out)`` dense kernels), with ``K = 2^bits``, ``bits`` in 1..8.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvgg_jax.quant.kmeans import midpoints
+
+
+def check_codebook(w, codebook) -> int:
+  """Validates a codebook against weight ``w``; returns its bit width.
+
+  Raises ValueError naming the bad value: length not ``2^bits`` for bits in
+  1..8, per-channel rows not matching ``w.shape[-1]``, or (when concrete) a
+  codebook that is not sorted along its last axis.
+  """
+  shape = jnp.shape(codebook)
+  if len(shape) not in (1, 2):
+    raise ValueError(f"codebook has shape {shape}: expected (K,) or (Cout, K)")
+  k = shape[-1]
+  bits = int(k).bit_length() - 1
+  if k < 2 or 2 ** bits != k or bits > 8:
+    raise ValueError(f"codebook length {k}: expected 2^bits levels with bits in 1..8")
+  if len(shape) == 2 and (jnp.ndim(w) == 0 or shape[0] != jnp.shape(w)[-1]):
+    raise ValueError(f"per-channel codebook of shape {shape} does not match kernel of shape "
+                     f"{jnp.shape(w)}: expected ({jnp.shape(w)[-1] if jnp.ndim(w) else '?'}, {k})")
+  if not isinstance(codebook, jax.core.Tracer):
+    c = np.asarray(codebook)
+    bad = np.argwhere(np.diff(c, axis=-1) < 0)
+    if bad.size:
+      raise ValueError(f"codebook is not sorted: entries {bad[0].tolist()} and the next "
+                       f"decrease ({c.reshape(-1, k)[0 if c.ndim == 1 else bad[0][0]]})")
+  return bits
+
+
+def _assign(w, codebook):
+  if codebook.ndim == 1:
+    return jnp.searchsorted(midpoints(codebook), w, side="left").astype(jnp.int32)
+  # Per channel: channels on the last axis of w, rows of the codebook.
+  flat = w.reshape(-1, w.shape[-1]).T
+  idx = jax.vmap(lambda c, x: jnp.searchsorted(midpoints(c), x, side="left"))(codebook, flat)
+  return idx.T.reshape(w.shape).astype(jnp.int32)
+
+
+def _decode(idx, codebook):
+  if codebook.ndim == 1:
+    return codebook[idx]
+  flat = idx.reshape(-1, idx.shape[-1])
+  return codebook[jnp.arange(codebook.shape[0])[None, :], flat].reshape(idx.shape)
+
+
+def assign(w: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the nearest level for every weight (int32, shape of ``w``).
+
+  Ties (a weight exactly on a midpoint) go to the lower level.
+  """
+  check_codebook(w, codebook)
+  return _assign(w, codebook)
+
+
+def decode(idx: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Gathers levels: ``codebook[idx]`` (per channel: ``codebook[o, idx[..., o]]``)."""
+  return _decode(jnp.asarray(idx), jnp.asarray(codebook))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ste(w, codebook, mask_outside):
+  return _decode(_assign(w, codebook), codebook).astype(w.dtype)
+
+
+def _ste_fwd(w, codebook, mask_outside):
+  return _ste(w, codebook, mask_outside), (w, codebook)
+
+
+def _ste_bwd(mask_outside, res, g):
+  w, codebook = res
+  if mask_outside:
+    lo, hi = codebook[..., 0], codebook[..., -1]
+    g = jnp.where((w >= lo) & (w <= hi), g, jnp.zeros_like(g))
+  # Codebooks are refitted by k-means, not trained by gradient.
+  return g, jnp.zeros_like(codebook)
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def quantize(w: jax.Array, codebook: jax.Array, mask_outside: bool = False) -> jax.Array:
+  """Straight-through codebook quantizer.
+
+  Forward: ``codebook[assign(w, codebook)]`` (exact gather, same dtype as
+  ``w``). Backward: the gradient passes straight to ``w`` (identity), or only
+  where ``w`` lies inside ``[codebook[0], codebook[-1]]`` with
+  ``mask_outside=True``; the codebook gets a zero gradient.
+  """
+  check_codebook(w, codebook)
+  return _ste(w, codebook, bool(mask_outside))

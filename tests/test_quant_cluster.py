@@ -1,0 +1,131 @@
+"""Codebook quantizer, k-means fits and make_quantizer."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from sklearn.cluster import KMeans
+
+import repvgg_jax as rv
+from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.quant import make_quantizer
+from repvgg_jax.quant.cluster import assign, quantize
+from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook, optimal_codebook
+from _util import random_variables
+
+TINY = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25))
+CODEBOOK = jnp.array([-1.0, -0.25, 0.0, 0.5])
+
+
+def _tiny_params():
+  x = jnp.ones((1, 32, 32, 3))
+  return rv.merge(random_variables(RepVGG(TINY, num_classes=5), x, tiny_var_channels=1))["params"]
+
+
+class QuantizeTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_forward_is_nearest_level(self):
+    w = jnp.linspace(-2.0, 2.0, 41)
+    want = CODEBOOK[jnp.argmin(jnp.abs(w[:, None] - CODEBOOK[None]), axis=1)]
+    chex.assert_trees_all_equal(self.variant(quantize)(w, CODEBOOK), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_is_straight_through(self):
+    w = jnp.linspace(-2.0, 2.0, 41)
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(41), jnp.float32)
+    grad = self.variant(jax.grad(lambda w: jnp.sum(quantize(w, CODEBOOK) * g)))(w)
+    chex.assert_trees_all_equal(grad, g)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_masked_outside_codebook_range(self):
+    w = jnp.linspace(-2.0, 2.0, 41)
+    g = jnp.ones_like(w)
+    grad = self.variant(jax.grad(lambda w: jnp.sum(quantize(w, CODEBOOK, True) * g)))(w)
+    chex.assert_trees_all_equal(grad, jnp.where((w >= -1.0) & (w <= 0.5), 1.0, 0.0))
+
+  def test_per_channel_codebook_rows_apply_to_last_axis(self):
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 2, 4)), jnp.float32)
+    books = jnp.stack([CODEBOOK * (o + 1) for o in range(4)])
+    q = quantize(w, books)
+    for o in range(4):
+      chex.assert_trees_all_equal(q[..., o], quantize(w[..., o], books[o]))
+
+
+@pytest.mark.parametrize("codebook, kernel_shape, needle", [
+    (jnp.array([0.0, 1.0, 2.0]), (4,), "codebook length 3"),
+    (jnp.array([0.0, 2.0, 1.0, 3.0]), (4,), "codebook is not sorted"),
+    (jnp.zeros((3, 4)), (3, 3, 2, 5), r"codebook of shape \(3, 4\) does not match kernel of shape"),
+    (jnp.zeros((512,)), (4,), "codebook length 512"),
+])
+def test_bad_codebooks_are_named(codebook, kernel_shape, needle):
+  with pytest.raises(ValueError, match=needle):
+    quantize(jnp.zeros(kernel_shape), codebook)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(method="lsq"), "method='lsq'"),
+    (dict(method="cluster", bits=0), "bits=0"),
+    (dict(method="cluster", bits=9), "bits=9"),
+    (dict(method="uniform", first_last_bits=12), "first_last_bits=12"),
+    (dict(method="cluster", granularity="row"), "granularity='row'"),
+])
+def test_make_quantizer_names_bad_values(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    make_quantizer(**kwargs)
+
+
+def test_fit_codebook_names_bad_bits():
+  with pytest.raises(ValueError, match="bits=9"):
+    fit_codebook(jnp.zeros(8), 9)
+
+
+def _cases():
+  rng = np.random.default_rng(0)
+  p = _tiny_params()
+  return {"student_t3": rng.standard_t(3, 1500).astype(np.float32),
+          "merged_stem": np.asarray(p["stem"]["reparam_conv"]["kernel"]),
+          "merged_stage1": np.asarray(p["stages_1_0"]["reparam_conv"]["kernel"])[..., :8]}
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_optimal_fit_no_worse_than_sklearn_and_lloyd(bits):
+  for name, w in _cases().items():
+    sk = KMeans(2 ** bits, n_init=10, random_state=0).fit(w.reshape(-1, 1).astype(np.float64))
+    mse_sk = codebook_mse(w, np.sort(sk.cluster_centers_.ravel()))
+    mse_opt = codebook_mse(w, optimal_codebook(w, bits))
+    mse_lloyd = codebook_mse(w, fit_codebook(w, bits))
+    assert mse_opt <= mse_sk * (1 + 1e-6), (name, mse_opt, mse_sk)
+    assert mse_opt <= mse_lloyd * (1 + 1e-6), (name, mse_opt, mse_lloyd)
+
+
+def test_fit_codebook_is_sorted_per_channel():
+  w = jnp.asarray(np.random.default_rng(2).laplace(size=(3, 3, 4, 6)), jnp.float32)
+  c = fit_codebook(w, 3, per_channel=True)
+  chex.assert_shape(c, (6, 8))
+  assert bool(jnp.all(jnp.diff(c, axis=-1) >= 0))
+
+
+def test_lloyd_refit_does_not_increase_error():
+  w = np.random.default_rng(3).standard_t(3, 2000).astype(np.float32)
+  start = jnp.linspace(-1.0, 1.0, 16)
+  refit = fit_codebook(w, 4, init_codebook=start, iters=5)
+  assert codebook_mse(w, refit) <= codebook_mse(w, start)
+
+
+@pytest.mark.parametrize("method, granularity", [("cluster", "channel"), ("cluster", "tensor"),
+                                                 ("uniform", "channel"), ("uniform", "tensor")])
+def test_quantizer_apply_uses_few_levels_and_keeps_biases(method, granularity):
+  params = _tiny_params()
+  q = make_quantizer(method, bits=2, granularity=granularity, first_last_bits=None)
+  state = q.init(params)
+  pq = jax.jit(q.apply)(params, state)
+  k = pq["stages_1_1"]["reparam_conv"]["kernel"]
+  levels = [np.unique(np.asarray(k[..., o])).size for o in range(k.shape[-1])]
+  assert max(levels) <= 4
+  chex.assert_trees_all_equal(pq["stages_1_1"]["reparam_conv"]["bias"],
+                              params["stages_1_1"]["reparam_conv"]["bias"])
+  state2 = jax.jit(q.refit)(params, state)
+  chex.assert_trees_all_equal_shapes(state2, state)
