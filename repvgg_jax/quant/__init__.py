@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from repvgg_jax.quant.cluster import assign, check_codebook, decode, quantize
 from repvgg_jax.quant.kmeans import check_bits, fit_codebook, optimal_codebook
@@ -31,13 +32,14 @@ def uniform_codebook(w: jax.Array, bits: int, per_channel: bool) -> jax.Array:
   repeated once to fill ``2^bits``); ``{-max|w|, +max|w|}`` at 1 bit."""
   a = jnp.abs(w).reshape(-1, w.shape[-1]).max(axis=0) if per_channel else jnp.abs(w).max()
   a = jax.lax.stop_gradient(a)
+  # One multiply per level by a constant computed in NumPy: the same float32
+  # values in and out of jit, so export reproduces apply bit for bit.
   if bits == 1:
-    steps = jnp.array([-1.0, 1.0], w.dtype)
-    return a[..., None] * steps if per_channel else a * steps
-  qmax = 2 ** (bits - 1) - 1
-  steps = jnp.arange(-qmax - 1, qmax + 1).clip(-qmax).astype(w.dtype)
-  scale = a / qmax
-  return scale[..., None] * steps if per_channel else scale * steps
+    steps = np.array([-1.0, 1.0], np.float32)
+  else:
+    qmax = 2 ** (bits - 1) - 1
+    steps = (np.arange(-qmax - 1, qmax + 1).clip(-qmax) / qmax).astype(np.float32)
+  return a[..., None] * steps if per_channel else a * steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,3 +145,7 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
 
 __all__ = ["Quantizer", "assign", "check_codebook", "decode", "fit_codebook", "make_quantizer",
            "optimal_codebook", "quantize", "uniform_codebook"]
+
+from repvgg_jax.quant.export import PackedModel, export, load_packed, pack_bits, unpack_bits  # noqa: E402
+
+__all__ += ["PackedModel", "export", "load_packed", "pack_bits", "unpack_bits"]
