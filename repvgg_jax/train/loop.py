@@ -16,7 +16,7 @@ from repvgg_jax.train.checkpoint import StageCheckpoints
 
 
 class NonFiniteLoss(FloatingPointError):
-  """The loss became NaN or inf; the message names the stage and step."""
+  """The loss or gradient became NaN or inf; the message names the stage and step."""
 
 
 class Preempted(SystemExit):
@@ -90,10 +90,13 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
         step += 1
         seen += batch["image"].shape[0] * jax.process_count()
         loss = float(sharding.to_host(metrics["loss"]))
-        if not np.isfinite(loss):
+        grad_norm = float(sharding.to_host(metrics["grad_norm"]))
+        # A NaN gradient poisons the params even while this step's loss is finite.
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
           ckpt.wait()
           raise NonFiniteLoss(
-              f"{name}: loss is {loss} at step {step}; stopping. The last good checkpoint "
+              f"{name}: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
+              f"{step}; stopping without saving it. The last good checkpoint "
               f"(step {ckpt.latest_step()}) is kept in {ckpt_dir}")
         if after_step is not None:
           state = after_step(step, state)
