@@ -1,0 +1,66 @@
+"""End to end on tiny synthetic data: FP -> merge -> ClusterQAT -> packed export -> report."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from repvgg_jax.train import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  t = time.time()
+  report = pipeline.run(tiny.tiny_config(), workdir)
+  return workdir, report, time.time() - t
+
+
+def test_pipeline_runs_under_a_minute(run):
+  assert run[2] < 60
+
+
+def test_report_json_has_every_form(run):
+  workdir, _, _ = run
+  with open(os.path.join(workdir, "report.json")) as f:
+    forms = json.load(f)["forms"]
+  for form in ("fp", "merged", "qat", "packed"):
+    assert 0.0 <= forms[form]["accuracy"] <= 1.0
+  assert 0 < forms["packed"]["size_bytes"] < forms["merged"]["size_bytes"]
+
+
+def test_merge_keeps_train_form_accuracy(run):
+  forms = run[1]["forms"]
+  assert abs(forms["fp"]["accuracy"] - forms["merged"]["accuracy"]) <= 1 / 64
+
+
+def test_workdir_has_report_figures_and_export(run):
+  workdir = run[0]
+  for name in ("report.md", "weight_histograms.png", "accuracy.png", "model.packed"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert "packed export" in open(os.path.join(workdir, "report.md")).read()
+
+
+def test_rerun_resumes_finished_stages_without_training(run):
+  workdir = run[0]
+  before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+  cfg = tiny.tiny_config()
+  cfg.quant.method = "none"
+  pipeline.run(cfg, workdir)
+  # Both stages restore step num_steps and run no step, so no new train metrics.
+  lines = open(os.path.join(workdir, "metrics.jsonl")).read()[before:]
+  assert "fp/loss" not in lines
+
+
+def test_qat_starts_from_an_fp_checkpoint_directory(run, tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  report = pipeline.run(cfg, str(tmp_path))
+  assert report["forms"]["fp"]["accuracy"] == run[1]["forms"]["fp"]["accuracy"]
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "fp"))
