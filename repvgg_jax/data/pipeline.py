@@ -188,6 +188,11 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2, 2 * read_threads)))
   if worker_count:
+    # grain reads its absl flags when it starts workers and raises if they were never
+    # parsed, as in a script or test that does not run under absl.app (google/grain#1355).
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return Loader(ds, num_examples=n, num_classes=stats.num_classes, image_size=image_size,
                 global_batch_size=global_batch_size, local_batch_size=local_batch,

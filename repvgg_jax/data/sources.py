@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +57,18 @@ def read_idx(path: str) -> np.ndarray:
   native byte order (uint8 stays uint8).
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated or corrupt .gz
+    raise ValueError(f"read_idx: {path} is not a readable gzip file ({e})") from e
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"read_idx: {path} is not an IDX file (magic bytes {raw[:4]!r})")
   ndim = raw[3]
   header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f"read_idx: {path} is truncated: {len(raw)} bytes, less than the "
+                     f"{header}-byte header of a {ndim}-dimensional IDX file")
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   dtype = np.dtype(_IDX_DTYPES[raw[2]])
   expected = int(np.prod(shape)) * dtype.itemsize
@@ -107,7 +114,10 @@ class IdxSource:
     if split not in _IDX_PREFIX:
       raise ValueError(f"fashion_mnist_idx: unknown split {split!r}, expected one of {SPLITS}")
     if not os.path.isdir(data_dir):
-      raise FileNotFoundError(f"fashion_mnist_idx: data_dir {data_dir!r} is not a directory")
+      raise FileNotFoundError(f"fashion_mnist_idx: data_dir {data_dir!r} is not a directory; "
+                              f"install the Debian package dataset-fashion-mnist (it puts the "
+                              f"IDX files in {DEFAULT_IDX_DIR}) or set data.data_dir to the "
+                              f"directory holding them")
     self.data_dir, self.split = data_dir, split
     self.images, self.labels = _load_idx_split(os.path.abspath(data_dir), split)
 
