@@ -1,9 +1,13 @@
-"""End to end on tiny synthetic data: FP -> merge -> ClusterQAT -> packed export -> report."""
+"""End to end on tiny synthetic data: FP -> merge -> ClusterQAT -> packed export -> report.
+
+The whole pipeline runs once per module (the ``run`` fixture); its wall time is
+reported by ``pytest --durations`` rather than asserted, since a timed test
+fails on a loaded machine for no fault of the code.
+"""
 
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -17,17 +21,11 @@ from configs import tiny  # noqa: E402
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pipeline"))
-  t = time.time()
-  report = pipeline.run(tiny.tiny_config(), workdir)
-  return workdir, report, time.time() - t
-
-
-def test_pipeline_runs_under_a_minute(run):
-  assert run[2] < 60
+  return workdir, pipeline.run(tiny.tiny_config(), workdir)
 
 
 def test_report_json_has_every_form(run):
-  workdir, _, _ = run
+  workdir, _ = run
   with open(os.path.join(workdir, "report.json")) as f:
     forms = json.load(f)["forms"]
   for form in ("fp", "merged", "qat", "packed"):
@@ -45,6 +43,8 @@ def test_workdir_has_report_figures_and_export(run):
   for name in ("report.md", "weight_histograms.png", "accuracy.png", "model.packed"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   assert "packed export" in open(os.path.join(workdir, "report.md")).read()
+  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
+  assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
 
 
 def test_rerun_resumes_finished_stages_without_training(run):

@@ -20,7 +20,7 @@ from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import NonFiniteLoss, train_stage
 from repvgg_jax.train.state import (build_model, create_train_state, init_variables,
                                     learning_rate_schedule, weight_decay_mask)
-from repvgg_jax.train.writers import JsonlWriter
+from repvgg_jax.train.writers import MetricWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -98,7 +98,7 @@ def _stage(tmp_path, name="fp", num_steps=6, **kw):
   state = create_train_state(model, init_variables(model, loader.image_shape, 0), cfg.fp)
   out = train_stage(name, state, train_step=steps.make_train_step(mesh, loader.num_classes),
                     loader=loader, mesh=mesh, ckpt_dir=str(tmp_path / name), stage_cfg=cfg.fp,
-                    writer=JsonlWriter(str(tmp_path), False), log_every=100, **kw)
+                    writer=MetricWriter(str(tmp_path), enabled=False), log_every=100, **kw)
   return sharding.to_host(out)
 
 
@@ -184,3 +184,30 @@ def test_kill_during_save_leaves_a_readable_latest_checkpoint(tmp_path):
   state, data_state = ckpt.restore({"w": np.zeros(shape, np.float32)})
   assert data_state == {"pos": step}
   assert (np.asarray(state["w"]) == 1).all()
+
+
+@pytest.mark.parametrize("suffix", [".msgpack", ".npz"])
+def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
+  import flax
+  from flax import traverse_util
+  from repvgg_jax.train.pipeline import load_variables
+  cfg = tiny.tiny_config()
+  model = build_model(cfg.model, 10, deploy=False)
+  variables = init_variables(model, (16, 16, 3), 0)
+  variables["params"]["head"]["bias"] = np.arange(10, dtype=np.float32)  # not the template's
+  path = str(tmp_path / f"v{suffix}")
+  if suffix == ".msgpack":
+    with open(path, "wb") as f:
+      f.write(flax.serialization.to_bytes(variables))
+  else:
+    np.savez(path, **traverse_util.flatten_dict(variables, sep="/"))
+  template = init_variables(model, (16, 16, 3), 1)
+  chex.assert_trees_all_equal(load_variables(path, template), variables)
+
+  other = init_variables(build_model(cfg.model, 7, deploy=False), (16, 16, 3), 0)
+  with pytest.raises(ValueError, match=r"params/head/kernel: shape \(.*, 10\), model wants"):
+    load_variables(path, other)
+  bn = cfg.model.copy_and_resolve_references()
+  bn.norm = "bn"
+  with pytest.raises(ValueError, match="unexpected batch_stats/stem/conv_kxk/bn/tau"):
+    load_variables(path, init_variables(build_model(bn, 10, deploy=False), (16, 16, 3), 0))

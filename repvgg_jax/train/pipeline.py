@@ -51,23 +51,37 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
 def load_variables(path: str, template: dict) -> dict:
   """Train-form variables from an FP-stage orbax directory, a .npz or a .msgpack file.
 
-  ``template`` (freshly initialised variables) gives the structure to restore into.
-  A .npz holds flattened ``"params/stem/conv_kxk/conv/kernel"``-style keys.
+  ``template`` (freshly initialised variables of the configured model) gives the
+  structure: missing, unexpected or mis-shaped entries raise one ValueError naming
+  them all. A .npz holds flattened ``"params/stem/conv_kxk/conv/kernel"``-style
+  keys; a .msgpack is ``flax.serialization.to_bytes(variables)``.
   """
   import flax
   from flax import traverse_util
   if path.endswith(".msgpack"):
     with open(path, "rb") as f:
-      return flax.serialization.from_bytes(template, f.read())
-  if path.endswith(".npz"):
-    flat = dict(np.load(path))
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-  ckpt = StageCheckpoints(path, every=1, keep=1)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
-  state_dict = ckpt.manager.restore(ckpt.latest_step())["state"]
-  ckpt.close()
-  return {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
+      loaded = flax.serialization.msgpack_restore(f.read())
+  elif path.endswith(".npz"):
+    with np.load(path) as z:
+      loaded = traverse_util.unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
+  else:
+    ckpt = StageCheckpoints(path, every=1, keep=1)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
+    state_dict = ckpt.manager.restore(ckpt.latest_step())["state"]
+    ckpt.close()
+    loaded = {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
+  want = traverse_util.flatten_dict(template, sep="/")
+  got = traverse_util.flatten_dict(loaded, sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {np.shape(got[k])}, model wants {np.shape(want[k])}"
+               for k in sorted(set(want) & set(got)) if np.shape(got[k]) != np.shape(want[k])]
+  if problems:
+    raise ValueError(f"init_from={path!r} does not match the configured model "
+                     f"(model.name, model.norm, number of classes): " + "; ".join(problems))
+  return traverse_util.unflatten_dict(
+      {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
 
 
 def _replace_quant(state: Any, quant: Any, mesh: Any) -> Any:
@@ -179,5 +193,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
   if primary:
     result = report_lib.write_report(workdir, forms, cfg, histograms, timings)
     logging.info("report:\n%s", report_lib.markdown(result))
-  writer.flush()
+  writer.close()
   return result

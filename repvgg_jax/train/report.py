@@ -20,6 +20,24 @@ def _param_bytes(params: Any) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params)))
 
 
+def _atomic(path: str, write: Any) -> None:
+  """``write(tmp_path)``, then rename over ``path``: a kill never leaves half a file."""
+  tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+  def write(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      f.write(text)
+  _atomic(path, write)
+
+
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
                  histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float]) -> dict:
   """Writes report.json, report.md, weight_histograms.png and accuracy.png; returns the report.
@@ -35,12 +53,11 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
   if histograms:
     report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
                           for label, v in histograms.items()}
-    analysis.plot_weight_histograms(histograms, os.path.join(workdir, "weight_histograms.png"))
-  _plot_accuracy(forms, os.path.join(workdir, "accuracy.png"))
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(markdown(report))
+    _atomic(os.path.join(workdir, "weight_histograms.png"),
+            lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
+  _atomic(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
+  _write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+  _write_text(os.path.join(workdir, "report.md"), markdown(report))
   return report
 
 

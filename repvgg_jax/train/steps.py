@@ -54,7 +54,7 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
     state = state.apply_gradients(grads=grads, batch_stats=new_stats)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree_utils.tree_norm(grads)}
     return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
