@@ -2,7 +2,7 @@
 
   python launch/main.py --config configs/demo.py --workdir /tmp/demo
   python launch/main.py --config configs/imagenet_w4.py --config.quant.bits=3 \\
-      --config.data.data_dir=gs://BUCKET/tensorflow_datasets --workdir gs://BUCKET/runs/a0_w3
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets --workdir runs/a0_w3
 
 Running the same command again resumes every stage from its latest checkpoint.
 """

@@ -211,3 +211,9 @@ def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
   bn.norm = "bn"
   with pytest.raises(ValueError, match="unexpected batch_stats/stem/conv_kxk/bn/tau"):
     load_variables(path, init_variables(build_model(bn, 10, deploy=False), (16, 16, 3), 0))
+
+
+def test_remote_workdir_is_refused_by_name():
+  from repvgg_jax.train import pipeline
+  with pytest.raises(ValueError, match="workdir='gs://bucket/run'"):
+    pipeline.run(tiny.tiny_config(), "gs://bucket/run")

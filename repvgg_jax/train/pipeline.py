@@ -96,6 +96,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     interrupt: testing aid ``(stage, step)``: a simulated kill after that step.
   """
   config_lib.validate(cfg)
+  if "://" in workdir:
+    raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
+                     "are supported for the workdir")
   mesh = sharding.make_mesh() if mesh is None else mesh
   primary = jax.process_index() == 0
   if primary:
