@@ -1,0 +1,166 @@
+"""Shared helpers of ``speed.py`` and ``memory.py``: machine header, fast init, interleaved timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+THREAD_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+              "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_AFFINITY")
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def nproc() -> int:
+  """CPUs this process may run on (what ``nproc`` prints)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def load_avg() -> str:
+  try:
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+  except OSError:
+    return "n/a"
+
+
+def versions(torch_mod: Any = None) -> str:
+  import flax
+  import jax
+  out = [f"python {platform.python_version()}", f"jax {jax.__version__}",
+         f"jaxlib {getattr(jax.lib, '__version__', None) or _dist_version('jaxlib')}",
+         f"flax {flax.__version__}"]
+  if torch_mod is not None:
+    out.append(f"torch {torch_mod.__version__}")
+    try:
+      import timm
+      out.append(f"timm {timm.__version__}")
+    except ImportError:
+      pass
+  return ", ".join(out)
+
+
+def _dist_version(name: str) -> str:
+  try:
+    from importlib import metadata
+    return metadata.version(name)
+  except Exception:  # noqa: BLE001
+    return "?"
+
+
+def thread_settings(torch_mod: Any = None) -> list[str]:
+  env = ", ".join(f"{k}={os.environ[k]!r}" for k in THREAD_ENV if k in os.environ)
+  lines = [f"thread env: {env or 'none of ' + ', '.join(THREAD_ENV) + ' set'}"]
+  if torch_mod is not None:
+    backend = "?"
+    for line in torch_mod.__config__.parallel_info().splitlines():
+      if line.startswith("ATen parallel backend"):
+        backend = line.split(":", 1)[1].strip()
+    lines.append(f"torch: set_num_threads(os.cpu_count()={os.cpu_count()}) -> "
+                 f"get_num_threads()={torch_mod.get_num_threads()}, "
+                 f"get_num_interop_threads()={torch_mod.get_num_interop_threads()}, "
+                 f"parallel backend {backend}")
+  return lines
+
+
+def header(title: str, torch_mod: Any = None, notes: tuple[str, ...] = ()) -> str:
+  """Markdown header: command, date, machine, versions, thread settings."""
+  import jax
+  cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+  devs = jax.devices()
+  lines = [f"# {title}", "",
+           f"- command: `{cmd}`",
+           f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+           f"- nproc: {nproc()} (os.cpu_count() = {os.cpu_count()}), "
+           f"load average at start: {load_avg()}",
+           f"- CPU: {cpu_model()} ({platform.machine()}, {platform.system()} "
+           f"{platform.release()})",
+           f"- versions: {versions(torch_mod)}",
+           f"- jax backend: {jax.default_backend()}, {len(devs)} device(s): "
+           f"{devs[0].device_kind}"]
+  lines += [f"- {t}" for t in thread_settings(torch_mod)]
+  lines += [f"- {n}" for n in notes]
+  return "\n".join(lines) + "\n"
+
+
+def fast_init(model: Any, image_shape: tuple[int, int, int], seed: int = 0) -> dict:
+  """``model.init`` variables without compiling the init's RNG (~30 s on a slow CPU).
+
+  Params are drawn in NumPy as Flax's defaults (LeCun-normal kernels, unit
+  scales, zero biases); the other collections (``batch_stats``, constant at
+  init) come from a jitted init that keeps only them, so XLA drops the RNG.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def init():
+    return model.init(jax.random.key(seed), x, train=False)
+
+  shapes = jax.eval_shape(init)
+  rest = jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name == "kernel":
+      std = (1.0 / np.prod(s.shape[:-1])) ** 0.5
+      return (rng.standard_normal(s.shape) * std).astype(s.dtype)
+    return (np.ones if name == "scale" else np.zeros)(s.shape, s.dtype)
+  params = jax.tree_util.tree_map_with_path(leaf, shapes["params"])
+  return {"params": jax.device_put(params), **rest}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                     min_sample_s: float = 0.0) -> dict[str, dict[str, float]]:
+  """Per variant: median, min and max over ``repeats`` of the mean ms per call.
+
+  Every ``fn`` must return only once its work is done (block on JAX
+  outputs). Each variant is called once first (compile and warm-up, reported as
+  ``first_s``); then every repeat runs every variant in turn, so drifting
+  load hits all variants alike. A sample runs ``inner`` calls, enough to
+  last ``min_sample_s`` (from the second call's time).
+  """
+  first, inner = {}, {}
+  for k, fn in fns.items():
+    t = time.perf_counter()
+    fn()
+    first[k] = time.perf_counter() - t
+    t = time.perf_counter()
+    fn()
+    inner[k] = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-9) + 0.999))
+  samples: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      for _ in range(inner[k]):
+        fn()
+      samples[k].append((time.perf_counter() - t) / inner[k] * 1e3)
+  return {k: dict(ms=statistics.median(s), min=min(s), max=max(s), first_s=first[k],
+                  inner=inner[k], n=len(s)) for k, s in samples.items()}
+
+
+def fmt_ms(t: dict[str, float]) -> str:
+  return f"{t['ms']:.2f} ({t['min']:.2f}-{t['max']:.2f})"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+  return "n/a" if not a or not b else f"{a / b:.2f}x"
