@@ -15,31 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from repvgg_jax.quant.cluster import assign, check_codebook, decode, quantize
 from repvgg_jax.quant.kmeans import check_bits, fit_codebook, optimal_codebook
+from repvgg_jax.quant.uniform import ptq, uniform_codebook
 
 METHODS = ("cluster", "uniform")
 GRANULARITIES = ("tensor", "channel")
-
-
-def uniform_codebook(w: jax.Array, bits: int, per_channel: bool) -> jax.Array:
-  """Symmetric min-max grid as a sorted codebook of ``2^bits`` levels:
-  ``k * max|w| / (2^(b-1) - 1)`` for ``|k| <= 2^(b-1) - 1`` (the lowest level
-  repeated once to fill ``2^bits``); ``{-max|w|, +max|w|}`` at 1 bit."""
-  a = jnp.abs(w).reshape(-1, w.shape[-1]).max(axis=0) if per_channel else jnp.abs(w).max()
-  a = jax.lax.stop_gradient(a)
-  # One multiply per level by a constant computed in NumPy: the same float32
-  # values in and out of jit, so export reproduces apply bit for bit.
-  if bits == 1:
-    steps = np.array([-1.0, 1.0], np.float32)
-  else:
-    qmax = 2 ** (bits - 1) - 1
-    steps = (np.arange(-qmax - 1, qmax + 1).clip(-qmax) / qmax).astype(np.float32)
-  return a[..., None] * steps if per_channel else a * steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +127,7 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
 
 
 __all__ = ["Quantizer", "assign", "check_codebook", "decode", "fit_codebook", "make_quantizer",
-           "optimal_codebook", "quantize", "uniform_codebook"]
+           "optimal_codebook", "ptq", "quantize", "uniform_codebook"]
 
 from repvgg_jax.quant.export import PackedModel, export, load_packed, pack_bits, unpack_bits  # noqa: E402
 
