@@ -25,10 +25,13 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from repvgg_jax.nn import conv as conv_lib
 from repvgg_jax.nn.oabn import BOUNDS, OABN
 from repvgg_jax.reparam import BN_EPSILON
 
 NORMS = ("bn", "oabn")
+# "auto": matmuls for convs with tiny output maps on CPU (``nn/conv.py``); "xla": lax conv.
+CONV_IMPLS = ("auto", "xla")
 # PyTorch's default BN momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
 # Layers 2, 4, ..., 26 (layer 1 = first block of stage 1) are grouped in g2/g4 variants.
@@ -63,15 +66,16 @@ VARIANTS: dict[str, Variant] = {
 
 
 def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
-          dtype: Any, name: str) -> nn.Conv:
+          dtype: Any, name: str, conv_impl: str = "auto") -> nn.Conv:
   # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
   # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
   pad = kernel // 2
+  impl = conv_lib.conv_general_dilated if conv_impl == "auto" else None
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                 name=name)
+                 conv_general_dilated=impl, name=name)
 
 
 class ConvBN(nn.Module):
@@ -82,11 +86,12 @@ class ConvBN(nn.Module):
   groups: int
   norm: Callable[..., nn.Module]
   dtype: Any = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = _conv(self.features, self.kernel, self.strides, self.groups, False,
-              self.dtype, "conv")(x)
+              self.dtype, "conv", self.conv_impl)(x)
     return self.norm(name="bn")(x, use_running_average=not train)
 
 
@@ -114,15 +119,17 @@ class RepVGGBlock(nn.Module):
   deploy: bool
   norm: Callable[..., nn.Module]
   dtype: Any = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.deploy:
       y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
-                "reparam_conv")(x)
+                "reparam_conv", self.conv_impl)(x)
     else:
       branch = functools.partial(ConvBN, self.features, strides=self.strides,
-                                 groups=self.groups, norm=self.norm, dtype=self.dtype)
+                                 groups=self.groups, norm=self.norm, dtype=self.dtype,
+                                 conv_impl=self.conv_impl)
       y = branch(3, name="conv_kxk")(x, train) + branch(1, name="conv_1x1")(x, train)
       if x.shape[-1] == self.features and self.strides == 1:
         y = y + self.norm(name="identity")(x, use_running_average=not train)
@@ -143,6 +150,11 @@ class RepVGG(nn.Module):
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
       logits are returned in float32.
+    conv_impl: ``"auto"`` (on CPU, convs whose output map has <= 4 pixels
+      run as matmuls: unrolled kernel or tap-pruned im2col, see
+      ``nn/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
+      ``lax.conv_general_dilated``). Same parameters and, up to float
+      rounding, the same outputs; at 224 px both compile to the same program.
   """
   variant: Variant
   num_classes: int = 1000
@@ -153,6 +165,7 @@ class RepVGG(nn.Module):
   deploy: bool = False
   cifar_stem: bool = False
   dtype: Any = None
+  conv_impl: str = "auto"
 
   def _norm_factory(self) -> Callable[..., nn.Module]:
     if self.norm == "bn":
@@ -168,8 +181,11 @@ class RepVGG(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
     v = self.variant
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"conv_impl={self.conv_impl!r}: expected one of {CONV_IMPLS}")
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
-                              norm=self._norm_factory(), dtype=self.dtype)
+                              norm=self._norm_factory(), dtype=self.dtype,
+                              conv_impl=self.conv_impl)
     first_stride = 1 if self.cifar_stem else 2
     x = x.astype(self.dtype) if self.dtype is not None else x
     x = block(min(64, int(64 * v.widths[0])), first_stride, 1, name="stem")(x, train)
@@ -209,7 +225,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
     norm: ``"bn"`` or ``"oabn"``.
     deploy: the merged single-conv form.
     **kwargs: other :class:`RepVGG` fields: ``oabn_bound``, ``oabn_tau``,
-      ``oabn_relative``, ``cifar_stem``, ``dtype``.
+      ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``.
   """
   key = _canonical(name) if isinstance(name, str) else None
   if key not in _BY_KEY:
@@ -225,6 +241,9 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   bound = kwargs.get("oabn_bound", "tanh")
   if bound not in BOUNDS:
     raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
+  conv_impl = kwargs.get("conv_impl", "auto")
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
   tau = kwargs.get("oabn_tau", 4.0)
   if not tau > 0:
     raise ValueError(f"oabn_tau={tau!r}: must be > 0")
