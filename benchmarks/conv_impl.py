@@ -5,9 +5,9 @@ Both variants are compiled up front and timed interleaved in one process
 so a shared, noisy machine affects them alike. Prints Markdown tables:
 
 * whole model: FP train step (train form, value_and_grad + SGD, BN stats
-  updated) and deploy-form forward at 32 px batch 128; deploy forward at
-  224 px batch 8 (no output map there is small enough for the matmul
-  forms, so both variants compile to the same program);
+  updated) and deploy-form forward at 32 px batch 128 and at 224 px batch 8
+  (no output map there is small enough for the matmul forms: rows whose two
+  variants lower to the same StableHLO are marked, their gap is noise);
 * one block per stage at 32 px batch 128 (train fwd+bwd, deploy fwd), times
   the stage's block count, to show where the time goes;
 * with ``--layers``: single 3x3 convs, XLA vs the matmul forms forced on
@@ -72,12 +72,13 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
   return best
 
 
-def _compile_s(jitted: Any, *args: Any) -> float:
-  """CPU seconds (all threads) to compile: less sensitive to load than wall time."""
+def _compile(jitted: Any, *args: Any) -> tuple[float, str]:
+  """(CPU seconds, all threads, to compile: less load-sensitive than wall time;
+  the StableHLO text)."""
   lowered = jitted.lower(*args)
   t = time.process_time()
   lowered.compile()
-  return time.process_time() - t
+  return time.process_time() - t, lowered.as_text()
 
 
 def _train_step(model: rv.RepVGG) -> Callable[..., Any]:
@@ -106,9 +107,21 @@ def whole_model(repeats: int) -> list[str]:
     m = rv.create_model("RepVGG-A0", num_classes=10, conv_impl=impl)
     v = m.init(jax.random.key(0), x[:1])
     step = _train_step(m)
-    comp[impl] = _compile_s(step, v["params"], v["batch_stats"], x, y)
+    comp[impl] = _compile(step, v["params"], v["batch_stats"], x, y)
     fns[impl] = functools.partial(step, v["params"], v["batch_stats"], x, y)
   rows.append(_row("train step (train form), 32 px, batch 128", time_interleaved(
+      fns, repeats), comp))
+  # Train step, 224 px, batch 8.
+  x = jnp.asarray(rng.standard_normal((8, 224, 224, 3), np.float32))
+  y = jnp.asarray(rng.integers(0, 1000, 8))
+  fns, comp = {}, {}
+  for impl in IMPLS:
+    m = rv.create_model("RepVGG-A0", conv_impl=impl)
+    v = m.init(jax.random.key(0), x[:1])
+    step = _train_step(m)
+    comp[impl] = _compile(step, v["params"], v["batch_stats"], x, y)
+    fns[impl] = functools.partial(step, v["params"], v["batch_stats"], x, y)
+  rows.append(_row("train step (train form), 224 px, batch 8", time_interleaved(
       fns, repeats), comp))
   # Deploy forward, 32 px batch 128 and 224 px batch 8.
   for px, batch, classes in ((32, 128, 10), (224, 8, 1000)):
@@ -118,16 +131,17 @@ def whole_model(repeats: int) -> list[str]:
       m = rv.create_model("RepVGG-A0", num_classes=classes, deploy=True, conv_impl=impl)
       v = m.init(jax.random.key(0), x[:1])
       fwd = jax.jit(m.apply)
-      comp[impl] = _compile_s(fwd, v, x)
+      comp[impl] = _compile(fwd, v, x)
       fns[impl] = functools.partial(fwd, v, x)
     rows.append(_row(f"deploy forward, {px} px, batch {batch}",
-                     time_interleaved(fns, repeats), comp))
+                     time_interleaved(fns, repeats * (3 if px == 224 else 1)), comp))
   return rows
 
 
-def _row(name: str, t: dict[str, float], comp: dict[str, float] | None = None) -> str:
-  c = f" | {comp['xla']:.1f} / {comp['auto']:.1f}" if comp else ""
-  return f"| {name} | {t['xla']:.1f} | {t['auto']:.1f} | {t['xla'] / t['auto']:.2f}x{c} |"
+def _row(name: str, t: dict[str, float], comp: dict[str, tuple[float, str]]) -> str:
+  same = " (same program: noise)" if comp["xla"][1] == comp["auto"][1] else ""
+  return (f"| {name} | {t['xla']:.1f} | {t['auto']:.1f} | {t['xla'] / t['auto']:.2f}x{same} | "
+          f"{comp['xla'][0]:.1f} / {comp['auto'][0]:.1f} |")
 
 
 # (name, blocks in A0, input size, Cin, Cout, stride) at 32 px input.
@@ -151,7 +165,7 @@ def per_block(repeats: int) -> list[str]:
   for name, count, size, cin, cout, stride in A0_BLOCKS_32:
     x = jnp.asarray(rng.standard_normal((128, size, size, cin), np.float32))
     out = (size + 2 - 3) // stride + 1
-    fns = {}
+    fns, hlo = {}, {}
     for impl in IMPLS:
       for form in ("train", "deploy"):
         blk = RepVGGBlock(cout, stride, 1, se=False, deploy=form == "deploy", norm=norm,
@@ -165,10 +179,13 @@ def per_block(repeats: int) -> list[str]:
         else:
           fn = jax.jit(functools.partial(blk.apply, train=False))
         fns[(form, impl)] = functools.partial(fn, v, x)
+        hlo[(form, impl)] = fn.lower(v, x).as_text()
     t = time_interleaved(fns, repeats)
     for k in t:
       totals[k] += count * t[k]
-    rows.append(f"| {name} | {size}x{size} -> {out}x{out}, {cin} -> {cout} | {count} | "
+    same = all(hlo[f, "xla"] == hlo[f, "auto"] for f in ("train", "deploy"))
+    rows.append(f"| {name}{' (same program)' if same else ''} | "
+                f"{size}x{size} -> {out}x{out}, {cin} -> {cout} | {count} | "
                 f"{count * t['train', 'xla']:.1f} | {count * t['train', 'auto']:.1f} | "
                 f"{count * t['deploy', 'xla']:.1f} | {count * t['deploy', 'auto']:.1f} |")
   rows.append(f"| sum | | 22 | {totals['train', 'xla']:.1f} | {totals['train', 'auto']:.1f} | "
