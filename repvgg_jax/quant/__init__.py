@@ -62,15 +62,12 @@ class Quantizer:
 
   def init(self, params: Mapping[str, Any]) -> dict[str, Any]:
     """Deploy params -> ``quant`` state: ``{..., "kernel": codebook}`` per
-    quantized kernel (``(K,)`` or ``(Cout, K)``; empty for ``uniform``)."""
+    quantized kernel (``(K,)`` or ``(Cout, K)``; empty for ``uniform``).
+    Codebooks come from :func:`optimal_codebook` (DP + Lloyd polish)."""
     if self.method == "uniform":
       return {}
-    def fit(p, w, _):
-      b = self.layer_bits(p)
-      if self._per_channel():
-        return fit_codebook(w, b, per_channel=True, iters=self.iters)
-      return jnp.asarray(optimal_codebook(w, b))
-    return self._map(fit, params)
+    return self._map(lambda p, w, _: jnp.asarray(optimal_codebook(
+        w, self.layer_bits(p), per_channel=self._per_channel(), polish_iters=self.iters)), params)
 
   def refit(self, params, state):
     """Warm-started Lloyd refit of every codebook (jit-able)."""
