@@ -196,3 +196,21 @@ def test_quantizer_apply_uses_few_levels_and_keeps_biases(method, granularity):
                               params["stages_1_1"]["reparam_conv"]["bias"])
   state2 = jax.jit(q.refit)(params, state)
   chex.assert_trees_all_equal_shapes(state2, state)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 5, 6, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_assign_equals_binary_search_ties_included(bits, per_channel):
+  # Up to 32 levels assign counts midpoints below w; beyond, it binary-searches.
+  rng = np.random.default_rng(bits)
+  k = 2 ** bits
+  shape = (3, 3, 4, 6)
+  book = np.sort(rng.standard_normal((6, k) if per_channel else (k,)), axis=-1).astype(np.float32)
+  w = rng.standard_normal(shape).astype(np.float32) * 2
+  mids = (book[..., 1:] + book[..., :-1]) * np.float32(0.5)
+  w.reshape(-1, 6)[:, 0] = (mids[0] if per_channel else mids)[0]  # exact ties on channel 0
+  idx = np.asarray(assign(jnp.asarray(w), jnp.asarray(book)))
+  flat = w.reshape(-1, 6)
+  want = np.stack([np.searchsorted(mids[c] if per_channel else mids, flat[:, c], side="left")
+                   for c in range(6)], axis=1).reshape(shape)
+  np.testing.assert_array_equal(idx, want)
