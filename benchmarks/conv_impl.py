@@ -23,7 +23,6 @@ import argparse
 import datetime
 import functools
 import os
-import platform
 import time
 from typing import Any, Callable
 
@@ -36,18 +35,9 @@ import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGGBlock
 from repvgg_jax.nn import conv as conv_lib
 
+from bench_common import cpu_model  # run as a script: benchmarks/ is on sys.path
+
 IMPLS = ("xla", "auto")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _load() -> float:
@@ -239,7 +229,7 @@ def main() -> None:
   args = ap.parse_args()
   ncpu = os.cpu_count()
   load0 = _load()
-  out = [f"RepVGG-A0 on CPU, conv_impl xla vs auto: {ncpu} CPUs ({_cpu_model()}), "
+  out = [f"RepVGG-A0 on CPU, conv_impl xla vs auto: {ncpu} CPUs ({cpu_model()}), "
          f"jax {jax.__version__}, {jax.default_backend()}, "
          f"{datetime.date.today().isoformat()}, min of {args.repeats} interleaved repeats.",
          "", "| workload | xla ms | auto ms | speed-up | compile CPU s (xla / auto) |",

@@ -40,6 +40,8 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import repvgg_jax as rv  # noqa: E402
 from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook, optimal_codebook  # noqa: E402
 
+from bench_common import cpu_model  # run as a script: benchmarks/ is on sys.path
+
 LAYER = "stages_3_0"
 
 
@@ -81,17 +83,6 @@ def sklearn_codebook(x: np.ndarray, bits: int, max_points: int, seed: int = 0):
     x = np.random.default_rng(seed).choice(x, max_points, replace=False)
   km = KMeans(2 ** bits, n_init=10, random_state=seed).fit(x.astype(np.float64).reshape(-1, 1))
   return np.sort(km.cluster_centers_.ravel())
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def main() -> None:
