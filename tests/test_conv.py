@@ -67,11 +67,12 @@ def test_default_threshold_picks_tiny_outputs_only(any_backend):
     assert _conv_ops(lambda x: f(x, stride), jnp.ones((1, size, size, 4))) == convs
 
 
-@pytest.mark.parametrize("hw, stride, form, taps", [
-    ((1, 1), 1, "unrolled", 1), ((1, 1), 2, "unrolled", 1), ((2, 2), 2, "unrolled", 4),
-    ((2, 2), 1, "unrolled", 9), ((4, 4), 2, "im2col", 9), ((1, 4), 2, "im2col", 3)])
-def test_padding_only_taps_are_dropped(hw, stride, form, taps, any_backend):
-  x, w = jnp.ones((1, *hw, 8)), jnp.ones((3, 3, 8, 5))
+@pytest.mark.parametrize("batch, hw, stride, form, taps", [
+    (4, (1, 1), 1, "unrolled", 1), (4, (1, 1), 2, "unrolled", 1), (4, (2, 2), 2, "unrolled", 4),
+    (4, (2, 2), 1, "unrolled", 9), (4, (4, 4), 2, "im2col", 9), (4, (1, 4), 2, "im2col", 3),
+    (1, (2, 2), 1, "im2col", 9)])  # batch < H*W: building the unrolled kernel would cost more
+def test_padding_only_taps_are_dropped(batch, hw, stride, form, taps, any_backend):
+  x, w = jnp.ones((batch, *hw, 8)), jnp.ones((3, 3, 8, 5))
   jaxpr = jax.make_jaxpr(lambda x: conv_lib.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC))(x)
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]

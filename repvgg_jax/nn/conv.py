@@ -7,7 +7,8 @@ On the CPU backend, for 2-D convs whose output map has at most
 * kernel taps ``(dy, dx)`` whose window reads only padding at every output
   position are dropped (statically, from the shapes);
 * if the input map has no more pixels than there are live taps (1x1 maps,
-  2x2 at stride 1 or 2), the conv is one dense layer: the kernel is unrolled
+  2x2 at stride 1 or 2) and the batch has at least as many images as the map
+  has pixels, the conv is one dense layer: the kernel is unrolled
   into a ``(H*W*Cin, Ho*Wo*Cout)`` matrix (each entry a copy of a kernel
   weight or zero, built by a 0/1 selection matmul), which also skips the
   padding reads of live taps;
@@ -137,7 +138,10 @@ def _tiny_conv(x: jax.Array, k: jax.Array, strides: Sequence[int],
     dtype = preferred_element_type or jnp.result_type(x, k)
     return jnp.zeros((n, ho, wo, cout), dtype)
   kk = _live_kernel(k, dys, dxs)
-  if h * w <= len(dys) * len(dxs):  # unrolled kernel: no more MACs than im2col
+  # Unrolled kernel: no more MACs than im2col per image, but building it costs
+  # taps * (H*W) * (Ho*Wo) * Cin * Cout/groups multiply-adds whatever the batch,
+  # more than the conv itself when the batch is smaller than H*W (batch-1 inference).
+  if h * w <= len(dys) * len(dxs) and n >= h * w:
     sel = _selection(h, w, dys, dxs, strides, pads, ho, wo)
     return _unrolled_conv(x, kk, sel, groups, ho, wo, precision, preferred_element_type)
   return _im2col_conv(x, kk, dys, dxs, strides, pads, groups, ho, wo, precision,
