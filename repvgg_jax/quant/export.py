@@ -13,12 +13,12 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from repvgg_jax.fileio import atomic_write
 from repvgg_jax.quant.cluster import assign, check_codebook
 
 FORMAT = "repvgg-jax-packed"
@@ -95,18 +95,12 @@ class PackedModel:
 
   def save(self, path) -> None:
     """Writes one file atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(self.to_bytes())
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    data = self.to_bytes()
+
+    def write(tmp: str) -> None:
+      with open(tmp, "wb") as f:
+        f.write(data)
+    atomic_write(path, write)
 
   def size_bytes(self) -> int:
     """Bytes of the saved file."""

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax import analysis
+from repvgg_jax.fileio import atomic_write
 
 FORMS = ("fp", "merged", "qat", "packed")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
@@ -20,22 +21,11 @@ def _param_bytes(params: Any) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params)))
 
 
-def _atomic(path: str, write: Any) -> None:
-  """``write(tmp_path)``, then rename over ``path``: a kill never leaves half a file."""
-  tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_text(path: str, text: str) -> None:
   def write(tmp: str) -> None:
     with open(tmp, "w") as f:
       f.write(text)
-  _atomic(path, write)
+  atomic_write(path, write)
 
 
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
@@ -53,9 +43,9 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
   if histograms:
     report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
                           for label, v in histograms.items()}
-    _atomic(os.path.join(workdir, "weight_histograms.png"),
+    atomic_write(os.path.join(workdir, "weight_histograms.png"),
             lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
-  _atomic(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
+  atomic_write(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
   _write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   _write_text(os.path.join(workdir, "report.md"), markdown(report))
   return report

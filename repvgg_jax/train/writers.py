@@ -49,14 +49,13 @@ def _tensorboard(workdir: str) -> Any:
 class MetricWriter:
   """Scalars to the log, ``<workdir>/metrics.jsonl`` and TensorBoard.
 
-  ``enabled=False`` (processes other than 0) writes nothing. ``tensorboard=False``
-  skips the event files (tests).
+  ``enabled=False`` (processes other than 0) writes nothing.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = _tensorboard(workdir) if enabled and tensorboard else None
+    self._tb = _tensorboard(workdir) if enabled else None
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:

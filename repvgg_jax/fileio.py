@@ -1,0 +1,25 @@
+"""Atomic file writes: a kill or an error never leaves half a file at ``path``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+  """``write(tmp)`` to a temporary file beside ``path`` (same extension, so
+  writers that pick a format by name still work), fsync, then rename over ``path``."""
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             suffix=".tmp" + os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    write(tmp)
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
