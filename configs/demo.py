@@ -1,11 +1,15 @@
-"""Laptop demo, ~15-20 minutes on 2 CPU cores: Fashion-MNIST, RepVGG-A0 with OABN, FP then 4-bit ClusterQAT.
+"""Laptop demo, ~15 minutes on 2 CPU cores: Fashion-MNIST, a shallow RepVGG-A0 with OABN, FP then 4-bit ClusterQAT.
 
 Data: the IDX files of Fashion-MNIST (Debian/Ubuntu: ``apt-get install
 dataset-fashion-mnist``; elsewhere set ``--config.data.data_dir``). Images are
-padded to 32 px and the standard strides are kept (stem stride 2), which is what
-makes A0 fast enough here. 1200 FP steps at batch 64 (1.3 epochs: small batches
-learn more per image than large ones, and images/s is what a CPU budget buys)
-and 200 ClusterQAT steps.
+padded to 32 px and the standard strides are kept (stem stride 2).
+
+Model: RepVGG-A0's widths with 1, 2, 4, 1 blocks per stage instead of 2, 4,
+14, 1 (9 layers instead of 22). On 2 CPU cores it trains ~2.3x more images per
+second than A0, and accuracy within a CPU budget is bought by epochs: 2400 FP
+steps at batch 64 reached 90.5% where full A0 reached 87.8% in 1200 steps of
+about the same wall time. Full A0 is ``--config.model.blocks='()'``.
+3000 FP steps at batch 64 (3.2 epochs), then 200 ClusterQAT steps.
 """
 
 from repvgg_jax.train.config import base_config, finalize
@@ -15,6 +19,7 @@ def get_config():
   c = base_config()
   c.model.name = "RepVGG-A0"
   c.model.norm = "oabn"
+  c.model.blocks = (1, 2, 4, 1)
   c.model.cifar_stem = False
   c.data.source = "fashion_mnist_idx"
   c.data.name = "fashion_mnist"
@@ -27,9 +32,9 @@ def get_config():
   c.fp.batch_size = 64
   c.fp.base_lr = 0.2            # lr 0.05 at batch 64
   c.fp.warmup_steps = 100
-  c.fp.num_steps = 1200
+  c.fp.num_steps = 3000
   c.fp.weight_decay = 5e-5
-  c.fp.checkpoint_every = 200
+  c.fp.checkpoint_every = 500
   c.qat.batch_size = 64
   c.qat.base_lr = 0.02
   c.qat.num_steps = 200

@@ -64,3 +64,15 @@ def test_qat_starts_from_an_fp_checkpoint_directory(run, tmp_path):
   report = pipeline.run(cfg, str(tmp_path))
   assert report["forms"]["fp"]["accuracy"] == run[1]["forms"]["fp"]["accuracy"]
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "fp"))
+
+
+def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(run, tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.eval_fp_forms = False
+  cfg.qat.enabled = False
+  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  assert "fp" not in forms and "accuracy" not in forms["merged"]
+  assert forms["merged"]["size_bytes"] == run[1]["forms"]["merged"]["size_bytes"]
+  assert 0.0 <= forms["packed"]["accuracy"] <= 1.0
+  assert "| merged FP | not evaluated |" in open(os.path.join(tmp_path, "report.md")).read()

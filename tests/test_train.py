@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -19,7 +20,8 @@ from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import NonFiniteLoss, train_stage
 from repvgg_jax.train.state import (build_model, create_train_state, init_variables,
-                                    learning_rate_schedule, weight_decay_mask)
+                                    learning_rate_schedule, make_optimizer,
+                                    weight_decay_mask)
 from repvgg_jax.train.writers import MetricWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +60,31 @@ def test_validate_names_every_invalid_field():
     assert name in str(e.value)
 
 
+def test_command_line_overrides_blocks_and_widths(monkeypatch):
+  cfg = _parse(monkeypatch, "--config.model.blocks=(1,2,3,1)",
+               "--config.model.widths=(0.5,0.5,1,1)")
+  config_lib.validate(cfg)
+  model = build_model(cfg.model, 10, deploy=False)
+  assert model.variant.blocks == (1, 2, 3, 1)
+  assert model.variant.widths == (0.5, 0.5, 1, 1)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  stages = {k for k in variables["params"] if k.startswith("stages_")}
+  assert stages == {"stages_0_0", "stages_1_0", "stages_1_1", "stages_2_0", "stages_2_1",
+                    "stages_2_2", "stages_3_0"}
+  # Width 0.5 of 64 channels in stage 0, 1 x 512 in stage 3.
+  assert variables["params"]["stages_0_0"]["conv_kxk"]["conv"]["kernel"].shape[-1] == 32
+  assert variables["params"]["stages_3_0"]["conv_kxk"]["conv"]["kernel"].shape[-1] == 512
+
+
+@pytest.mark.parametrize("field,value", [("blocks", (1, 2, 3)), ("blocks", (1, 0, 1, 1)),
+                                         ("blocks", (1.5, 1, 1, 1)), ("widths", (1, 1, -1, 1))])
+def test_validate_names_bad_blocks_or_widths(field, value):
+  cfg = tiny.tiny_config()
+  cfg.model[field] = value
+  with pytest.raises(ValueError, match=rf"model\.{field}="):
+    config_lib.validate(cfg)
+
+
 def test_validate_rejects_unknown_field():
   cfg = tiny.tiny_config()
   cfg.fp.lr = 0.1  # Unlocked config: the misspelling reaches validate.
@@ -76,6 +103,21 @@ def test_weight_decay_mask_follows_official_recipe():
   assert not m["stages_0_0"]["conv_kxk"]["bn"]["bias"] and not m["head"]["bias"]
   assert m["stages_0_0"]["identity"]["scale"]
   assert m["stages_0_0"]["conv_kxk"]["conv"]["kernel"] and m["head"]["kernel"]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_grad_clip_norm_bounds_the_first_update(clip):
+  cfg = tiny.tiny_config().fp
+  cfg.grad_clip_norm, cfg.weight_decay, cfg.warmup_steps = clip, 0.0, 0
+  params = {"head": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))}}
+  grads = {"head": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}}
+  tx = make_optimizer(cfg, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = cfg.base_lr * cfg.batch_size / 256
+  norm = float(optax.global_norm(updates))
+  # First SGD step: update = -lr * g, with g scaled to global norm `clip` when clipping.
+  expected = lr * (clip if clip else float(optax.global_norm(grads)))
+  np.testing.assert_allclose(norm, expected, rtol=1e-6)
 
 
 def test_lr_scales_with_batch_warms_up_and_decays_to_zero():

@@ -26,12 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every = 50
   c.eval_batch_size = 256
+  # Evaluate the train-form FP and merged networks. False leaves their accuracy out of
+  # the report (QAT from an FP run that was already evaluated, e.g. in benchmarks/study.py).
+  c.eval_fp_forms = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "RepVGG-A0"          # a zoo name or "tiny" (blocks 1,1,1,1, widths 0.25)
   c.model.norm = "bn"                 # "bn" | "oabn"
   c.model.oabn_tau = 4.0
   c.model.cifar_stem = False          # stride 1 in the stem and stage 1, for 28-32 px inputs
+  # Override the variant's blocks per stage / width multipliers (4 values each,
+  # as the official RepVGG(num_blocks=..., width_multiplier=...)); () = the variant's.
+  c.model.blocks = ()
+  c.model.widths = ()
   c.model.dtype = "float32"           # compute dtype; params stay float32
 
   c.data = ml_collections.ConfigDict()
@@ -81,6 +88,7 @@ def _stage_config() -> ml_collections.ConfigDict:
   s.nesterov = False
   s.weight_decay = 1e-4
   s.label_smoothing = 0.0
+  s.grad_clip_norm = 0.0              # clip gradients to this global norm; 0 = off
   s.checkpoint_every = 500
   s.keep = 2
   return s
@@ -124,12 +132,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if _canonical(cfg.model.name) not in names:
     problems.append(f"model.name={cfg.model.name!r} not in {list_models() + ['tiny']}")
   enum("model.norm", cfg.model.norm, NORMS)
+  for f, kind in (("blocks", int), ("widths", (int, float))):
+    v = cfg.model[f]
+    ok = isinstance(v, (tuple, list)) and (len(v) == 0 or (len(v) == 4 and all(
+        isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in v)))
+    if not ok:
+      problems.append(f"model.{f}={v!r} must be () or 4 positive {'ints' if kind is int else 'numbers'}")
   enum("model.dtype", cfg.model.dtype, DTYPES)
   enum("data.source", cfg.data.source, SOURCES)
   enum("data.augment", cfg.data.augment, AUGMENTS)
   positive("data.image_size", cfg.data.image_size)
   positive("data.train_subset", cfg.data.train_subset, zero_ok=True)
   positive("eval_batch_size", cfg.eval_batch_size)
+  if not isinstance(cfg.eval_fp_forms, bool):
+    problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
   positive("log_every", cfg.log_every)
   enum("quant.method", cfg.quant.method, QUANT_METHODS)
   enum("quant.granularity", cfg.quant.granularity, GRANULARITIES)
@@ -146,6 +162,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"{stage}.{f}={v!r} must be a positive int")
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
+    positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)
     if not 0 <= s.momentum < 1:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:

@@ -136,17 +136,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
       logging.warning("fp.enabled=False and no init_from: using the random initialisation")
       variables = template
     state = sharding.replicate(create_train_state(model, variables, cfg.fp), mesh)
-  forms["fp"] = {"accuracy": steps.evaluate(eval_plain, state, eval_loader, mesh)}
+  if cfg.eval_fp_forms:
+    forms["fp"] = {"accuracy": steps.evaluate(eval_plain, state, eval_loader, mesh)}
   timings["fp"] = time.time() - t
   del state
 
   # Stage 2: merge (pure) and evaluate the single-conv network.
   merged = jax.device_get(repvgg_jax.merge(variables))
-  merged_state = sharding.replicate(create_train_state(deploy_model, merged, cfg.qat), mesh)
-  forms["merged"] = {"accuracy": steps.evaluate(eval_plain, merged_state, eval_loader, mesh),
-                     "size_bytes": report_lib._param_bytes(merged["params"])}
+  forms["merged"] = {"size_bytes": report_lib._param_bytes(merged["params"])}
+  if cfg.eval_fp_forms:
+    merged_state = sharding.replicate(create_train_state(deploy_model, merged, cfg.qat), mesh)
+    forms["merged"]["accuracy"] = steps.evaluate(eval_plain, merged_state, eval_loader, mesh)
+    del merged_state
   histograms = {"merged FP": merged}
-  del merged_state
 
   # Stage 3: QAT of the merged network, then the packed export.
   if cfg.quant.method != "none":

@@ -33,7 +33,8 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
   """Writes report.json, report.md, weight_histograms.png and accuracy.png; returns the report.
 
   Args:
-    forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out.
+    forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out, forms
+      not evaluated have no ``accuracy``.
     histograms: ``{label: variables}`` for :func:`analysis.plot_weight_histograms`.
     timings: seconds per stage.
   """
@@ -58,7 +59,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     if k in report["forms"]:
       r = report["forms"][k]
       size = f"{r['size_bytes']:,}" if "size_bytes" in r else ""
-      lines.append(f"| {LABELS[k]} | {100 * r['accuracy']:.2f}% | {size} |")
+      acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else "not evaluated"
+      lines.append(f"| {LABELS[k]} | {acc} | {size} |")
   out = "\n".join(lines) + "\n"
   if "outliers" in report:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
@@ -74,7 +76,7 @@ def _plot_accuracy(forms: Mapping[str, Mapping[str, Any]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
-  keys = [k for k in FORMS if k in forms]
+  keys = [k for k in FORMS if "accuracy" in forms.get(k, {})]
   fig, ax = plt.subplots(figsize=(5, 3.2))
   acc = [100 * forms[k]["accuracy"] for k in keys]
   ax.bar([LABELS[k] for k in keys], acc, color="tab:blue")

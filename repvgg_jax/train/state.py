@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax
@@ -30,8 +31,11 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool) -> RepVGG:
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, oabn_tau=model_cfg.oabn_tau,
             deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype)
   if model_cfg.name.lower() == "tiny":
-    return RepVGG(TINY, **kw)
-  return create_model(model_cfg.name, **kw)
+    variant = TINY
+  else:
+    variant = create_model(model_cfg.name).variant
+  overrides = {f: tuple(model_cfg[f]) for f in ("blocks", "widths") if model_cfg.get(f)}
+  return RepVGG(dataclasses.replace(variant, **overrides), **kw)
 
 
 def weight_decay_mask(params: Mapping[str, Any]) -> Any:
@@ -64,8 +68,13 @@ def make_optimizer(stage_cfg: Any, params: Mapping[str, Any]) -> optax.GradientT
   """SGD with momentum (optionally Nesterov) and masked, decoupled-from-loss L2 decay.
 
   ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
+  ``grad_clip_norm > 0`` first clips the gradient to that global norm (as
+  ``torch.nn.utils.clip_grad_norm_`` before the step).
   """
+  clip = ([optax.clip_by_global_norm(stage_cfg.grad_clip_norm)]
+          if stage_cfg.grad_clip_norm > 0 else [])
   return optax.chain(
+      *clip,
       optax.add_decayed_weights(stage_cfg.weight_decay, mask=weight_decay_mask(params)),
       optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
                 nesterov=stage_cfg.nesterov))
