@@ -49,11 +49,9 @@ def versions(torch_mod: Any = None) -> str:
          f"flax {flax.__version__}"]
   if torch_mod is not None:
     out.append(f"torch {torch_mod.__version__}")
-    try:
-      import timm
-      out.append(f"timm {timm.__version__}")
-    except ImportError:
-      pass
+    timm = _dist_version("timm")  # Not imported: its torchvision may not load.
+    if timm != "?":
+      out.append(f"timm {timm} (installed)")
   return ", ".join(out)
 
 

@@ -1,4 +1,4 @@
-"""CPU speed of RepVGG: train form vs deploy form, FP vs ClusterQAT, JAX vs PyTorch (timm).
+"""CPU speed of RepVGG: train form vs deploy form, FP vs ClusterQAT, JAX vs PyTorch.
 
 All variants of one table run in one process, compiled and warmed up first,
 then timed interleaved (each repeat runs every variant once), so load that
@@ -7,11 +7,12 @@ the mean time per call, (min-max) over repeats, and ratios of medians.
 
 1. Inference (``train=False``), 1000 classes, NHWC jitted JAX vs NCHW
    ``torch.inference_mode()``: the train form against the deploy form
-   (``repvgg_jax.merge``; timm ``reparameterize_model``).
+   (``repvgg_jax.merge``; timm ``reparameterize_model`` or
+   ``torch_repvgg.reparameterize``).
 2. Training step, 10 classes, SGD momentum and softmax cross entropy: the
    repo's ``make_train_step`` on the train form (BN batch stats updated), the
    deploy form, and the deploy form under 4-bit ClusterQAT (plus the
-   codebook refit the pipeline runs every ``--refit-every`` steps); timm
+   codebook refit the pipeline runs every ``--refit-every`` steps); PyTorch
    train and deploy forms with ``torch.optim.SGD``. Every variant uses the
    same constant ``--lr``; BN running stats are first set to the batch's
    statistics, so the merged network starts well scaled, as after FP training
@@ -22,16 +23,22 @@ Initial params are drawn in NumPy (``bench_common.fast_init``): compiling
 
 If ``create_model`` takes ``conv_impl``, JAX rows are given for each value.
 
-  python benchmarks/speed.py [--repeats 7] [--only inference|train] [--no-torch]
+PyTorch models (``--torch``): timm's, or ``benchmarks/torch_repvgg.py``, which
+needs torch only, so a CPU-only torch build can be timed where no matching
+torchvision (which timm imports) is installed.
+
+  python benchmarks/speed.py [--repeats 7] [--only inference|train] [--torch auto|timm|plain|none]
   python benchmarks/speed.py --quick   # tiny sizes, a smoke test, not a measurement
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,25 +69,56 @@ def jax_label(impl: str | None) -> str:
   return "JAX" if impl is None else f"JAX conv_impl={impl}"
 
 
-def load_torch(skip: bool) -> tuple[object, object, str | None]:
-  """``(torch, timm, note)``; ``(None, None, why)`` when skipped or not importable."""
-  if skip:
-    return None, None, "PyTorch skipped (--no-torch)"
+@dataclasses.dataclass(frozen=True)
+class TorchModels:
+  """Where the PyTorch rows' models come from: timm, or ``torch_repvgg`` (torch only)."""
+  label: str                                   # "PyTorch timm" / "PyTorch plain"
+  create: Callable[[int], Any]                 # num_classes -> train-form nn.Module
+  reparameterize: Callable[[Any], Any]         # train form -> deploy-form copy
+
+
+def _timm_models(name: str) -> TorchModels | str:
   try:
     import timm
     import timm.utils
+  except Exception as e:  # noqa: BLE001 -- e.g. a torchvision built for another torch
+    return f"timm not importable ({type(e).__name__}: {e})"
+  t = name.lower().replace("-", "_")
+  if not timm.is_model(t):
+    return f"timm has no model for {name}"
+  return TorchModels("PyTorch timm",
+                     lambda classes: timm.create_model(t, pretrained=False, num_classes=classes),
+                     timm.utils.reparameterize_model)
+
+
+def _plain_models(name: str) -> TorchModels | str:
+  import torch_repvgg
+  if name not in torch_repvgg.VARIANTS or torch_repvgg.VARIANTS[name].se:
+    return f"the plain PyTorch RepVGG has no {name}"
+  return TorchModels("PyTorch plain", lambda classes: torch_repvgg.RepVGG(name, classes),
+                     torch_repvgg.reparameterize)
+
+
+def load_torch(which: str, name: str) -> tuple[object, TorchModels | None, str | None]:
+  """``(torch, models, note)``; ``(None, None, why)`` when skipped or not available.
+
+  ``which``: "none", "timm", "plain", or "auto" (timm if it imports, else plain).
+  """
+  if which == "none":
+    return None, None, "PyTorch skipped (--torch none)"
+  try:
     import torch
   except ImportError as e:
-    return None, None, f"PyTorch skipped: torch/timm not importable ({e})"
-  if not hasattr(timm.utils, "reparameterize_model"):
-    return None, None, "PyTorch skipped: timm has no utils.reparameterize_model"
+    return None, None, f"PyTorch skipped: torch not importable ({e})"
+  models = _timm_models(name) if which in ("timm", "auto") else None
+  note = None
+  if which == "plain" or (which == "auto" and isinstance(models, str)):
+    note = f"PyTorch models: benchmarks/torch_repvgg.py ({models})" if models else None
+    models = _plain_models(name)
+  if isinstance(models, str):
+    return None, None, f"PyTorch skipped: {models}"
   torch.set_num_threads(os.cpu_count())
-  return torch, timm, None
-
-
-def timm_name(name: str, timm) -> str | None:
-  t = name.lower().replace("-", "_")
-  return t if timm.is_model(t) else None
+  return torch, models, note
 
 
 # ---------------------------------------------------------------- inference
@@ -103,9 +141,9 @@ def jax_inference_fns(models: dict, x: jax.Array) -> dict:
   return fns
 
 
-def torch_inference_models(timm, tname: str) -> dict:
-  tm = timm.create_model(tname, pretrained=False, num_classes=1000).eval()
-  return {"train": tm, "deploy": timm.utils.reparameterize_model(tm).eval()}  # a copy
+def torch_inference_models(tm: TorchModels) -> dict:
+  model = tm.create(1000).eval()
+  return {"train": model, "deploy": tm.reparameterize(model).eval()}  # a copy
 
 
 def torch_inference_fns(torch, models: dict, x: np.ndarray) -> dict:
@@ -119,20 +157,19 @@ def torch_inference_fns(torch, models: dict, x: np.ndarray) -> dict:
   return {form: run(m) for form, m in models.items()}
 
 
-def inference(args, impls, torch, timm, shapes) -> None:
-  tname = timm_name(args.model, timm) if torch is not None else None
+def inference(args, impls, torch, tm: TorchModels | None, shapes) -> None:
   rng = np.random.default_rng(0)
   jax_models = {impl: jax_inference_models(args.model, impl) for impl in impls}
-  torch_models = torch_inference_models(timm, tname) if tname else None
+  torch_models = torch_inference_models(tm) if tm else None
   for px, batch in shapes:
     x = rng.standard_normal((batch, px, px, 3), dtype=np.float32)
     fns, rows = {}, []
     for impl in impls:
       for form, fn in jax_inference_fns(jax_models[impl], jnp.asarray(x)).items():
         fns[(jax_label(impl), form)] = fn
-    if tname:
+    if tm:
       for form, fn in torch_inference_fns(torch, torch_models, x).items():
-        fns[("PyTorch timm", form)] = fn
+        fns[(tm.label, form)] = fn
     t = bc.time_interleaved(fns, args.repeats, args.min_sample_s)
     print(f"\n## Inference, {args.model}, {px} px, batch {batch}, 1000 classes\n")
     print("| implementation | form | ms/batch median (min-max) | images/s | "
@@ -141,8 +178,8 @@ def inference(args, impls, torch, timm, shapes) -> None:
     for (impl_name, form), r in t.items():
       speedup = bc.ratio(t[(impl_name, "train")]["ms"], r["ms"]) if form == "deploy" else ""
       vs = ""
-      if impl_name.startswith("JAX") and ("PyTorch timm", form) in t:
-        vs = bc.ratio(t[("PyTorch timm", form)]["ms"], r["ms"])
+      if impl_name.startswith("JAX") and tm and (tm.label, form) in t:
+        vs = bc.ratio(t[(tm.label, form)]["ms"], r["ms"])
       rows.append(f"| {impl_name} | {form} | {bc.fmt_ms(r)} | {batch / r['ms'] * 1e3:.1f} | "
                   f"{speedup} | {vs} | {r['first_s']:.1f} |")
     print("\n".join(rows), flush=True)
@@ -246,14 +283,14 @@ def jax_train_fns(args, impl: str | None, mesh, batch: dict, px: int) -> tuple[d
   return fns, holders
 
 
-def torch_train_fns(torch, timm, tname: str, classes: int, x: np.ndarray, y: np.ndarray,
+def torch_train_fns(torch, tmodels: TorchModels, classes: int, x: np.ndarray, y: np.ndarray,
                     lr: float) -> tuple[dict, dict]:
   import torch.nn.functional as F
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   yt = torch.from_numpy(y.astype(np.int64))
-  tm = timm.create_model(tname, pretrained=False, num_classes=classes)
+  tm = tmodels.create(classes)
   calibrate_bn_torch(torch, tm, xt)
-  td = timm.utils.reparameterize_model(tm.eval()).train()
+  td = tmodels.reparameterize(tm.eval()).train()
   tm.train()
   fns, holders = {}, {}
   for key, model in (("train FP", tm), ("deploy FP", td)):
@@ -270,8 +307,7 @@ def torch_train_fns(torch, timm, tname: str, classes: int, x: np.ndarray, y: np.
   return fns, holders
 
 
-def training(args, impls, torch, timm, px: int, batch_size: int) -> None:
-  tname = timm_name(args.model, timm) if torch is not None else None
+def training(args, impls, torch, tm: TorchModels | None, px: int, batch_size: int) -> None:
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch_size, px, px, 3), dtype=np.float32)
@@ -282,10 +318,10 @@ def training(args, impls, torch, timm, px: int, batch_size: int) -> None:
     f, h = jax_train_fns(args, impl, mesh, batch, px)
     fns.update({(jax_label(impl), k): v for k, v in f.items()})
     holders.update({(jax_label(impl), k): v for k, v in h.items()})
-  if tname:
-    f, h = torch_train_fns(torch, timm, tname, args.classes, x, y, args.lr)
-    fns.update({("PyTorch timm", k): v for k, v in f.items()})
-    holders.update({("PyTorch timm", k): v for k, v in h.items()})
+  if tm:
+    f, h = torch_train_fns(torch, tm, args.classes, x, y, args.lr)
+    fns.update({(tm.label, k): v for k, v in f.items()})
+    holders.update({(tm.label, k): v for k, v in h.items()})
   t = bc.time_interleaved(fns, args.repeats, args.min_sample_s)
   bad = [f"{a} {b}" for (a, b), h in holders.items()
          if h["loss"] is not None and not np.isfinite(float(h["loss"]))]
@@ -314,13 +350,13 @@ def training(args, impls, torch, timm, px: int, batch_size: int) -> None:
             f"{bc.ratio(amort, ms['deploy FP'])} | |")
     print(f"| train form / deploy form (FP) | {n} | "
           f"{bc.ratio(ms['train FP'], ms['deploy FP'])} | |")
-    if tname:
+    if tm:
       for key in ("train FP", "deploy FP"):
-        print(f"| PyTorch / JAX, {key} | {n} | "
-              f"{bc.ratio(t[('PyTorch timm', key)]['ms'], ms[key])} | >= 1.0x |")
-  if tname:
-    tt = {k: t[("PyTorch timm", k)]["ms"] for k in ("train FP", "deploy FP")}
-    print(f"| train form / deploy form (FP) | PyTorch timm | "
+        print(f"| {tm.label} / JAX, {key} | {n} | "
+              f"{bc.ratio(t[(tm.label, key)]['ms'], ms[key])} | >= 1.0x |")
+  if tm:
+    tt = {k: t[(tm.label, k)]["ms"] for k in ("train FP", "deploy FP")}
+    print(f"| train form / deploy form (FP) | {tm.label} | "
           f"{bc.ratio(tt['train FP'], tt['deploy FP'])} | |")
   if bad:
     print(f"\nNote: non-finite loss at the end of {', '.join(bad)}; those times may be off.")
@@ -333,7 +369,10 @@ def main() -> None:
                  help="tiny sizes and 2 repeats: a smoke test, not a measurement")
   p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7, quick 2)")
   p.add_argument("--only", choices=("inference", "train"), default=None)
-  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch (timm) rows")
+  p.add_argument("--torch", choices=("auto", "timm", "plain", "none"), default="auto",
+                 help="PyTorch rows: timm's RepVGG, the torch-only benchmarks/torch_repvgg.py "
+                      "(any torch build, e.g. CPU-only without a matching torchvision), none; "
+                      "auto: timm if it imports, else plain")
   p.add_argument("--model", default="RepVGG-A0")
   p.add_argument("--conv-impl", default=None,
                  help="comma list of conv_impl values for the JAX rows, when create_model "
@@ -362,12 +401,8 @@ def main() -> None:
   infer_shapes = ((64, 4), (32, 8)) if args.quick else ((224, 32), (32, 256))
   train_shape = (32, 8) if args.quick else (32, 64)
 
-  torch, timm, note = load_torch(args.no_torch)
-  notes = []
-  if note:
-    notes.append(note)
-  elif timm_name(args.model, timm) is None:
-    notes.append(f"PyTorch skipped: timm has no model for {args.model}")
+  torch, tm, note = load_torch(args.torch, args.model)
+  notes = [note] if note else []
   impls = conv_impls(args.model)
   if args.conv_impl and impls != (None,):
     want = tuple(args.conv_impl.split(","))
@@ -388,9 +423,9 @@ def main() -> None:
   print(bc.header("RepVGG speed (CPU)", torch, tuple(notes)), flush=True)
   start = time.perf_counter()
   if args.only in (None, "inference"):
-    inference(args, impls, torch, timm, infer_shapes)
+    inference(args, impls, torch, tm, infer_shapes)
   if args.only in (None, "train"):
-    training(args, impls, torch, timm, *train_shape)
+    training(args, impls, torch, tm, *train_shape)
   print(f"\nwall time {time.perf_counter() - start:.0f} s, load average at end: {bc.load_avg()}")
 
 
