@@ -4,7 +4,8 @@
   python benchmarks/study.py --workdir runs/study --report_only
   python benchmarks/study.py --smoke --workdir /tmp/study_smoke
 
-Rows (same data, model and steps each): FP RepVGG-A0 with BN and with OABN;
+Rows (same data, model and steps each): FP RepVGG-A0 (``--blocks`` to change its
+depth; the demo's ``configs/demo.py`` settings otherwise) with BN and with OABN;
 then, from each norm's FP checkpoint (``init_from``), post-training uniform
 per-channel quantization at 8/6/4 bits, uniform QAT and ClusterQAT at 4/3/2
 bits (``--seeds`` QAT seeds at 4 and 2 bits). Each row runs
@@ -35,9 +36,11 @@ sys.path.insert(0, ROOT)  # configs.* are imported as modules.
 from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
+_BLOCKS = flags.DEFINE_list("blocks", [], "Blocks per stage of RepVGG-A0, e.g. 1,2,4,1 (the "
+                            "demo's shallow A0); empty = A0's own 2,4,14,1.")
 _FP_STEPS = flags.DEFINE_integer("fp_steps", 1200, "FP training steps.")
-_QAT_STEPS = flags.DEFINE_integer("qat_steps", 300, "QAT steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size of FP and QAT training.")
+_QAT_STEPS = flags.DEFINE_integer("qat_steps", 200, "QAT steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of FP and QAT training.")
 _SUBSET = flags.DEFINE_integer("train_subset", 0, "First N training examples (0 = all).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Fashion-MNIST IDX directory ('' = default).")
 _FIRST_LAST = flags.DEFINE_integer("first_last_bits", 8, "Bits of the stem and the head.")
@@ -57,9 +60,10 @@ QAT_BITS = (4, 3, 2)
 SEEDED_BITS = (4, 2)
 METHODS = ("uniform PTQ", "uniform QAT", "ClusterQAT")
 MARKER = "<!-- findings -->"
+DIVERGED = "diverged.json"  # written in a row's directory when its training hit a NaN/inf
 # Fields of study.json that fix every row's config: a resumed study must keep them.
-FIXED = ("smoke", "model", "cifar_stem", "image_size", "data_source", "data_dir", "train_subset",
-         "fp_steps", "qat_steps", "batch_size", "first_last_bits")
+FIXED = ("smoke", "model", "blocks", "cifar_stem", "image_size", "data_source", "data_dir",
+         "train_subset", "fp_steps", "qat_steps", "batch_size", "first_last_bits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +115,23 @@ def study_settings() -> dict:
   """The resolved settings of this invocation's flags."""
   smoke = _SMOKE.value
   cfg = base_config(smoke)
+  blocks = list(cfg.model.blocks)
   if not smoke:
+    try:
+      blocks = [int(b) for b in _BLOCKS.value]
+    except ValueError:
+      blocks = None
+    if blocks is None or len(blocks) not in (0, 4) or any(b < 1 for b in blocks):
+      raise app.UsageError(f"--blocks={','.join(_BLOCKS.value)}: expected 4 positive ints "
+                           "or nothing")
     cfg.fp.num_steps, cfg.qat.num_steps = _FP_STEPS.value, _QAT_STEPS.value
     cfg.fp.batch_size = cfg.qat.batch_size = _BATCH.value
     cfg.data.train_subset, cfg.data.data_dir = _SUBSET.value, _DATA_DIR.value
   seeds = _SEEDS.value if _SEEDS.value is not None else (1 if smoke else 2)
   if seeds < 1:
     raise app.UsageError(f"--seeds={seeds} must be >= 1")
-  return {"smoke": smoke, "model": cfg.model.name, "cifar_stem": cfg.model.cifar_stem,
+  return {"smoke": smoke, "model": cfg.model.name, "blocks": blocks,
+          "cifar_stem": cfg.model.cifar_stem,
           "image_size": cfg.data.image_size,
           "data_source": cfg.data.source, "data_dir": cfg.data.data_dir,
           "train_subset": cfg.data.train_subset, "fp_steps": cfg.fp.num_steps,
@@ -130,6 +143,7 @@ def row_config(row: Row, s: dict, workdir: str):
   """The pipeline config of ``row`` under the study settings ``s``."""
   from repvgg_jax.train import config as config_lib
   cfg = base_config(s["smoke"])
+  cfg.model.blocks = tuple(s["blocks"])
   cfg.fp.num_steps, cfg.qat.num_steps = s["fp_steps"], s["qat_steps"]
   cfg.fp.batch_size = cfg.qat.batch_size = s["batch_size"]
   for stage in (cfg.fp, cfg.qat):
@@ -143,6 +157,7 @@ def row_config(row: Row, s: dict, workdir: str):
   cfg.qat.enabled = row.qat
   if row.method != "none":
     cfg.init_from = fp_ckpt_dir(workdir, row.norm)
+    cfg.eval_fp_forms = False  # The FP row of the norm has them.
   config_lib.validate(cfg)
   return cfg
 
@@ -174,10 +189,12 @@ def read_json(path: str):
 
 
 def write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  from repvgg_jax.fileio import atomic_write
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      f.write(text)
+  atomic_write(path, write)
 
 
 def load_study(workdir: str, settings: dict | None) -> dict:
@@ -219,11 +236,21 @@ def step_seconds(row_dir: str, stage: str, batch: int) -> float | None:
   return float(batch / np.median(ips[1:] if len(ips) > 1 else ips))
 
 
+def finished(workdir: str, row: Row) -> str | None:
+  """``"report"``, ``"diverged"`` or None (not finished) for ``row``."""
+  if os.path.exists(os.path.join(workdir, row.name, "report.json")):
+    return "report"
+  if os.path.exists(os.path.join(workdir, row.name, DIVERGED)):
+    return "diverged"
+  return None
+
+
 def run_rows(workdir: str, study: dict) -> None:
   from repvgg_jax.train import pipeline
+  from repvgg_jax.train.loop import NonFiniteLoss
   s = study["settings"]
   rows = make_rows(s["seeds"])
-  todo = [r for r in rows if not os.path.exists(os.path.join(workdir, r.name, "report.json"))]
+  todo = [r for r in rows if finished(workdir, r) is None]
   done = len(rows) - len(todo)
   if _ONLY.value:
     todo = [r for r in todo if re.search(_ONLY.value, r.name)]
@@ -236,8 +263,16 @@ def run_rows(workdir: str, study: dict) -> None:
   for i, row in enumerate(todo):
     t = time.time()
     print(f"[{i + 1}/{len(todo)}] {row.name} ...", flush=True)
-    report = pipeline.run(row_config(row, s, workdir), os.path.join(workdir, row.name))
-    acc = ", ".join(f"{k} {100 * v['accuracy']:.2f}%" for k, v in report["forms"].items())
+    row_dir = os.path.join(workdir, row.name)
+    try:
+      report = pipeline.run(row_config(row, s, workdir), row_dir)
+    except NonFiniteLoss as e:
+      # A diverged row is a result: record it and go on with the others.
+      write_text(os.path.join(row_dir, DIVERGED), json.dumps({"error": str(e)}))
+      print(f"[{i + 1}/{len(todo)}] {row.name}: diverged: {e}", flush=True)
+      continue
+    acc = ", ".join(f"{k} {100 * v['accuracy']:.2f}%" for k, v in report["forms"].items()
+                    if "accuracy" in v)
     print(f"[{i + 1}/{len(todo)}] {row.name}: {acc} ({time.time() - t:.0f} s)", flush=True)
 
 
@@ -281,6 +316,16 @@ def collect(workdir: str, s: dict) -> dict:
   return out
 
 
+def diverged_counts(workdir: str, s: dict) -> dict:
+  """``{(label, bits, norm): count}`` of the rows whose training diverged."""
+  out = {}
+  for row in make_rows(s["seeds"]):
+    if finished(workdir, row) == "diverged":
+      key = (row.label, row.bits, row.norm)
+      out[key] = out.get(key, 0) + 1
+  return out
+
+
 def plot_accuracy_vs_bits(groups: dict, fp_acc: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg", force=False)
@@ -318,7 +363,7 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
   s = study["settings"]
   rows = make_rows(s["seeds"])
   groups = collect(workdir, s)
-  done = sum(len(v) for v in groups.values())
+  done = sum(len(v) for v in groups.values()) + sum(diverged_counts(workdir, s).values())
   out_dir = os.path.dirname(os.path.abspath(out))
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(os.path.basename(out))[0]
@@ -357,7 +402,8 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
        f"- Machine: {last['nproc']} CPU cores (nproc), {last['cpu']}; JAX devices "
        f"{last['devices']}",
        f"- Versions: jax {last['jax']}, flax {last['flax']}, Python {last['python']}",
-       f"- Model: {s['model']}, "
+       f"- Model: {s['model']}"
+       f"{' with blocks ' + ','.join(map(str, s['blocks'])) if s['blocks'] else ''}, "
        f"{'stride-1 stem (cifar_stem)' if s.get('cifar_stem') else 'standard strides'}; "
        f"data: {data}",
        f"- Steps: FP {s['fp_steps']}, QAT {s['qat_steps']}; batch {s['batch_size']}; "
@@ -401,21 +447,24 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
     L += ["", "</details>"]
 
   L += ["", "## Accuracy per method, bits and norm", "",
-        "Top-1 test accuracy (%); mean ± half the range over seeds where n > 1. "
+        "Top-1 test accuracy (%); mean ± half the range over seeds where n > 1 (rows whose "
+        "training hit a NaN/inf are counted as diverged, not averaged). "
         "Fake-quant: the quantized network in training form; packed: the exported file "
         "decoded. Size: the packed file.", "",
         "| method | bits | norm | n | fake-quant | packed | packed size (bytes) | vs float32 |",
         "|---|---:|---|---:|---:|---:|---:|---:|"]
   keys = [(m, b) for m in METHODS for b in (PTQ_BITS if m == "uniform PTQ" else QAT_BITS)]
+  div = diverged_counts(workdir, s)
   for m, b in keys:
     for n in NORMS:
       reps = groups.get((m, b, n), [])
+      count = f"{len(reps)}" + (f" (+{div[(m, b, n)]} diverged)" if (m, b, n) in div else "")
       if not reps:
-        L.append(f"| {m} | {b} | {n.upper()} | 0 | — | — | — | — |")
+        L.append(f"| {m} | {b} | {n.upper()} | {count} | — | — | — | — |")
         continue
       size = reps[0]["forms"]["packed"]["size_bytes"]
       fp32 = reps[0]["forms"]["merged"]["size_bytes"]
-      L.append(f"| {m} | {b} | {n.upper()} | {len(reps)} | "
+      L.append(f"| {m} | {b} | {n.upper()} | {count} | "
                f"{mean_spread([r['forms']['qat']['accuracy'] for r in reps])} | "
                f"{mean_spread([r['forms']['packed']['accuracy'] for r in reps])} | "
                f"{size:,} | {fp32 / size:.1f}x |")
