@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.quant import make_quantizer
-from repvgg_jax.quant.cluster import assign, quantize
+from repvgg_jax.quant.cluster import assign, decode, quantize
 from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook, optimal_codebook
 from _util import random_variables
 
@@ -214,3 +214,9 @@ def test_assign_equals_binary_search_ties_included(bits, per_channel):
   want = np.stack([np.searchsorted(mids[c] if per_channel else mids, flat[:, c], side="left")
                    for c in range(6)], axis=1).reshape(shape)
   np.testing.assert_array_equal(idx, want)
+  # The STE forward (a select chain up to 32 levels, no index) gives exactly those levels,
+  # duplicate levels included.
+  book[..., k // 2] = book[..., k // 2 - 1]
+  want_levels = np.asarray(decode(assign(jnp.asarray(w), jnp.asarray(book)), jnp.asarray(book)))
+  got = np.asarray(jax.jit(quantize)(jnp.asarray(w), jnp.asarray(book)))
+  np.testing.assert_array_equal(got, want_levels)

@@ -85,8 +85,22 @@ def decode(idx: jax.Array, codebook: jax.Array) -> jax.Array:
   return _decode(jnp.asarray(idx), jnp.asarray(codebook))
 
 
+def _nearest_level(w, codebook):
+  """``_decode(_assign(w, codebook), codebook)`` without the index: a chain of
+  selects, one per midpoint, that XLA fuses into one elementwise loop (no
+  gather). Exact: the midpoints are non-decreasing, so the last one below
+  ``w`` is midpoint ``idx - 1`` and the chain ends on level ``idx``."""
+  mids = (codebook[..., :-1] + codebook[..., 1:]) * 0.5  # == midpoints, row by row
+  v = jnp.broadcast_to(codebook[..., 0], w.shape)
+  for k in range(codebook.shape[-1] - 1):
+    v = jnp.where(w > mids[..., k], codebook[..., k + 1], v)
+  return v
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ste(w, codebook, mask_outside):
+  if codebook.shape[-1] <= COMPARE_MAX_LEVELS:
+    return _nearest_level(w, codebook).astype(w.dtype)
   return _decode(_assign(w, codebook), codebook).astype(w.dtype)
 
 
