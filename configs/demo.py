@@ -1,4 +1,4 @@
-"""Laptop demo, ~15 minutes on 2 CPU cores: Fashion-MNIST, a shallow RepVGG-A0 with OABN, FP then 4-bit ClusterQAT.
+"""Laptop demo, ~10-15 minutes on 2 CPU cores: Fashion-MNIST, shallow RepVGG-A0, OABN, 4-bit ClusterQAT.
 
 Data: the IDX files of Fashion-MNIST (Debian/Ubuntu: ``apt-get install
 dataset-fashion-mnist``; elsewhere set ``--config.data.data_dir``). Images are

@@ -137,7 +137,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     ok = isinstance(v, (tuple, list)) and (len(v) == 0 or (len(v) == 4 and all(
         isinstance(x, kind) and not isinstance(x, bool) and x > 0 for x in v)))
     if not ok:
-      problems.append(f"model.{f}={v!r} must be () or 4 positive {'ints' if kind is int else 'numbers'}")
+      what = "ints" if kind is int else "numbers"
+      problems.append(f"model.{f}={v!r} must be () or 4 positive {what}")
   enum("model.dtype", cfg.model.dtype, DTYPES)
   enum("data.source", cfg.data.source, SOURCES)
   enum("data.augment", cfg.data.augment, AUGMENTS)
