@@ -50,15 +50,12 @@ COMPARE_MAX_LEVELS = 32
 
 def _assign(w, codebook):
   # Index = number of midpoints strictly below w: ties go to the lower level.
-  if codebook.ndim == 1:
-    mids = midpoints(codebook)
-    if codebook.shape[-1] <= COMPARE_MAX_LEVELS:
-      return jnp.sum(w[..., None] > mids, axis=-1, dtype=jnp.int32)
-    return jnp.searchsorted(mids, w, side="left").astype(jnp.int32)
   # Per channel: channels on the last axis of w, rows of the codebook.
-  mids = jax.vmap(midpoints)(codebook)
+  mids = midpoints(codebook)
   if codebook.shape[-1] <= COMPARE_MAX_LEVELS:
     return jnp.sum(w[..., None] > mids, axis=-1, dtype=jnp.int32)
+  if codebook.ndim == 1:
+    return jnp.searchsorted(mids, w, side="left").astype(jnp.int32)
   flat = w.reshape(-1, w.shape[-1]).T
   idx = jax.vmap(lambda m, x: jnp.searchsorted(m, x, side="left"))(mids, flat)
   return idx.T.reshape(w.shape).astype(jnp.int32)
@@ -90,7 +87,7 @@ def _nearest_level(w, codebook):
   selects, one per midpoint, that XLA fuses into one elementwise loop (no
   gather). Exact: the midpoints are non-decreasing, so the last one below
   ``w`` is midpoint ``idx - 1`` and the chain ends on level ``idx``."""
-  mids = (codebook[..., :-1] + codebook[..., 1:]) * 0.5  # == midpoints, row by row
+  mids = midpoints(codebook)
   v = jnp.broadcast_to(codebook[..., 0], w.shape)
   for k in range(codebook.shape[-1] - 1):
     v = jnp.where(w > mids[..., k], codebook[..., k + 1], v)

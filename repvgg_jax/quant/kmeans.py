@@ -54,8 +54,8 @@ def _sorted_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def midpoints(codebook: jax.Array) -> jax.Array:
-  """``(K,) -> (K - 1,)`` decision boundaries of a sorted codebook."""
-  return (codebook[:-1] + codebook[1:]) * 0.5
+  """``(..., K) -> (..., K - 1)`` decision boundaries of sorted codebooks (last axis)."""
+  return (codebook[..., :-1] + codebook[..., 1:]) * 0.5
 
 
 def _lloyd_step(xs, prefix, centre, codebook):
