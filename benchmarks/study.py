@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs.* are imported as modules.
 
 from absl import app, flags, logging  # noqa: E402
+from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
 _BLOCKS = flags.DEFINE_list("blocks", [], "Blocks per stage of RepVGG-A0, e.g. 1,2,4,1 (the "
@@ -188,15 +189,6 @@ def read_json(path: str):
     return json.load(f)
 
 
-def write_text(path: str, text: str) -> None:
-  from repvgg_jax.fileio import atomic_write
-
-  def write(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      f.write(text)
-  atomic_write(path, write)
-
-
 def load_study(workdir: str, settings: dict | None) -> dict:
   """study.json of ``workdir``, checked against (and updated with) ``settings``."""
   path = os.path.join(workdir, "study.json")
@@ -215,7 +207,7 @@ def load_study(workdir: str, settings: dict | None) -> dict:
   study["runs"].append({"command": "python " + shlex.join(
       [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), **machine()})
   os.makedirs(workdir, exist_ok=True)
-  write_text(path, json.dumps(study, indent=2))
+  atomic_write_text(path, json.dumps(study, indent=2))
   return study
 
 
@@ -268,7 +260,7 @@ def run_rows(workdir: str, study: dict) -> None:
       report = pipeline.run(row_config(row, s, workdir), row_dir)
     except NonFiniteLoss as e:
       # A diverged row is a result: record it and go on with the others.
-      write_text(os.path.join(row_dir, DIVERGED), json.dumps({"error": str(e)}))
+      atomic_write_text(os.path.join(row_dir, DIVERGED), json.dumps({"error": str(e)}))
       print(f"[{i + 1}/{len(todo)}] {row.name}: diverged: {e}", flush=True)
       continue
     acc = ", ".join(f"{k} {100 * v['accuracy']:.2f}%" for k, v in report["forms"].items()
@@ -372,7 +364,7 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
   variables = {n: fp_variables(workdir, n, s) for n in NORMS}
   variables = {n: v for n, v in variables.items() if v is not None}
   stats = {n: analysis.outlier_stats(v) for n, v in variables.items()}
-  write_text(os.path.join(workdir, "outliers.json"), json.dumps(stats, indent=2))
+  atomic_write_text(os.path.join(workdir, "outliers.json"), json.dumps(stats, indent=2))
   fp_rep = {n: groups[("FP", 0, n)][0] for n in NORMS if ("FP", 0, n) in groups}
   fp_acc = {n: r["forms"]["merged"]["accuracy"] for n, r in fp_rep.items()}
 
@@ -493,7 +485,7 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
     if MARKER in old:
       findings = old[old.index(MARKER):]
   text = "\n".join(L) + "\n" + findings
-  write_text(out, text)
+  atomic_write_text(out, text)
   return text
 
 

@@ -23,3 +23,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """:func:`atomic_write` of ``text``."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      f.write(text)
+  atomic_write(path, write)

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax import analysis
-from repvgg_jax.fileio import atomic_write
+from repvgg_jax.fileio import atomic_write, atomic_write_text
 
 FORMS = ("fp", "merged", "qat", "packed")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
@@ -19,13 +19,6 @@ LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)
 def _param_bytes(params: Any) -> int:
   import jax
   return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params)))
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      f.write(text)
-  atomic_write(path, write)
 
 
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
@@ -45,10 +38,10 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
                           for label, v in histograms.items()}
     atomic_write(os.path.join(workdir, "weight_histograms.png"),
-            lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
+                 lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
   atomic_write(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
-  _write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
-  _write_text(os.path.join(workdir, "report.md"), markdown(report))
+  atomic_write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+  atomic_write_text(os.path.join(workdir, "report.md"), markdown(report))
   return report
 
 
