@@ -72,7 +72,7 @@ def test_bad_codebooks_are_named(codebook, kernel_shape, needle):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(method="lsq"), "method='lsq'"),
+    (dict(method="kmeans"), "method='kmeans'"),
     (dict(method="cluster", bits=0), "bits=0"),
     (dict(method="cluster", bits=9), "bits=9"),
     (dict(method="uniform", first_last_bits=12), "first_last_bits=12"),

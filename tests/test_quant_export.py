@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.quant import export, load_packed, make_quantizer, pack_bits, unpack_bits
+from repvgg_jax.quant import export, make_quantizer, pack_bits, read_packed, unpack_bits
 from _util import random_variables
 
 TINY = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25))
@@ -28,7 +28,8 @@ def test_pack_bits_rejects_index_too_wide():
     pack_bits(np.array([4]), 2)
 
 
-@pytest.mark.parametrize("method, granularity", [("cluster", "channel"), ("uniform", "tensor")])
+@pytest.mark.parametrize("method, granularity", [
+    ("cluster", "channel"), ("uniform", "tensor"), ("lsq", "channel")])
 def test_qat_forward_equals_packed_forward_bit_for_bit(tmp_path, method, granularity):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
   params = rv.merge(random_variables(RepVGG(TINY, num_classes=5), x))["params"]
@@ -39,13 +40,13 @@ def test_qat_forward_equals_packed_forward_bit_for_bit(tmp_path, method, granula
   y_qat = apply({"params": jax.jit(q.apply)(params, state)}, x)
   packed = export(params, q, state)
   packed.save(tmp_path / "m.npz")
-  y_packed = apply(load_packed(tmp_path / "m.npz").to_variables(), x)
+  y_packed = apply(read_packed(tmp_path / "m.npz").to_variables(), x)
   np.testing.assert_array_equal(np.asarray(y_packed), np.asarray(y_qat))
   np.testing.assert_array_equal(np.asarray(apply(packed.to_variables(), x)), np.asarray(y_qat))
 
 
-def test_load_packed_names_corrupt_file(tmp_path):
+def test_read_packed_names_corrupt_file(tmp_path):
   path = tmp_path / "bad.npz"
   path.write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="not a readable packed model"):
-    load_packed(path)
+    read_packed(path)

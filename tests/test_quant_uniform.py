@@ -1,4 +1,4 @@
-"""Uniform baselines: post-training quantization (ptq) and the min-max grid."""
+"""Uniform quantization: integer grids, min-max / MSE steps, LSQ fake-quant and its gradient, ptq."""
 
 import functools
 
@@ -10,7 +10,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.quant import export, make_quantizer, ptq, uniform, uniform_codebook
+from repvgg_jax.quant import export, make_quantizer, ptq, uniform
 from _util import random_variables
 
 # SE blocks (left float) and dead identity channels (merged-kernel outliers).
@@ -41,35 +41,86 @@ def _get(tree, path):
   return np.asarray(tree)
 
 
-def _step(a, bits):
-  return 2 * a if bits == 1 else a / (2 ** (bits - 1) - 1)
+def _brute_force(x, step, qmin, qmax):
+  """Nearest of the levels k * step, k in [qmin, qmax], by exhaustive search (float64)."""
+  x, step = np.asarray(x, np.float64), np.asarray(step, np.float64)
+  levels = np.arange(qmin, qmax + 1)[:, None] * np.broadcast_to(step, x.shape[-1:])[None]
+  d = np.abs(x[..., None, :] - levels)                         # (..., K, C)
+  return np.take_along_axis(levels, d.argmin(-2).reshape(-1, x.shape[-1]), 0).reshape(x.shape)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_ptq_per_channel_grid(bits):
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_grid_has_two_to_the_bits_distinct_signed_levels(bits):
+  levels = np.asarray(uniform.grid(jnp.float32(0.5), bits))
+  qmin, qmax = uniform.int_range(bits, True)
+  assert (qmin, qmax) == (-2 ** (bits - 1), 2 ** (bits - 1) - 1)
+  assert np.unique(levels).size == 2 ** bits
+  np.testing.assert_array_equal(levels, 0.5 * np.arange(qmin, qmax + 1))
+  assert uniform.int_range(bits, False) == (0, 2 ** bits - 1)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fake_quant_is_the_nearest_grid_level(bits, signed):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_t(3, (64, 5)).astype(np.float32)
+  step = rng.uniform(0.05, 0.5, 5).astype(np.float32)
+  qmin, qmax = uniform.int_range(bits, signed)
+  got = np.asarray(uniform.fake_quant(jnp.asarray(x), jnp.asarray(step), qmin, qmax))
+  np.testing.assert_allclose(got, _brute_force(x, step, qmin, qmax), rtol=1e-6, atol=1e-7)
+
+
+def test_lsq_gradient_matches_its_formula():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 4)) * 2, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+  step = jnp.asarray([0.1, 0.3, 0.5, 1.0], jnp.float32)
+  qmin, qmax, scale = -8, 7, 0.37
+  gx, gs = jax.grad(lambda x, s: jnp.sum(g * uniform.fake_quant(x, s, qmin, qmax, scale)),
+                    argnums=(0, 1))(x, step)
+  v = np.asarray(x) / np.asarray(step)
+  inside = (v >= qmin) & (v <= qmax)
+  ds = np.where(inside, np.round(v) - v, np.where(v < qmin, qmin, qmax))
+  np.testing.assert_allclose(gx, np.where(inside, g, 0.0))
+  np.testing.assert_allclose(gs, scale * np.sum(ds * np.asarray(g), axis=0), rtol=1e-5)
+  assert not np.all(inside) and np.any(inside)  # both branches were exercised
+  assert uniform.lsq_grad_scale(100, 7) == pytest.approx(1 / np.sqrt(700))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_mse_step_is_the_best_candidate_and_beats_minmax_on_heavy_tails(per_channel):
+  w = jnp.asarray(np.random.default_rng(1).standard_t(2, (3, 3, 8, 6)), jnp.float32)
+  bits = 3
+  qmin, qmax = uniform.int_range(bits, True)
+  cols = np.asarray(w).reshape(-1, 6) if per_channel else np.asarray(w).reshape(-1, 1)
+
+  def err(step):
+    return np.sum((_brute_force(cols, step, qmin, qmax) - cols) ** 2, axis=0)
+
+  best = np.asarray(uniform.mse_step(w, bits, per_channel)).reshape(-1)
+  top = np.abs(cols).max(axis=0)
+  for frac in uniform.MSE_CANDIDATES[::7]:
+    assert np.all(err(best) <= err(frac * top / qmax) * (1 + 1e-5))
+  minmax = np.asarray(uniform.minmax_step(w, bits, per_channel)).reshape(-1)
+  assert np.sum(err(best)) < np.sum(err(minmax))
+
+
+@pytest.mark.parametrize("clipping", ["minmax", "mse"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ptq_per_channel_grid(bits, clipping):
   params = _params()
-  out = ptq(params, bits=bits, granularity="channel", first_last_bits=None)
+  out = ptq(params, bits=bits, granularity="channel", first_last_bits=None, clipping=clipping)
   kernels = list(_kernels(params))
   assert {p[0] for p, _ in kernels} >= {"stem", "head"}
+  qmin, qmax = uniform.int_range(bits, True)
   for path, w in kernels:
     w, q = np.asarray(w).reshape(-1, w.shape[-1]), _get(out, path).reshape(-1, w.shape[-1])
     assert q.dtype == np.float32
-    a = np.abs(w).max(axis=0)
-    np.testing.assert_array_equal(np.abs(q).max(axis=0), a)  # max |w| is a level
-    assert max(np.unique(q[:, o]).size for o in range(q.shape[1])) <= 2 ** bits
-    err = np.abs(q.astype(np.float64) - w).max(axis=0)
-    assert np.all(err <= _step(a.astype(np.float64), bits) / 2 * (1 + 1e-6)), path
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_ptq_per_tensor_grid(bits):
-  params = _params()
-  out = ptq(params, bits=bits, granularity="tensor", first_last_bits=None)
-  for path, w in _kernels(params):
-    w, q = np.asarray(w), _get(out, path)
-    a = np.abs(w).max()
-    assert np.abs(q).max() == a and np.unique(q).size <= 2 ** bits
-    assert np.abs(q.astype(np.float64) - w).max() <= _step(float(a), bits) / 2 * (1 + 1e-6), path
+    step = np.asarray(uniform.minmax_step(w, bits, True) if clipping == "minmax"
+                      else uniform.mse_step(w, bits, True))
+    np.testing.assert_allclose(q, _brute_force(w, step, qmin, qmax), rtol=1e-6, atol=1e-7)
+    if clipping == "minmax":
+      np.testing.assert_allclose(np.abs(q).max(axis=0), np.abs(w).max(axis=0), rtol=1e-6)
 
 
 def test_ptq_stem_and_head_use_first_last_bits():
@@ -83,10 +134,6 @@ def test_ptq_stem_and_head_use_first_last_bits():
     else:
       q = _get(out, path).reshape(-1, _get(out, path).shape[-1])
       assert max(np.unique(q[:, o]).size for o in range(q.shape[1])) <= 4
-  # first_last_bits=None: stem and head at `bits` too.
-  body = ptq(params, bits=2, granularity="channel", first_last_bits=None)
-  stem = _get(body, ("stem", "reparam_conv", "kernel"))
-  assert max(np.unique(stem[..., o]).size for o in range(stem.shape[-1])) <= 4
 
 
 def test_ptq_leaves_se_and_biases_untouched():
@@ -102,29 +149,32 @@ def test_ptq_leaves_se_and_biases_untouched():
       np.testing.assert_array_equal(_get(out, path), np.asarray(v), err_msg="/".join(path))
 
 
-def test_ptq_equals_uniform_export():
+@pytest.mark.parametrize("clipping", ["minmax", "mse"])
+def test_ptq_equals_uniform_export(clipping):
   params = {k: v for k, v in _params().items() if k in ("stem", "stages_0_0", "head")}
-  q = make_quantizer("uniform", bits=4, granularity="channel", first_last_bits=8)
-  packed = export(params, q, {}).to_variables()["params"]
-  chex.assert_trees_all_equal(jax.tree.map(np.asarray, ptq(params, bits=4)), packed)
+  q = make_quantizer("uniform", bits=4, granularity="channel", first_last_bits=8,
+                     clipping=clipping)
+  packed = export(params, q, q.init(params)).to_variables()["params"]
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, ptq(params, bits=4, clipping=clipping)),
+                              packed)
+
+
+def test_lsq_steps_get_gradients_and_uniform_steps_do_not():
+  params = {k: v for k, v in _params().items() if k in ("stem", "stages_0_0", "head")}
+  for method, learns in (("lsq", True), ("uniform", False)):
+    q = make_quantizer(method, bits=3, clipping="mse")
+    state = q.init(params)
+    grads = jax.grad(lambda s: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(
+        q.apply(params, s))))(state)
+    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+    assert (min(norms) > 0) if learns else (max(norms) == 0), method
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(bits=0), "bits=0"), (dict(bits=9), "bits=9"), (dict(bits=2.5), "bits=2.5"),
+    (dict(bits=1), "bits=1"), (dict(bits=9), "bits=9"), (dict(bits=2.5), "bits=2.5"),
     (dict(first_last_bits=12), "first_last_bits=12"),
-    (dict(granularity="row"), "granularity='row'"),
+    (dict(granularity="row"), "granularity='row'"), (dict(clipping="kl"), "clipping='kl'"),
 ])
 def test_ptq_names_bad_values(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     ptq({"layer": {"kernel": np.zeros((3, 3, 2, 2), np.float32)}}, **kwargs)
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_uniform_codebook_same_in_and_out_of_jit(per_channel):
-  assert uniform_codebook is uniform.uniform_codebook
-  w = jnp.asarray(np.random.default_rng(0).standard_t(3, (3, 3, 4, 6)), jnp.float32)
-  for bits in (1, 2, 4, 8):
-    eager = uniform_codebook(w, bits, per_channel)
-    jitted = jax.jit(uniform_codebook, static_argnums=(1, 2))(w, bits, per_channel)
-    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
-    assert np.all(np.diff(np.asarray(eager), axis=-1) >= 0)

@@ -112,7 +112,8 @@ def test_grad_clip_norm_bounds_the_first_update(clip):
   params = {"head": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))}}
   grads = {"head": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}}
   tx = make_optimizer(cfg, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  both = {"params": params, "quant": {}}
+  updates, _ = tx.update({"params": grads, "quant": {}}, tx.init(both), both)
   lr = cfg.base_lr * cfg.batch_size / 256
   norm = float(optax.global_norm(updates))
   # First SGD step: update = -lr * g, with g scaled to global norm `clip` when clipping.

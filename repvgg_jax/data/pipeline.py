@@ -82,6 +82,7 @@ class Loader:
     num_examples: examples in the split (after ``train_subset``), over all processes.
     num_classes: label count.
     image_shape: (H, W, 3) of one image; batches are float32 NHWC.
+    mean, std: per-channel pixel statistics (in [0, 1], RGB) of the normalization.
     global_batch_size, local_batch_size: per step, over all processes / in this one.
     steps_per_epoch: train: ``max(1, num_examples // global_batch_size)`` (batches run
       across epoch boundaries, so this is the mean); eval: the number of batches of
@@ -90,9 +91,11 @@ class Loader:
 
   def __init__(self, dataset: Any, *, num_examples: int, num_classes: int, image_size: int,
                global_batch_size: int, local_batch_size: int, steps_per_epoch: int,
-               train: bool):
+               train: bool, stats: sources.Stats):
     self._dataset = dataset
     self.num_examples, self.num_classes = num_examples, num_classes
+    self.mean = np.asarray(stats.mean, np.float32)
+    self.std = np.asarray(stats.std, np.float32)
     self.image_shape = (image_size, image_size, 3)
     self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
     self.steps_per_epoch, self.train = steps_per_epoch, train
@@ -196,4 +199,4 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return Loader(ds, num_examples=n, num_classes=stats.num_classes, image_size=image_size,
                 global_batch_size=global_batch_size, local_batch_size=local_batch,
-                steps_per_epoch=steps, train=train)
+                steps_per_epoch=steps, train=train, stats=stats)

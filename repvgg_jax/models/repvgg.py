@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from repvgg_jax.nn import conv as conv_lib
+from repvgg_jax.nn.act_quant import ActQuant
 from repvgg_jax.nn.oabn import BOUNDS, OABN
 from repvgg_jax.reparam import BN_EPSILON
 
@@ -36,6 +37,9 @@ CONV_IMPLS = ("auto", "xla")
 BN_MOMENTUM = 0.9
 # Layers 2, 4, ..., 26 (layer 1 = first block of stage 1) are grouped in g2/g4 variants.
 GROUPED_LAYERS = frozenset(range(2, 27, 2))
+# The layer whose input (the normalized image) is signed; every other quantized
+# layer reads a ReLU output (or its average), unsigned.
+SIGNED_INPUT_LAYER = "stem"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,8 @@ class SqueezeExcite(nn.Module):
 
 class RepVGGBlock(nn.Module):
   """3x3+BN, 1x1+BN and identity BN summed (train form), or one 3x3 conv
-  with bias (deploy form); then optional SE, then ReLU."""
+  with bias (deploy form, its input fake-quantized when ``act_bits``); then
+  optional SE, then ReLU."""
   features: int
   strides: int
   groups: int
@@ -120,10 +125,14 @@ class RepVGGBlock(nn.Module):
   norm: Callable[..., nn.Module]
   dtype: Any = None
   conv_impl: str = "auto"
+  act_bits: int = 0
+  act_signed: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.deploy:
+      if self.act_bits:
+        x = ActQuant(self.act_bits, self.act_signed, name="act")(x)
       y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
                 "reparam_conv", self.conv_impl)(x)
     else:
@@ -138,6 +147,14 @@ class RepVGGBlock(nn.Module):
     return nn.relu(y)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  name: str
+  features: int
+  strides: int
+  groups: int
+
+
 class RepVGG(nn.Module):
   """RepVGG network; build it with :func:`create_model`.
 
@@ -150,6 +167,9 @@ class RepVGG(nn.Module):
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
       logits are returned in float32.
+    act_bits: deploy form only: fake-quantize the input of every conv and
+      of the head to this many bits (2..8; per tensor, steps in the ``quant``
+      collection, see ``nn/act_quant.py``); 0 = float activations.
     conv_impl: ``"auto"`` (on CPU, convs whose output map has <= 4 pixels
       run as matmuls: unrolled kernel or tap-pruned im2col, see
       ``nn/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
@@ -166,6 +186,7 @@ class RepVGG(nn.Module):
   cifar_stem: bool = False
   dtype: Any = None
   conv_impl: str = "auto"
+  act_bits: int = 0
 
   def _norm_factory(self) -> Callable[..., nn.Module]:
     if self.norm == "bn":
@@ -183,23 +204,34 @@ class RepVGG(nn.Module):
     v = self.variant
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"conv_impl={self.conv_impl!r}: expected one of {CONV_IMPLS}")
+    if self.act_bits and not self.deploy:
+      raise ValueError(f"act_bits={self.act_bits}: activation quantization needs deploy=True")
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
                               norm=self._norm_factory(), dtype=self.dtype,
-                              conv_impl=self.conv_impl)
-    first_stride = 1 if self.cifar_stem else 2
+                              conv_impl=self.conv_impl, act_bits=self.act_bits)
     x = x.astype(self.dtype) if self.dtype is not None else x
-    x = block(min(64, int(64 * v.widths[0])), first_stride, 1, name="stem")(x, train)
+    for b in self.blocks():
+      x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
+                name=b.name)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    if self.act_bits:
+      x = ActQuant(self.act_bits, name="head_act")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return x.astype(jnp.float32)
+
+  def blocks(self) -> list["BlockSpec"]:
+    """The blocks in order (stem first): name, output channels, stride, groups."""
+    v = self.variant
+    first_stride = 1 if self.cifar_stem else 2
+    out = [BlockSpec("stem", min(64, int(64 * v.widths[0])), first_stride, 1)]
     layer = 1
     for i, (depth, width) in enumerate(zip(v.blocks, v.widths)):
-      features = int(64 * 2 ** i * width)
       for j in range(depth):
         strides = (first_stride if i == 0 else 2) if j == 0 else 1
         groups = v.groups if layer in GROUPED_LAYERS else 1
-        x = block(features, strides, groups, name=f"stages_{i}_{j}")(x, train)
+        out.append(BlockSpec(f"stages_{i}_{j}", int(64 * 2 ** i * width), strides, groups))
         layer += 1
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return out
 
 
 def _canonical(name: str) -> str:
@@ -225,7 +257,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
     norm: ``"bn"`` or ``"oabn"``.
     deploy: the merged single-conv form.
     **kwargs: other :class:`RepVGG` fields: ``oabn_bound``, ``oabn_tau``,
-      ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``.
+      ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.
   """
   key = _canonical(name) if isinstance(name, str) else None
   if key not in _BY_KEY:
@@ -244,6 +276,10 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   conv_impl = kwargs.get("conv_impl", "auto")
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
+  act_bits = kwargs.get("act_bits", 0)
+  if act_bits and not (isinstance(act_bits, int) and 2 <= act_bits <= 8 and deploy):
+    raise ValueError(f"act_bits={act_bits!r}: expected 0 (float activations) or an int in "
+                     f"2..8 with deploy=True")
   tau = kwargs.get("oabn_tau", 4.0)
   if not tau > 0:
     raise ValueError(f"oabn_tau={tau!r}: must be > 0")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax.quant.kmeans import midpoints
+from repvgg_jax.quant.levels import decode, nearest_index, nearest_level
 
 
 def check_codebook(w, codebook) -> int:
@@ -42,63 +42,18 @@ def check_codebook(w, codebook) -> int:
   return bits
 
 
-# Up to this many levels, assignment is a fused compare-and-count against the
-# midpoints (about 3x faster on CPU than a vmapped searchsorted for A0's largest
-# kernel at 4 bits); beyond it, a binary search (work grows with log K, not K).
-COMPARE_MAX_LEVELS = 32
-
-
-def _assign(w, codebook):
-  # Index = number of midpoints strictly below w: ties go to the lower level.
-  # Per channel: channels on the last axis of w, rows of the codebook.
-  mids = midpoints(codebook)
-  if codebook.shape[-1] <= COMPARE_MAX_LEVELS:
-    return jnp.sum(w[..., None] > mids, axis=-1, dtype=jnp.int32)
-  if codebook.ndim == 1:
-    return jnp.searchsorted(mids, w, side="left").astype(jnp.int32)
-  flat = w.reshape(-1, w.shape[-1]).T
-  idx = jax.vmap(lambda m, x: jnp.searchsorted(m, x, side="left"))(mids, flat)
-  return idx.T.reshape(w.shape).astype(jnp.int32)
-
-
-def _decode(idx, codebook):
-  if codebook.ndim == 1:
-    return codebook[idx]
-  flat = idx.reshape(-1, idx.shape[-1])
-  return codebook[jnp.arange(codebook.shape[0])[None, :], flat].reshape(idx.shape)
-
-
 def assign(w: jax.Array, codebook: jax.Array) -> jax.Array:
   """Index of the nearest level for every weight (int32, shape of ``w``).
 
   Ties (a weight exactly on a midpoint) go to the lower level.
   """
   check_codebook(w, codebook)
-  return _assign(w, codebook)
-
-
-def decode(idx: jax.Array, codebook: jax.Array) -> jax.Array:
-  """Gathers levels: ``codebook[idx]`` (per channel: ``codebook[o, idx[..., o]]``)."""
-  return _decode(jnp.asarray(idx), jnp.asarray(codebook))
-
-
-def _nearest_level(w, codebook):
-  """``_decode(_assign(w, codebook), codebook)`` without the index: a chain of
-  selects, one per midpoint, that XLA fuses into one elementwise loop (no
-  gather). Exact: the midpoints are non-decreasing, so the last one below
-  ``w`` is midpoint ``idx - 1`` and the chain ends on level ``idx``."""
-  mids = midpoints(codebook)
-  v = jnp.broadcast_to(codebook[..., 0], w.shape)
-  for k in range(codebook.shape[-1] - 1):
-    v = jnp.where(w > mids[..., k], codebook[..., k + 1], v)
-  return v
+  return nearest_index(w, codebook)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ste(w, codebook, mask_outside):
-  if codebook.shape[-1] <= COMPARE_MAX_LEVELS:
-    return _nearest_level(w, codebook).astype(w.dtype)
-  return _decode(_assign(w, codebook), codebook).astype(w.dtype)
+  return nearest_level(w, codebook).astype(w.dtype)
 
 
 def _ste_fwd(w, codebook, mask_outside):
@@ -120,10 +75,24 @@ _ste.defvjp(_ste_fwd, _ste_bwd)
 def quantize(w: jax.Array, codebook: jax.Array, mask_outside: bool = False) -> jax.Array:
   """Straight-through codebook quantizer.
 
-  Forward: ``codebook[assign(w, codebook)]`` (exact gather, same dtype as
+  Forward: ``decode(assign(w, codebook), codebook)`` (exact, same dtype as
   ``w``). Backward: the gradient passes straight to ``w`` (identity), or only
   where ``w`` lies inside ``[codebook[0], codebook[-1]]`` with
   ``mask_outside=True``; the codebook gets a zero gradient.
   """
   check_codebook(w, codebook)
   return _ste(w, codebook, bool(mask_outside))
+
+
+def int8_scale(codebook: jax.Array) -> jax.Array:
+  """Per-row scale of the int8 grid a codebook is snapped to: ``max|c| / 127``
+  (``()`` per tensor, ``(Cout,)`` per channel)."""
+  a = jnp.max(jnp.abs(codebook), axis=-1)
+  return jnp.maximum(a, jnp.finfo(jnp.float32).tiny) / 127.0
+
+
+def snap_to_int8(codebook: jax.Array) -> jax.Array:
+  """Each level moved to the nearest ``scale * k``, ``k`` an int8 in [-127, 127]:
+  still sorted; neighbouring levels may merge."""
+  s = int8_scale(codebook)[..., None]
+  return jnp.round(codebook / s) * s

@@ -1,10 +1,13 @@
 """Packed deploy model: per quantized kernel, indices bit-packed at b bits +
-codebook + shape; every other leaf (biases, SE) stored as float32.
+codebook + shape (+ the scale of its int8 grid, when it has one); every other
+leaf (biases, SE, activation steps) stored as float32.
 
-File: one uncompressed ``.npz`` with a JSON metadata entry (format name and
-version, per layer path/bits/shape). Written atomically (temp file, then
-``os.replace``). Pytrees only: the packed model runs as the deploy model
-applied to :meth:`PackedModel.to_variables`.
+File: one uncompressed ``.npz`` with a JSON metadata entry: format name and
+version, per layer path/bits/shape, and a free ``model`` dict (what the
+caller needs to rebuild the network: ``repvgg_jax.deploy`` stores the
+variant, widths, classes, input size and normalization there). Written
+atomically (temp file, then ``os.replace``). Pytrees only: the packed model
+runs as the deploy model applied to :meth:`PackedModel.to_variables`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from flax import traverse_util
+
 from repvgg_jax.fileio import atomic_write
-from repvgg_jax.quant.cluster import assign, check_codebook
+from repvgg_jax.quant.cluster import check_codebook
+from repvgg_jax.quant.levels import decode
 
 FORMAT = "repvgg-jax-packed"
-VERSION = 1
+VERSION = 2
 
 
 def pack_bits(indices, bits: int) -> np.ndarray:
@@ -45,45 +51,45 @@ def unpack_bits(packed, bits: int, count: int) -> np.ndarray:
   return (planes.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1)
 
 
-def _flatten(tree, path=()):
-  for name, sub in tree.items():
-    if isinstance(sub, Mapping):
-      yield from _flatten(sub, path + (name,))
-    else:
-      yield path + (name,), sub
+def _key(path) -> str:
+  return "/".join(path)
 
 
 @dataclasses.dataclass
 class PackedModel:
-  layers: dict[str, dict[str, Any]]   # path -> {bits, shape, packed, codebook}
-  floats: dict[str, np.ndarray]       # path -> float32 array
+  """``layers``: kernel path in ``params`` -> ``{bits, shape, packed, codebook}``
+  (+ ``int_scale``); ``floats``: variable path (``params/...``, ``quant/...``)
+  -> float32 array; ``model``: JSON-able description of the network."""
+  layers: dict[str, dict[str, Any]]
+  floats: dict[str, np.ndarray]
+  model: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def indices(self, path: str) -> np.ndarray:
+    """The level indices of layer ``path`` (int32, the kernel's shape)."""
+    l = self.layers[path]
+    return unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"]))).reshape(l["shape"])
 
   def to_variables(self) -> dict[str, Any]:
-    """``{"params": ...}`` with decoded kernels (gather from the codebook)."""
-    params: dict[str, Any] = {}
-    items = list(self.floats.items())
-    for path, l in self.layers.items():
-      idx = unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"]))).reshape(l["shape"])
-      c = l["codebook"]
-      w = c[idx] if c.ndim == 1 else c[np.arange(c.shape[0]), idx.reshape(-1, c.shape[0])]
-      items.append((path, w.reshape(l["shape"])))
-    for path, v in items:
-      node = params
-      *head, leaf = path.split("/")
-      for k in head:
-        node = node.setdefault(k, {})
-      node[leaf] = v
-    return {"params": params}
+    """``{"params": ..., "quant": ...}`` with decoded kernels (levels gathered
+    from the codebooks); ``quant`` holds the activation steps, if any."""
+    flat = {tuple(p.split("/")): v for p, v in self.floats.items()}
+    for p, l in self.layers.items():
+      flat[("params",) + tuple(p.split("/"))] = np.asarray(
+          decode(self.indices(p), l["codebook"]))
+    return traverse_util.unflatten_dict(flat)
 
   def _arrays(self) -> dict[str, np.ndarray]:
-    meta = {"format": FORMAT, "version": VERSION,
-            "layers": {p: {"bits": l["bits"], "shape": list(l["shape"])}
+    meta = {"format": FORMAT, "version": VERSION, "model": self.model,
+            "layers": {p: {"bits": l["bits"], "shape": list(l["shape"]),
+                           "int_scale": "int_scale" in l}
                        for p, l in self.layers.items()},
             "floats": sorted(self.floats)}
     arrays = {"__meta__": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
     for p, l in self.layers.items():
       arrays[f"q/{p}/packed"] = l["packed"]
       arrays[f"q/{p}/codebook"] = l["codebook"]
+      if "int_scale" in l:
+        arrays[f"q/{p}/int_scale"] = l["int_scale"]
     for p, v in self.floats.items():
       arrays[f"f/{p}"] = v
     return arrays
@@ -107,12 +113,12 @@ class PackedModel:
     return len(self.to_bytes())
 
   def report(self) -> list[dict[str, Any]]:
-    """Per layer: path, bits, weights, packed bytes (indices + codebook),
+    """Per layer: path, bits, weights, packed bytes (indices + codebook + scale),
     float32 bytes; the last row is the total over all leaves."""
     rows, packed, f32 = [], 0, 0
     for p, l in self.layers.items():
       n = int(np.prod(l["shape"]))
-      b = l["packed"].nbytes + l["codebook"].nbytes
+      b = sum(l[k].nbytes for k in ("packed", "codebook", "int_scale") if k in l)
       rows.append(dict(path=p, bits=l["bits"], weights=n, packed_bytes=b, float32_bytes=4 * n))
       packed, f32 = packed + b, f32 + 4 * n
     fl = sum(v.nbytes for v in self.floats.values())
@@ -121,55 +127,70 @@ class PackedModel:
     return rows
 
 
-def export(params: Mapping[str, Any], quantizer, state) -> PackedModel:
-  """Packs deploy params with the codebooks ``quantizer`` uses in ``apply``."""
-  books = dict(_flatten(quantizer.codebooks(params, state)))
+def export(params: Mapping[str, Any], quantizer, state,
+           model: Mapping[str, Any] | None = None) -> PackedModel:
+  """Packs deploy params with the codebooks and indices ``quantizer`` uses in
+  ``apply``; the other entries of ``state`` (activation steps) and every
+  unquantized param are kept as float32. ``model``: the description stored
+  in the file's metadata (JSON-able)."""
+  kernels = quantizer.indices(params, state)
+  scales = quantizer.int_scales(params, state) or {}
   layers, floats = {}, {}
-  for path, v in _flatten(params):
-    key = "/".join(path)
-    if path in books:
-      c = np.asarray(books[path], np.float32)
+  for path, v in traverse_util.flatten_dict(dict(params)).items():
+    if path in kernels:
+      idx, c = (np.asarray(a) for a in kernels[path])
+      c = c.astype(np.float32)
       bits = check_codebook(v, c)
-      idx = np.asarray(assign(v, books[path]))
-      layers[key] = dict(bits=bits, shape=tuple(np.shape(v)), packed=pack_bits(idx, bits),
-                         codebook=c)
+      layers[_key(path)] = dict(bits=bits, shape=tuple(np.shape(v)), packed=pack_bits(idx, bits),
+                                codebook=c)
+      if path in scales:
+        layers[_key(path)]["int_scale"] = np.asarray(scales[path], np.float32)
     else:
-      floats[key] = np.asarray(v, np.float32)
-  return PackedModel(layers, floats)
+      floats[_key(("params",) + path)] = np.asarray(v, np.float32)
+  for path, v in traverse_util.flatten_dict(dict(state) if state else {}).items():
+    if path not in kernels:  # the model's own quant variables: activation steps
+      floats[_key(("quant",) + path)] = np.asarray(v, np.float32)
+  return PackedModel(layers, floats, json.loads(json.dumps(dict(model or {}))))
 
 
-def load_packed(path) -> PackedModel:
-  """Reads and validates a file written by :meth:`PackedModel.save`."""
+def read_packed(path) -> PackedModel:
+  """Reads and validates a file written by :meth:`PackedModel.save`; a file
+  of another format or version, truncated or corrupt, raises ValueError
+  naming it."""
   path = os.fspath(path)
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise ValueError(f"load_packed: {path} is not a readable packed model ({e})") from e
+    raise ValueError(f"read_packed: {path} is not a readable packed model ({e})") from e
   if "__meta__" not in arrays:
-    raise ValueError(f"load_packed: {path} has no __meta__ entry; not a packed model")
+    raise ValueError(f"read_packed: {path} has no __meta__ entry; not a packed model")
   try:
     meta = json.loads(arrays["__meta__"].tobytes().decode())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"load_packed: {path} has corrupt metadata ({e})") from e
+    raise ValueError(f"read_packed: {path} has corrupt metadata ({e})") from e
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-    raise ValueError(f"load_packed: {path} has format {meta.get('format')!r} version "
-                     f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+    raise ValueError(f"read_packed: {path} has format {meta.get('format')!r} version "
+                     f"{meta.get('version')!r}; this repvgg-jax reads {FORMAT!r} version "
+                     f"{VERSION} (re-export it from its checkpoint)")
   layers, floats = {}, {}
   for p, l in meta["layers"].items():
-    for part in ("packed", "codebook"):
+    parts = ("packed", "codebook") + (("int_scale",) if l.get("int_scale") else ())
+    for part in parts:
       if f"q/{p}/{part}" not in arrays:
-        raise ValueError(f"load_packed: {path} is missing q/{p}/{part}")
+        raise ValueError(f"read_packed: {path} is missing q/{p}/{part}")
     shape, bits = tuple(l["shape"]), l["bits"]
     packed, c = arrays[f"q/{p}/packed"], arrays[f"q/{p}/codebook"]
     if packed.size != -(-int(np.prod(shape)) * bits // 8):
-      raise ValueError(f"load_packed: {p} has {packed.size} packed bytes, expected "
+      raise ValueError(f"read_packed: {p} has {packed.size} packed bytes, expected "
                        f"{-(-int(np.prod(shape)) * bits // 8)} for shape {shape} at {bits} bits")
     if check_codebook(np.zeros(shape[-1:]), c) != bits:
-      raise ValueError(f"load_packed: {p} codebook shape {c.shape} does not match bits={bits}")
+      raise ValueError(f"read_packed: {p} codebook shape {c.shape} does not match bits={bits}")
     layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c)
+    if l.get("int_scale"):
+      layers[p]["int_scale"] = arrays[f"q/{p}/int_scale"]
   for p in meta["floats"]:
     if f"f/{p}" not in arrays:
-      raise ValueError(f"load_packed: {path} is missing f/{p}")
+      raise ValueError(f"read_packed: {path} is missing f/{p}")
     floats[p] = arrays[f"f/{p}"]
-  return PackedModel(layers, floats)
+  return PackedModel(layers, floats, meta.get("model", {}))

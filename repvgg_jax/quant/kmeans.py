@@ -6,8 +6,7 @@ quantized to its nearest level (see ``cluster.py``). Two fits:
 * :func:`fit_codebook`: jitted Lloyd iterations (``jax.lax.while_loop`` with a
   tolerance and an iteration cap) from a deterministic init (quantiles of the
   data, or quantiles of the ``p^(1/3)`` density, the asymptotically optimal
-  level density for squared error) or from k-means++ (needs a key), or warm
-  started from a given codebook. Per tensor, or per output channel (the last
+  level density for squared error), or warm started from a given codebook. Per tensor, or per output channel (the last
   axis; ``jax.vmap``).
 * :func:`optimal_codebook`: the globally optimal 1-D fit. 1-D k-means clusters
   are intervals of the sorted values, so dynamic programming over the sorted
@@ -20,7 +19,7 @@ Why Lloyd is cheap here: in 1-D the clusters of a sorted codebook are
 contiguous runs of the sorted data, so after one sort each iteration is a
 ``searchsorted`` of the ``K - 1`` midpoints plus prefix-sum differences:
 ``O(K log N)`` per iteration instead of ``O(N K)``. That lets Lloyd run to
-convergence (hundreds of iterations) and try several inits at the cost of one.
+convergence (hundreds of iterations) and try two inits at the cost of one.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ("quantile", "companding", "kmeans++")
+from repvgg_jax.quant.levels import midpoints, squared_error
+
+INITS = ("quantile", "companding")
 # Bins of the density estimate behind the "companding" init.
 _DENSITY_BINS = 512
 
@@ -51,11 +52,6 @@ def _sorted_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   centre = xs[xs.shape[0] // 2]
   prefix = jnp.concatenate([jnp.zeros((1,), xs.dtype), jnp.cumsum(xs - centre)])
   return xs, prefix, centre
-
-
-def midpoints(codebook: jax.Array) -> jax.Array:
-  """``(..., K) -> (..., K - 1)`` decision boundaries of sorted codebooks (last axis)."""
-  return (codebook[..., :-1] + codebook[..., 1:]) * 0.5
 
 
 def _lloyd_step(xs, prefix, centre, codebook):
@@ -88,11 +84,6 @@ def _lloyd(xs, prefix, centre, codebook, iters, tol):
   return c
 
 
-def _sse(xs, codebook):
-  idx = jnp.searchsorted(midpoints(codebook), xs, side="left")
-  return jnp.sum(jnp.square(xs - codebook[idx]))
-
-
 def _quantile_init(xs, k):
   n = xs.shape[0]
   pos = ((jnp.arange(k) + 0.5) / k * n).astype(jnp.int32)
@@ -118,51 +109,26 @@ def _companding_init(xs, k):
   return jnp.sort(edges[b] + frac * widths[b])
 
 
-def _kmeanspp_init(xs, k, key):
-  # Standard k-means++ seeding (D^2 sampling); levels sorted at the end.
-  first = jax.random.choice(key, xs)
-  c0 = jnp.full((k,), first)
-
-  def body(i, carry):
-    c, key = carry
-    key, sub = jax.random.split(key)
-    chosen = jnp.arange(k)[None, :] < i
-    d2 = jnp.min(jnp.where(chosen, jnp.square(xs[:, None] - c[None, :]), jnp.inf), axis=1)
-    p = d2 / jnp.maximum(jnp.sum(d2), jnp.finfo(xs.dtype).tiny)
-    nxt = jax.random.choice(sub, xs, p=jnp.where(jnp.sum(d2) > 0, p, 1.0 / xs.shape[0]))
-    return c.at[i].set(nxt), key
-
-  c, _ = jax.lax.fori_loop(1, k, body, (c0, key))
-  return jnp.sort(c)
+_INIT_FNS = {"quantile": _quantile_init, "companding": _companding_init}
 
 
-def _fit_flat(x, k, inits, iters, tol, key, init_codebook, restarts):
+def _fit_flat(x, k, inits, iters, tol, init_codebook):
   xs, prefix, centre = _sorted_stats(x.astype(jnp.float32))
   if init_codebook is not None:
     starts = [jnp.sort(init_codebook.astype(jnp.float32))]
   else:
-    starts = []
-    for name in inits:
-      if name == "quantile":
-        starts.append(_quantile_init(xs, k))
-      elif name == "companding":
-        starts.append(_companding_init(xs, k))
-      else:
-        for sub in jax.random.split(key, restarts):
-          starts.append(_kmeanspp_init(xs, k, sub))
+    starts = [_INIT_FNS[name](xs, k) for name in inits]
   fits = [_lloyd(xs, prefix, centre, c, iters, tol) for c in starts]
   if len(fits) == 1:
     return fits[0]
-  errs = jnp.stack([_sse(xs, c) for c in fits])
+  errs = jnp.stack([squared_error(xs, c) for c in fits])
   return jnp.stack(fits)[jnp.argmin(errs)]
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("bits", "per_channel", "init", "iters", "tol", "restarts"))
-def _fit(w, init_codebook, key, *, bits, per_channel, init, iters, tol, restarts):
+@functools.partial(jax.jit, static_argnames=("bits", "per_channel", "init", "iters", "tol"))
+def _fit(w, init_codebook, *, bits, per_channel, init, iters, tol):
   k = 2 ** bits
-  fit = functools.partial(_fit_flat, k=k, inits=init, iters=iters, tol=tol, key=key,
-                          restarts=restarts)
+  fit = functools.partial(_fit_flat, k=k, inits=init, iters=iters, tol=tol)
   if not per_channel:
     return fit(w.reshape(-1), init_codebook=init_codebook)
   cols = w.reshape(-1, w.shape[-1]).T  # (Cout, fan_in)
@@ -173,8 +139,8 @@ def _fit(w, init_codebook, key, *, bits, per_channel, init, iters, tol, restarts
 
 def fit_codebook(w: jax.Array, bits: int, *, per_channel: bool = False,
                  init: str | Sequence[str] = ("quantile", "companding"),
-                 iters: int = 300, tol: float = 1e-6, key: jax.Array | None = None,
-                 restarts: int = 10, init_codebook: jax.Array | None = None) -> jax.Array:
+                 iters: int = 300, tol: float = 1e-6,
+                 init_codebook: jax.Array | None = None) -> jax.Array:
   """Fits a sorted k-means codebook of ``2^bits`` levels to ``w``.
 
   Args:
@@ -184,10 +150,8 @@ def fit_codebook(w: jax.Array, bits: int, *, per_channel: bool = False,
     per_channel: one codebook per output channel instead of one per tensor.
     init: an init name from ``INITS`` or a sequence of them; with several,
       Lloyd runs from each and the fit with the lowest squared error wins.
-      ``"kmeans++"`` needs ``key`` and seeds ``restarts`` runs.
     iters: Lloyd iteration cap.
     tol: stop once no level moves by more than ``tol * (max(w) - min(w))``.
-    key: PRNG key for ``"kmeans++"``.
     init_codebook: warm start (``(K,)`` or ``(Cout, K)``); overrides ``init``.
   Returns:
     float32 codebook ``(2^bits,)``, or ``(Cout, 2^bits)`` per channel, sorted
@@ -199,10 +163,6 @@ def fit_codebook(w: jax.Array, bits: int, *, per_channel: bool = False,
   bad = [n for n in names if n not in INITS]
   if not names or bad:
     raise ValueError(f"init={init!r}: expected one or more of {INITS}")
-  if "kmeans++" in names and key is None and init_codebook is None:
-    raise ValueError("init='kmeans++' needs a PRNG key")
-  if key is None:
-    key = jax.random.key(0)
   if jnp.size(w) == 0:
     raise ValueError(f"fit_codebook: empty tensor of shape {jnp.shape(w)}")
   if init_codebook is not None:
@@ -210,24 +170,17 @@ def fit_codebook(w: jax.Array, bits: int, *, per_channel: bool = False,
     if jnp.shape(init_codebook) != want:
       raise ValueError(f"init_codebook has shape {jnp.shape(init_codebook)}, expected {want} "
                        f"for bits={bits} and a kernel of shape {jnp.shape(w)}")
-  return _fit(jnp.asarray(w), init_codebook, key, bits=bits, per_channel=per_channel,
-              init=names, iters=int(iters), tol=float(tol), restarts=int(restarts))
+  return _fit(jnp.asarray(w), init_codebook, bits=bits, per_channel=per_channel,
+              init=names, iters=int(iters), tol=float(tol))
 
 
 def codebook_mse(w, codebook) -> float:
   """Mean squared quantization error of ``w`` under a per-tensor ``(K,)`` or
   per-channel ``(Cout, K)`` codebook, in float64."""
   w = np.asarray(w, np.float64)
-  c = np.asarray(codebook, np.float64)
-  if c.ndim == 1:
-    idx = np.searchsorted((c[:-1] + c[1:]) / 2, w, side="left")
-    return float(np.mean(np.square(w - c[idx])))
-  cols = w.reshape(-1, w.shape[-1])
-  err = 0.0
-  for o in range(cols.shape[1]):
-    idx = np.searchsorted((c[o, :-1] + c[o, 1:]) / 2, cols[:, o], side="left")
-    err += float(np.sum(np.square(cols[:, o] - c[o, idx])))
-  return err / cols.size
+  with jax.enable_x64(True):
+    sse = squared_error(jnp.asarray(w), jnp.asarray(codebook, jnp.float64))
+  return float(np.sum(sse)) / w.size
 
 
 # ---------------------------------------------------------------------------
@@ -417,12 +370,9 @@ def _optimal_rows(rows: np.ndarray, k: int, max_points: int,
 
 def _row_sse(rows: np.ndarray, books: np.ndarray) -> np.ndarray:
   """Per-row squared error ``(C,)`` of rows ``(C, n)`` under codebooks ``(C, K)``, float64."""
-  out = np.empty(rows.shape[0])
-  for r in range(rows.shape[0]):
-    c = books[r].astype(np.float64)
-    idx = np.searchsorted((c[:-1] + c[1:]) / 2, rows[r], side="left")
-    out[r] = np.sum(np.square(rows[r] - c[idx]))
-  return out
+  with jax.enable_x64(True):
+    return np.asarray(squared_error(jnp.asarray(rows.T, jnp.float64),
+                                    jnp.asarray(books, jnp.float64)))
 
 
 def optimal_codebook(w, bits: int, *, per_channel: bool = False, max_points: int | None = None,

@@ -1,51 +1,122 @@
-"""Uniform baselines: the symmetric min-max grid and post-training quantization.
+"""Uniform quantization: integer grids, min-max and MSE-optimal steps, LSQ fake-quant.
 
-* :func:`uniform_codebook`: the symmetric min-max grid of a kernel expressed
-  as a codebook, so uniform and k-means quantization share ``quantize`` and
-  the packed export. Uniform QAT (``make_quantizer("uniform", ...)``)
-  recomputes it from the weights on every ``apply`` (straight-through
-  gradient; the step follows ``max|w|``, it is not learned).
-* :func:`ptq`: post-training uniform quantization of deploy params, with the
-  same layer rules as :class:`~repvgg_jax.quant.Quantizer`.
+A uniform quantizer of ``b`` bits maps ``x`` to ``k * step`` with the integer
+``k`` in ``[qmin, qmax]``: signed ``[-2^(b-1), 2^(b-1) - 1]`` (weights, the
+network input), unsigned ``[0, 2^b - 1]`` (activations after a ReLU). Every
+grid has ``2^b`` distinct levels, as int8 hardware has.
+
+* :func:`fake_quant`: ``round(clip(x / step, qmin, qmax)) * step`` with a
+  straight-through gradient for ``x`` (zero outside the range) and LSQ's
+  gradient for ``step`` (Esser et al. 2020), scaled. The one
+  uniform quantizer of the package: weights (``method="lsq"``) and
+  activations both call it.
+* :func:`minmax_step`, :func:`mse_step`: the step from the weights alone
+  (per tensor or per output channel).
+* :func:`grid`: the levels of a step as a codebook, so uniform quantizers
+  share the codebook machinery (``quantize``, export).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def uniform_codebook(w: jax.Array, bits: int, per_channel: bool) -> jax.Array:
-  """Symmetric min-max grid as a sorted codebook of ``2^bits`` levels:
-  ``k * max|w| / (2^(b-1) - 1)`` for ``|k| <= 2^(b-1) - 1`` (the lowest level
-  repeated once to fill ``2^bits``); ``{-max|w|, +max|w|}`` at 1 bit."""
-  a = jnp.abs(w).reshape(-1, w.shape[-1]).max(axis=0) if per_channel else jnp.abs(w).max()
-  a = jax.lax.stop_gradient(a)
-  # One multiply per level by a constant computed in NumPy: the same float32
-  # values in and out of jit, so export reproduces apply bit for bit.
-  if bits == 1:
-    steps = np.array([-1.0, 1.0], np.float32)
-  else:
-    qmax = 2 ** (bits - 1) - 1
-    steps = (np.arange(-qmax - 1, qmax + 1).clip(-qmax) / qmax).astype(np.float32)
-  return a[..., None] * steps if per_channel else a * steps
+CLIPPINGS = ("minmax", "mse")
+# Clip candidates of the MSE search, as fractions of max |x|.
+MSE_CANDIDATES = np.linspace(0.05, 1.0, 96, dtype=np.float32)
 
 
-def ptq(params: Mapping[str, Any], bits: int = 8, granularity: str = "channel",
-        first_last_bits: int | None = 8) -> dict[str, Any]:
-  """Post-training min-max symmetric uniform quantization of deploy params.
+def check_uniform_bits(bits: int, what: str = "bits") -> int:
+  """Uniform grids need a zero and a sign: bits in 2..8, else ValueError naming it."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+    raise ValueError(f"{what}={bits!r}: expected an int in 2..8 for a uniform quantizer")
+  return int(bits)
 
-  Every kernel the quantizer selects (SE layers skipped; ``stem``/``head`` at
-  ``first_last_bits``, or at ``bits`` when it is None) is replaced by its
-  nearest level on the grid of :func:`uniform_codebook`, per output channel
-  or per tensor; biases and skipped layers are returned unchanged. Returns
-  float params (dequantized values); ``export(params, make_quantizer("uniform",
-  ...), {})`` packs the same values. Bad values raise ValueError naming them.
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+  """``(qmin, qmax)`` of a ``bits``-bit integer."""
+  return (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def fake_quant(x: jax.Array, step: jax.Array, qmin: int, qmax: int,
+               step_grad_scale: float = 1.0) -> jax.Array:
+  """``round(clip(x / step, qmin, qmax)) * step``, ``step`` a scalar or one
+  value per channel of the last axis of ``x``.
+
+  Gradients: ``x`` straight through inside the range, 0 outside; ``step``
+  (LSQ) ``round(x / s) - x / s`` inside, ``qmin`` / ``qmax`` below / above,
+  summed over the values that share the step and times ``step_grad_scale``
+  (LSQ uses ``1 / sqrt(N * qmax)``, N the number of those values).
   """
-  from repvgg_jax.quant import make_quantizer  # the layer rules live there
-  q = make_quantizer("uniform", bits=bits, granularity=granularity,
-                     first_last_bits=first_last_bits)
-  return jax.jit(q.apply)(params, {})
+  return int_values(x, step, qmin, qmax) * step
+
+
+def _fake_quant_fwd(x, step, qmin, qmax, step_grad_scale):
+  return fake_quant(x, step, qmin, qmax, step_grad_scale), (x, step)
+
+
+def _fake_quant_bwd(qmin, qmax, step_grad_scale, res, g):
+  x, step = res
+  v = x / step
+  inside = (v >= qmin) & (v <= qmax)
+  gx = jnp.where(inside, g, jnp.zeros_like(g))
+  ds = jnp.where(inside, jnp.round(v) - v, jnp.where(v < qmin, qmin, qmax).astype(v.dtype))
+  gs = jnp.sum(ds * g, axis=tuple(range(x.ndim - jnp.ndim(step))))
+  return gx, (gs * step_grad_scale).reshape(jnp.shape(step)).astype(step.dtype)
+
+
+fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def lsq_grad_scale(count: int, qmax: int) -> float:
+  """LSQ's step gradient scale ``1 / sqrt(N * qmax)`` for ``N`` values per step."""
+  return float(1.0 / np.sqrt(max(count, 1) * qmax))
+
+
+def int_values(x: jax.Array, step: jax.Array, qmin: int, qmax: int) -> jax.Array:
+  """The integers ``k`` of :func:`fake_quant` (float dtype of ``x``)."""
+  return jnp.round(jnp.clip(x / step, qmin, qmax))
+
+
+def grid(step: jax.Array, bits: int, signed: bool = True) -> jax.Array:
+  """The ``2^bits`` levels ``k * step`` as a sorted codebook: ``(K,)`` for a
+  scalar step, ``(Cout, K)`` for a per-channel step ``(Cout,)``."""
+  qmin, qmax = int_range(bits, signed)
+  ks = np.arange(qmin, qmax + 1, dtype=np.float32)
+  return jnp.asarray(step)[..., None] * ks
+
+
+def _channels(w: jax.Array, per_channel: bool) -> jax.Array:
+  return w.reshape(-1, w.shape[-1]) if per_channel else w.reshape(-1, 1)
+
+
+def minmax_step(w: jax.Array, bits: int, per_channel: bool, signed: bool = True) -> jax.Array:
+  """``max|w| / qmax``: the largest value is the top level (the naive baseline)."""
+  _, qmax = int_range(bits, signed)
+  a = jnp.max(jnp.abs(_channels(w, per_channel)), axis=0)
+  # A multiply by a NumPy constant: the same float32 in and out of jit (XLA may
+  # turn a division by a constant into a multiply), so export reproduces apply.
+  step = jnp.maximum(a, jnp.finfo(jnp.float32).tiny) * np.float32(1 / qmax)
+  return step if per_channel else step[0]
+
+
+def mse_step(w: jax.Array, bits: int, per_channel: bool, signed: bool = True) -> jax.Array:
+  """The step whose grid has the least squared error on ``w`` among clips at
+  ``MSE_CANDIDATES`` times ``max|w|`` (per output channel or per tensor)."""
+  qmin, qmax = int_range(bits, signed)
+  cols = _channels(jnp.asarray(w, jnp.float32), per_channel)
+  top = jnp.maximum(jnp.max(jnp.abs(cols), axis=0), jnp.finfo(jnp.float32).tiny)
+
+  top = top * np.float32(1 / qmax)
+
+  def err(frac):
+    s = frac * top
+    return jnp.sum(jnp.square(int_values(cols, s, qmin, qmax) * s - cols), axis=0)
+
+  errs = jax.lax.map(err, jnp.asarray(MSE_CANDIDATES))          # (candidates, C)
+  step = jnp.asarray(MSE_CANDIDATES)[jnp.argmin(errs, axis=0)] * top
+  return step if per_channel else step[0]

@@ -14,7 +14,9 @@ import ml_collections
 MODEL_NAMES_EXTRA = ("tiny",)
 NORMS = ("bn", "oabn")
 DTYPES = ("float32", "bfloat16")
-QUANT_METHODS = ("cluster", "uniform", "none")
+QUANT_METHODS = ("cluster", "uniform", "lsq", "none")
+CLIPPINGS = ("minmax", "mse")
+CALIBRATIONS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("channel", "tensor")
 SOURCES = ("fashion_mnist_idx", "tfds", "synthetic")
 AUGMENTS = ("none", "pad_crop_flip", "rrc_flip")
@@ -58,11 +60,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.qat.base_lr = 0.01
   c.qat.warmup_steps = 0
   c.quant = ml_collections.ConfigDict()
-  c.quant.method = "cluster"          # "cluster" | "uniform" | "none" (no QAT, no export)
-  c.quant.bits = 4
+  # "cluster" (k-means codebooks) | "uniform" (fixed grid) | "lsq" (learned step)
+  # | "none" (no QAT, no export).
+  c.quant.method = "cluster"
+  c.quant.bits = 4                    # weights: 1..8 for cluster, 2..8 for uniform/lsq
   c.quant.granularity = "channel"
   c.quant.first_last_bits = 8
   c.quant.refit_every = 100
+  c.quant.clipping = "minmax"         # uniform/lsq weight step: "minmax" | "mse"
+  c.quant.int8_levels = False         # cluster: codebooks on a per-channel int8 grid
+  # Activations: the input of every conv and of the head, per tensor; 0 = float.
+  c.quant.act_bits = 0
+  c.quant.act_calibration = "minmax"  # "minmax" | "percentile" | "mse" (then LSQ in QAT)
+  c.quant.act_percentile = 99.99
+  c.quant.calib_batches = 16          # training batches (qat.batch_size) to calibrate on
 
   # Start QAT from these train-form variables instead of the FP stage: an orbax
   # checkpoint directory of a previous run's FP stage, or a .npz/.msgpack of
@@ -150,11 +161,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   positive("log_every", cfg.log_every)
   enum("quant.method", cfg.quant.method, QUANT_METHODS)
   enum("quant.granularity", cfg.quant.granularity, GRANULARITIES)
+  low = 1 if cfg.quant.method in ("cluster", "none") else 2
   for f in ("bits", "first_last_bits"):
     v = cfg.quant[f]
-    if not (isinstance(v, int) and 1 <= v <= 8):
-      problems.append(f"quant.{f}={v!r} must be an int in [1, 8]")
+    if not (isinstance(v, int) and low <= v <= 8):
+      problems.append(f"quant.{f}={v!r} must be an int in [{low}, 8] for "
+                      f"quant.method={cfg.quant.method!r}")
   positive("quant.refit_every", cfg.quant.refit_every)
+  enum("quant.clipping", cfg.quant.clipping, CLIPPINGS)
+  enum("quant.act_calibration", cfg.quant.act_calibration, CALIBRATIONS)
+  a = cfg.quant.act_bits
+  if not (isinstance(a, int) and not isinstance(a, bool) and (a == 0 or 2 <= a <= 8)):
+    problems.append(f"quant.act_bits={a!r} must be 0 (float activations) or an int in [2, 8]")
+  if not isinstance(cfg.quant.int8_levels, bool):
+    problems.append(f"quant.int8_levels={cfg.quant.int8_levels!r} must be True or False")
+  if not 50 < cfg.quant.act_percentile <= 100:
+    problems.append(f"quant.act_percentile={cfg.quant.act_percentile!r} must be in (50, 100]")
+  if not (isinstance(cfg.quant.calib_batches, int) and cfg.quant.calib_batches > 0):
+    problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
   for stage in ("fp", "qat"):
     s = cfg[stage]
     for f in ("num_steps", "batch_size", "checkpoint_every", "keep"):

@@ -8,6 +8,7 @@ process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.pn
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -16,9 +17,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 import repvgg_jax
 from repvgg_jax import data
+from repvgg_jax.quant import make_quantizer, read_packed
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import sharding, steps
@@ -88,6 +91,22 @@ def _replace_quant(state: Any, quant: Any, mesh: Any) -> Any:
   return state.replace(quant=sharding.replicate(quant, mesh))
 
 
+def _with_activation_steps(quant: dict, q: Any, qmodel: Any, params: Any,
+                           cfg: ml_collections.ConfigDict, loader: Any, mesh: Any) -> dict:
+  """``quant`` plus activation steps calibrated (``quant.act_calibration``) on the
+  first ``quant.calib_batches`` training batches (fewer if the split is smaller), unaugmented, with the weights
+  quantized; process 0's steps are broadcast so every host holds the same."""
+  qparams = jax.jit(q.apply)(params, quant)
+  one_pass = loader("train", cfg.qat.batch_size, False)
+  batches = (b["image"] for b in itertools.islice(one_pass, cfg.quant.calib_batches))
+  quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
+                               method=cfg.quant.act_calibration,
+                               percentile=cfg.quant.act_percentile)
+  if jax.process_count() > 1:
+    quant = multihost_utils.broadcast_one_to_all(quant)
+  return quant
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
         interrupt: tuple[str, int] | None = None) -> dict:
   """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
@@ -152,15 +171,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
 
   # Stage 3: QAT of the merged network, then the packed export.
   if cfg.quant.method != "none":
-    from repvgg_jax.quant import make_quantizer
     t = time.time()
-    q = make_quantizer(cfg.quant.method, bits=cfg.quant.bits,
-                       granularity=cfg.quant.granularity,
-                       first_last_bits=cfg.quant.first_last_bits)
+    qc = cfg.quant
+    q = make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
+                       first_last_bits=qc.first_last_bits, clipping=qc.clipping,
+                       int8_levels=qc.int8_levels)
+    qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
     quant = q.init(merged["params"])
-    state = create_train_state(deploy_model, merged, cfg.qat, quant=quant)
+    if qc.act_bits:
+      quant = _with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader, mesh)
+    state = create_train_state(qmodel, merged, cfg.qat, quant=quant)
     if cfg.qat.enabled:
-      refit_every = cfg.quant.refit_every
+      refit_every = qc.refit_every
 
       def refit(step: int, state: Any) -> Any:
         if step % refit_every:
@@ -175,24 +197,28 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
           log_every=cfg.log_every, after_step=refit, interrupt_at=kill("qat"))
     else:
       state = sharding.replicate(state, mesh)
+    bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
     forms["qat"] = {"accuracy": steps.evaluate(steps.make_eval_step(mesh, q), state,
-                                               eval_loader, mesh)}
+                                               eval_loader, mesh), **bits}
     timings["qat"] = time.time() - t
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
     del state
 
-    packed = repvgg_jax.export(params, q, quant)
+    packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
+        qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
+        dataset=cfg.data.name))
     path = os.path.join(workdir, "model.packed")
     if primary:
       packed.save(path)
     # Every process evaluates the decoded export (the file on process 0's disk may
     # not be visible to the others, so they decode the same object in memory).
-    p2 = repvgg_jax.load_packed(path) if primary else packed
+    p2 = read_packed(path) if primary else packed
     decoded = p2.to_variables()
-    packed_state = sharding.replicate(create_train_state(deploy_model, decoded, cfg.qat), mesh)
+    packed_state = sharding.replicate(create_train_state(qmodel, decoded, cfg.qat,
+                                                         quant=decoded.get("quant")), mesh)
     forms["packed"] = {"accuracy": steps.evaluate(eval_plain, packed_state, eval_loader, mesh),
-                       "size_bytes": int(p2.size_bytes())}
-    histograms[f"{cfg.quant.method} {cfg.quant.bits}-bit"] = jax.device_get(decoded)
+                       "size_bytes": int(p2.size_bytes()), **bits}
+    histograms[f"{qc.method} {qc.bits}-bit"] = {"params": jax.device_get(decoded["params"])}
 
   result = {"forms": forms}
   if primary:

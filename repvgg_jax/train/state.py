@@ -20,16 +20,37 @@ class TrainState(train_state.TrainState):
   """Adds BN running statistics (FP stage) and the quantizer state (QAT stage).
 
   Either may be ``{}``: the merged network has no BN, the FP network no quantizer.
+  The optimizer updates ``{"params": params, "quant": quant}``: the learned
+  steps in ``quant`` (LSQ weight steps, activation steps) train with the
+  weights; codebooks get zero gradients (they are refitted by k-means).
   """
   batch_stats: Any = flax.core.FrozenDict()
   quant: Any = flax.core.FrozenDict()
 
+  @classmethod
+  def create(cls, *, apply_fn, params, tx, quant=None, **kwargs):
+    quant = {} if quant is None else quant
+    return cls(step=0, apply_fn=apply_fn, params=params, tx=tx, quant=quant,
+               opt_state=tx.init({"params": params, "quant": quant}), **kwargs)
 
-def build_model(model_cfg: Any, num_classes: int, *, deploy: bool) -> RepVGG:
-  """The train-form (``deploy=False``) or merged model of ``cfg.model``."""
+  def apply_gradients(self, *, grads, quant_grads=None, **kwargs):
+    """One optimizer step on params (``grads``) and the learned quant state."""
+    if quant_grads is None:
+      quant_grads = jax.tree.map(jnp.zeros_like, self.quant)
+    both = {"params": self.params, "quant": self.quant}
+    updates, opt_state = self.tx.update({"params": grads, "quant": quant_grads},
+                                        self.opt_state, both)
+    new = optax.apply_updates(both, updates)
+    return self.replace(step=self.step + 1, params=new["params"], quant=new["quant"],
+                        opt_state=opt_state, **kwargs)
+
+
+def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int = 0) -> RepVGG:
+  """The train-form (``deploy=False``) or merged model of ``cfg.model`` (the
+  merged one with activation fake-quant when ``act_bits``)."""
   dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, oabn_tau=model_cfg.oabn_tau,
-            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype)
+            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
   if model_cfg.name.lower() == "tiny":
     variant = TINY
   else:
@@ -64,18 +85,23 @@ def learning_rate_schedule(stage_cfg: Any) -> optax.Schedule:
   return optax.join_schedules([warmup, cosine], [stage_cfg.warmup_steps])
 
 
-def make_optimizer(stage_cfg: Any, params: Mapping[str, Any]) -> optax.GradientTransformation:
+def make_optimizer(stage_cfg: Any, params: Mapping[str, Any],
+                   quant: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+  """The optimizer of ``{"params": params, "quant": quant}`` (see :class:`TrainState`)."""
   """SGD with momentum (optionally Nesterov) and masked, decoupled-from-loss L2 decay.
 
   ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
   ``grad_clip_norm > 0`` first clips the gradient to that global norm (as
-  ``torch.nn.utils.clip_grad_norm_`` before the step).
+  ``torch.nn.utils.clip_grad_norm_`` before the step). The learned quantizer
+  steps in ``quant`` never decay.
   """
+  mask = {"params": weight_decay_mask(params),
+          "quant": jax.tree.map(lambda _: False, dict(quant or {}))}
   clip = ([optax.clip_by_global_norm(stage_cfg.grad_clip_norm)]
           if stage_cfg.grad_clip_norm > 0 else [])
   return optax.chain(
       *clip,
-      optax.add_decayed_weights(stage_cfg.weight_decay, mask=weight_decay_mask(params)),
+      optax.add_decayed_weights(stage_cfg.weight_decay, mask=mask),
       optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
                 nesterov=stage_cfg.nesterov))
 
@@ -90,7 +116,7 @@ def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) 
 def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: Any,
                        quant: Any = None) -> TrainState:
   params = variables["params"]
+  quant = quant if quant is not None else {}
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=make_optimizer(stage_cfg, params),
-                           batch_stats=dict(variables.get("batch_stats", {})),
-                           quant=quant if quant is not None else {})
+                           tx=make_optimizer(stage_cfg, params, quant),
+                           batch_stats=dict(variables.get("batch_stats", {})), quant=quant)

@@ -22,19 +22,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
   return optax.softmax_cross_entropy(logits, onehot)
 
 
-def _forward(state: TrainState, params: Any, images: jax.Array, train: bool,
+def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, train: bool,
              quantizer: Any) -> tuple[jax.Array, Any]:
-  """Logits and new batch stats; QAT quantizes the merged params first (STE gradient)."""
+  """Logits and new batch stats; QAT quantizes the merged params first (STE gradient)
+  and hands the model its activation steps (the ``quant`` collection)."""
   if quantizer is not None:
-    params = quantizer.apply(params, state.quant)
+    params = quantizer.apply(params, quant)
+  variables = {"params": params, **({"quant": quant} if quant else {})}
   if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
     if train:
-      logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                       images, train=True, mutable=["batch_stats"])
+      logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
       return logits, updates["batch_stats"]
-    return state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                          train=False), state.batch_stats
-  return state.apply_fn({"params": params}, images, train=train), state.batch_stats
+    return state.apply_fn(variables, images, train=False), state.batch_stats
+  return state.apply_fn(variables, images, train=train), state.batch_stats
 
 
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
@@ -46,15 +47,16 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   Metrics: ``loss`` and ``accuracy`` (means over the batch), ``grad_norm``, all scalars.
   """
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    def loss_fn(params):
-      logits, new_stats = _forward(state, params, batch["image"], True, quantizer)
+    def loss_fn(params, quant):
+      logits, new_stats = _forward(state, params, quant, batch["image"], True, quantizer)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       return loss, (logits, new_stats)
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    (loss, (logits, new_stats)), (grads, quant_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.quant)
+    state = state.apply_gradients(grads=grads, quant_grads=quant_grads, batch_stats=new_stats)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-               "grad_norm": optax.tree_utils.tree_norm(grads)}
+               "grad_norm": optax.tree_utils.tree_norm((grads, quant_grads))}
     return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -64,7 +66,7 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
 def make_eval_step(mesh: Mesh, quantizer: Any = None) -> Callable:
   """``step(state, batch) -> {"correct", "count"}`` sums over the global batch, padding masked."""
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    logits, _ = _forward(state, state.params, batch["image"], False, quantizer)
+    logits, _ = _forward(state, state.params, state.quant, batch["image"], False, quantizer)
     hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return {"correct": hit.sum(), "count": batch["mask"].sum()}
 

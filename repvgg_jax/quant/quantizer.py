@@ -1,0 +1,222 @@
+"""The weight quantizer of deploy-form params: ClusterQAT, uniform, LSQ.
+
+``make_quantizer(method, bits, granularity, first_last_bits, ...)`` returns a
+:class:`Quantizer`:
+
+* ``init(params) -> state``: the weight part of the ``quant`` collection, one
+  leaf per quantized kernel at the kernel's path: a codebook ``(K,)`` /
+  ``(Cout, K)`` (``cluster``), or a step ``()`` / ``(Cout,)`` (``uniform``
+  with ``clipping="mse"``, ``lsq``). ``uniform`` with ``clipping="minmax"``
+  has no state: its step follows ``max|w|`` at every ``apply``.
+* ``apply(params, state)``: params with every quantized kernel replaced by its
+  quantized value; the gradient passes straight through to the kernel, and
+  for ``lsq`` reaches the step (LSQ).
+* ``refit(params, state)``: warm-started Lloyd refit of ``cluster`` codebooks.
+* ``indices(params, state)``: what the packed export stores, per kernel the
+  level indices and the codebook that ``apply`` used.
+* ``int_scales(params, state)``: per kernel the scale of the int8 grid its
+  levels lie on (uniform grids always; codebooks with ``int8_levels``).
+
+Quantized leaves: every ``kernel`` whose path has no component in ``skip``
+(default: SE layers stay float); paths starting with a name in
+``first_last`` use ``first_last_bits``. Other entries of ``state`` (the
+activation steps the deploy model keeps in ``quant``) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from repvgg_jax.quant import uniform
+from repvgg_jax.quant.cluster import assign, int8_scale, quantize, snap_to_int8
+from repvgg_jax.quant.kmeans import check_bits, fit_codebook, optimal_codebook
+
+METHODS = ("cluster", "uniform", "lsq")
+GRANULARITIES = ("tensor", "channel")
+
+Path = tuple[str, ...]
+
+
+def _flat(tree: Mapping[str, Any] | None) -> dict[Path, Any]:
+  return traverse_util.flatten_dict(flax.core.unfreeze(tree)) if tree else {}
+
+
+def _tree(flat: Mapping[Path, Any]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict(dict(flat))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+  method: str = "cluster"
+  bits: int = 4
+  granularity: str = "channel"
+  first_last_bits: int | None = 8
+  # uniform: the step from max|w| ("minmax", recomputed at every apply) or the
+  # least-squared-error clip ("mse", fixed at init); lsq: how the learned step starts.
+  clipping: str = "minmax"
+  # cluster: snap every codebook to a per-channel int8 grid (levels = scale x int8),
+  # so a layer runs as an int8 x int8 -> int32 conv.
+  int8_levels: bool = False
+  first_last: tuple[str, ...] = ("stem", "head")
+  skip: tuple[str, ...] = ("se",)
+  mask_outside: bool = False
+  iters: int = 300
+  refit_iters: int = 20
+
+  @property
+  def per_channel(self) -> bool:
+    return self.granularity == "channel"
+
+  def layer_bits(self, path: Path) -> int:
+    if self.first_last_bits is not None and path and path[0] in self.first_last:
+      return self.first_last_bits
+    return self.bits
+
+  def quantized(self, path: Path) -> bool:
+    return path[-1] == "kernel" and not set(path) & set(self.skip)
+
+  def kernels(self, params: Mapping[str, Any]) -> dict[Path, Any]:
+    """``{path: kernel}`` of every quantized kernel of ``params``."""
+    return {p: w for p, w in _flat(params).items() if self.quantized(p)}
+
+  # -- state -----------------------------------------------------------------
+
+  def init(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Deploy params -> the weight part of the ``quant`` state (see the module doc).
+    Codebooks come from :func:`optimal_codebook` (DP + Lloyd polish)."""
+    out = {}
+    for p, w in self.kernels(params).items():
+      bits = self.layer_bits(p)
+      if self.method == "cluster":
+        out[p] = jnp.asarray(optimal_codebook(w, bits, per_channel=self.per_channel,
+                                              polish_iters=self.iters))
+      elif self.method == "lsq" or self.clipping == "mse":
+        out[p] = uniform.mse_step(w, bits, self.per_channel)
+      # uniform + minmax: no state.
+    return _tree(out)
+
+  def refit(self, params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    """Warm-started Lloyd refit of every ``cluster`` codebook (jit-able)."""
+    if self.method != "cluster":
+      return state
+    flat = _flat(state)
+    for p, w in self.kernels(params).items():
+      flat[p] = fit_codebook(w, self.layer_bits(p), per_channel=self.per_channel,
+                             init_codebook=flat[p], iters=self.refit_iters)
+    return _tree(flat)
+
+  def _leaf(self, state: dict[Path, Any], p: Path) -> Any:
+    if p not in state:
+      raise ValueError(f"quant state has no {self.method} entry for {'/'.join(p)}")
+    return state[p]
+
+  def _step(self, p: Path, w: jax.Array, state: dict[Path, Any]) -> jax.Array:
+    """The uniform step of kernel ``p`` (LSQ's is learned, the others are not)."""
+    if self.method == "lsq":
+      return self._leaf(state, p)
+    if self.clipping == "mse":
+      return jax.lax.stop_gradient(self._leaf(state, p))
+    return jax.lax.stop_gradient(uniform.minmax_step(w, self.layer_bits(p), self.per_channel))
+
+  def _codebook(self, p: Path, w: jax.Array, state: dict[Path, Any]) -> jax.Array:
+    if self.method == "cluster":
+      c = self._leaf(state, p)
+      return snap_to_int8(c) if self.int8_levels else c
+    return uniform.grid(self._step(p, w, state), self.layer_bits(p))
+
+  def codebooks(self, params, state) -> dict[str, Any]:
+    """The codebook of every quantized kernel as used by :meth:`apply` (nested)."""
+    flat = _flat(state)
+    return _tree({p: self._codebook(p, w, flat) for p, w in self.kernels(params).items()})
+
+  # -- forward ---------------------------------------------------------------
+
+  def apply(self, params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    """Params with every quantized kernel replaced by its quantized value."""
+    flat, st = _flat(params), _flat(state)
+    for p in self.kernels(params):
+      w = flat[p]
+      if self.method == "cluster":
+        flat[p] = quantize(w, self._codebook(p, w, st), self.mask_outside)
+      else:
+        qmin, qmax = uniform.int_range(self.layer_bits(p), True)
+        count = w.size // w.shape[-1] if self.per_channel else w.size
+        flat[p] = uniform.fake_quant(w, self._step(p, w, st), qmin, qmax,
+                                     uniform.lsq_grad_scale(count, qmax))
+    return _tree(flat)
+
+  # -- deployment ------------------------------------------------------------
+
+  def indices(self, params, state) -> dict[Path, tuple[jax.Array, jax.Array]]:
+    """``{path: (indices int32 shaped like the kernel, codebook)}``: decoding
+    gives exactly the values :meth:`apply` computes."""
+    st, out = _flat(state), {}
+    for p, w in self.kernels(params).items():
+      if self.method == "cluster":
+        c = self._codebook(p, w, st)
+        out[p] = (assign(w, c), c)
+      else:
+        bits = self.layer_bits(p)
+        qmin, qmax = uniform.int_range(bits, True)
+        step = self._step(p, w, st)
+        k = uniform.int_values(w, step, qmin, qmax)
+        out[p] = ((k - qmin).astype(jnp.int32), uniform.grid(step, bits))
+    return out
+
+  def int_scales(self, params, state) -> dict[Path, jax.Array] | None:
+    """``{path: scale}`` (``()`` or ``(Cout,)``) of the int8 grid every
+    quantized kernel's levels lie on, or None when they do not (``cluster``
+    without ``int8_levels``, or more than 8 bits)."""
+    if self.method == "cluster" and not self.int8_levels:
+      return None
+    st = _flat(state)
+    return {p: (int8_scale(self._leaf(st, p)) if self.method == "cluster"
+                else self._step(p, w, st))
+            for p, w in self.kernels(params).items()}
+
+
+def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
+                   first_last_bits: int | None = 8, **opts: Any) -> Quantizer:
+  """Builds a :class:`Quantizer`; bad values raise ValueError naming them.
+
+  Bits: 1..8 for ``cluster``, 2..8 for ``uniform`` and ``lsq`` (a signed grid
+  needs a zero and both signs)."""
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  check = check_bits if method == "cluster" else uniform.check_uniform_bits
+  check(bits)
+  if first_last_bits is not None:
+    check(first_last_bits, "first_last_bits")
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
+  fields = {f.name for f in dataclasses.fields(Quantizer)} - {"method", "bits", "granularity",
+                                                             "first_last_bits"}
+  bad = sorted(set(opts) - fields)
+  if bad:
+    raise ValueError(f"unknown quantizer option(s) {bad}; valid: {sorted(fields)}")
+  clipping = opts.get("clipping", "minmax")
+  if clipping not in uniform.CLIPPINGS:
+    raise ValueError(f"clipping={clipping!r}: expected one of {uniform.CLIPPINGS}")
+  return Quantizer(method, int(bits), granularity, first_last_bits, **opts)
+
+
+def ptq(params: Mapping[str, Any], bits: int = 8, granularity: str = "channel",
+        first_last_bits: int | None = 8, clipping: str = "minmax") -> dict[str, Any]:
+  """Post-training uniform quantization of deploy params (weights only).
+
+  Every kernel the quantizer selects (SE layers skipped; ``stem``/``head`` at
+  ``first_last_bits``, or at ``bits`` when it is None) is replaced by its
+  level on the signed grid of a min-max or MSE-optimal step, per output
+  channel or per tensor; biases and skipped layers are returned unchanged.
+  Returns float params (dequantized values). Bad values raise ValueError
+  naming them.
+  """
+  q = make_quantizer("uniform", bits=bits, granularity=granularity,
+                     first_last_bits=first_last_bits, clipping=clipping)
+  return jax.jit(q.apply)(params, q.init(params))
