@@ -68,7 +68,7 @@ def load_variables(path: str, template: dict) -> dict:
     ckpt = StageCheckpoints(path, every=1, keep=1)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
-    state_dict = ckpt.manager.restore(ckpt.latest_step())["state"]
+    state_dict = ckpt.restore_host()
     ckpt.close()
     loaded = {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
   want = traverse_util.flatten_dict(template, sep="/")
@@ -84,17 +84,20 @@ def load_variables(path: str, template: dict) -> dict:
       {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
 
 
-def _replace_quant(state: Any, quant: Any, mesh: Any) -> Any:
-  return state.replace(quant=sharding.replicate(quant, mesh))
+def init_codebooks(quantizer: Any, params: Any) -> Any:
+  """The quantizer's initial state, fitted on process 0 (NumPy DP) and sent to every process."""
+  quant = quantizer.init(params) if jax.process_index() == 0 else None
+  return sharding.broadcast_from_primary(quant)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
-        interrupt: tuple[str, int] | None = None) -> dict:
-  """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
+def make_refit(quantizer: Any, mesh: Any) -> Any:
+  """``refit(params, quant) -> quant``: Lloyd on device, jitted, codebooks replicated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(quantizer.refit, in_shardings=(rep, rep), out_shardings=rep)
 
-  Args:
-    interrupt: testing aid ``(stage, step)``: a simulated kill after that step.
-  """
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> dict:
+  """Runs every enabled stage and returns the report dict (all processes; process 0 writes)."""
   config_lib.validate(cfg)
   if "://" in workdir:
     raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
@@ -105,17 +108,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     os.makedirs(workdir, exist_ok=True)
   writer = create_writer(workdir)
   ckpt_root = os.path.join(workdir, "checkpoints")
-  kill = lambda stage: interrupt[1] if interrupt and interrupt[0] == stage else None
+
+  data_cfg = cfg.data
+  if cfg.data.local_examples:  # Local smoke mode: a synthetic ImageNet in tfds form.
+    from repvgg_jax.data.local_tfds import local_data_config
+    data_cfg = local_data_config(cfg.data, workdir) if primary else None
+    sharding.barrier("local_tfds")
+    data_cfg = data_cfg or local_data_config(cfg.data, workdir)
 
   def loader(split: str, batch: int, train: bool):
-    return data.make_loader(cfg.data, split, global_batch_size=batch, train=train, seed=cfg.seed)
+    return data.make_loader(data_cfg, split, global_batch_size=batch, train=train, seed=cfg.seed)
 
   eval_loader = loader("test", cfg.eval_batch_size, False)
   num_classes, image_shape = eval_loader.num_classes, eval_loader.image_shape
   model = build_model(cfg.model, num_classes, deploy=False)
   deploy_model = build_model(cfg.model, num_classes, deploy=True)
   forms, timings = {}, {}
-  eval_plain = steps.make_eval_step(mesh)
+  pixels = eval_loader.pixel_stats
+  eval_plain = steps.make_eval_step(mesh, pixel_stats=pixels)
+  evaluate_with = lambda step_fn: lambda s: steps.evaluate(step_fn, s, eval_loader, mesh)  # noqa: E731
 
   # Stage 1: FP training of the multi-branch network (or import).
   t = time.time()
@@ -124,9 +135,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     state = create_train_state(model, template, cfg.fp)
     state = train_stage(
         "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
-        train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing),
+        train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
+                                         pixel_stats=pixels),
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
-        log_every=cfg.log_every, interrupt_at=kill("fp"))
+        log_every=cfg.log_every, evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
                  "batch_stats": sharding.to_host(state.batch_stats)}
   else:
@@ -157,26 +169,26 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     q = make_quantizer(cfg.quant.method, bits=cfg.quant.bits,
                        granularity=cfg.quant.granularity,
                        first_last_bits=cfg.quant.first_last_bits)
-    quant = q.init(merged["params"])
+    quant = init_codebooks(q, merged["params"])
     state = create_train_state(deploy_model, merged, cfg.qat, quant=quant)
+    eval_qat = steps.make_eval_step(mesh, q, pixel_stats=pixels)
     if cfg.qat.enabled:
-      refit_every = cfg.quant.refit_every
+      refit_every, refit_fn = cfg.quant.refit_every, make_refit(q, mesh)
 
       def refit(step: int, state: Any) -> Any:
         if step % refit_every:
           return state
-        host = sharding.to_host({"p": state.params, "q": state.quant})
-        return _replace_quant(state, q.refit(host["p"], host["q"]), mesh)
+        return state.replace(quant=refit_fn(state.params, state.quant))
 
       state = train_stage(
           "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
-          train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q),
+          train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
+                                           pixel_stats=pixels),
           ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
-          log_every=cfg.log_every, after_step=refit, interrupt_at=kill("qat"))
+          log_every=cfg.log_every, after_step=refit, evaluate=evaluate_with(eval_qat))
     else:
       state = sharding.replicate(state, mesh)
-    forms["qat"] = {"accuracy": steps.evaluate(steps.make_eval_step(mesh, q), state,
-                                               eval_loader, mesh)}
+    forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh)}
     timings["qat"] = time.time() - t
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
     del state
