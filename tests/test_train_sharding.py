@@ -154,6 +154,7 @@ class _Progress:
 
 
 def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
+  """QAT of the merged tiny model; records every codebook state it holds (init, refits)."""
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if nproc > 1:
@@ -180,11 +181,19 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   merged = jax.device_get(repvgg_jax.merge(init_variables(model, (16, 16, 3), 0)))
   q = make_quantizer("cluster", bits=2)
   quant = pipeline.init_codebooks(q, merged["params"])
+  books = {0: jax.tree_util.tree_leaves(quant)}  # step -> codebooks held after it
   state = create_train_state(build_model(cfg.model, 10, deploy=True), merged, cfg.qat,
                              quant=quant)
   refit_fn = pipeline.make_refit(q, mesh)
-  refit = lambda step, s: s.replace(quant=refit_fn(s.params, s.quant)) if step % 2 == 0 else s
-  result = {"pid": pid}
+
+  def refit(step, s):  # the pipeline's refit, plus a host copy for the test (test-only sync)
+    if step % 2:
+      return s
+    s = s.replace(quant=refit_fn(s.params, s.quant))
+    books[step] = jax.tree_util.tree_leaves(sharding.to_host(s.quant))
+    return s
+
+  result = {"pid": pid, "preempted": None}
   try:
     state = train_stage(
         "qat", state, loader=_Progress(loader, progress, 3), mesh=mesh,
@@ -194,13 +203,9 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   except Preempted as e:
     import re
     result["preempted"] = int(re.search(r"saved step (\d+)", str(e)).group(1))
-    with open(out + ".json", "w") as f:
-      json.dump(result, f)
-    return
-  host = sharding.to_host({"params": state.params, "quant": state.quant, "step": state.step})
-  result["step"] = int(host["step"])
-  leaves = jax.tree_util.tree_leaves({"params": host["params"], "quant": host["quant"]})
-  np.savez(out, *leaves)
+  result["refit_steps"] = sorted(books)
+  np.savez(out, **{f"{step}_{i}": b for step, leaves in books.items()
+                   for i, b in enumerate(leaves)})
   with open(out + ".json", "w") as f:
     json.dump(result, f)
 
@@ -220,36 +225,11 @@ def _finish(procs):
     assert p.returncode == 0, err[-3000:]
 
 
-def _leaves(path):
-  z = np.load(path)
-  return [z[f"arr_{i}"] for i in range(len(z.files))]
-
-
-def _restored_checkpoint(directory, step=None):
-  """The QAT checkpoint as one process with one device reads it: flat numpy leaves."""
+def test_two_processes_share_codebooks_and_stop_together_on_sigterm(tmp_path):
+  """Process 0 fits the codebooks (process 1 may not), both hold the same ones after every
+  refit; a SIGTERM to process 1 stops both at the same step, saved once, readable alone."""
   import jax
   from repvgg_jax.train.checkpoint import StageCheckpoints
-  ckpt = StageCheckpoints(directory, every=2, keep=2)
-  latest = ckpt.latest_step()
-  tree = ckpt.restore_host(step)
-  ckpt.close()
-  return latest, tree, jax.tree_util.tree_leaves({"params": tree["params"],
-                                                  "quant": tree["quant"]})
-
-
-def test_two_processes_share_codebooks_and_write_one_checkpoint(tmp_path):
-  _finish(_start_qat(tmp_path, num_steps=4))
-  p0, p1 = _leaves(tmp_path / "p0.npz"), _leaves(tmp_path / "p1.npz")
-  assert len(p0) == len(p1) > 0
-  for a, b in zip(p0, p1):
-    np.testing.assert_array_equal(a, b)  # params and codebooks, bit for bit
-  latest, tree, ck = _restored_checkpoint(str(tmp_path / "run" / "qat"))
-  assert latest == 4 and int(tree["step"]) == 4
-  for a, b in zip(ck, p0):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   progress = str(tmp_path / "progress")
   procs = _start_qat(tmp_path, num_steps=2000, progress=progress)
   deadline = time.time() + 240
@@ -260,10 +240,27 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   procs[1].send_signal(signal.SIGTERM)
   _finish(procs)
   results = [json.load(open(tmp_path / f"p{i}.npz.json")) for i in range(2)]
-  assert all("preempted" in r for r in results), results
-  assert 3 <= results[0]["preempted"] == results[1]["preempted"] < 2000
-  latest, tree, _ = _restored_checkpoint(str(tmp_path / "run" / "qat"))
-  assert latest == int(tree["step"]) == results[0]["preempted"]
+  stop = results[0]["preempted"]
+  assert stop is not None and 3 <= stop == results[1]["preempted"] < 2000, results
+  assert results[0]["refit_steps"] == results[1]["refit_steps"]
+  books = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+  assert sorted(books[0].files) == sorted(books[1].files)
+  for k in books[0].files:
+    np.testing.assert_array_equal(books[0][k], books[1][k])  # bit for bit
+  ckpt = StageCheckpoints(str(tmp_path / "run" / "qat"), every=2, keep=2)
+  assert ckpt.latest_step() == stop
+  saved = ckpt.restore_host()
+  ckpt.close()
+  assert int(saved["step"]) == stop
+  last_refit = max(s for s in results[0]["refit_steps"] if s <= stop)
+  leaves = jax.tree_util.tree_leaves(saved["quant"])
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_array_equal(leaf, books[0][f"{last_refit}_{i}"])
+
+
+def _leaves(path):
+  z = np.load(path)
+  return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
 # ----------------------------------------------------------------------------- device counts
