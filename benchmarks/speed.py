@@ -48,6 +48,7 @@ import bench_common as bc
 import repvgg_jax as rv
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.config import base_config
+from repvgg_jax.train.pipeline import make_refit
 from repvgg_jax.train.state import build_model, create_train_state
 
 CONV_IMPLS = ("xla", "auto")
@@ -273,9 +274,10 @@ def jax_train_fns(args, impl: str | None, mesh, batch: dict, px: int) -> tuple[d
     fns[key], holders[key] = _stepper(step, state, batch)
   qat = holders["deploy QAT"]
 
-  def refit():  # as the pipeline does: to host, refit, back to the devices
-    host = sharding.to_host({"p": qat["state"].params, "q": qat["state"].quant})
-    new = sharding.replicate(q.refit(host["p"], host["q"]), mesh)
+  refit_fn = make_refit(q, mesh)
+
+  def refit():  # as the pipeline does: jitted on device, codebooks replicated
+    new = refit_fn(qat["state"].params, qat["state"].quant)
     jax.block_until_ready(new)
     qat["state"] = qat["state"].replace(quant=new)
   if args.refit:

@@ -2,13 +2,14 @@
 
 ``--config.quant.bits=3`` changes the bit width; ``--config.init_from=<dir>``
 starts QAT from an existing FP-stage checkpoint directory (and skips FP).
+``--config configs/imagenet_w4.py:local``: the local smoke mode (see imagenet_fp.py).
 """
 
-from configs.imagenet_fp import TRAIN_EXAMPLES, imagenet_base
+from configs.imagenet_fp import TRAIN_EXAMPLES, imagenet_base, local
 from repvgg_jax.train.config import finalize
 
 
-def get_config():
+def get_config(arg=None):
   c = imagenet_base()
   c.model.norm = "oabn"
   c.quant.method = "cluster"
@@ -17,4 +18,8 @@ def get_config():
   c.qat.num_steps = 10 * TRAIN_EXAMPLES // c.qat.batch_size
   c.qat.base_lr = 0.01
   c.qat.weight_decay = 0.0
+  if arg == "local":
+    c = local(c)
+  elif arg:
+    raise ValueError(f"configs/imagenet_w4.py:{arg}: unknown mode, expected 'local' or none")
   return finalize(c)

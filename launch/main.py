@@ -19,6 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and the report.")
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False,
+                                   "Keep the INFO lines of libraries (orbax logs every save).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +28,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   from repvgg_jax.train import config as config_lib, pipeline
+  from repvgg_jax.train.loop import quiet_library_logs
+  if not _LIBRARY_LOGS.value:
+    quiet_library_logs()
   cfg = _CONFIG.value
   config_lib.validate(cfg)  # Overrides from the command line are checked here too.
   pipeline.initialize_distributed(cfg)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from repvgg_jax.data.transforms import normalize
 from repvgg_jax.fileio import atomic_write
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER, RepVGG, Variant
 from repvgg_jax.quant import activation, uniform
@@ -36,12 +37,12 @@ from repvgg_jax.quant.levels import decode
 
 
 def normalize_images(images: jax.Array, mean: Any, std: Any) -> jax.Array:
-  """uint8 NHWC (C = 1 or 3) -> float32 NHWC with 3 channels: ``(x / 255 - mean) / std``,
-  the same arithmetic as the input pipeline's."""
-  x = images.astype(jnp.float32) * np.float32(1 / 255)
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  """uint8 NHWC (C = 1 or 3) -> float32 NHWC with 3 channels: the input
+  pipeline's normalization (:func:`repvgg_jax.data.transforms.normalize`)."""
+  images = jnp.asarray(images)
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
+  return normalize(images, mean, std)
 
 
 def calibrate(model: RepVGG, variables: Mapping[str, Any], batches: Iterable[jax.Array], *,
@@ -257,9 +258,9 @@ def load_packed(path) -> DeployedModel:
   return DeployedModel(packed)
 
 
-def export_stablehlo(packed: PackedModel, path) -> int:
-  """Writes the quantized deploy forward (uint8 images -> logits, any batch
-  size) serialized by ``jax.export``; returns the file's size in bytes."""
+def export_stablehlo(packed: PackedModel, path=None) -> bytes:
+  """The quantized deploy forward (uint8 images -> logits, any batch size)
+  serialized by ``jax.export``; written atomically to ``path`` when given."""
   size = packed.model["image_size"]
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
@@ -268,5 +269,6 @@ def export_stablehlo(packed: PackedModel, path) -> int:
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:
       f.write(data)
-  atomic_write(path, write)
-  return len(data)
+  if path is not None:
+    atomic_write(path, write)
+  return data

@@ -19,8 +19,24 @@ CASES = {(size, stride): ((3, PAD1, (1, 2, 4)[i % 3]), (1, PAD0, (1, 4)[i // 2 %
          for i, (size, stride) in enumerate((s, t) for s in range(1, 6) for t in (1, 2))}
 
 
-def _conv_ops(fn, *args) -> int:
-  return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+def _conv_ops(fn, *args, platform: str | None = None) -> int:
+  """Convolutions in the program lowered for ``platform`` (default: this machine's)."""
+  if platform is None:
+    text = jax.jit(fn).lower(*args).as_text()
+  else:
+    text = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+  return text.count("stablehlo.convolution")
+
+
+def _dots(jaxpr):
+  """Every dot_general equation of ``jaxpr``, inside platform branches too."""
+  out = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      out.append(e)
+    for branch in e.params.get("branches", ()):
+      out += _dots(branch.jaxpr)
+  return out
 
 
 def _values_and_grads(conv, x, ws, stride, configs):
@@ -35,7 +51,7 @@ def _values_and_grads(conv, x, ws, stride, configs):
 
 @pytest.fixture
 def any_backend(monkeypatch):
-  monkeypatch.setattr(conv_lib, "BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(conv_lib, "PLATFORMS", (jax.default_backend(),))
 
 
 @pytest.fixture
@@ -67,6 +83,18 @@ def test_default_threshold_picks_tiny_outputs_only(any_backend):
     assert _conv_ops(lambda x: f(x, stride), jnp.ones((1, size, size, 4))) == convs
 
 
+def test_form_follows_the_platform_of_the_computation(monkeypatch):
+  w = jnp.ones((3, 3, 4, 4))
+  f = lambda x: conv_lib.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+  x = jnp.ones((4, 2, 2, 4))
+  # Chosen when lowering, not from jax.default_backend() while tracing.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _conv_ops(f, x, platform="cpu") == 0
+  assert _conv_ops(f, x, platform="cuda") == 1
+  assert _conv_ops(f, x, platform="tpu") == 1
+
+
 @pytest.mark.parametrize("batch, hw, stride, form, taps", [
     (4, (1, 1), 1, "unrolled", 1), (4, (1, 1), 2, "unrolled", 1), (4, (2, 2), 2, "unrolled", 4),
     (4, (2, 2), 1, "unrolled", 9), (4, (4, 4), 2, "im2col", 9), (4, (1, 4), 2, "im2col", 3),
@@ -75,7 +103,7 @@ def test_padding_only_taps_are_dropped(batch, hw, stride, form, taps, any_backen
   x, w = jnp.ones((batch, *hw, 8)), jnp.ones((3, 3, 8, 5))
   jaxpr = jax.make_jaxpr(lambda x: conv_lib.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC))(x)
-  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots = _dots(jaxpr.jaxpr)
   if form == "unrolled":  # selection (T, H*W, Ho*Wo), then x @ unrolled kernel
     sel, _ = dots
     assert sel.invars[0].aval.shape[0] == taps

@@ -74,19 +74,16 @@ def _assert_batches_equal(a, b):
 
 
 def _fm_normalized(img28, size):
-  """Fashion-MNIST record -> expected model input: zero-pad to size, /255, standardize, RGB."""
-  st = data.STATS["fashion_mnist"]
+  """Fashion-MNIST record -> expected batch image: zero-pad to size, RGB, uint8."""
   p = (size - 28) // 2
-  x = np.pad(img28, ((p, size - 28 - p), (p, size - 28 - p))).astype(np.float64) / 255
-  x = np.repeat(x[:, :, None], 3, axis=2)
-  return (x - np.asarray(st.mean)) / np.asarray(st.std)
+  x = np.pad(img28, ((p, size - 28 - p), (p, size - 28 - p)))
+  return np.repeat(x[:, :, None], 3, axis=2)
 
 
 def _to_uint8(images, stats):
-  """Inverts the normalization of float32 (..., H, W, 3) back to uint8 pixel values."""
-  x = (np.asarray(images, np.float64) * np.asarray(stats.std) + np.asarray(stats.mean)) * 255
-  np.testing.assert_allclose(x, np.rint(x), atol=1e-3)  # Normalization is exactly invertible.
-  return np.rint(x).astype(np.uint8)
+  """Batches carry uint8 pixels (normalized on device): checks the dtype, returns them."""
+  assert np.asarray(images).dtype == np.uint8
+  return np.asarray(images)
 
 
 # ----------------------------------------------------------------------------- IDX reader
@@ -202,7 +199,7 @@ def test_real_fashion_mnist_files():
   assert abs(mean - stats.mean[0]) < 5e-4 and abs(std - stats.std[0]) < 5e-4
   batch = next(iter(_loader(cfg, "test", batch=16, train=False)))
   assert batch["image"].shape == (16, 32, 32, 3)
-  np.testing.assert_allclose(batch["image"][3], _fm_normalized(test.images[3], 32), atol=1e-5)
+  np.testing.assert_array_equal(batch["image"][3], _fm_normalized(test.images[3], 32))
   np.testing.assert_array_equal(batch["label"], test.labels[:16])
 
 
@@ -228,8 +225,8 @@ def test_tfds_source_with_mock_data(name):
     if name == "fashion_mnist":
       expected = _fm_normalized(img[:, :, 0], 32)
     else:  # CIFAR-10 is already 32x32x3: only normalized.
-      expected = (img / 255 - np.asarray(stats.mean)) / np.asarray(stats.std)
-    np.testing.assert_allclose(images[i], expected, atol=1e-5)
+      expected = img
+    np.testing.assert_array_equal(images[i], expected)
     assert labels[i] == int(rec["label"])
 
 
@@ -373,7 +370,7 @@ def test_eval_mask_counts_the_split_and_pads_with_false(tmp_path):
   np.testing.assert_array_equal(labels[mask], arrays["test"][1])  # in order
   assert np.all(labels[~mask] == 0)
   for i in range(10):  # augment "none": exactly the source image, padded 28 -> 32
-    np.testing.assert_allclose(images[i], _fm_normalized(arrays["test"][0][i], 32), atol=1e-5)
+    np.testing.assert_array_equal(images[i], _fm_normalized(arrays["test"][0][i], 32))
 
 
 def test_train_subset_uses_the_first_examples():
@@ -402,12 +399,12 @@ def test_augment_none_returns_the_source_images(tmp_path):
   loader = _loader(_cfg(source="fashion_mnist_idx", data_dir=d, image_size=32), batch=8)
   batches = _take(iter(loader), 3)
   for b in batches:
-    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
     assert b["label"].dtype == np.int32 and b["mask"].dtype == np.bool_ and b["mask"].all()
   got = _by_label(batches)
   assert sorted(got) == list(range(len(labels)))
   for i in got:
-    np.testing.assert_allclose(got[i], _fm_normalized(images[i], 32), atol=1e-5)
+    np.testing.assert_array_equal(got[i], _fm_normalized(images[i], 32))
 
 
 def test_pad_crop_flip_is_a_shifted_and_maybe_flipped_copy(tmp_path):
@@ -415,7 +412,7 @@ def test_pad_crop_flip_is_a_shifted_and_maybe_flipped_copy(tmp_path):
   images = arrays["train"][0]
   cfg = _cfg(source="fashion_mnist_idx", data_dir=d, image_size=32, augment="pad_crop_flip")
   batches = _take(iter(_loader(cfg, batch=8)), 6)  # two epochs
-  assert all(b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+  assert all(b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
              for b in batches)
   stats = data.STATS["fashion_mnist"]
   shifts, flips = set(), set()
@@ -443,7 +440,7 @@ def test_rrc_flip_crops_differently_and_evaluates_with_a_centre_crop(tmp_path):
   images = arrays["train"][0]
   cfg = _cfg(source="fashion_mnist_idx", data_dir=d, image_size=16, augment="rrc_flip")
   batches = _take(iter(_loader(cfg, batch=8)), 6)
-  assert all(b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
+  assert all(b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.uint8
              for b in batches)
   stats = data.STATS["fashion_mnist"]
   whole = lambda img, size: np.asarray(Image.fromarray(img).resize((size, size),
@@ -482,3 +479,69 @@ def test_bad_input_names_the_value(fields, kwargs, exc, pattern):
   split = kwargs.pop("split", "train")
   with pytest.raises(exc, match=pattern):
     _loader(_cfg(**fields), split, **kwargs)
+
+
+# ----------------------------------------------------------------------------- on device, JPEG
+
+def test_normalize_is_the_standardization_on_device():
+  import jax
+  from repvgg_jax.data import transforms
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  st = data.STATS["imagenet2012"]
+  got = jax.jit(transforms.normalize)(images, np.asarray(st.mean), np.asarray(st.std))
+  want = (images / 255 - np.asarray(st.mean)) / np.asarray(st.std)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_loader_exposes_its_pixel_stats(tmp_path):
+  d, _ = _fmnist_dir(tmp_path)
+  loader = _loader(_cfg(source="fashion_mnist_idx", data_dir=d, image_size=32), batch=8)
+  st = data.STATS["fashion_mnist"]
+  np.testing.assert_array_equal(loader.pixel_stats[0], np.asarray(st.mean, np.float32))
+  np.testing.assert_array_equal(loader.pixel_stats[1], np.asarray(st.std, np.float32))
+
+
+def _photo(w=500, h=375, seed=0):
+  """A smooth RGB test picture (JPEG-friendly) as uint8 (h, w, 3)."""
+  y, x = np.mgrid[0:h, 0:w]
+  rng = np.random.default_rng(seed)
+  img = np.stack([128 + 100 * np.sin(x / rng.uniform(20, 40) + c) * np.cos(y / 30)
+                  for c in range(3)], -1)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(img, quality=90):
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_jpeg_reduced_decode_matches_the_full_decode(train, monkeypatch):
+  from repvgg_jax.data import transforms
+  encoded = _jpeg(_photo(500, 375))  # 375 / 4 and / 8 round up: boxes must be clamped
+  full = np.asarray(Image.open(__import__("io").BytesIO(encoded)).convert("RGB"))
+  from PIL import JpegImagePlugin
+  scales = []
+  draft = JpegImagePlugin.JpegImageFile.draft
+
+  def recording(self, mode, size):
+    out = draft(self, mode, size)
+    scales.append(self.size[0] / 500)
+    return out
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
+  diffs = []
+  for seed in range(40):
+    a = transforms.decode_augment(encoded, "rrc_flip", 64, train, np.random.default_rng(seed))
+    b = transforms.augment_image(full, "rrc_flip", 64, train, np.random.default_rng(seed))
+    assert a.shape == b.shape == (64, 64, 3) and a.dtype == np.uint8
+    diffs.append(np.abs(a.astype(np.int16) - b).mean())
+  # Same crops and flips (same draws); pixels differ by the DCT-domain downscale only.
+  assert max(diffs) < 6, diffs
+  assert min(scales) <= 0.25  # 64 px crops of a 500 px photo decode at 1/4 or 1/8
+  for seed in range(300):  # every crop box fits the reduced image
+    out = transforms.decode_augment(encoded, "rrc_flip", 32, True, np.random.default_rng(seed))
+    assert out.shape == (32, 32, 3)

@@ -75,4 +75,32 @@ def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(run, tmp_path):
   assert "fp" not in forms and "accuracy" not in forms["merged"]
   assert forms["merged"]["size_bytes"] == run[1]["forms"]["merged"]["size_bytes"]
   assert 0.0 <= forms["packed"]["accuracy"] <= 1.0
-  assert "| merged FP | not evaluated |" in open(os.path.join(tmp_path, "report.md")).read()
+  assert "| merged FP | W32A32 | not evaluated |" in open(os.path.join(tmp_path, "report.md")).read()
+
+
+def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(run, tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.eval_fp_forms = False
+  cfg.quant.act_bits, cfg.quant.int8_levels = 8, True
+  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  assert forms["stablehlo"]["accuracy"] == forms["packed"]["accuracy"]
+  assert forms["packed"]["weight_bits"] == 4 and forms["stablehlo"]["act_bits"] == 8
+  packed_bytes = os.path.getsize(os.path.join(tmp_path, "model.packed"))
+  assert forms["stablehlo"]["size_bytes"] == os.path.getsize(os.path.join(tmp_path,
+                                                                           "model.stablehlo"))
+  assert forms["stablehlo"]["size_bytes"] <= 1.25 * packed_bytes
+  assert 0.0 <= forms["integer"]["accuracy"] <= 1.0 and forms["integer"]["agreement"] > 0.9
+  assert "| model.stablehlo | W4A8 |" in open(os.path.join(tmp_path, "report.md")).read()
+
+
+def test_w8a8_ptq_from_the_command_line_config(run, tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.eval_fp_forms, cfg.qat.enabled = False, False
+  cfg.quant.method, cfg.quant.bits, cfg.quant.clipping = "uniform", 8, "mse"
+  cfg.quant.act_bits, cfg.quant.act_calibration = 8, "mse"
+  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "qat"))  # no training
+  assert forms["qat"]["accuracy"] == forms["packed"]["accuracy"] == forms["stablehlo"]["accuracy"]
+  assert "integer" in forms  # uniform grids are int8 grids

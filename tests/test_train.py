@@ -115,9 +115,9 @@ def test_grad_clip_norm_bounds_the_first_update(clip):
   both = {"params": params, "quant": {}}
   updates, _ = tx.update({"params": grads, "quant": {}}, tx.init(both), both)
   lr = cfg.base_lr * cfg.batch_size / 256
-  norm = float(optax.global_norm(updates))
+  norm = float(optax.tree.norm(updates))
   # First SGD step: update = -lr * g, with g scaled to global norm `clip` when clipping.
-  expected = lr * (clip if clip else float(optax.global_norm(grads)))
+  expected = lr * (clip if clip else float(optax.tree.norm(grads)))
   np.testing.assert_allclose(norm, expected, rtol=1e-6)
 
 
@@ -130,52 +130,42 @@ def test_lr_scales_with_batch_warms_up_and_decays_to_zero():
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)
 
 
-def _stage(tmp_path, name="fp", num_steps=6, **kw):
+def _stage(tmp_path, name="fp", num_steps=6, log_every=100, checkpoint_every=2, **kw):
   cfg = tiny.tiny_config()
   cfg.fp.num_steps = num_steps
-  cfg.fp.checkpoint_every = 2
+  cfg.fp.checkpoint_every = checkpoint_every
+  cfg.fp.eval_every = kw.pop("eval_every", 0)
   mesh = sharding.make_mesh()
   loader = kw.pop("loader", None) or data.make_loader(
       cfg.data, "train", global_batch_size=cfg.fp.batch_size, train=True, seed=0)
   model = build_model(cfg.model, loader.num_classes, deploy=False)
   state = create_train_state(model, init_variables(model, loader.image_shape, 0), cfg.fp)
-  out = train_stage(name, state, train_step=steps.make_train_step(mesh, loader.num_classes),
-                    loader=loader, mesh=mesh, ckpt_dir=str(tmp_path / name), stage_cfg=cfg.fp,
-                    writer=MetricWriter(str(tmp_path), enabled=False), log_every=100, **kw)
+  train_step = steps.make_train_step(mesh, loader.num_classes, pixel_stats=loader.pixel_stats)
+  writer = kw.pop("writer", None) or MetricWriter(str(tmp_path), enabled=False)
+  out = train_stage(name, state, train_step=train_step, loader=loader, mesh=mesh,
+                    ckpt_dir=str(tmp_path / name), stage_cfg=cfg.fp, writer=writer,
+                    log_every=log_every, **kw)
   return sharding.to_host(out)
 
 
-def test_resume_after_kill_is_bit_exact(tmp_path):
-  straight = _stage(tmp_path / "a")
-  with pytest.raises(KeyboardInterrupt):
-    _stage(tmp_path / "b", interrupt_at=4)
-  assert StageCheckpoints(str(tmp_path / "b" / "fp"), every=2, keep=2).latest_step() == 4
-  resumed = _stage(tmp_path / "b")
-  assert int(resumed.step) == 6
-  chex.assert_trees_all_equal(straight.params, resumed.params)
-  chex.assert_trees_all_equal(straight.batch_stats, resumed.batch_stats)
+class _Wrapped:
+  """Wraps a loader; ``change(n, batch)`` may alter or replace the n-th batch (1-based)."""
 
-
-class _PoisonAt:
-  """Wraps a loader; the batch of step ``k`` (1-based) has NaN images."""
-
-  def __init__(self, loader, k):
-    self.loader, self.k = loader, k
+  def __init__(self, loader, change):
+    self.loader, self.change = loader, change
     self.num_classes, self.image_shape = loader.num_classes, loader.image_shape
+    self.pixel_stats = loader.pixel_stats
 
   def __iter__(self):
-    inner, k = iter(self.loader), self.k
+    inner, change = iter(self.loader), self.change
 
     class It:
       def __init__(self):
         self.n = 0
 
       def __next__(self):
-        batch = dict(next(inner))
         self.n += 1
-        if self.n == k:
-          batch["image"] = np.full_like(batch["image"], np.nan)
-        return batch
+        return change(self.n, dict(next(inner)))
 
       def get_state(self):
         return inner.get_state()
@@ -185,16 +175,97 @@ class _PoisonAt:
     return It()
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+def _killed_after(loader, k):
+  """The loader of a run killed (KeyboardInterrupt) when it asks for batch k + 1."""
+  def change(n, batch):
+    if n > k:
+      raise KeyboardInterrupt(f"simulated kill after step {k}")
+    return batch
+  return _Wrapped(loader, change)
+
+
+def _tiny_loader():
   cfg = tiny.tiny_config()
-  loader = data.make_loader(cfg.data, "train", global_batch_size=16, train=True)
+  return data.make_loader(cfg.data, "train", global_batch_size=cfg.fp.batch_size, train=True)
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+  straight = _stage(tmp_path / "a")
+  with pytest.raises(KeyboardInterrupt):
+    _stage(tmp_path / "b", loader=_killed_after(_tiny_loader(), 4))
+  assert StageCheckpoints(str(tmp_path / "b" / "fp"), every=2, keep=2).latest_step() == 4
+  resumed = _stage(tmp_path / "b")
+  assert int(resumed.step) == 6
+  chex.assert_trees_all_equal(straight.params, resumed.params)
+  chex.assert_trees_all_equal(straight.batch_stats, resumed.batch_stats)
+
+
+def _poison_at(loader, k):
+  """The batch of step k (1-based) holds NaN images (float: normalize passes NaN on)."""
+  def change(n, batch):
+    if n == k:
+      batch["image"] = np.full(batch["image"].shape, np.nan, np.float32)
+    return batch
+  return _Wrapped(loader, change)
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, log_every):
+  # Step 5 goes bad; with log_every=3 it is seen at step 6 (a log and save step), before
+  # that step is saved: the last good checkpoint, step 4, stays the latest.
   with pytest.raises(NonFiniteLoss, match="at step 5"):
-    _stage(tmp_path, loader=_PoisonAt(loader, 5))
+    _stage(tmp_path, loader=_poison_at(_tiny_loader(), 5), log_every=log_every)
+  cfg = tiny.tiny_config()
   ckpt = StageCheckpoints(str(tmp_path / "fp"), every=2, keep=2)
   assert ckpt.latest_step() == 4
   state = create_train_state(*_tiny_model_and_vars(), cfg.fp)
-  restored, _ = ckpt.restore(state)
+  restored, _, _ = ckpt.restore(state)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
+
+
+def test_no_host_transfer_between_sync_steps(tmp_path, monkeypatch):
+  """Device -> host reads (every path: float(), np.asarray, device_get) happen only at
+  log/save steps; a fetch added to every step fails this test."""
+  from jax._src.array import ArrayImpl
+  import threading
+  calls, current = [], {"step": 0}
+  value = ArrayImpl._value
+
+  def counting(self):
+    if threading.current_thread() is threading.main_thread():
+      calls.append(current["step"])
+    return value.fget(self)
+
+  loader = _tiny_loader()
+
+  def count_steps(n, batch):
+    current["step"] = n
+    return batch
+  monkeypatch.setattr(ArrayImpl, "_value", property(counting))
+  _stage(tmp_path, loader=_Wrapped(loader, count_steps), num_steps=8, log_every=4,
+         checkpoint_every=4)
+  steps_with_reads = sorted(set(calls) - {0})  # 0: resume/set-up before the first step
+  assert steps_with_reads and set(steps_with_reads) <= {4, 8}, steps_with_reads
+
+
+def test_eval_every_logs_accuracy_and_the_best(tmp_path):
+  rows = []
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      rows.append((step, dict(scalars)))
+  accuracies = iter([0.25, 0.5, 0.375])
+  _stage(tmp_path, num_steps=6, eval_every=2, writer=Writer(),
+         evaluate=lambda state: next(accuracies))
+  evals = [(s, m["fp/eval_accuracy"], m["fp/best_eval_accuracy"]) for s, m in rows
+           if "fp/eval_accuracy" in m]
+  assert evals == [(2, 0.25, 0.25), (4, 0.5, 0.5), (6, 0.375, 0.5)]
+  train_rows = [m for _, m in rows if "fp/loss" in m]
+  assert train_rows and all(m["fp/images_per_s"] > 0 for m in train_rows)
+  # The best accuracy is checkpointed, so a resumed stage keeps it.
+  _, _, meta = StageCheckpoints(str(tmp_path / "fp"), every=2, keep=2).restore(
+      create_train_state(*_tiny_model_and_vars(), tiny.tiny_config().fp))
+  assert meta == {"best_eval_accuracy": 0.5}
 
 
 def _tiny_model_and_vars():
@@ -208,10 +279,10 @@ _KILL_DURING_SAVE = textwrap.dedent("""
   import numpy as np
   from repvgg_jax.train.checkpoint import StageCheckpoints
   ckpt = StageCheckpoints(sys.argv[1], every=1, keep=3)
-  ckpt.save(1, {"w": np.ones((4,), np.float32)}, {"pos": 1}, force=True)
+  ckpt.save(1, {"w": np.ones((4,), np.float32)}, {"pos": 1})
   ckpt.wait()
   # A large async save, then the process dies at once, as under SIGKILL.
-  ckpt.save(2, {"w": np.ones((64, 1024, 1024), np.float32)}, {"pos": 2}, force=True)
+  ckpt.save(2, {"w": np.ones((64, 1024, 1024), np.float32)}, {"pos": 2})
   os._exit(0)
 """)
 
@@ -224,7 +295,7 @@ def test_kill_during_save_leaves_a_readable_latest_checkpoint(tmp_path):
   step = ckpt.latest_step()
   assert step in (1, 2)
   shape = (4,) if step == 1 else (64, 1024, 1024)
-  state, data_state = ckpt.restore({"w": np.zeros(shape, np.float32)})
+  state, data_state, _ = ckpt.restore({"w": np.zeros(shape, np.float32)})
   assert data_state == {"pos": step}
   assert (np.asarray(state["w"]) == 1).all()
 

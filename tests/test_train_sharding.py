@@ -1,16 +1,21 @@
-"""Sharding: 8 fake CPU devices vs 1 device; two processes (jax.distributed, gloo) vs one.
+"""Sharding: 8 fake CPU devices vs 1 device; two processes (jax.distributed, gloo) vs one;
+QAT on two processes (identical codebooks, one checkpoint, SIGTERM agreed); resume of a
+checkpoint saved on 8 devices on 1 and on 4.
 
-Both run in subprocesses, since the device count and the distributed runtime are
+All run in subprocesses, since the device count and the distributed runtime are
 fixed at JAX start-up. Running this file as a script is the worker of those tests.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -18,7 +23,7 @@ GLOBAL_BATCH = 16
 
 
 def _batch(step):
-  """The global batch of ``step``: deterministic numpy, float32 NHWC 16 px."""
+  """The global batch of ``step``: deterministic numpy, float32 NHWC 16 px (model input)."""
   rng = np.random.default_rng(step)
   return {"image": rng.normal(size=(GLOBAL_BATCH, 16, 16, 3)).astype(np.float32),
           "label": rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)}
@@ -119,8 +124,246 @@ def test_two_processes_agree_with_one(tmp_path):
     _compare(ref, _load(tmp_path / f"p{i}.npz"), rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- QAT, 2 processes
+
+class _Progress:
+  """Loader wrapper: writes ``path`` once the stage asks for batch ``at``."""
+
+  def __init__(self, loader, path, at):
+    self.loader, self.path, self.at = loader, path, at
+
+  def __iter__(self):
+    inner, path, at = iter(self.loader), self.path, self.at
+
+    class It:
+      n = 0
+
+      def __next__(self):
+        self.n += 1
+        if self.n == at and path:
+          with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        return next(inner)
+
+      def get_state(self):
+        return inner.get_state()
+
+      def set_state(self, s):
+        inner.set_state(s)
+    return It()
+
+
+def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
+  """QAT of the merged tiny model; records every codebook state it holds (init, refits)."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
+                               process_id=pid)
+  sys.path.insert(0, ROOT)
+  import repvgg_jax
+  from configs import tiny
+  from repvgg_jax import data
+  from repvgg_jax.quant import Quantizer, make_quantizer
+  from repvgg_jax.train import pipeline, sharding, steps
+  from repvgg_jax.train.loop import Preempted, train_stage
+  from repvgg_jax.train.state import build_model, create_train_state, init_variables
+  from repvgg_jax.train.writers import MetricWriter
+  if pid != 0:  # Only process 0 fits codebooks; the others receive them.
+    def refuse(*_):
+      raise AssertionError("Quantizer.init ran on a process other than 0")
+    Quantizer.init = refuse
+  cfg = tiny.tiny_config()
+  cfg.qat.num_steps, cfg.qat.checkpoint_every = num_steps, 2
+  mesh = sharding.make_mesh()
+  loader = data.make_loader(cfg.data, "train", global_batch_size=16, train=True)
+  model = build_model(cfg.model, 10, deploy=False)
+  merged = jax.device_get(repvgg_jax.merge(init_variables(model, (16, 16, 3), 0)))
+  q = make_quantizer("cluster", bits=2)
+  quant = pipeline.init_codebooks(q, merged["params"])
+  books = {0: jax.tree_util.tree_leaves(quant)}  # step -> codebooks held after it
+  state = create_train_state(build_model(cfg.model, 10, deploy=True), merged, cfg.qat,
+                             quant=quant)
+  refit_fn = pipeline.make_refit(q, mesh)
+
+  def refit(step, s):  # the pipeline's refit, plus a host copy for the test (test-only sync)
+    if step % 2:
+      return s
+    s = s.replace(quant=refit_fn(s.params, s.quant))
+    books[step] = jax.tree_util.tree_leaves(sharding.to_host(s.quant))
+    return s
+
+  result = {"pid": pid, "preempted": None}
+  try:
+    state = train_stage(
+        "qat", state, loader=_Progress(loader, progress, 3), mesh=mesh,
+        train_step=steps.make_train_step(mesh, 10, 0.0, q, pixel_stats=loader.pixel_stats),
+        ckpt_dir=os.path.join(workdir, "qat"), stage_cfg=cfg.qat, log_every=2,
+        writer=MetricWriter(workdir, enabled=False), after_step=refit)
+  except Preempted as e:
+    import re
+    result["preempted"] = int(re.search(r"saved step (\d+)", str(e)).group(1))
+  result["refit_steps"] = sorted(books)
+  np.savez(out, **{f"{step}_{i}": b for step, leaves in books.items()
+                   for i, b in enumerate(leaves)})
+  with open(out + ".json", "w") as f:
+    json.dump(result, f)
+
+
+def _start_qat(tmp_path, num_steps, progress=""):
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, __file__, "qat", str(i), "2", str(port), str(tmp_path / "run"),
+       str(tmp_path / f"p{i}.npz"), str(num_steps), progress if i == 1 else ""],
+      env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def _finish(procs):
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+
+
+def test_two_processes_share_codebooks_and_stop_together_on_sigterm(tmp_path):
+  """Process 0 fits the codebooks (process 1 may not), both hold the same ones after every
+  refit; a SIGTERM to process 1 stops both at the same step, saved once, readable alone."""
+  import jax
+  from repvgg_jax.train.checkpoint import StageCheckpoints
+  progress = str(tmp_path / "progress")
+  procs = _start_qat(tmp_path, num_steps=2000, progress=progress)
+  deadline = time.time() + 240
+  while not os.path.exists(progress):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), \
+        [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  _finish(procs)
+  results = [json.load(open(tmp_path / f"p{i}.npz.json")) for i in range(2)]
+  stop = results[0]["preempted"]
+  assert stop is not None and 3 <= stop == results[1]["preempted"] < 2000, results
+  assert results[0]["refit_steps"] == results[1]["refit_steps"]
+  books = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+  assert sorted(books[0].files) == sorted(books[1].files)
+  for k in books[0].files:
+    np.testing.assert_array_equal(books[0][k], books[1][k])  # bit for bit
+  ckpt = StageCheckpoints(str(tmp_path / "run" / "qat"), every=2, keep=2)
+  assert ckpt.latest_step() == stop
+  saved = ckpt.restore_host()
+  ckpt.close()
+  assert int(saved["step"]) == stop
+  last_refit = max(s for s in results[0]["refit_steps"] if s <= stop)
+  leaves = jax.tree_util.tree_leaves(saved["quant"])
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_array_equal(leaf, books[0][f"{last_refit}_{i}"])
+
+
+def _leaves(path):
+  z = np.load(path)
+  return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+# ----------------------------------------------------------------------------- device counts
+
+def _resume_worker(workdir, devices, kill_after, out):
+  """FP stage of the tiny model on ``devices`` devices; with ``kill_after``, first an
+  uninterrupted run in ``workdir/straight`` (written to ``out``), then one killed
+  after that step in ``workdir/killed``."""
+  import jax
+  assert jax.device_count() == devices
+  if kill_after:
+    _resume_worker(os.path.join(workdir, "straight"), devices, 0, out)
+    workdir = os.path.join(workdir, "killed")
+  sys.path.insert(0, ROOT)
+  from configs import tiny
+  from repvgg_jax import data
+  from repvgg_jax.train import sharding, steps
+  from repvgg_jax.train.loop import train_stage
+  from repvgg_jax.train.state import build_model, create_train_state, init_variables
+  from repvgg_jax.train.writers import MetricWriter
+  cfg = tiny.tiny_config()
+  cfg.fp.num_steps, cfg.fp.checkpoint_every = 6, 2
+  mesh = sharding.make_mesh()
+  loader = data.make_loader(cfg.data, "train", global_batch_size=16, train=True)
+  model = build_model(cfg.model, 10, deploy=False)
+  state = create_train_state(model, init_variables(model, (16, 16, 3), 0), cfg.fp)
+  if kill_after:
+    loader = _Killed(loader, kill_after)
+  try:
+    state = train_stage("fp", state, train_step=steps.make_train_step(
+        mesh, 10, pixel_stats=loader.pixel_stats), loader=loader, mesh=mesh,
+        ckpt_dir=os.path.join(workdir, "fp"), stage_cfg=cfg.fp, log_every=2,
+        writer=MetricWriter(workdir, enabled=False))
+  except KeyboardInterrupt:
+    return
+  host = sharding.to_host({"params": state.params, "batch_stats": state.batch_stats,
+                           "opt_state": state.opt_state})
+  np.savez(out, *jax.tree_util.tree_leaves(host))
+
+
+class _Killed(_Progress):
+  """Raises KeyboardInterrupt (as a kill) when batch ``at`` + 1 is asked for."""
+
+  def __init__(self, loader, at):
+    super().__init__(loader, "", at)
+    self.pixel_stats = loader.pixel_stats
+
+  def __iter__(self):
+    inner, at = super().__iter__(), self.at
+
+    class It:
+      n = 0
+
+      def __next__(self):
+        self.n += 1
+        if self.n > at:
+          raise KeyboardInterrupt
+        return next(inner)
+
+      def get_state(self):
+        return inner.get_state()
+
+      def set_state(self, s):
+        inner.set_state(s)
+    return It()
+
+
+def _run_resume(workdir, devices, kill_after, out):
+  env = _env()
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  r = subprocess.run([sys.executable, __file__, "resume", str(workdir), str(devices),
+                      str(kill_after), str(out)], env=env, cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def saved_on_8(tmp_path_factory):
+  """An uninterrupted 8-device run, and one killed after step 4 (checkpoint at 4)."""
+  base = tmp_path_factory.mktemp("resume")
+  _run_resume(base, 8, 4, base / "straight.npz")
+  return base
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_checkpoint_saved_on_8_devices_resumes_on_fewer(saved_on_8, tmp_path, devices):
+  import shutil
+  work = tmp_path / "w"
+  shutil.copytree(saved_on_8 / "killed", work)
+  _run_resume(work, devices, 0, tmp_path / "resumed.npz")
+  straight, resumed = _leaves(saved_on_8 / "straight.npz"), _leaves(tmp_path / "resumed.npz")
+  assert len(straight) == len(resumed)
+  for a, b in zip(straight, resumed):  # The global batch's reductions differ in order only.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "fake":
     _fake_devices_worker()
+  elif sys.argv[1] == "qat":
+    _qat_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
+                sys.argv[6], int(sys.argv[7]), sys.argv[8])
+  elif sys.argv[1] == "resume":
+    _resume_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
   else:
     _multihost_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

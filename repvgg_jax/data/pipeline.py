@@ -58,19 +58,25 @@ class _Window:
 
 
 class _Preprocess:
-  """Record -> {"image": float32 (S, S, 3), "label": int32 (), "mask": bool ()}."""
+  """Record -> {"image": uint8 (S, S, 3), "label": int32 (), "mask": bool ()}.
 
-  def __init__(self, augment: str, size: int, train: bool, stats: sources.Stats):
+  A record's image is a uint8 array or encoded bytes (tfds ImageNet: the JPEG,
+  decoded here at a reduced scale when the crop allows).
+  """
+
+  def __init__(self, augment: str, size: int, train: bool):
     self.augment, self.size, self.train = augment, size, train
-    self.mean = np.asarray(stats.mean, np.float32)
-    self.std = np.asarray(stats.std, np.float32)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
-    image = np.asarray(record["image"])
-    if image.ndim == 2:
-      image = image[:, :, None]
-    image = transforms.augment_image(image, self.augment, self.size, self.train, rng)
-    return {"image": transforms.normalize(image, self.mean, self.std),
+    image = record["image"]
+    if isinstance(image, (bytes, np.bytes_)):
+      image = transforms.decode_augment(bytes(image), self.augment, self.size, self.train, rng)
+    else:
+      image = np.asarray(image)
+      if image.ndim == 2:
+        image = image[:, :, None]
+      image = transforms.augment_image(image, self.augment, self.size, self.train, rng)
+    return {"image": np.ascontiguousarray(transforms.to_rgb(image)),
             "label": np.int32(record["label"]),
             "mask": np.bool_(record.get("mask", True))}
 
@@ -81,8 +87,10 @@ class Loader:
   Attributes:
     num_examples: examples in the split (after ``train_subset``), over all processes.
     num_classes: label count.
-    image_shape: (H, W, 3) of one image; batches are float32 NHWC.
-    mean, std: per-channel pixel statistics (in [0, 1], RGB) of the normalization.
+    image_shape: (H, W, 3) of one image; batches are uint8 NHWC.
+    mean, std: per-channel pixel statistics (in [0, 1], RGB) for
+      ``transforms.normalize``; ``pixel_stats`` is ``(mean, std)``, as the train
+      and eval steps take it.
     global_batch_size, local_batch_size: per step, over all processes / in this one.
     steps_per_epoch: train: ``max(1, num_examples // global_batch_size)`` (batches run
       across epoch boundaries, so this is the mean); eval: the number of batches of
@@ -96,6 +104,7 @@ class Loader:
     self.num_examples, self.num_classes = num_examples, num_classes
     self.mean = np.asarray(stats.mean, np.float32)
     self.std = np.asarray(stats.std, np.float32)
+    self.pixel_stats = (self.mean, self.std)
     self.image_shape = (image_size, image_size, 3)
     self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
     self.steps_per_epoch, self.train = steps_per_epoch, train
@@ -138,7 +147,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
       Each process reads only its contiguous shard of the examples.
 
   Returns:
-    A ``Loader`` whose iterators yield ``{"image": float32 (B, H, W, 3) NHWC,
+    A ``Loader`` whose iterators yield ``{"image": uint8 (B, H, W, 3) NHWC,
     "label": int32 (B,), "mask": bool (B,)}`` with ``B = global_batch_size // process_count``.
   """
   import grain  # Lazy: the package stays importable where grain is not installed.
@@ -171,7 +180,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
     n = subset
   local_batch = global_batch_size // process_count
   start, stop = _even_split(n, process_index, process_count)
-  preprocess = _Preprocess(augment, image_size, train, stats)
+  preprocess = _Preprocess(augment, image_size, train)
 
   if train:
     if stop <= start:

@@ -2,8 +2,9 @@
 
 Every source is a grain ``RandomAccessDataSource`` (``__len__`` + ``__getitem__``)
 whose records are ``{"image": uint8 (H, W, C), "label": int}`` with ``C`` 1 or 3
-(HWC, channels last). Conversion to 3 channels, augmentation and normalization
-happen later, per record, in ``transforms``.
+(HWC, channels last), or, for tfds ImageNet, the encoded JPEG bytes as
+``"image"``. Decoding, augmentation and conversion to 3 channels happen later,
+per record, in ``transforms``; normalization on the device.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ STATS = {
     "synthetic": Stats((0.5,) * 3, (0.2887,) * 3, 10),
 }
 TFDS_NAMES = ("cifar10", "imagenet2012", "fashion_mnist")
+# tfds datasets whose records keep the encoded image bytes (decoded in transforms).
+ENCODED = ("imagenet2012",)
 # tfds split name for each of our splits (ImageNet has no "test" with labels).
 TFDS_SPLITS = {"imagenet2012": {"train": "train", "test": "validation"}}
 
@@ -174,8 +177,12 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
   if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
     raise FileNotFoundError(f"tfds: data_dir {data_dir!r} is not a directory")
   tfds_split = TFDS_SPLITS.get(name, {}).get(split, split)
+  # ImageNet's JPEGs stay encoded: transforms.decode_augment decodes them at a reduced
+  # scale when the random crop allows (most crops of a ~500x375 photo to 224 px).
+  decoders = {"image": tfds.decode.SkipDecoding()} if name in ENCODED else None
   try:
-    return tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False)
+    return tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False,
+                            decoders=decoders)
   except Exception as e:  # tfds raises several types for a dataset that is not prepared.
     raise FileNotFoundError(f"tfds: cannot open {name!r} split {tfds_split!r} in data_dir "
                             f"{data_dir!r} (prepare it with tfds first; nothing is downloaded "

@@ -1,7 +1,9 @@
-"""Per-record image transforms in numpy (and PIL for resizing).
+"""Per-record image transforms in numpy (and PIL for decoding and resizing), and ``normalize``.
 
-Images are uint8 HWC (channels last, C = 1 or 3) until ``normalize``, which
-returns float32 HWC with 3 channels. Random transforms take a
+Records are uint8 HWC (channels last, C = 1 or 3); the loader's batches stay
+uint8 with 3 channels (``to_rgb``), a quarter of float32's bytes to the
+device, where ``normalize`` (jnp, inside the jitted step) makes the model's
+float input. Random transforms take a
 ``np.random.Generator``; grain seeds it from (seed, record index), which is what
 makes augmentation deterministic and exactly resumable.
 """
@@ -9,7 +11,7 @@ makes augmentation deterministic and exactly resumable.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -123,6 +125,58 @@ def rrc_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
   return out
 
 
+def _open_encoded(encoded: bytes) -> Image.Image:
+  import io
+  return Image.open(io.BytesIO(encoded))
+
+
+def _draft(pil: Image.Image, need_w: float, need_h: float) -> tuple[float, float]:
+  """Asks the JPEG decoder for a 1/2, 1/4 or 1/8 scale whose image is still at least
+  ``need_w x need_h``; returns the (x, y) scales it gave (1.0 for other formats)."""
+  w, h = pil.size
+  if pil.format == "JPEG":
+    pil.draft("RGB", (max(1, math.ceil(need_w)), max(1, math.ceil(need_h))))
+  return pil.size[0] / w, pil.size[1] / h
+
+
+def _rgb_array(pil: Image.Image) -> np.ndarray:
+  if pil.mode not in ("RGB", "L"):
+    pil = pil.convert("RGB")
+  out = np.asarray(pil)
+  return out[:, :, None] if out.ndim == 2 else out
+
+
+def decode_augment(encoded: bytes, augment: str, size: int, train: bool,
+                   rng: np.random.Generator | None) -> np.ndarray:
+  """Encoded image (JPEG, PNG) -> uint8 (size, size, C) as :func:`augment_image` of its pixels.
+
+  For "rrc_flip" the crop is drawn from the header's size first, then the JPEG is
+  decoded at the smallest DCT scale (1/2, 1/4, 1/8: PIL's ``draft``) that keeps the
+  crop at least ``size`` pixels on each side, so a small crop of a large photo
+  decodes a fraction of its pixels. The random draws are the same as for the full
+  decode; pixels differ by the reduced decode's rounding.
+  """
+  pil = _open_encoded(encoded)
+  if augment != "rrc_flip":
+    return augment_image(_rgb_array(pil), augment, size, train, rng)
+  w, h = pil.size
+  if train:
+    top, left, ch, cw = rrc_box(h, w, rng)
+    sx, sy = _draft(pil, w * size / cw, h * size / ch)
+    # Per-axis scales: a reduced size is rounded up (375 / 4 -> 94); clamp float rounding.
+    box = (left * sx, top * sy, min((left + cw) * sx, pil.size[0]),
+           min((top + ch) * sy, pil.size[1]))
+    pil = pil if pil.mode in ("RGB", "L") else pil.convert("RGB")
+    out = np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+    out = out[:, :, None] if out.ndim == 2 else out
+    if rng.random() < 0.5:
+      out = out[:, ::-1]
+    return out
+  short = max(size, int(round(size / EVAL_CROP_FRACTION)))
+  _draft(pil, w * short / min(w, h), h * short / min(w, h))
+  return resize_center_crop(_rgb_array(pil), size, EVAL_CROP_FRACTION)
+
+
 def augment_image(image: np.ndarray, augment: str, size: int, train: bool,
                   rng: np.random.Generator | None) -> np.ndarray:
   """uint8 (H, W, C) -> uint8 (size, size, C) by ``augment`` ("none", "pad_crop_flip", "rrc_flip").
@@ -142,12 +196,19 @@ def augment_image(image: np.ndarray, augment: str, size: int, train: bool,
   return image
 
 
-def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, C in {1, 3}) -> float32 (H, W, 3): (x / 255 - mean) / std per channel.
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 1 or 3) -> (H, W, 3): grayscale repeated, so every source feeds the same stem."""
+  return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
 
-  Grayscale is repeated to 3 channels so that every source feeds the same stem.
+
+def normalize(images: Any, mean: Any, std: Any, dtype: Any = None) -> Any:
+  """uint8 (..., 3) -> float (..., 3): ``(x / 255 - mean) / std`` per channel (jnp, jit-able).
+
+  The one place of the formula: the train and eval steps apply it on device to the
+  loader's uint8 batches with the loader's ``mean``/``std`` (``Loader.pixel_stats``).
+  ``dtype``: the result's dtype (default float32).
   """
-  x = image.astype(np.float32) * np.float32(1 / 255)
-  if x.shape[2] == 1:
-    x = np.repeat(x, 3, axis=2)
-  return (x - mean) / std
+  import jax.numpy as jnp
+  x = jnp.asarray(images, jnp.float32) * jnp.float32(1 / 255)
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return x if dtype is None else x.astype(dtype)

@@ -74,12 +74,12 @@ def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
   # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
   # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
   pad = kernel // 2
-  impl = conv_lib.conv_general_dilated if conv_impl == "auto" else None
+  impl = conv_lib.ConvGeneralDilated if conv_impl == "auto" else None
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                 conv_general_dilated=impl, name=name)
+                 conv_general_dilated_cls=impl, name=name)
 
 
 class ConvBN(nn.Module):
@@ -170,7 +170,7 @@ class RepVGG(nn.Module):
     act_bits: deploy form only: fake-quantize the input of every conv and
       of the head to this many bits (2..8; per tensor, steps in the ``quant``
       collection, see ``nn/act_quant.py``); 0 = float activations.
-    conv_impl: ``"auto"`` (on CPU, convs whose output map has <= 4 pixels
+    conv_impl: ``"auto"`` (on CPU devices, convs whose output map has <= 4 pixels
       run as matmuls: unrolled kernel or tap-pruned im2col, see
       ``nn/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
       ``lax.conv_general_dilated``). Same parameters and, up to float

@@ -1,8 +1,8 @@
 """Convolution that avoids XLA:CPU's slow path on tiny feature maps.
 
 :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature.
-On the CPU backend, for 2-D convs whose output map has at most
-:data:`MAX_OUT_PIXELS` pixels, it computes the conv with matmuls instead:
+For 2-D convs whose output map has at most :data:`MAX_OUT_PIXELS` pixels,
+when the computation runs on a CPU, it computes the conv with matmuls instead:
 
 * kernel taps ``(dy, dx)`` whose window reads only padding at every output
   position are dropped (statically, from the shapes);
@@ -18,8 +18,14 @@ On the CPU backend, for 2-D convs whose output map has at most
 
 Grouped convs become matmuls batched over groups. Gradients come from
 autodiff of these ops (forward and backward are matmuls too). Everything
-else (larger outputs, dilations, ``batch_group_count > 1``, other backends)
+else (larger outputs, dilations, ``batch_group_count > 1``, other platforms)
 calls ``lax.conv_general_dilated`` unchanged.
+
+The platform is the one the computation is lowered for, not
+``jax.default_backend()`` at trace time: ``lax.platform_dependent`` keeps both
+forms in the traced program and the lowering keeps the one for its device, so a
+function jitted onto a CPU device on a GPU machine (or exported for several
+platforms) gets the right form.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from jax import lax
 # 2-50x for 2x2 and 1x1 outputs (most in the backward pass), tie at 3x3 and
 # lose at 4x4 and above; see ``benchmarks/conv_impl.py --layers``.
 MAX_OUT_PIXELS = 4
-# Backends where the matmul forms are used (measured on CPU only).
-BACKENDS = ("cpu",)
+# Platforms where the matmul forms are used (measured on CPU only).
+PLATFORMS = ("cpu",)
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
@@ -155,31 +161,47 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None) -> jax.Array:
-  """Drop-in ``lax.conv_general_dilated``; matmuls for tiny 2-D outputs on CPU."""
-  fallback = lambda: lax.conv_general_dilated(  # noqa: E731
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type)
-  if (jax.default_backend() not in BACKENDS or lhs.ndim != 4 or batch_group_count != 1
+  """Drop-in ``lax.conv_general_dilated``; matmuls for tiny 2-D outputs on CPU devices."""
+  def xla(lhs, rhs):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+
+  if (lhs.ndim != 4 or batch_group_count != 1
       or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))):
-    return fallback()
+    return xla(lhs, rhs)
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   # To NHWC / HWIO: specs list (batch|out, feature|in, *spatial) axes.
-  x = lax.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
-  k = lax.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+  lhs_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
+  rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+  x_shape = tuple(lhs.shape[i] for i in lhs_perm)
+  k_shape = tuple(rhs.shape[i] for i in rhs_perm)
   strides = tuple(window_strides)
   if isinstance(padding, str):
-    pads = lax.padtype_to_pads(x.shape[1:3], k.shape[:2], strides, padding)
+    pads = lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
   else:
     pads = [tuple(p) for p in padding]
   if any(p < 0 for pair in pads for p in pair):
-    return fallback()
-  ho, wo = (_out_size(x.shape[i + 1], k.shape[i], strides[i], pads[i]) for i in (0, 1))
+    return xla(lhs, rhs)
+  ho, wo = (_out_size(x_shape[i + 1], k_shape[i], strides[i], pads[i]) for i in (0, 1))
   if ho * wo > MAX_OUT_PIXELS:
-    return fallback()
-  y = _tiny_conv(x, k, strides, pads, feature_group_count, precision,
-                 preferred_element_type)
-  # NHWC -> the requested output layout.
-  perm = [0] * 4
-  for src, dst in zip((0, 3, 1, 2), dn.out_spec):
-    perm[dst] = src
-  return lax.transpose(y, tuple(perm))
+    return xla(lhs, rhs)
+
+  def matmuls(lhs, rhs):
+    y = _tiny_conv(lax.transpose(lhs, lhs_perm), lax.transpose(rhs, rhs_perm), strides, pads,
+                   feature_group_count, precision, preferred_element_type)
+    # NHWC -> the requested output layout.
+    perm = [0] * 4
+    for src, dst in zip((0, 3, 1, 2), dn.out_spec):
+      perm[dst] = src
+    return lax.transpose(y, tuple(perm))
+
+  return lax.platform_dependent(lhs, rhs, **{p: matmuls for p in PLATFORMS}, default=xla)
+
+
+class ConvGeneralDilated:
+  """:func:`conv_general_dilated` as ``flax.linen.Conv(conv_general_dilated_cls=...)`` wants it
+  (a class whose instances are the conv function)."""
+
+  def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+    return conv_general_dilated(*args, **kwargs)

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_subset = 0
   c.data.worker_count = 0
   c.data.synthetic_examples = 0       # synthetic source only: 0 = the source's default
+  # Local smoke mode of the ImageNet configs (``configs/imagenet_w4.py:local``): write a
+  # synthetic imagenet2012 (tfds ArrayRecord, JPEG) of this many training examples into
+  # data_dir ("" = <workdir>/local_tfds) first, then read it as a real run would. 0 = off.
+  c.data.local_examples = 0
 
   # Stage 1: FP training of the multi-branch network.
   c.fp = _stage_config()
@@ -102,6 +106,7 @@ def _stage_config() -> ml_collections.ConfigDict:
   s.grad_clip_norm = 0.0              # clip gradients to this global norm; 0 = off
   s.checkpoint_every = 500
   s.keep = 2
+  s.eval_every = 0                    # evaluate every N steps during the stage; 0 = only after it
   return s
 
 
@@ -155,6 +160,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   enum("data.augment", cfg.data.augment, AUGMENTS)
   positive("data.image_size", cfg.data.image_size)
   positive("data.train_subset", cfg.data.train_subset, zero_ok=True)
+  positive("data.local_examples", cfg.data.local_examples, zero_ok=True)
+  if cfg.data.local_examples and (cfg.data.source, cfg.data.name) != ("tfds", "imagenet2012"):
+    problems.append(f"data.local_examples={cfg.data.local_examples!r} needs data.source='tfds' "
+                    f"and data.name='imagenet2012' (got {cfg.data.source!r}, "
+                    f"{cfg.data.name!r})")
   positive("eval_batch_size", cfg.eval_batch_size)
   if not isinstance(cfg.eval_fp_forms, bool):
     problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
@@ -185,6 +195,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       v = s[f]
       if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         problems.append(f"{stage}.{f}={v!r} must be a positive int")
+    if not (isinstance(s.eval_every, int) and not isinstance(s.eval_every, bool)
+            and s.eval_every >= 0):
+      problems.append(f"{stage}.eval_every={s.eval_every!r} must be an int >= 0")
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
     positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 import repvgg_jax
 from repvgg_jax import data
-from repvgg_jax.quant import make_quantizer, read_packed
+from repvgg_jax.quant import make_quantizer
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import sharding, steps
@@ -71,7 +71,7 @@ def load_variables(path: str, template: dict) -> dict:
     ckpt = StageCheckpoints(path, every=1, keep=1)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
-    state_dict = ckpt.manager.restore(ckpt.latest_step())["state"]
+    state_dict = ckpt.restore_host()
     ckpt.close()
     loaded = {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
   want = traverse_util.flatten_dict(template, sep="/")
@@ -87,33 +87,57 @@ def load_variables(path: str, template: dict) -> dict:
       {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
 
 
-def _replace_quant(state: Any, quant: Any, mesh: Any) -> Any:
-  return state.replace(quant=sharding.replicate(quant, mesh))
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
 
 
-def _with_activation_steps(quant: dict, q: Any, qmodel: Any, params: Any,
-                           cfg: ml_collections.ConfigDict, loader: Any, mesh: Any) -> dict:
+def init_codebooks(quantizer: Any, params: Any) -> Any:
+  """The quantizer's initial state, fitted on process 0 (NumPy DP) and sent to every process."""
+  quant = quantizer.init(params) if jax.process_index() == 0 else None
+  return sharding.broadcast_from_primary(quant)
+
+
+def make_refit(quantizer: Any, mesh: Any) -> Any:
+  """``refit(params, quant) -> quant``: Lloyd on device, jitted, codebooks replicated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(quantizer.refit, in_shardings=(rep, rep), out_shardings=rep)
+
+
+def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
+                          cfg: ml_collections.ConfigDict, loader: Any) -> Any:
   """``quant`` plus activation steps calibrated (``quant.act_calibration``) on the
-  first ``quant.calib_batches`` training batches (fewer if the split is smaller), unaugmented, with the weights
-  quantized; process 0's steps are broadcast so every host holds the same."""
-  qparams = jax.jit(q.apply)(params, quant)
-  one_pass = loader("train", cfg.qat.batch_size, False)
-  batches = (b["image"] for b in itertools.islice(one_pass, cfg.quant.calib_batches))
-  quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
-                               method=cfg.quant.act_calibration,
-                               percentile=cfg.quant.act_percentile)
+  first ``quant.calib_batches`` training batches (fewer if the split is smaller),
+  unaugmented, with the weights quantized; computed on process 0 and sent to every
+  process, as the codebooks are."""
+  if jax.process_index() == 0:
+    qparams = jax.jit(q.apply)(params, quant)
+    one_pass = loader("train", cfg.qat.batch_size, False)
+    batches = (steps.model_input(b["image"], one_pass.pixel_stats)
+               for b in itertools.islice(one_pass, cfg.quant.calib_batches))
+    quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
+                                 method=cfg.quant.act_calibration,
+                                 percentile=cfg.quant.act_percentile)
+  return sharding.broadcast_from_primary(jax.device_get(quant))
+
+
+def evaluate_deployed(fns: dict[str, Callable], loader: Any) -> dict[str, dict[str, float]]:
+  """Top-1 of each ``fn(uint8 images) -> logits`` over one pass of ``loader`` (each
+  process its shard, summed), and the fraction of predictions equal to the first fn's."""
+  totals = np.zeros((len(fns), 3), np.int64)  # correct, count, agree
+  for batch in loader:
+    mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
+    preds = [np.asarray(fn(batch["image"])).argmax(-1) for fn in fns.values()]
+    for i, pred in enumerate(preds):
+      totals[i] += [((pred == labels) & mask).sum(), mask.sum(), ((pred == preds[0]) & mask).sum()]
   if jax.process_count() > 1:
-    quant = multihost_utils.broadcast_one_to_all(quant)
-  return quant
+    totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+  return {name: {"accuracy": t[0] / max(t[1], 1), "agreement": t[2] / max(t[1], 1)}
+          for name, t in zip(fns, totals)}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
-        interrupt: tuple[str, int] | None = None) -> dict:
-  """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
-
-  Args:
-    interrupt: testing aid ``(stage, step)``: a simulated kill after that step.
-  """
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> dict:
+  """Runs every enabled stage and returns the report dict (all processes; process 0 writes)."""
   config_lib.validate(cfg)
   if "://" in workdir:
     raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
@@ -124,17 +148,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     os.makedirs(workdir, exist_ok=True)
   writer = create_writer(workdir)
   ckpt_root = os.path.join(workdir, "checkpoints")
-  kill = lambda stage: interrupt[1] if interrupt and interrupt[0] == stage else None
+
+  data_cfg = cfg.data
+  if cfg.data.local_examples:  # Local smoke mode: a synthetic ImageNet in tfds form.
+    from repvgg_jax.data.local_tfds import local_data_config
+    data_cfg = local_data_config(cfg.data, workdir) if primary else None
+    sharding.barrier("local_tfds")
+    data_cfg = data_cfg or local_data_config(cfg.data, workdir)
 
   def loader(split: str, batch: int, train: bool):
-    return data.make_loader(cfg.data, split, global_batch_size=batch, train=train, seed=cfg.seed)
+    return data.make_loader(data_cfg, split, global_batch_size=batch, train=train, seed=cfg.seed)
 
   eval_loader = loader("test", cfg.eval_batch_size, False)
   num_classes, image_shape = eval_loader.num_classes, eval_loader.image_shape
   model = build_model(cfg.model, num_classes, deploy=False)
   deploy_model = build_model(cfg.model, num_classes, deploy=True)
   forms, timings = {}, {}
-  eval_plain = steps.make_eval_step(mesh)
+  pixels = eval_loader.pixel_stats
+  eval_plain = steps.make_eval_step(mesh, pixel_stats=pixels)
+  evaluate_with = lambda step_fn: lambda s: steps.evaluate(step_fn, s, eval_loader, mesh)  # noqa: E731
 
   # Stage 1: FP training of the multi-branch network (or import).
   t = time.time()
@@ -143,9 +175,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     state = create_train_state(model, template, cfg.fp)
     state = train_stage(
         "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
-        train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing),
+        train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
+                                         pixel_stats=pixels),
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
-        log_every=cfg.log_every, interrupt_at=kill("fp"))
+        log_every=cfg.log_every, evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
                  "batch_stats": sharding.to_host(state.batch_stats)}
   else:
@@ -177,29 +210,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
                        first_last_bits=qc.first_last_bits, clipping=qc.clipping,
                        int8_levels=qc.int8_levels)
     qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
-    quant = q.init(merged["params"])
+    quant = init_codebooks(q, merged["params"])
     if qc.act_bits:
-      quant = _with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader, mesh)
+      quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
     state = create_train_state(qmodel, merged, cfg.qat, quant=quant)
+    eval_qat = steps.make_eval_step(mesh, q, pixel_stats=pixels)
     if cfg.qat.enabled:
-      refit_every = qc.refit_every
+      refit_every, refit_fn = qc.refit_every, make_refit(q, mesh)
 
       def refit(step: int, state: Any) -> Any:
         if step % refit_every:
           return state
-        host = sharding.to_host({"p": state.params, "q": state.quant})
-        return _replace_quant(state, q.refit(host["p"], host["q"]), mesh)
+        return state.replace(quant=refit_fn(state.params, state.quant))
 
       state = train_stage(
           "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
-          train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q),
+          train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
+                                           pixel_stats=pixels),
           ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
-          log_every=cfg.log_every, after_step=refit, interrupt_at=kill("qat"))
+          log_every=cfg.log_every, after_step=refit, evaluate=evaluate_with(eval_qat))
     else:
       state = sharding.replicate(state, mesh)
     bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
-    forms["qat"] = {"accuracy": steps.evaluate(steps.make_eval_step(mesh, q), state,
-                                               eval_loader, mesh), **bits}
+    forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh), **bits}
     timings["qat"] = time.time() - t
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
     del state
@@ -207,18 +240,26 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
         qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
         dataset=cfg.data.name))
-    path = os.path.join(workdir, "model.packed")
+    path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
+    hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None)
     if primary:
       packed.save(path)
-    # Every process evaluates the decoded export (the file on process 0's disk may
-    # not be visible to the others, so they decode the same object in memory).
-    p2 = read_packed(path) if primary else packed
-    decoded = p2.to_variables()
-    packed_state = sharding.replicate(create_train_state(qmodel, decoded, cfg.qat,
-                                                         quant=decoded.get("quant")), mesh)
-    forms["packed"] = {"accuracy": steps.evaluate(eval_plain, packed_state, eval_loader, mesh),
-                       "size_bytes": int(p2.size_bytes()), **bits}
-    histograms[f"{qc.method} {qc.bits}-bit"] = {"params": jax.device_get(decoded["params"])}
+    # Every process evaluates the files' contents (process 0's disk may not be
+    # visible to the others, which use the same objects in memory).
+    deployed = repvgg_jax.load_packed(path) if primary else repvgg_jax.DeployedModel(packed)
+    exported = jax.export.deserialize(_read(hlo_path) if primary else hlo)
+    fns = {"packed": deployed, "stablehlo": jax.jit(exported.call)}
+    if qc.act_bits and q.int_scales(params, quant) is not None and not qmodel.variant.se:
+      fns["integer"] = deployed.integer
+    measured = evaluate_deployed(fns, eval_loader)
+    forms["packed"] = {"accuracy": measured["packed"]["accuracy"],
+                       "size_bytes": int(deployed.size_bytes()), **bits}
+    forms["stablehlo"] = {"accuracy": measured["stablehlo"]["accuracy"],
+                          "size_bytes": len(hlo), **bits}
+    if "integer" in measured:
+      forms["integer"] = {**measured["integer"], **bits}
+    histograms[f"{qc.method} {qc.bits}-bit"] = {
+        "params": jax.device_get(deployed.to_variables()["params"])}
 
   result = {"forms": forms}
   if primary:

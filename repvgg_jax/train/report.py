@@ -11,9 +11,16 @@ import numpy as np
 from repvgg_jax import analysis
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
-FORMS = ("fp", "merged", "qat", "packed")
+FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
-          "packed": "packed export"}
+          "packed": "packed export", "stablehlo": "model.stablehlo",
+          "integer": "integer forward (int8 x int8 -> int32)"}
+
+
+def _bits(r: Mapping[str, Any]) -> str:
+  """``W4A8``; float weights or activations (no ``*_bits``) read ``W32``/``A32``."""
+  w, a = r.get("weight_bits"), r.get("act_bits")
+  return f"W{w or 32}A{a or 32}"
 
 
 def _param_bytes(params: Any) -> int:
@@ -47,14 +54,17 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
 
 def markdown(report: Mapping[str, Any]) -> str:
   """The Markdown table of ``report``: one row per form."""
-  lines = ["| form | top-1 accuracy | size (bytes) |", "|---|---:|---:|"]
+  lines = ["| form | bits | top-1 accuracy | size (bytes) |", "|---|---|---:|---:|"]
   for k in FORMS:
     if k in report["forms"]:
       r = report["forms"][k]
       size = f"{r['size_bytes']:,}" if "size_bytes" in r else ""
       acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else "not evaluated"
-      lines.append(f"| {LABELS[k]} | {acc} | {size} |")
+      lines.append(f"| {LABELS[k]} | {_bits(r)} | {acc} | {size} |")
   out = "\n".join(lines) + "\n"
+  if "integer" in report["forms"]:
+    out += (f"\nThe integer forward predicts as the packed model on "
+            f"{100 * report['forms']['integer']['agreement']:.2f}% of the test images.\n")
   if "outliers" in report:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
     for label, s in report["outliers"].items():

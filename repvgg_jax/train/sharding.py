@@ -44,6 +44,31 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   return multihost_utils.host_local_array_to_global_array(batch, mesh, P("data"))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_primary(tree: Any) -> Any:
+  """Process 0's ``tree`` (numpy leaves) on every process; others pass anything (ignored).
+
+  For values computed on the host of process 0 only (the NumPy codebook fit):
+  the tree travels as msgpack bytes, so the other processes need not know its
+  structure. One process: ``tree`` unchanged.
+  """
+  if jax.process_count() == 1:
+    return tree
+  import flax
+  primary = jax.process_index() == 0
+  payload = np.frombuffer(flax.serialization.msgpack_serialize(
+      jax.tree_util.tree_map(np.asarray, tree)), np.uint8) if primary else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+  buf = payload if primary else np.zeros(size, np.uint8)
+  buf = multihost_utils.broadcast_one_to_all(buf)
+  return flax.serialization.msgpack_restore(np.asarray(buf, np.uint8).tobytes())
+
+
 def to_host(tree: Any) -> Any:
   """Replicated global arrays -> numpy on this process."""
   def get(x):

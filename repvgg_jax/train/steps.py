@@ -9,8 +9,20 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from repvgg_jax.data.transforms import normalize
 from repvgg_jax.train import sharding
 from repvgg_jax.train.state import TrainState
+
+# A batch's images as the model sees them: uint8 pixels normalized on device with the
+# loader's (mean, std), or already-normalized floats when ``pixel_stats`` is None.
+PixelStats = tuple[Any, Any] | None
+
+
+def model_input(images: jax.Array, pixel_stats: PixelStats) -> jax.Array:
+  """NHWC images -> the model's float input (see :func:`repvgg_jax.data.transforms.normalize`)."""
+  if pixel_stats is None:
+    return images
+  return normalize(images, *pixel_stats)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -39,16 +51,20 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
 
 
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
-                    quantizer: Any = None) -> Callable:
+                    quantizer: Any = None, pixel_stats: PixelStats = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted; the state is donated.
 
   The batch is sharded over ``data`` and the state replicated, so the loss mean
   and BN batch statistics are over the global batch (cross-device BN for free).
-  Metrics: ``loss`` and ``accuracy`` (means over the batch), ``grad_norm``, all scalars.
+  ``pixel_stats=(mean, std)`` (the loader's ``mean``/``std``): the batch holds uint8
+  images, normalized inside the step. Metrics: ``loss`` and ``accuracy`` (means over
+  the batch), ``grad_norm``, all scalars, left on device.
   """
   def step(state: TrainState, batch: dict[str, jax.Array]):
+    images = model_input(batch["image"], pixel_stats)
+
     def loss_fn(params, quant):
-      logits, new_stats = _forward(state, params, quant, batch["image"], True, quantizer)
+      logits, new_stats = _forward(state, params, quant, images, True, quantizer)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       return loss, (logits, new_stats)
     (loss, (logits, new_stats)), (grads, quant_grads) = jax.value_and_grad(
@@ -63,10 +79,11 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def make_eval_step(mesh: Mesh, quantizer: Any = None) -> Callable:
+def make_eval_step(mesh: Mesh, quantizer: Any = None, pixel_stats: PixelStats = None) -> Callable:
   """``step(state, batch) -> {"correct", "count"}`` sums over the global batch, padding masked."""
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    logits, _ = _forward(state, state.params, state.quant, batch["image"], False, quantizer)
+    images = model_input(batch["image"], pixel_stats)
+    logits, _ = _forward(state, state.params, state.quant, images, False, quantizer)
     hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return {"correct": hit.sum(), "count": batch["mask"].sum()}
 
@@ -75,10 +92,12 @@ def make_eval_step(mesh: Mesh, quantizer: Any = None) -> Callable:
 
 
 def evaluate(eval_step: Callable, state: TrainState, loader: Any, mesh: Mesh) -> float:
-  """Top-1 accuracy (a fraction) of ``state`` over one pass of an eval ``loader``."""
-  correct = count = 0
-  for batch in loader:
-    out = sharding.to_host(eval_step(state, sharding.shard_batch(batch, mesh)))
-    correct += int(out["correct"])
-    count += int(out["count"])
+  """Top-1 accuracy (a fraction) of ``state`` over one pass of an eval ``loader``.
+
+  Per-batch counts stay on device; one transfer at the end.
+  """
+  outs = [eval_step(state, sharding.shard_batch(batch, mesh)) for batch in loader]
+  outs = sharding.to_host(outs)
+  correct = sum(int(o["correct"]) for o in outs)
+  count = sum(int(o["count"]) for o in outs)
   return correct / max(count, 1)

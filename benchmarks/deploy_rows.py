@@ -1,0 +1,104 @@
+"""Deployment rows on the demo model: W8A8 / W4A8 PTQ, LSQ and ClusterQAT, integer inference.
+
+  python launch/main.py --config configs/demo.py --workdir runs/demo_fp --config.quant.method=none
+  python benchmarks/deploy_rows.py --fp_workdir runs/demo_fp --workdir runs/deploy_rows
+
+From the demo's FP checkpoint (``<fp_workdir>/checkpoints/fp``, ``init_from``),
+each row runs ``repvgg_jax.train.pipeline.run`` with ``configs/demo.py`` and
+the row's overrides in ``<workdir>/<row>`` (a row with a ``report.json`` is
+skipped, so the same command continues a stopped run), then prints one
+Markdown table: QAT fake-quant, packed file, ``model.stablehlo`` and integer
+forward accuracy on the 10,000 test images, the packed size, and the gap to FP.
+Stem and head weights are at 8 bits in every row (``quant.first_last_bits``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs.* and benchmarks.* import as modules.
+
+from absl import app, flags  # noqa: E402
+
+_FP = flags.DEFINE_string("fp_workdir", None, "Workdir of the demo's FP run (its report.json "
+                          "gives the FP accuracy, checkpoints/fp the weights).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per row.")
+_QAT_STEPS = flags.DEFINE_integer("qat_steps", 200, "QAT steps of the QAT rows.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these rows (names below); default all.")
+flags.mark_flags_as_required(["fp_workdir", "workdir"])
+
+_PTQ = {"qat.enabled": False}
+_A8 = {"quant.act_bits": 8, "quant.act_calibration": "mse"}
+ROWS = {
+    "w8a8_ptq_minmax": ("W8A8 PTQ, min-max weights and activations",
+                        {"quant.method": "uniform", "quant.bits": 8, "quant.act_bits": 8,
+                         "quant.act_calibration": "minmax", **_PTQ}),
+    "w8a8_ptq_mse": ("W8A8 PTQ, MSE clipping", {"quant.method": "uniform", "quant.bits": 8,
+                                                "quant.clipping": "mse", **_A8, **_PTQ}),
+    "w4a8_ptq_mse": ("W4A8 PTQ, MSE clipping", {"quant.method": "uniform", "quant.bits": 4,
+                                                "quant.clipping": "mse", **_A8, **_PTQ}),
+    "w4a8_lsq": ("W4A8 LSQ QAT", {"quant.method": "lsq", "quant.bits": 4,
+                                  "quant.clipping": "mse", **_A8}),
+    "w4a8_cluster": ("W4A8 ClusterQAT", {"quant.method": "cluster", "quant.bits": 4, **_A8}),
+    "w4a8_cluster_int8": ("W4A8 ClusterQAT, codebooks on int8 grids",
+                          {"quant.method": "cluster", "quant.bits": 4,
+                           "quant.int8_levels": True, **_A8}),
+}
+
+
+def row_config(overrides: dict, fp_workdir: str):
+  from configs import demo
+  cfg = demo.get_config()
+  cfg.unlock()
+  cfg.init_from = os.path.abspath(os.path.join(fp_workdir, "checkpoints", "fp"))
+  cfg.eval_fp_forms = False
+  cfg.qat.num_steps = _QAT_STEPS.value
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    cfg[group][field] = value
+  cfg.lock()
+  return cfg
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  from benchmarks import bench_common
+  from repvgg_jax.train import pipeline
+  fp = read_json(os.path.join(_FP.value, "report.json"))["forms"]["fp"]["accuracy"]
+  for name, (_, overrides) in ROWS.items():
+    row_dir = os.path.join(_WORKDIR.value, name)
+    if (_ONLY.value and name not in _ONLY.value) or os.path.exists(
+        os.path.join(row_dir, "report.json")):
+      continue
+    pipeline.run(row_config(overrides, _FP.value), row_dir)
+
+  pct = lambda f, key="accuracy": f"{100 * f[key]:.2f}%" if key in f else "-"  # noqa: E731
+  print(bench_common.header("Deployment rows, demo model (Fashion-MNIST, shallow RepVGG-A0, "
+                            "OABN)"))
+  print(f"FP (train form, float): {100 * fp:.2f}%; QAT rows: {_QAT_STEPS.value} steps.\n")
+  print("| row | QAT fake-quant | packed | model.stablehlo | integer forward (agrees with "
+        "packed) | packed bytes | packed - FP (points) |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for name, (label, _) in ROWS.items():
+    path = os.path.join(_WORKDIR.value, name, "report.json")
+    if not os.path.exists(path):
+      print(f"| {label} | not run | | | | | |")
+      continue
+    f = read_json(path)["forms"]
+    integer = (f"{pct(f['integer'])} ({pct(f['integer'], 'agreement')})" if "integer" in f
+               else "no int8 grid")
+    print(f"| {label} | {pct(f['qat'])} | {pct(f['packed'])} | {pct(f['stablehlo'])} | "
+          f"{integer} | {f['packed']['size_bytes']:,} | "
+          f"{100 * (f['packed']['accuracy'] - fp):+.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
