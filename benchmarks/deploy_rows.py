@@ -10,13 +10,20 @@ skipped, so the same command continues a stopped run), then prints one
 Markdown table: QAT fake-quant, packed file, ``model.stablehlo`` and integer
 forward accuracy on the 10,000 test images, the packed size, and the gap to FP.
 Stem and head weights are at 8 bits in every row (``quant.first_last_bits``).
+
+Last, the standalone check of the ClusterQAT row: its ``model.stablehlo`` is
+deserialized and called in a fresh Python process in which ``import repvgg_jax``
+fails, on the 10,000 test images as uint8, and its argmax is compared with
+``repvgg_jax.load_packed(model.packed)`` on the same images.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs.* and benchmarks.* import as modules.
@@ -63,6 +70,43 @@ def row_config(overrides: dict, fp_workdir: str):
   return cfg
 
 
+_STANDALONE = textwrap.dedent("""
+    import sys
+    sys.modules["repvgg_jax"] = None  # importing it now fails
+    import jax, numpy as np
+    exp = jax.export.deserialize(open(sys.argv[1], "rb").read())
+    images = np.load(sys.argv[2])
+    call = jax.jit(exp.call)
+    np.save(sys.argv[3], np.concatenate([np.asarray(call(images[i:i + 500]))
+                                         for i in range(0, len(images), 500)]))
+""")
+
+
+def standalone_check(row_dir: str) -> str:
+  """Argmax of model.stablehlo (no repvgg_jax) vs load_packed on the test images."""
+  import numpy as np
+  import repvgg_jax
+  from repvgg_jax import data
+  cfg = row_config({}, _FP.value)
+  loader = data.make_loader(cfg.data, "test", global_batch_size=500, train=False)
+  batches = list(loader)
+  images = np.concatenate([np.asarray(b["image"])[np.asarray(b["mask"])] for b in batches])
+  np.save(os.path.join(row_dir, "test_images.npy"), images)
+  out = os.path.join(row_dir, "stablehlo_logits.npy")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  subprocess.run([sys.executable, "-c", _STANDALONE, os.path.join(row_dir, "model.stablehlo"),
+                  os.path.join(row_dir, "test_images.npy"), out], check=True, env=env,
+                 cwd=row_dir)
+  deployed = repvgg_jax.load_packed(os.path.join(row_dir, "model.packed"))
+  ours = np.concatenate([np.asarray(deployed(images[i:i + 500])).argmax(-1)
+                         for i in range(0, len(images), 500)])
+  theirs = np.load(out).argmax(-1)
+  os.remove(os.path.join(row_dir, "test_images.npy"))
+  return (f"Standalone check ({os.path.basename(row_dir)}): model.stablehlo called where "
+          f"repvgg_jax cannot be imported gives the argmax of load_packed on "
+          f"{int((ours == theirs).sum()):,} of {len(images):,} test images.")
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
@@ -98,6 +142,9 @@ def main(argv):
     print(f"| {label} | {pct(f['qat'])} | {pct(f['packed'])} | {pct(f['stablehlo'])} | "
           f"{integer} | {f['packed']['size_bytes']:,} | "
           f"{100 * (f['packed']['accuracy'] - fp):+.2f} |")
+  row_dir = os.path.join(_WORKDIR.value, "w4a8_cluster")
+  if os.path.exists(os.path.join(row_dir, "report.json")):
+    print("\n" + standalone_check(row_dir))
 
 
 if __name__ == "__main__":
