@@ -176,7 +176,7 @@ def integer_forward_fn(packed: PackedModel):
   for b in model.blocks():
     k, scale = _int8_weights(packed, f"{b.name}/reparam_conv/kernel")
     layers.append((b, k, scale, p[b.name]["reparam_conv"]["bias"],
-                   float(quant[b.name]["act"]["step"])))
+                   float(uniform.learned_step(quant[b.name]["act"]["step"]))))
   head_k, head_scale = _int8_weights(packed, "head/kernel")
 
   def to_int8(x, step, signed):
@@ -197,7 +197,7 @@ def integer_forward_fn(packed: PackedModel):
         acc = acc + zp * jnp.asarray(k.astype(np.int32).sum(axis=(0, 1, 2)))
       x = jax.nn.relu(acc.astype(jnp.float32) * (step * scale) + bias)
     pooled = jnp.mean(x, axis=(1, 2))
-    step = float(quant["head_act"]["step"])
+    step = float(uniform.learned_step(quant["head_act"]["step"]))
     xi, zp = to_int8(pooled, step, False)
     acc = jax.lax.dot_general(xi, jnp.asarray(head_k), (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.int32)

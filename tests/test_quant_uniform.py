@@ -178,3 +178,12 @@ def test_lsq_steps_get_gradients_and_uniform_steps_do_not():
 def test_ptq_names_bad_values(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     ptq({"layer": {"kernel": np.zeros((3, 3, 2, 2), np.float32)}}, **kwargs)
+
+
+def test_an_lsq_step_pushed_below_zero_still_gives_a_sorted_grid_and_export():
+  params = {k: v for k, v in _params().items() if k in ("stem", "stages_0_0", "head")}
+  q = make_quantizer("lsq", bits=3)
+  state = jax.tree.map(lambda s: -s, q.init(params))  # as an SGD step through zero would
+  packed = export(params, q, state)                   # validates sorted codebooks
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, q.apply(params, state)),
+                              packed.to_variables()["params"])

@@ -49,5 +49,5 @@ class ActQuant(nn.Module):
       return x
     qmin, qmax = uniform.int_range(self.bits, self.signed)
     scale = uniform.lsq_grad_scale(int(np.prod(x.shape[1:])), qmax)
-    return uniform.fake_quant(x.astype(jnp.float32), step.value, qmin, qmax,
-                              scale).astype(x.dtype)
+    return uniform.fake_quant(x.astype(jnp.float32), uniform.learned_step(step.value), qmin,
+                              qmax, scale).astype(x.dtype)

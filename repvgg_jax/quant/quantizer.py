@@ -119,7 +119,7 @@ class Quantizer:
   def _step(self, p: Path, w: jax.Array, state: dict[Path, Any]) -> jax.Array:
     """The uniform step of kernel ``p`` (LSQ's is learned, the others are not)."""
     if self.method == "lsq":
-      return self._leaf(state, p)
+      return uniform.learned_step(self._leaf(state, p))
     if self.clipping == "mse":
       return jax.lax.stop_gradient(self._leaf(state, p))
     return jax.lax.stop_gradient(uniform.minmax_step(w, self.layer_bits(p), self.per_channel))

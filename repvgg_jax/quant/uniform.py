@@ -72,6 +72,13 @@ def _fake_quant_bwd(qmin, qmax, step_grad_scale, res, g):
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def learned_step(step: jax.Array) -> jax.Array:
+  """The step a learned (LSQ) step variable stands for: ``max(|s|, 1e-12)``. SGD
+  can push a small step through zero; its magnitude is what the grid uses, so
+  the grid stays sorted and the export matches the forward."""
+  return jnp.maximum(jnp.abs(step), np.float32(1e-12))
+
+
 def lsq_grad_scale(count: int, qmax: int) -> float:
   """LSQ's step gradient scale ``1 / sqrt(N * qmax)`` for ``N`` values per step."""
   return float(1.0 / np.sqrt(max(count, 1) * qmax))
