@@ -227,6 +227,10 @@ def timm_row(args) -> dict | str:
           "torch": torch.__version__, "timm": timm.__version__}
 
 
+def _rate(images_per_s: float) -> str:
+  return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.1f}"
+
+
 def markdown(result: dict) -> str:
   r, m = result["rows"], result["meta"]
   peak = m["peak_tflops"]
@@ -239,18 +243,18 @@ def markdown(result: dict) -> str:
     mfu = (f"{100 * row['flops'] / row['s_per_step'] / (peak * 1e12):.1f}%"
            if peak and row.get("flops") and "inference" not in key else "")
     lines.append(f"| {key} | {1e3 * row['s_per_step']:.2f} ({1e3 * row['min_s']:.2f}-"
-                 f"{1e3 * row['max_s']:.2f}) | {row['images_per_s']:.0f} | {mfu} | "
+                 f"{1e3 * row['max_s']:.2f}) | {_rate(row['images_per_s'])} | {mfu} | "
                  f"{row.get('compile_s', 0):.1f} |")
   t = result["timm"]
   if isinstance(t, dict):
     lines.append(f"| timm {m['timm_model']} train step (AMP bf16, channels_last; "
                  f"torch {t['torch']}, timm {t['timm']}) | {1e3 * t['s_per_step']:.2f} "
                  f"({1e3 * t['min_s']:.2f}-{1e3 * t['max_s']:.2f}) | "
-                 f"{t['images_per_s']:.0f} | | |")
+                 f"{_rate(t['images_per_s'])} | | |")
   lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
   for key, (value, goal) in result["ratios"].items():
-    fmt = ".0f" if "images/s" in key else ".2f"
-    lines.append(f"| {key} | {'n/a' if value is None else format(value, fmt)} | {goal} |")
+    text = "n/a" if value is None else _rate(value) if "images/s" in key else f"{value:.2f}"
+    lines.append(f"| {key} | {text} | {goal} |")
   if not isinstance(t, dict):
     lines += ["", f"timm: {t}"]
   return "\n".join(lines)
@@ -288,7 +292,7 @@ def main(argv=None) -> dict:
           "jaxlib": getattr(jax.lib, "__version__", ""), "python": platform.python_version(),
           "host_cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": " ".join(["python"] + sys.argv),
+          "command": " ".join(["python", "benchmarks/accelerator.py"] + sys.argv[1:]),
           "peak_tflops": args.peak_tflops or peak_tflops(kind)}
   rows = jax_rows(args, device)
   timm = timm_row(args) if args.torch == "auto" else "not run: --torch none"
