@@ -178,6 +178,7 @@ def integer_forward_fn(packed: PackedModel):
     layers.append((b, k, scale, p[b.name]["reparam_conv"]["bias"],
                    float(uniform.learned_step(quant[b.name]["act"]["step"]))))
   head_k, head_scale = _int8_weights(packed, "head/kernel")
+  head_step = float(uniform.learned_step(quant["head_act"]["step"]))
 
   def to_int8(x, step, signed):
     qmin, qmax = uniform.int_range(bits, signed)
@@ -197,13 +198,12 @@ def integer_forward_fn(packed: PackedModel):
         acc = acc + zp * jnp.asarray(k.astype(np.int32).sum(axis=(0, 1, 2)))
       x = jax.nn.relu(acc.astype(jnp.float32) * (step * scale) + bias)
     pooled = jnp.mean(x, axis=(1, 2))
-    step = float(uniform.learned_step(quant["head_act"]["step"]))
-    xi, zp = to_int8(pooled, step, False)
+    xi, zp = to_int8(pooled, head_step, False)
     acc = jax.lax.dot_general(xi, jnp.asarray(head_k), (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.int32)
     if zp:
       acc = acc + zp * jnp.asarray(head_k.astype(np.int32).sum(axis=0))
-    return acc.astype(jnp.float32) * (step * head_scale) + p["head"]["bias"]
+    return acc.astype(jnp.float32) * (head_step * head_scale) + p["head"]["bias"]
   return forward
 
 
