@@ -24,7 +24,7 @@ def get_config():
   c.model.norm = "oabn"
   c.model.blocks = (1, 2, 4, 1)
   c.model.cifar_stem = False
-  c.data.source = "fashion_mnist_idx"
+  c.data.source = "idx"
   c.data.name = "fashion_mnist"
   c.data.data_dir = ""          # "" = /usr/share/datasets/fashion-mnist
   c.data.image_size = 32

@@ -16,6 +16,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
   os.close(fd)
   try:
     write(tmp)
+    # mkstemp makes the file 0600; give it the mode an ordinary open() would (0644 at umask 022).
+    os.chmod(tmp, 0o666 & ~_umask())
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -23,6 +25,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -50,6 +50,9 @@ def _cfg(**fields):
   """The trainer's data config group with overrides (unlocked, so extra fields are allowed)."""
   c = config_lib.base_config().data
   c.source, c.image_size, c.augment, c.synthetic_examples = "synthetic", 8, "none", 32
+  if fields.get("source") == "idx":
+    # _fmnist_dir labels example i with i: a label per example, not 10 classes.
+    c.name, c.num_classes = "fashion_mnist", 256
   for k, v in fields.items():
     c[k] = v
   return c
@@ -146,10 +149,11 @@ def test_read_idx_truncated_or_corrupt_names_the_file(tmp_path):
 def test_idx_source_records_match_the_files(tmp_path, gz):
   d, arrays = _fmnist_dir(tmp_path, n_train=7, n_test=5, gz=gz)
   for split in ("train", "test"):
-    src, stats = data.make_source(_cfg(source="fashion_mnist_idx", data_dir=d), split)
+    src, stats = data.make_source(_cfg(source="idx", data_dir=d), split)
     images, labels = arrays[split]
     assert len(src) == len(labels)
-    assert stats == data.STATS["fashion_mnist"]
+    known = data.STATS["fashion_mnist"]
+    assert (stats.mean, stats.std, stats.name) == (known.mean, known.std, "fashion_mnist")
     for i in range(len(src)):
       rec = src[i]
       assert rec["image"].shape == (28, 28, 1) and rec["image"].dtype == np.uint8
@@ -160,7 +164,7 @@ def test_idx_source_records_match_the_files(tmp_path, gz):
 def test_idx_source_missing_dir_says_how_to_get_the_data(tmp_path):
   missing = str(tmp_path / "no-such-dir")
   with pytest.raises(FileNotFoundError) as e:
-    data.make_source(_cfg(source="fashion_mnist_idx", data_dir=missing), "train")
+    data.make_source(_cfg(source="idx", data_dir=missing), "train")
   assert missing in str(e.value)
   assert "dataset-fashion-mnist" in str(e.value)
 
@@ -169,7 +173,7 @@ def test_idx_source_missing_file_says_how_to_get_the_data(tmp_path):
   d, _ = _fmnist_dir(tmp_path)
   os.remove(os.path.join(d, "t10k-labels-idx1-ubyte.gz"))
   with pytest.raises(FileNotFoundError) as e:
-    data.make_source(_cfg(source="fashion_mnist_idx", data_dir=d), "test")
+    data.make_source(_cfg(source="idx", data_dir=d), "test")
   assert "t10k-labels-idx1-ubyte" in str(e.value)
   assert "dataset-fashion-mnist" in str(e.value)
 
@@ -178,18 +182,18 @@ def test_idx_source_rejects_images_and_labels_of_different_lengths(tmp_path):
   d, _ = _fmnist_dir(tmp_path, n_train=6)
   _write(os.path.join(d, "train-labels-idx1-ubyte.gz"), _idx_u8(np.zeros(5, np.uint8)))
   with pytest.raises(ValueError, match="do not match"):
-    data.make_source(_cfg(source="fashion_mnist_idx", data_dir=d), "train")
+    data.make_source(_cfg(source="idx", data_dir=d), "train")
 
 
 def test_real_fashion_mnist_files():
   if not os.path.isdir(FMNIST_DIR):
     pytest.skip(f"{FMNIST_DIR} missing (apt-get install dataset-fashion-mnist)")
-  cfg = _cfg(source="fashion_mnist_idx", data_dir="", image_size=32)
+  cfg = _cfg(source="idx", data_dir="", image_size=32)
   train, stats = data.make_source(cfg, "train")
   test, _ = data.make_source(cfg, "test")
   assert (len(train), len(test)) == (60000, 10000)
   for src, per_class in ((train, 6000), (test, 1000)):
-    assert src.images.shape[1:] == (28, 28) and src.images.dtype == np.uint8
+    assert src.images.shape[1:] == (28, 28, 1) and src.images.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(src.labels), [per_class] * 10)
   # The normalization constants in STATS are those of these training pixels.
   hist = np.bincount(train.images.ravel(), minlength=256)
@@ -199,7 +203,7 @@ def test_real_fashion_mnist_files():
   assert abs(mean - stats.mean[0]) < 5e-4 and abs(std - stats.std[0]) < 5e-4
   batch = next(iter(_loader(cfg, "test", batch=16, train=False)))
   assert batch["image"].shape == (16, 32, 32, 3)
-  np.testing.assert_array_equal(batch["image"][3], _fm_normalized(test.images[3], 32))
+  np.testing.assert_array_equal(batch["image"][3], _fm_normalized(test.images[3, :, :, 0], 32))
   np.testing.assert_array_equal(batch["label"], test.labels[:16])
 
 
@@ -212,7 +216,9 @@ def test_tfds_source_with_mock_data(name):
   n = 11
   with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
     src, stats = data.make_source(cfg, "test")
-    assert len(src) == n and stats == data.STATS[name]
+    known = data.STATS[name]
+    assert len(src) == n and (stats.mean, stats.std, stats.num_classes, stats.name) == (
+        known.mean, known.std, known.num_classes, name)
     records = [src[i] for i in range(n)]
     batches = list(_loader(cfg, "test", batch=4, train=False))
   assert len(batches) == 3
@@ -247,9 +253,22 @@ def test_tfds_errors_name_the_dataset_and_directory(tmp_path):
   missing = str(tmp_path / "no-tfds-here")
   with pytest.raises(FileNotFoundError, match="no-tfds-here"):
     data.make_source(_cfg(source="tfds", name="cifar10", data_dir=missing), "train")
-  # An existing directory without the prepared dataset: no download, a pointer to tfds.
-  with pytest.raises(FileNotFoundError, match=r"'cifar10'.*prepare it with tfds"):
+  # An existing directory without the prepared dataset: no download; the resolved
+  # directory and the exact command that prepares it.
+  with pytest.raises(FileNotFoundError) as e:
     data.make_source(_cfg(source="tfds", name="cifar10", data_dir=str(tmp_path)), "train")
+  assert f"python -m repvgg_jax.data.prepare cifar10 --data_dir={tmp_path}" in str(e.value)
+
+
+def test_tfds_default_data_dir_is_resolved_in_the_error(tmp_path, monkeypatch):
+  pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds-default"))
+  with pytest.raises(FileNotFoundError) as e:
+    data.make_source(_cfg(source="tfds", name="imagenet2012", data_dir=""), "train")
+  msg = str(e.value)
+  assert "data_dir None" not in msg and f"data_dir {tmp_path / 'tfds-default'}" in msg
+  assert (f"python -m repvgg_jax.data.prepare imagenet2012 --manual_dir=ARCHIVE_DIR "
+          f"--data_dir={tmp_path / 'tfds-default'}") in msg
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -298,7 +317,7 @@ def test_worker_processes_give_the_same_stream_and_resume(tmp_path):
   was_parsed = flags.FLAGS.is_parsed()
   try:
     d, _ = _fmnist_dir(tmp_path)  # IdxSource pickles by path and reloads in the worker.
-    base = dict(source="fashion_mnist_idx", data_dir=d, image_size=32, augment="pad_crop_flip")
+    base = dict(source="idx", data_dir=d, image_size=32, augment="pad_crop_flip")
     reference = _take(iter(_loader(_cfg(**base, worker_count=0), seed=2)), 5)
     cfg = _cfg(**base, worker_count=1)
     it = iter(_loader(cfg, seed=2))
@@ -357,7 +376,7 @@ def test_eval_shards_cover_the_split_once_with_equal_batch_counts():
 
 def test_eval_mask_counts_the_split_and_pads_with_false(tmp_path):
   d, arrays = _fmnist_dir(tmp_path, n_test=10)
-  cfg = _cfg(source="fashion_mnist_idx", data_dir=d, image_size=32)
+  cfg = _cfg(source="idx", data_dir=d, image_size=32)
   loader = _loader(cfg, "test", batch=4, train=False)
   batches = list(loader)
   assert loader.steps_per_epoch == len(batches) == 3 and loader.num_examples == 10
@@ -396,7 +415,7 @@ def _by_label(batches):
 def test_augment_none_returns_the_source_images(tmp_path):
   d, arrays = _fmnist_dir(tmp_path)
   images, labels = arrays["train"]
-  loader = _loader(_cfg(source="fashion_mnist_idx", data_dir=d, image_size=32), batch=8)
+  loader = _loader(_cfg(source="idx", data_dir=d, image_size=32), batch=8)
   batches = _take(iter(loader), 3)
   for b in batches:
     assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
@@ -410,7 +429,7 @@ def test_augment_none_returns_the_source_images(tmp_path):
 def test_pad_crop_flip_is_a_shifted_and_maybe_flipped_copy(tmp_path):
   d, arrays = _fmnist_dir(tmp_path)
   images = arrays["train"][0]
-  cfg = _cfg(source="fashion_mnist_idx", data_dir=d, image_size=32, augment="pad_crop_flip")
+  cfg = _cfg(source="idx", data_dir=d, image_size=32, augment="pad_crop_flip")
   batches = _take(iter(_loader(cfg, batch=8)), 6)  # two epochs
   assert all(b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
              for b in batches)
@@ -438,7 +457,7 @@ def test_pad_crop_flip_is_a_shifted_and_maybe_flipped_copy(tmp_path):
 def test_rrc_flip_crops_differently_and_evaluates_with_a_centre_crop(tmp_path):
   d, arrays = _fmnist_dir(tmp_path)
   images = arrays["train"][0]
-  cfg = _cfg(source="fashion_mnist_idx", data_dir=d, image_size=16, augment="rrc_flip")
+  cfg = _cfg(source="idx", data_dir=d, image_size=16, augment="rrc_flip")
   batches = _take(iter(_loader(cfg, batch=8)), 6)
   assert all(b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.uint8
              for b in batches)

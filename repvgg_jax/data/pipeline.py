@@ -38,11 +38,13 @@ class _Window:
 
   A padding record is a real record (so shapes match) with label 0 and
   ``mask=False``; it lets the last evaluation batch be full and every process
-  yield the same number of batches. Each record gains a ``"mask"`` bool.
+  yield the same number of batches. Each record gains a ``"mask"`` bool. A label
+  outside ``[0, num_classes)`` raises ValueError naming it, the record and the source.
   """
 
-  def __init__(self, source: Any, start: int, stop: int, length: int):
+  def __init__(self, source: Any, start: int, stop: int, length: int, num_classes: int):
     self.source, self.start, self.stop, self.length = source, start, stop, length
+    self.num_classes = num_classes
 
   def __len__(self) -> int:
     return self.length
@@ -50,6 +52,10 @@ class _Window:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if index < self.stop - self.start:
       record = dict(self.source[self.start + index])
+      if not 0 <= int(record["label"]) < self.num_classes:
+        raise ValueError(f"{self.source!r}: record {self.start + index} has label "
+                         f"{int(record['label'])}, outside [0, {self.num_classes}); set "
+                         f"data.num_classes to the dataset's class count")
       record["mask"] = True
       return record
     record = dict(self.source[self.start if self.stop > self.start else 0])
@@ -87,6 +93,7 @@ class Loader:
   Attributes:
     num_examples: examples in the split (after ``train_subset``), over all processes.
     num_classes: label count.
+    dataset: the dataset's name; classes: its class names (index = label), () if unknown.
     image_shape: (H, W, 3) of one image; batches are uint8 NHWC.
     mean, std: per-channel pixel statistics (in [0, 1], RGB) for
       ``transforms.normalize``; ``pixel_stats`` is ``(mean, std)``, as the train
@@ -105,6 +112,7 @@ class Loader:
     self.mean = np.asarray(stats.mean, np.float32)
     self.std = np.asarray(stats.std, np.float32)
     self.pixel_stats = (self.mean, self.std)
+    self.dataset, self.classes = stats.name, tuple(stats.classes)
     self.image_shape = (image_size, image_size, 3)
     self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
     self.steps_per_epoch, self.train = steps_per_epoch, train
@@ -127,17 +135,18 @@ def _int_field(cfg: Any, name: str, default: int) -> int:
 
 
 def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, seed: int = 0,
-                process_index: int | None = None, process_count: int | None = None) -> Loader:
+                process_index: int | None = None, process_count: int | None = None,
+                cache_dir: str | None = None) -> Loader:
   """Builds the input pipeline of one process.
 
   Args:
     cfg: attribute object (e.g. ``ml_collections.ConfigDict``) with ``source``
-      ("fashion_mnist_idx" | "tfds" | "synthetic"), ``name`` (tfds), ``data_dir``,
+      ("idx" | "folder" | "tfds" | "synthetic"), ``name``, ``data_dir``,
       ``image_size``, ``augment`` ("none" | "pad_crop_flip" | "rrc_flip"),
       ``train_subset`` (0 = all; the first N examples of the train split) and
       ``worker_count`` (grain worker processes, 0 = in-process). Optional:
-      ``read_threads`` (default 2), ``num_classes`` and ``synthetic_examples``
-      (synthetic source).
+      ``read_threads`` (default 2), ``num_classes``, ``mean``, ``std`` and
+      ``synthetic_examples`` (synthetic source).
     split: "train" or "test" ("test" reads ImageNet's "validation").
     global_batch_size: batch over all processes; must divide by ``process_count``.
     train: True: infinite, reshuffled every epoch, augmented, full batches.
@@ -145,6 +154,8 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
     seed: shuffle and augmentation seed.
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
       Each process reads only its contiguous shard of the examples.
+    cache_dir: where computed normalization statistics are stored (the trainer's
+      workdir); None computes them each time (see ``sources.make_source``).
 
   Returns:
     A ``Loader`` whose iterators yield ``{"image": uint8 (B, H, W, 3) NHWC,
@@ -172,7 +183,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
   worker_count = _int_field(cfg, "worker_count", 0)
   read_threads = _int_field(cfg, "read_threads", 2)
 
-  source, stats = sources.make_source(cfg, split)
+  source, stats = sources.make_source(cfg, split, cache_dir=cache_dir)
   n = len(source)
   if subset and split == "train":
     if subset > n:
@@ -187,7 +198,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
       raise ValueError(f"data: process {process_index} of {process_count} gets no examples "
                        f"of the {n} in split {split!r}")
     # Per-process seeds: otherwise the k-th record of every shard would get the same crop.
-    ds = grain.MapDataset.source(_Window(source, start, stop, stop - start))
+    ds = grain.MapDataset.source(_Window(source, start, stop, stop - start, stats.num_classes))
     ds = ds.shuffle(seed=_derived_seed(seed, process_index, 0)).repeat(None)
     ds = ds.random_map(preprocess, seed=_derived_seed(seed, process_index, 1))
     ds = ds.batch(local_batch, drop_remainder=True)
@@ -195,7 +206,8 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
   else:
     # Same batch count on every process (collectives in the eval step need it).
     steps = math.ceil(math.ceil(n / process_count) / local_batch)
-    ds = grain.MapDataset.source(_Window(source, start, stop, steps * local_batch))
+    ds = grain.MapDataset.source(_Window(source, start, stop, steps * local_batch,
+                                         stats.num_classes))
     ds = ds.map(preprocess).batch(local_batch)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2, 2 * read_threads)))

@@ -1,57 +1,114 @@
-"""Random-access data sources: Fashion-MNIST IDX files, tfds ArrayRecord, synthetic.
+"""Random-access data sources: IDX files, image folders, tfds ArrayRecord, synthetic.
 
 Every source is a grain ``RandomAccessDataSource`` (``__len__`` + ``__getitem__``)
 whose records are ``{"image": uint8 (H, W, C), "label": int}`` with ``C`` 1 or 3
 (HWC, channels last), or, for tfds ImageNet, the encoded JPEG bytes as
 ``"image"``. Decoding, augmentation and conversion to 3 channels happen later,
-per record, in ``transforms``; normalization on the device.
+per record, in ``transforms``; normalization on the device. ``make_source`` also
+returns the dataset's ``Stats`` (name, classes, normalization statistics); labels
+are checked against its class count.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 # The Debian package `dataset-fashion-mnist` installs the IDX files here.
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
-SOURCES = ("fashion_mnist_idx", "tfds", "synthetic")
+DEFAULT_IDX_DIRS = {"fashion_mnist": DEFAULT_IDX_DIR}
+SOURCES = ("idx", "folder", "tfds", "synthetic")
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class Stats:
-  """Per-channel mean and std of the pixels in [0, 1] (RGB order), and the class count."""
+  """Per-channel mean and std of the pixels in [0, 1] (RGB order), the class count,
+  and (where known) the dataset's name and class names (index = label)."""
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   num_classes: int
+  name: str = ""
+  classes: tuple[str, ...] = field(default=())
 
 
 # Fashion-MNIST: measured over the 60k training images (gray, repeated to RGB).
 # CIFAR-10: measured over the 50k training images. ImageNet: the usual torchvision numbers.
 # Synthetic: uniform noise in [0, 1] has mean 1/2 and std 1/sqrt(12) ~= 0.2887.
 STATS = {
-    "fashion_mnist": Stats((0.2860,) * 3, (0.3530,) * 3, 10),
-    "cifar10": Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
-    "imagenet2012": Stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1000),
-    "synthetic": Stats((0.5,) * 3, (0.2887,) * 3, 10),
+    "fashion_mnist": Stats((0.2860,) * 3, (0.3530,) * 3, 10, "fashion_mnist"),
+    "cifar10": Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, "cifar10"),
+    "imagenet2012": Stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1000, "imagenet2012"),
+    "synthetic": Stats((0.5,) * 3, (0.2887,) * 3, 10, "synthetic"),
 }
 TFDS_NAMES = ("cifar10", "imagenet2012", "fashion_mnist")
 # tfds datasets whose records keep the encoded image bytes (decoded in transforms).
 ENCODED = ("imagenet2012",)
 # tfds split name for each of our splits (ImageNet has no "test" with labels).
 TFDS_SPLITS = {"imagenet2012": {"train": "train", "test": "validation"}}
+# How each tfds dataset is prepared (docs/data.md has the details).
+TFDS_PREPARE = {
+    "imagenet2012": "python -m repvgg_jax.data.prepare imagenet2012 --manual_dir=ARCHIVE_DIR "
+                    "--data_dir={data_dir}",
+    "cifar10": "python -m repvgg_jax.data.prepare cifar10 --data_dir={data_dir}",
+    "fashion_mnist": "python -m repvgg_jax.data.prepare fashion_mnist --data_dir={data_dir}",
+}
+# Statistics of a folder or an unknown IDX dataset come from up to this many training images.
+STATS_SAMPLE = 2000
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises ValueError naming the first label outside ``[0, num_classes)`` and its example."""
+  labels = np.asarray(labels)
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"{where}: example {i} has label {int(labels[i])}, outside [0, "
+                     f"{num_classes}) ({bad.size} of {labels.size} labels are); set "
+                     f"data.num_classes to the dataset's class count")
+
+
+def _num_classes(cfg: Any, default: int | None, what: str) -> int:
+  n = int(getattr(cfg, "num_classes", 0) or 0)
+  if n:
+    return n
+  if default is None:
+    raise ValueError(f"{what}: data.num_classes must be set (0 = known only for "
+                     f"{sorted(STATS)})")
+  return default
+
+
+def _pixel_stats(images: list[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (RGB) mean and std in [0, 1] over uint8 HWC images (gray counts for all 3)."""
+  total, sq, count = np.zeros(3), np.zeros(3), 0
+  for im in images:
+    x = im.reshape(-1, im.shape[-1]).astype(np.float64) / 255
+    total += x.sum(0) if x.shape[1] == 3 else np.repeat(x.sum(), 3)
+    sq += (x * x).sum(0) if x.shape[1] == 3 else np.repeat((x * x).sum(), 3)
+    count += x.shape[0]
+  mean = total / count
+  std = np.sqrt(np.maximum(sq / count - mean * mean, 1e-12))
+  return tuple(round(float(m), 4) for m in mean), tuple(round(float(v), 4) for v in std)
+
+
+def _configured_stats(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  mean, std = tuple(getattr(cfg, "mean", ()) or ()), tuple(getattr(cfg, "std", ()) or ())
+  if not mean:
+    return None
+  return (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
+
 
 # IDX element types (third byte of the magic number) -> numpy big-endian dtype.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-
-
+# File name prefixes of each split: MNIST-style, and EMNIST-style ("<name>-train-...").
+_IDX_PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
 def read_idx(path: str) -> np.ndarray:
   """Reads one IDX file (gzip-compressed when the name ends in .gz) into a numpy array.
 
@@ -81,60 +138,81 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _idx_path(data_dir: str, prefix: str, kind: str) -> str:
-  base = os.path.join(data_dir, f"{prefix}-{kind}")
-  for path in (base + ".gz", base):
-    if os.path.exists(path):
-      return path
-  raise FileNotFoundError(f"Fashion-MNIST IDX file not found: {base}.gz (nor {base}); "
-                          f"install the Debian package dataset-fashion-mnist or set "
-                          f"data.data_dir to the directory holding the IDX files")
+def _idx_path(data_dir: str, name: str, split: str, kind: str) -> str:
+  tried = []
+  for prefix in _IDX_PREFIXES[split]:
+    for stem in (f"{prefix}-{kind}", f"{name}-{prefix}-{kind}"):
+      base = os.path.join(data_dir, stem)
+      for path in (base + ".gz", base):
+        if os.path.exists(path):
+          return path
+      tried.append(stem)
+  hint = (" (install the Debian package dataset-fashion-mnist, or set data.data_dir)"
+          if name == "fashion_mnist" else "")
+  raise FileNotFoundError(f"idx: no {split} {kind.split('-')[0]} file for dataset {name!r} in "
+                          f"{data_dir}: tried {', '.join(tried)} (each .gz or not){hint}")
 
 
 @functools.lru_cache(maxsize=4)
-def _load_idx_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  prefix = _IDX_PREFIX[split]
-  images = read_idx(_idx_path(data_dir, prefix, "images-idx3-ubyte"))
-  labels = read_idx(_idx_path(data_dir, prefix, "labels-idx1-ubyte"))
-  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-    raise ValueError(f"Fashion-MNIST IDX files in {data_dir} ({split}): images {images.shape} "
-                     f"and labels {labels.shape} do not match (expected (N, H, W) and (N,))")
+def _load_idx_split(data_dir: str, name: str, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+  images_path = _idx_path(data_dir, name, split, "images-idx3-ubyte")
+  labels_path = _idx_path(data_dir, name, split, "labels-idx1-ubyte")
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.ndim == 4 and images.shape[3] in (1, 3):
+    pass
+  elif images.ndim == 3:
+    images = images[:, :, :, None]
+  else:
+    raise ValueError(f"idx: {images_path} holds images of shape {images.shape}, expected "
+                     f"(N, H, W) or (N, H, W, 1 or 3)")
+  if labels.ndim != 1 or len(images) != len(labels):
+    raise ValueError(f"idx: {images_path} {images.shape[:3]} and {labels_path} {labels.shape} "
+                     f"do not match (expected (N, H, W) images and (N,) labels)")
+  if images.dtype != np.uint8:
+    raise ValueError(f"idx: {images_path} holds {images.dtype} pixels, expected uint8")
   images.setflags(write=False)
   labels.setflags(write=False)
-  return images, labels
+  return images, labels, labels_path
 
 
 class IdxSource:
-  """Fashion-MNIST (or MNIST) from its IDX files, held in memory.
+  """An MNIST-style dataset from its IDX files, held in memory.
 
-  Records are ``{"image": uint8 (28, 28, 1), "label": int}``. Reading 60k images
-  takes well under a second; the arrays are cached per (directory, split), and a
-  pickled source (grain workers) reloads from the files instead of copying them.
+  Files (each gzip-compressed or not): ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-...`` (or ``test-...``) for the test split,
+  optionally prefixed with the dataset's name (``emnist-letters-train-...``).
+  Records are ``{"image": uint8 (H, W, 1 or 3), "label": int}``. The arrays are
+  cached per (directory, name, split), and a pickled source (grain workers)
+  reloads from the files instead of copying them.
   """
 
-  def __init__(self, data_dir: str | None, split: str):
-    data_dir = data_dir or DEFAULT_IDX_DIR
-    if split not in _IDX_PREFIX:
-      raise ValueError(f"fashion_mnist_idx: unknown split {split!r}, expected one of {SPLITS}")
+  def __init__(self, data_dir: str | None, split: str, name: str = "fashion_mnist"):
+    if split not in _IDX_PREFIXES:
+      raise ValueError(f"idx: unknown split {split!r}, expected one of {SPLITS}")
+    data_dir = data_dir or DEFAULT_IDX_DIRS.get(name)
+    if not data_dir:
+      raise ValueError(f"idx: dataset {name!r} has no default directory; set data.data_dir "
+                       f"to the directory holding its IDX files")
     if not os.path.isdir(data_dir):
-      raise FileNotFoundError(f"fashion_mnist_idx: data_dir {data_dir!r} is not a directory; "
-                              f"install the Debian package dataset-fashion-mnist (it puts the "
-                              f"IDX files in {DEFAULT_IDX_DIR}) or set data.data_dir to the "
-                              f"directory holding them")
-    self.data_dir, self.split = data_dir, split
-    self.images, self.labels = _load_idx_split(os.path.abspath(data_dir), split)
+      hint = (f"install the Debian package dataset-fashion-mnist (it puts the IDX files in "
+              f"{DEFAULT_IDX_DIR}) or set data.data_dir" if name == "fashion_mnist"
+              else "set data.data_dir to the directory holding the IDX files")
+      raise FileNotFoundError(f"idx: data_dir {data_dir!r} is not a directory; {hint}")
+    self.data_dir, self.split, self.name = data_dir, split, name
+    self.images, self.labels, self.labels_path = _load_idx_split(
+        os.path.abspath(data_dir), name, split)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"image": self.images[index][:, :, None], "label": int(self.labels[index])}
+    return {"image": self.images[index], "label": int(self.labels[index])}
 
   def __reduce__(self):
-    return (IdxSource, (self.data_dir, self.split))
+    return (IdxSource, (self.data_dir, self.split, self.name))
 
   def __repr__(self) -> str:
-    return f"IdxSource({self.data_dir!r}, {self.split!r}, n={len(self)})"
+    return f"IdxSource({self.data_dir!r}, {self.split!r}, name={self.name!r}, n={len(self)})"
 
 
 class SyntheticSource:
@@ -168,6 +246,120 @@ class SyntheticSource:
     return f"SyntheticSource(n={self.num_examples}, size={self.image_size})"
 
 
+# The torchvision ImageFolder convention: <data_dir>/<split dir>/<class>/**/<image>.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
+                    ".webp")
+FOLDER_SPLITS = {"train": ("train",), "test": ("val", "test")}
+
+
+def _folder_split_dir(data_dir: str, split: str) -> str:
+  for sub in FOLDER_SPLITS[split]:
+    if os.path.isdir(os.path.join(data_dir, sub)):
+      return os.path.join(data_dir, sub)
+  raise FileNotFoundError(f"folder: {data_dir!r} has no {' or '.join(FOLDER_SPLITS[split])} "
+                          f"directory; expected {data_dir}/{FOLDER_SPLITS[split][0]}/<class>/"
+                          f"<image> (one directory per class)")
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_folder(data_dir: str, split: str) -> tuple[tuple[str, ...], tuple[str, ...],
+                                                     np.ndarray]:
+  """(classes of the train split, sorted; image paths of ``split``; their labels)."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"folder: data_dir {data_dir!r} is not a directory")
+  train_dir = _folder_split_dir(data_dir, "train")
+  classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
+  if not classes:
+    raise ValueError(f"folder: {train_dir} has no class directories")
+  root = train_dir if split == "train" else _folder_split_dir(data_dir, split)
+  found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  unknown = [c for c in found if c not in classes]
+  if unknown:
+    raise ValueError(f"folder: {root} has class directories that {train_dir} lacks: "
+                     f"{unknown[:5]}; the classes are the train split's")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(root, name)
+    if not os.path.isdir(class_dir):
+      continue
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(class_dir, followlinks=True)
+                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files and split == "train":
+      raise ValueError(f"folder: class directory {class_dir} has no images "
+                       f"({', '.join(IMAGE_EXTENSIONS)})")
+    paths += files
+    labels += [label] * len(files)
+  if not paths:
+    raise ValueError(f"folder: {root} holds no images")
+  return classes, tuple(paths), np.asarray(labels, np.int64)
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 (H, W, 1) for grayscale files, (H, W, 3) for everything else (RGB)."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      im = im.convert("L") if im.mode in ("1", "L", "LA", "I", "I;16") else im.convert("RGB")
+      image = np.asarray(im)
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise ValueError(f"folder: cannot read image {path}: {e}") from e
+  return image[:, :, None] if image.ndim == 2 else image
+
+
+class FolderSource:
+  """Images in class directories, as torchvision's ``ImageFolder``: classes sorted by name.
+
+  ``<data_dir>/train/<class>/...`` and ``<data_dir>/val/<class>/...`` (or
+  ``test/``); files are found recursively by extension and read with PIL on
+  access. Records are ``{"image": uint8 (H, W, 1 or 3), "label": int}`` where the
+  label is the index of the class in the sorted train class names.
+  """
+
+  def __init__(self, data_dir: str, split: str):
+    if split not in FOLDER_SPLITS:
+      raise ValueError(f"folder: unknown split {split!r}, expected one of {SPLITS}")
+    if not data_dir:
+      raise ValueError("folder: data.data_dir must be set to the directory holding train/ "
+                       "and val/")
+    self.data_dir, self.split = os.path.abspath(data_dir), split
+    self.classes, self.paths, self.labels = _scan_folder(self.data_dir, split)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": read_image(self.paths[index]), "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self.data_dir!r}, {self.split!r}, n={len(self)})"
+
+
+def _sample_stats(source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Pixel statistics over up to ``STATS_SAMPLE`` evenly spaced records of ``source``."""
+  n = len(source)
+  index = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).astype(int))
+  return _pixel_stats([source[int(i)]["image"] for i in index])
+
+
+def _cached_stats(source: Any, key: dict, cache_dir: str | None):
+  """``_sample_stats(source)``, stored in ``<cache_dir>/data_stats.json`` for that ``key``."""
+  path = os.path.join(cache_dir, "data_stats.json") if cache_dir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("key") == key:
+      return tuple(cached["mean"]), tuple(cached["std"])
+  mean, std = _sample_stats(source)
+  from absl import logging
+  logging.info("data: pixel mean %s, std %s (from %d training images%s)", mean, std,
+               min(len(source), STATS_SAMPLE), f"; stored in {path}" if path else "")
+  if path:
+    from repvgg_jax.fileio import atomic_write_text
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps({"key": key, "mean": mean, "std": std}, indent=1))
+  return mean, std
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None):
   """A tfds ArrayRecord ``data_source`` (no TensorFlow needed); records as in tfds."""
   import tensorflow_datasets as tfds  # Lazy: some accelerator images ship without tfds.
@@ -175,39 +367,84 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
   if name not in TFDS_NAMES:
     raise ValueError(f"tfds: unknown dataset name {name!r}, expected one of {TFDS_NAMES}")
   if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"tfds: data_dir {data_dir!r} is not a directory")
+    raise FileNotFoundError(f"tfds: data_dir {data_dir!r} is not a directory. "
+                            + _prepare_hint(name, data_dir))
   tfds_split = TFDS_SPLITS.get(name, {}).get(split, split)
   # ImageNet's JPEGs stay encoded: transforms.decode_augment decodes them at a reduced
   # scale when the random crop allows (most crops of a ~500x375 photo to 224 px).
   decoders = {"image": tfds.decode.SkipDecoding()} if name in ENCODED else None
+  resolved = data_dir or tfds.core.constants.get_default_data_dir()
   try:
-    return tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False,
+    return tfds.data_source(name, split=tfds_split, data_dir=resolved, download=False,
                             decoders=decoders)
   except Exception as e:  # tfds raises several types for a dataset that is not prepared.
-    raise FileNotFoundError(f"tfds: cannot open {name!r} split {tfds_split!r} in data_dir "
-                            f"{data_dir!r} (prepare it with tfds first; nothing is downloaded "
-                            f"at run time): {e}") from e
+    raise FileNotFoundError(
+        f"tfds: {name!r} split {tfds_split!r} is not prepared (as ArrayRecord) in data_dir "
+        f"{resolved} (data.data_dir={data_dir or ''!r}); nothing is downloaded at run time. "
+        + _prepare_hint(name, resolved) + f" [{type(e).__name__}: {str(e)[:300]}]") from e
 
 
-def make_source(cfg: Any, split: str) -> tuple[Any, Stats]:
-  """Returns ``(source, stats)`` for ``cfg.source`` and ``split`` ("train" or "test")."""
+def _prepare_hint(name: str, data_dir: str) -> str:
+  return (f"Prepare it once (needs pip install -e '.[prepare]'): "
+          f"{TFDS_PREPARE[name].format(data_dir=data_dir)} (see docs/data.md)")
+
+
+def make_source(cfg: Any, split: str, *, cache_dir: str | None = None) -> tuple[Any, Stats]:
+  """Returns ``(source, stats)`` for ``cfg.source`` and ``split`` ("train" or "test").
+
+  ``stats`` names the dataset and its classes and gives the normalization
+  statistics: ``cfg.mean``/``cfg.std`` when set, else the known dataset's, else
+  computed from the training images (stored in ``<cache_dir>/data_stats.json`` for
+  the folder source when ``cache_dir`` is given). Labels are checked against the
+  class count: all at once for in-memory and folder sources, per record for tfds
+  (``make_loader`` checks every record).
+  """
   if split not in SPLITS:
     raise ValueError(f"data: unknown split {split!r}, expected one of {SPLITS}")
   source = getattr(cfg, "source", None)
   data_dir = getattr(cfg, "data_dir", None) or None
-  if source == "fashion_mnist_idx":
-    return IdxSource(data_dir, split), STATS["fashion_mnist"]
+  name = getattr(cfg, "name", None) or ""
+  configured = _configured_stats(cfg)
+  if source == "idx":
+    src = IdxSource(data_dir, split, name or "fashion_mnist")
+    known = STATS.get(src.name)
+    num_classes = _num_classes(cfg, known.num_classes if known else None, f"idx {src.name!r}")
+    check_labels(src.labels, num_classes, f"idx: {src.labels_path}")
+    if configured is None:
+      configured = ((known.mean, known.std) if known else
+                    _sample_stats(IdxSource(data_dir, "train", src.name)))
+    return src, Stats(*configured, num_classes, src.name)
+  if source == "folder":
+    src = FolderSource(data_dir, split)
+    num_classes = len(src.classes)
+    if getattr(cfg, "num_classes", 0) and cfg.num_classes != num_classes:
+      raise ValueError(f"folder: data.num_classes={cfg.num_classes} but "
+                       f"{_folder_split_dir(src.data_dir, 'train')} has {num_classes} class "
+                       f"directories: {list(src.classes[:10])}")
+    if configured is None:
+      train = src if split == "train" else FolderSource(data_dir, "train")
+      key = {"data_dir": src.data_dir, "images": len(train), "classes": list(src.classes)}
+      configured = _cached_stats(train, key, cache_dir)
+    return src, Stats(*configured, num_classes, name or os.path.basename(src.data_dir),
+                      src.classes)
   if source == "synthetic":
-    num_classes = int(getattr(cfg, "num_classes", 0) or STATS["synthetic"].num_classes)
+    num_classes = _num_classes(cfg, STATS["synthetic"].num_classes, "synthetic")
     default_n = 50_000 if split == "train" else 10_000
     n = int(getattr(cfg, "synthetic_examples", 0) or default_n)
     seed = 0 if split == "train" else 1  # Different images for the two splits.
-    stats = Stats(STATS["synthetic"].mean, STATS["synthetic"].std, num_classes)
+    stats = Stats(*(configured or (STATS["synthetic"].mean, STATS["synthetic"].std)),
+                  num_classes, "synthetic")
     return SyntheticSource(n, int(cfg.image_size), num_classes, seed), stats
   if source == "tfds":
-    name = getattr(cfg, "name", None)
     if name not in TFDS_NAMES:
       raise ValueError(f"tfds: unknown dataset name {name!r}, expected one of {TFDS_NAMES}")
     src = _tfds_source(name, split, data_dir)
-    return src, STATS[name]
+    known = STATS[name]
+    num_classes = _num_classes(cfg, known.num_classes, f"tfds {name!r}")
+    classes = ()
+    try:
+      classes = tuple(src.dataset_info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):
+      pass
+    return src, Stats(*(configured or (known.mean, known.std)), num_classes, name, classes)
   raise ValueError(f"data: unknown source {source!r}, expected one of {SOURCES}")

@@ -4,7 +4,9 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a process killed during a save leaves the previous step as the latest
 readable one; ``latest_step`` never names a partial save. Saves are collective:
 every process calls ``save`` at the same step (the loop decides when, from
-values all processes share).
+values all processes share). A step that is complete but unreadable (a
+truncated or damaged file) is moved aside to ``<directory>.unreadable/<step>``
+with a warning, and the previous step is restored instead; nothing is deleted.
 
 A state is restored into the shardings of the state it is given (its arrays'
 ``.sharding``), so a run saved on 8 devices resumes on 1 or 4.
@@ -13,12 +15,14 @@ A state is restored into the shardings of the state it is given (its arrays'
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 ITEMS = ("state", "data", "meta")
 
@@ -43,7 +47,7 @@ def _abstract(x: Any) -> Any:
 class StageCheckpoints:
   """Async saves every ``every`` steps (the caller asks ``due``), keep the latest ``keep``."""
 
-  def __init__(self, directory: str, *, every: int, keep: int):
+  def __init__(self, directory: str, *, every: int, keep: int, create: bool = True):
     if "://" not in directory:
       directory = os.path.abspath(directory)
     self.directory, self.every = directory, every
@@ -51,7 +55,7 @@ class StageCheckpoints:
         directory,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            enable_async_checkpointing=True, create=True),
+            enable_async_checkpointing=True, create=create),
         handler_registry=_registry())
 
   def latest_step(self) -> int | None:
@@ -74,19 +78,21 @@ class StageCheckpoints:
     return (epath.Path(self.directory) / str(step) / name).exists()
 
   def restore(self, state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
-    """(state, data iterator state, meta) at ``step`` (default: the latest).
+    """(state, data iterator state, meta) at ``step`` (default: the latest readable one).
 
     ``state`` gives the structure and, for its ``jax.Array`` leaves, the target
     shardings; numpy leaves are restored as numpy.
     """
-    step = self.latest_step() if step is None else step
     target = jax.tree_util.tree_map(_abstract, flax.serialization.to_state_dict(state))
-    has_meta = self._has_item(step, "meta")  # Absent in checkpoints of older versions.
-    args = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
-    if has_meta:
-      args["meta"] = ocp.args.JsonRestore()
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    meta = out["meta"] if has_meta else {}
+
+    def args(step: int) -> Any:
+      items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
+      if self._has_item(step, "meta"):  # Absent in checkpoints of older versions.
+        items["meta"] = ocp.args.JsonRestore()
+      return ocp.args.Composite(**items)
+
+    step, out = self._restore_readable(step, args)
+    meta = out["meta"] if self._has_item(step, "meta") else {}
     return flax.serialization.from_state_dict(state, out["state"]), out["data"], meta or {}
 
   def restore_host(self, step: int | None = None) -> dict:
@@ -97,6 +103,38 @@ class StageCheckpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     return out["state"]
+
+  def _restore_readable(self, step: int | None, args: Any) -> tuple[int, Any]:
+    """``(step, restored)``: ``step``, or the latest readable step when ``step`` is None;
+    ``args(step)`` gives the restore arguments.
+
+    When the latest step fails and an older one restores, each failed step is
+    moved to ``<directory>.unreadable/<step>`` (kept for inspection, out of
+    orbax's sight) with a warning naming it. When no step restores (e.g. a tree
+    of another model), nothing is moved and the latest step's error is raised.
+    """
+    if step is not None:
+      return step, self.manager.restore(step, args=args(step))
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        out = self.manager.restore(step, args=args(step))
+      except (ValueError, OSError) as e:  # tensorstore reports damaged files as ValueError
+        failed.append((step, e))
+        continue
+      for bad, e in failed:
+        path = os.path.join(self.directory, str(bad))
+        aside = os.path.join(self.directory + ".unreadable", str(bad))
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(path, aside)
+        logging.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and resumed "
+                        "from step %d", path, type(e).__name__, str(e)[:300], aside, step)
+      if failed:
+        self.manager.reload()
+      return step, out
+    if failed:
+      raise failed[0][1]
+    raise FileNotFoundError(f"no checkpoint in {self.directory}")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -7,9 +7,11 @@ checks enums and ranges that a lock cannot.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 MODEL_NAMES_EXTRA = ("tiny",)
 NORMS = ("bn", "oabn")
@@ -18,7 +20,7 @@ QUANT_METHODS = ("cluster", "uniform", "lsq", "none")
 CLIPPINGS = ("minmax", "mse")
 CALIBRATIONS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("channel", "tensor")
-SOURCES = ("fashion_mnist_idx", "tfds", "synthetic")
+SOURCES = ("idx", "folder", "tfds", "synthetic")
 AUGMENTS = ("none", "pad_crop_flip", "rrc_flip")
 
 
@@ -44,9 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"           # compute dtype; params stay float32
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
+  c.data.source = "tfds"              # "idx" | "folder" | "tfds" | "synthetic"
+  c.data.name = "imagenet2012"        # the dataset's name (tfds, idx; reported)
   c.data.data_dir = ""                # "" = the source's default; local or gs://
+  # 0 = the dataset's own count (known datasets, folder: one class per directory);
+  # labels outside [0, num_classes) are an error.
+  c.data.num_classes = 0
+  # Per-channel pixel mean and std in [0, 1] (1 or 3 values); () = the known dataset's,
+  # or computed once from the training images (idx, folder).
+  c.data.mean = ()
+  c.data.std = ()
   c.data.image_size = 224
   c.data.augment = "rrc_flip"
   c.data.train_subset = 0
@@ -110,13 +119,17 @@ def _stage_config() -> ml_collections.ConfigDict:
   return s
 
 
+class ConfigError(ValueError):
+  """An unknown or invalid config field; the message names each one."""
+
+
 def _fail(problems: list[str]) -> None:
   if problems:
-    raise ValueError("invalid config: " + "; ".join(problems))
+    raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming every unknown or invalid field of ``cfg``."""
+  """Raises ``ConfigError`` (a ValueError) naming every unknown or invalid field of ``cfg``."""
   problems = []
   ref = base_config()
 
@@ -124,7 +137,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in c.keys():
       name = f"{prefix}{key}"
       if key not in r:
-        problems.append(f"unknown field {name}")
+        near = difflib.get_close_matches(key, list(r.keys()), n=1)
+        problems.append(f"unknown field {name}" + (
+            f" (did you mean {prefix}{near[0]}?)" if near else ""))
       elif isinstance(r[key], ml_collections.ConfigDict):
         if isinstance(c[key], ml_collections.ConfigDict):
           walk(c[key], r[key], name + ".")
@@ -165,6 +180,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"data.local_examples={cfg.data.local_examples!r} needs data.source='tfds' "
                     f"and data.name='imagenet2012' (got {cfg.data.source!r}, "
                     f"{cfg.data.name!r})")
+  if isinstance(cfg.data.num_classes, bool) or not isinstance(cfg.data.num_classes, int) \
+      or cfg.data.num_classes < 0:
+    problems.append(f"data.num_classes={cfg.data.num_classes!r} must be an int >= 0")
+  for f in ("mean", "std"):
+    v = cfg.data[f]
+    if not (isinstance(v, (tuple, list)) and len(v) in (0, 1, 3) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+      problems.append(f"data.{f}={v!r} must be () or 1 or 3 numbers")
+    elif f == "std" and any(x <= 0 for x in v):
+      problems.append(f"data.std={v!r} must be positive")
+  if isinstance(cfg.data.mean, (tuple, list)) and isinstance(cfg.data.std, (tuple, list)) \
+      and len(cfg.data.mean) != len(cfg.data.std):
+    problems.append(f"data.mean={cfg.data.mean!r} and data.std={cfg.data.std!r} must be "
+                    f"given together, of the same length")
   positive("eval_batch_size", cfg.eval_batch_size)
   if not isinstance(cfg.eval_fp_forms, bool):
     problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
@@ -205,9 +234,30 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-    if not (isinstance(s.warmup_steps, int) and 0 <= s.warmup_steps < s.num_steps):
-      problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be in [0, num_steps)")
+    if not (isinstance(s.warmup_steps, int) and not isinstance(s.warmup_steps, bool)
+            and s.warmup_steps >= 0):
+      problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be an int >= 0")
   _fail(problems)
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates ``cfg`` and returns a locked copy with warmups shortened to fit their stage.
+
+  A ``warmup_steps`` of at least ``num_steps`` (a short run of a long recipe,
+  e.g. ``--config.fp.num_steps=50`` with the demo's 100 warmup steps) becomes
+  ``num_steps // 10``, with a log line; the report states the value used.
+  """
+  validate(cfg)
+  cfg = cfg.copy_and_resolve_references()
+  for stage in ("fp", "qat"):
+    s = cfg[stage]
+    if s.warmup_steps >= s.num_steps:
+      short = s.num_steps // 10
+      logging.warning("%s.warmup_steps=%d is not below %s.num_steps=%d: warming up for %d "
+                      "steps instead", stage, s.warmup_steps, stage, s.num_steps, short)
+      s.warmup_steps = short
+  cfg.lock()
+  return cfg
 
 
 def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

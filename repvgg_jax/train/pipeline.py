@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -28,6 +27,7 @@ from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
+from repvgg_jax.train.workdir import Stages
 from repvgg_jax.train.writers import create_writer
 
 
@@ -61,6 +61,8 @@ def load_variables(path: str, template: dict) -> dict:
   """
   import flax
   from flax import traverse_util
+  if path.endswith((".msgpack", ".npz")) and not os.path.isfile(path):
+    raise FileNotFoundError(f"init_from={path!r}: no such file")
   if path.endswith(".msgpack"):
     with open(path, "rb") as f:
       loaded = flax.serialization.msgpack_restore(f.read())
@@ -68,7 +70,10 @@ def load_variables(path: str, template: dict) -> dict:
     with np.load(path) as z:
       loaded = traverse_util.unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
   else:
-    ckpt = StageCheckpoints(path, every=1, keep=1)
+    if not os.path.isdir(path):  # Never create it: a typo must not become a directory.
+      raise FileNotFoundError(f"init_from={path!r} is not a directory (an FP-stage "
+                              f"checkpoint directory) nor a .npz or .msgpack file")
+    ckpt = StageCheckpoints(path, every=1, keep=1, create=False)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
     state_dict = ckpt.restore_host()
@@ -136,14 +141,33 @@ def evaluate_deployed(fns: dict[str, Callable], loader: Any) -> dict[str, dict[s
           for name, t in zip(fns, totals)}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> dict:
-  """Runs every enabled stage and returns the report dict (all processes; process 0 writes)."""
-  config_lib.validate(cfg)
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
+        discard_stale: bool = False) -> dict:
+  """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
+
+  Args:
+    discard_stale: move checkpoints of stages trained with another config aside
+      (``<workdir>/stale/``) and train them again, instead of refusing
+      (``workdir.StaleWorkdir``).
+  """
+  cfg = config_lib.resolve(cfg)
   if "://" in workdir:
     raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
                      "are supported for the workdir")
-  mesh = sharding.make_mesh() if mesh is None else mesh
   primary = jax.process_index() == 0
+  trained = ("fp",) * (cfg.fp.enabled and not cfg.init_from) + \
+      ("qat",) * (cfg.quant.method != "none" and cfg.qat.enabled)
+  # Before anything is restored: orbax must never see another config's tree.
+  stages = Stages(workdir, cfg, trained, discard_stale=discard_stale, write=primary)
+  try:
+    return _run(cfg, workdir, stages, mesh, primary)
+  finally:
+    stages.close()
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any,
+         primary: bool) -> dict:
+  mesh = sharding.make_mesh() if mesh is None else mesh
   if primary:
     os.makedirs(workdir, exist_ok=True)
   writer = create_writer(workdir)
@@ -157,7 +181,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
     data_cfg = data_cfg or local_data_config(cfg.data, workdir)
 
   def loader(split: str, batch: int, train: bool):
-    return data.make_loader(data_cfg, split, global_batch_size=batch, train=train, seed=cfg.seed)
+    return data.make_loader(data_cfg, split, global_batch_size=batch, train=train, seed=cfg.seed,
+                            cache_dir=workdir)
 
   eval_loader = loader("test", cfg.eval_batch_size, False)
   num_classes, image_shape = eval_loader.num_classes, eval_loader.image_shape
@@ -169,7 +194,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
   evaluate_with = lambda step_fn: lambda s: steps.evaluate(step_fn, s, eval_loader, mesh)  # noqa: E731
 
   # Stage 1: FP training of the multi-branch network (or import).
-  t = time.time()
+  stages.start("fp")
   template = init_variables(model, image_shape, cfg.seed)
   if cfg.fp.enabled and not cfg.init_from:
     state = create_train_state(model, template, cfg.fp)
@@ -190,7 +215,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
     state = sharding.replicate(create_train_state(model, variables, cfg.fp), mesh)
   if cfg.eval_fp_forms:
     forms["fp"] = {"accuracy": steps.evaluate(eval_plain, state, eval_loader, mesh)}
-  timings["fp"] = time.time() - t
+  timings["fp"] = stages.stop("fp")
   del state
 
   # Stage 2: merge (pure) and evaluate the single-conv network.
@@ -204,7 +229,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
 
   # Stage 3: QAT of the merged network, then the packed export.
   if cfg.quant.method != "none":
-    t = time.time()
+    stages.start("qat")
     qc = cfg.quant
     q = make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
                        first_last_bits=qc.first_last_bits, clipping=qc.clipping,
@@ -233,13 +258,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
       state = sharding.replicate(state, mesh)
     bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
     forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh), **bits}
-    timings["qat"] = time.time() - t
+    timings["qat"] = stages.stop("qat")
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
     del state
 
     packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
         qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
-        dataset=cfg.data.name))
+        dataset=eval_loader.dataset))
     path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
     hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None)
     if primary:
@@ -263,7 +288,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None) -> di
 
   result = {"forms": forms}
   if primary:
-    result = report_lib.write_report(workdir, forms, cfg, histograms, timings)
+    result = report_lib.write_report(workdir, forms, cfg, histograms, timings,
+                                     dataset=report_lib.dataset_info(eval_loader))
     logging.info("report:\n%s", report_lib.markdown(result))
   writer.close()
   return result

@@ -28,19 +28,29 @@ def _param_bytes(params: Any) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params)))
 
 
+def dataset_info(loader: Any) -> dict:
+  """``{"name", "num_classes", "classes"}`` of a ``data.Loader`` for the report."""
+  return {"name": loader.dataset, "num_classes": loader.num_classes,
+          "classes": list(loader.classes)}
+
+
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
-                 histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float]) -> dict:
+                 histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
+                 dataset: Mapping[str, Any] | None = None) -> dict:
   """Writes report.json, report.md, weight_histograms.png and accuracy.png; returns the report.
 
   Args:
     forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out, forms
       not evaluated have no ``accuracy``.
     histograms: ``{label: variables}`` for :func:`analysis.plot_weight_histograms`.
-    timings: seconds per stage.
+    timings: seconds per stage, summed over the invocations that trained it.
+    dataset: ``dataset_info(loader)``, or None.
   """
   report = {"forms": {k: dict(v) for k, v in forms.items()},
             "config": json.loads(config.to_json_best_effort()),
             "seconds": dict(timings)}
+  if dataset:
+    report["data"] = dict(dataset)
   if histograms:
     report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
                           for label, v in histograms.items()}
@@ -54,7 +64,13 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
 
 def markdown(report: Mapping[str, Any]) -> str:
   """The Markdown table of ``report``: one row per form."""
-  lines = ["| form | bits | top-1 accuracy | size (bytes) |", "|---|---|---:|---:|"]
+  lines = []
+  if report.get("data"):
+    d = report["data"]
+    classes = ", ".join(d["classes"][:20]) + (", ..." if len(d["classes"]) > 20 else "")
+    lines += [f"Dataset: {d['name']}, {d['num_classes']} classes"
+              + (f" ({classes})" if classes else ""), ""]
+  lines += ["| form | bits | top-1 accuracy | size (bytes) |", "|---|---|---:|---:|"]
   for k in FORMS:
     if k in report["forms"]:
       r = report["forms"][k]
@@ -70,7 +86,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     for label, s in report["outliers"].items():
       out += f"| {label} | {s['max_over_std']:.1f} | {s['kurtosis']:.1f} |\n"
   if report.get("seconds"):
-    out += "\nSeconds per stage: " + ", ".join(
+    out += "\nSeconds per stage (summed over invocations): " + ", ".join(
         f"{k} {v:.0f}" for k, v in report["seconds"].items()) + "\n"
   return out
 

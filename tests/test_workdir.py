@@ -1,0 +1,255 @@
+"""A workdir never mixes runs: stage fingerprints, stale-stage refusal, corrupt checkpoints,
+init_from, file modes, metrics after a resume, seconds summed over invocations."""
+
+import glob
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from repvgg_jax import data
+from repvgg_jax.fileio import atomic_write_text
+from repvgg_jax.train import pipeline, sharding, steps, workdir as workdir_lib
+from repvgg_jax.train.checkpoint import StageCheckpoints
+from repvgg_jax.train.loop import train_stage
+from repvgg_jax.train.state import build_model, create_train_state, init_variables
+from repvgg_jax.train.writers import MetricWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A finished tiny run (FP 4 steps, QAT 4 steps); tests copy it before changing it."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return workdir, pipeline.run(tiny.tiny_config(), workdir)
+
+
+def _copy(run, tmp_path):
+  dest = str(tmp_path / "copy")
+  shutil.copytree(run[0], dest)
+  return dest
+
+
+# ----------------------------------------------------------------------------- stale stages
+
+def test_changed_fp_config_is_refused_naming_the_field(run):
+  # The bug: fp.num_steps changed, FP retrained, and the old QAT checkpoint resumed silently.
+  cfg = tiny.tiny_config()
+  cfg.fp.num_steps = 6
+  before = sorted(glob.glob(os.path.join(run[0], "checkpoints", "*", "*")))
+  with pytest.raises(workdir_lib.StaleWorkdir) as e:
+    pipeline.run(cfg, run[0])
+  msg = str(e.value)
+  assert "fp (fp.num_steps: 4 -> 6)" in msg
+  assert "qat (trained from that fp stage)" in msg
+  assert "--workdir" in msg and "--discard_stale" in msg and "\n" not in msg
+  assert sorted(glob.glob(os.path.join(run[0], "checkpoints", "*", "*"))) == before
+
+
+def test_changed_qat_config_keeps_fp_and_names_qat_fields(run):
+  cfg = tiny.tiny_config()
+  cfg.quant.bits = 3
+  with pytest.raises(workdir_lib.StaleWorkdir) as e:
+    pipeline.run(cfg, run[0])
+  assert "qat (quant.bits: 4 -> 3)" in str(e.value) and "fp (" not in str(e.value)
+
+
+def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
+  a, b = tiny.tiny_config(), tiny.tiny_config()
+  b.fp.checkpoint_every, b.qat.keep, b.log_every, b.eval_batch_size = 3, 5, 1, 8
+  for stage in workdir_lib.STAGES:
+    assert workdir_lib.fingerprint(a, stage) == workdir_lib.fingerprint(b, stage)
+  b.model.norm = "bn"
+  assert workdir_lib.fingerprint(a, "fp") != workdir_lib.fingerprint(b, "fp")
+
+
+def test_discard_stale_moves_stages_aside_and_trains_them_again(run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  old_packed = open(os.path.join(workdir, "model.packed"), "rb").read()
+  metrics_before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+  cfg = tiny.tiny_config()
+  cfg.fp.num_steps = 6
+  report = pipeline.run(cfg, workdir, discard_stale=True)
+  (aside,) = glob.glob(os.path.join(workdir, "stale", "*"))
+  assert sorted(os.listdir(aside)) == ["fp", "fp.json", "qat", "qat.json"]
+  assert StageCheckpoints(os.path.join(aside, "fp"), every=2, keep=2).latest_step() == 4
+  fp = StageCheckpoints(os.path.join(workdir, "checkpoints", "fp"), every=2, keep=2)
+  assert fp.latest_step() == 6
+  # QAT trained again, from the new FP stage: new rows, a new export, the new config.
+  new_rows = open(os.path.join(workdir, "metrics.jsonl")).read()[metrics_before:]
+  assert "qat/loss" in new_rows
+  assert open(os.path.join(workdir, "model.packed"), "rb").read() != old_packed
+  with open(os.path.join(workdir, "checkpoints", "qat.json")) as f:
+    assert json.load(f)["config"]["fp.num_steps"] == 6
+  assert report["config"]["fp"]["num_steps"] == 6
+
+
+def test_other_model_in_the_workdir_is_refused_in_a_few_lines(run):
+  # The bug: up to 542 lines of orbax errors, never saying "another model".
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  out = subprocess.run(
+      [sys.executable, "launch/main.py", f"--config={ROOT}/configs/tiny.py",
+       f"--workdir={run[0]}", "--config.model.norm=bn"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) <= 10, out.stderr
+  assert "model.norm: 'oabn' -> 'bn'" in out.stderr
+  assert "Traceback" not in out.stderr and "orbax" not in out.stderr.lower()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _two_steps(directory):
+  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  rng = np.random.default_rng(0)
+  for s in (1, 2):
+    ckpt.save(s, {"w": rng.standard_normal(5000).astype(np.float32) + s}, {"pos": s},
+              force=True)
+  ckpt.close()
+
+
+def _truncate_data_file(step_dir):
+  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
+                                recursive=True)]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  directory = str(tmp_path / "fp")
+  _two_steps(directory)
+  _truncate_data_file(os.path.join(directory, "2"))
+  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  state, data_state = ckpt.restore({"w": np.zeros(5000, np.float32)})
+  assert data_state == {"pos": 1} and ckpt.latest_step() == 1
+  assert abs(float(np.mean(state["w"])) - 1) < 0.1
+  # Kept, not deleted, and named in the warning.
+  aside = str(tmp_path / "fp.unreadable" / "2")
+  assert os.path.isdir(aside) and os.path.join(directory, "2") in caplog.text
+  assert aside in caplog.text
+  # Training goes on: step 2 can be saved again.
+  assert ckpt.save(2, {"w": np.ones(5000, np.float32)}, {"pos": 2}, force=True)
+  ckpt.close()
+
+
+def test_when_no_checkpoint_is_readable_nothing_is_moved(tmp_path):
+  directory = str(tmp_path / "fp")
+  _two_steps(directory)
+  for s in ("1", "2"):
+    _truncate_data_file(os.path.join(directory, s))
+  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  with pytest.raises(ValueError):
+    ckpt.restore({"w": np.zeros(5000, np.float32)})
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert not os.path.exists(directory + ".unreadable")
+
+
+@pytest.mark.parametrize("name", ["no/such/dir", "missing.msgpack", "missing.npz"])
+def test_init_from_a_missing_path_creates_nothing(tmp_path, name):
+  path = str(tmp_path / name)
+  with pytest.raises(FileNotFoundError, match="init_from="):
+    pipeline.load_variables(path, {})
+  assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+def test_output_files_have_the_ordinary_mode(run):
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("report.json", "report.md", "model.packed", "accuracy.png",
+               "weight_histograms.png", "metrics.jsonl", "checkpoints/fp.json"):
+    mode = stat.S_IMODE(os.stat(os.path.join(run[0], name)).st_mode)
+    assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_atomic_write_gives_0644_under_umask_022(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    atomic_write_text(tmp_path / "a.txt", "x")
+  finally:
+    os.umask(umask)
+  assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644
+
+
+class _KilledAt:
+  """Wraps a loader; fetching the batch of step ``k`` raises KeyboardInterrupt, as a kill."""
+
+  def __init__(self, loader, k):
+    self.loader, self.k = loader, k
+
+  def __iter__(self):
+    inner, k = iter(self.loader), self.k
+
+    class It:
+      n = 0
+
+      def __next__(self):
+        self.n += 1
+        if self.n == k:
+          raise KeyboardInterrupt(f"killed before step {k}")
+        return next(inner)
+
+      def get_state(self):
+        return inner.get_state()
+
+      def set_state(self, s):
+        inner.set_state(s)
+    return It()
+
+
+def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.fp.num_steps, cfg.fp.checkpoint_every = 6, 2
+  mesh = sharding.make_mesh()
+  loader = data.make_loader(cfg.data, "train", global_batch_size=16, train=True)
+  model = build_model(cfg.model, loader.num_classes, deploy=False)
+  writer = MetricWriter(str(tmp_path))
+  writer.write_scalars(5, {"qat/loss": 1.0})  # Another stage's row stays.
+
+  def stage(loader):
+    state = create_train_state(model, init_variables(model, (16, 16, 3), 0), cfg.fp)
+    train_stage("fp", state, train_step=steps.make_train_step(mesh, 10), loader=loader,
+                mesh=mesh, ckpt_dir=str(tmp_path / "fp"), stage_cfg=cfg.fp, writer=writer,
+                log_every=1)
+
+  with pytest.raises(KeyboardInterrupt):
+    stage(_KilledAt(loader, 4))  # Steps 1-3 logged, the checkpoint holds step 2.
+  stage(loader)
+  writer.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  fp_steps = [r["step"] for r in rows if "fp/loss" in r]
+  assert fp_steps == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in rows if "qat/loss" in r] == [5]
+
+
+def test_stage_seconds_are_summed_over_invocations(tmp_path, monkeypatch):
+  clock = iter([100.0, 102.0, 200.0, 203.5, 300.0, 301.0]).__next__
+  monkeypatch.setattr(workdir_lib.time, "time", clock)
+  cfg = tiny.tiny_config()
+  for expected in (2.0, 5.5):
+    stages = workdir_lib.Stages(str(tmp_path), cfg, ("fp",))
+    stages.start("fp")
+    assert stages.stop("fp") == expected
+  cfg.fp.num_steps = 8  # Another config starts from zero (its checkpoints are another run's).
+  shutil.rmtree(tmp_path / "checkpoints" / "fp", ignore_errors=True)
+  stages = workdir_lib.Stages(str(tmp_path), cfg, ("fp",))
+  stages.start("fp")
+  assert stages.stop("fp") == 1.0
+
+
+def test_report_seconds_include_earlier_invocations(run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  first = run[1]["seconds"]
+  again = pipeline.run(tiny.tiny_config(), workdir)["seconds"]
+  assert again["fp"] > first["fp"] and again["qat"] > first["qat"]
