@@ -2,7 +2,9 @@
 augmentation and input validation. Everything runs on tiny files written to tmp_path."""
 
 import gzip
+import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -516,7 +518,7 @@ def test_normalize_is_the_standardization_on_device():
 
 def test_loader_exposes_its_pixel_stats(tmp_path):
   d, _ = _fmnist_dir(tmp_path)
-  loader = _loader(_cfg(source="fashion_mnist_idx", data_dir=d, image_size=32), batch=8)
+  loader = _loader(_cfg(source="idx", data_dir=d, image_size=32), batch=8)
   st = data.STATS["fashion_mnist"]
   np.testing.assert_array_equal(loader.pixel_stats[0], np.asarray(st.mean, np.float32))
   np.testing.assert_array_equal(loader.pixel_stats[1], np.asarray(st.std, np.float32))
@@ -564,3 +566,155 @@ def test_jpeg_reduced_decode_matches_the_full_decode(train, monkeypatch):
   for seed in range(300):  # every crop box fits the reduced image
     out = transforms.decode_augment(encoded, "rrc_flip", 32, True, np.random.default_rng(seed))
     assert out.shape == (32, 32, 3)
+
+
+# ----------------------------------------------------------------------------- labels
+
+def test_labels_beyond_num_classes_name_the_first_bad_label_and_its_file(tmp_path):
+  # The bug: MNIST-style files with 12 labels trained under 10 classes without a word.
+  d = tmp_path / "m"
+  d.mkdir()
+  labels = np.array([0, 3, 9, 11, 10, 2], np.uint8)
+  for prefix in ("train", "t10k"):
+    _write(d / f"{prefix}-images-idx3-ubyte.gz", _idx_u8(np.zeros((6, 28, 28), np.uint8)))
+    _write(d / f"{prefix}-labels-idx1-ubyte.gz", _idx_u8(labels))
+  cfg = _cfg(source="idx", data_dir=str(d))
+  cfg.num_classes = 0  # Fashion-MNIST's own: 10.
+  with pytest.raises(ValueError) as e:
+    _loader(cfg)
+  msg = str(e.value)
+  assert str(d / "train-labels-idx1-ubyte.gz") in msg
+  assert "example 3 has label 11, outside [0, 10)" in msg and "2 of 6" in msg
+  cfg.num_classes = 12
+  assert _loader(cfg).num_classes == 12
+
+
+def test_every_record_is_checked_against_num_classes(monkeypatch):
+  # Sources not checked up front (tfds reads records lazily) are checked per record.
+  class Bad:
+    def __len__(self):
+      return 8
+
+    def __getitem__(self, i):
+      return {"image": np.zeros((8, 8, 3), np.uint8), "label": 7 if i == 5 else 0}
+
+    def __repr__(self):
+      return "BadSource"
+
+  stats = data.Stats((0.5,) * 3, (0.25,) * 3, 4, "bad")
+  monkeypatch.setattr(data.sources, "make_source", lambda cfg, split, cache_dir=None:
+                      (Bad(), stats))
+  it = iter(_loader(_cfg(), "test", batch=8, train=False))
+  with pytest.raises(ValueError, match=r"BadSource: record 5 has label 7, outside \[0, 4\)"):
+    next(it)
+
+
+def test_idx_dataset_under_its_own_name_is_reported_by_name(tmp_path):
+  d = tmp_path / "letters"
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+  labels = (np.arange(12) % 5).astype(np.uint8)
+  for prefix in ("train", "test"):  # EMNIST's names: <name>-train-..., <name>-test-...
+    _write(d / f"emnist-letters-{prefix}-images-idx3-ubyte.gz", _idx_u8(images))
+    _write(d / f"emnist-letters-{prefix}-labels-idx1-ubyte.gz", _idx_u8(labels))
+  cfg = _cfg(source="idx", data_dir=str(d))
+  cfg.name, cfg.num_classes = "emnist-letters", 0
+  with pytest.raises(ValueError, match="data.num_classes must be set"):
+    _loader(cfg)
+  cfg.num_classes = 5
+  loader = _loader(cfg, "test", batch=4, train=False)
+  assert (loader.dataset, loader.num_classes) == ("emnist-letters", 5)
+  # Not Fashion-MNIST's statistics: its own training pixels'.
+  _, stats = data.make_source(cfg, "test")
+  x = images / 255
+  np.testing.assert_allclose(stats.mean, [x.mean()] * 3, atol=1e-4)
+  np.testing.assert_allclose(stats.std, [x.std()] * 3, atol=1e-4)
+  cfg.mean, cfg.std = (0.5,), (0.25,)
+  assert data.make_source(cfg, "test")[1].mean == (0.5, 0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _image_folder(root, classes=("fox", "cat", "dog"), per_class=4, val=2):
+  """train/ and val/ of 20x24 images, PNG and JPEG; returns {path: uint8 array} of the PNGs."""
+  rng = np.random.default_rng(0)
+  pngs = {}
+  for split, n in (("train", per_class), ("val", val)):
+    for k, c in enumerate(classes):
+      os.makedirs(root / split / c)
+      for i in range(n):
+        arr = (np.full((20, 24, 3), 40 + 60 * k) + rng.integers(0, 30, (20, 24, 3))).astype(
+            np.uint8)
+        path = root / split / c / (f"{i}.png" if i % 2 else f"{i}.JPEG")
+        Image.fromarray(arr).save(path)
+        if i % 2:
+          pngs[str(path)] = arr
+  return str(root), pngs
+
+
+def test_folder_source_follows_the_image_folder_convention(tmp_path):
+  d, pngs = _image_folder(tmp_path / "pets")
+  gray = np.arange(20 * 24, dtype=np.uint8).reshape(20, 24)
+  Image.fromarray(gray, "L").save(tmp_path / "pets" / "train" / "cat" / "z_gray.png")
+  cfg = _cfg(source="folder", data_dir=d, name="")
+  src, stats = data.make_source(cfg, "train")
+  assert src.classes == ("cat", "dog", "fox") and stats.classes == src.classes
+  assert (stats.name, stats.num_classes, len(src)) == ("pets", 3, 13)
+  for i in range(len(src)):
+    rec, path = src[i], src.paths[i]
+    assert os.path.basename(os.path.dirname(path)) == src.classes[rec["label"]]
+    if path in pngs:
+      np.testing.assert_array_equal(rec["image"], pngs[path])
+    elif path.endswith("z_gray.png"):
+      np.testing.assert_array_equal(rec["image"][:, :, 0], gray)
+  test, _ = data.make_source(cfg, "test")
+  assert len(test) == 6 and sorted(set(test.labels)) == [0, 1, 2]
+  loader = _loader(_cfg(source="folder", data_dir=d, image_size=16, augment="pad_crop_flip"),
+                   batch=4)
+  assert (loader.dataset, loader.classes) == ("pets", ("cat", "dog", "fox"))
+  assert next(iter(loader))["image"].shape == (4, 16, 16, 3)  # gray and RGB alike
+
+
+def test_folder_statistics_are_computed_once_and_stored(tmp_path, monkeypatch):
+  d, _ = _image_folder(tmp_path / "pets")
+  cfg = _cfg(source="folder", data_dir=d)
+  cache = str(tmp_path / "work")
+  _, stats = data.make_source(cfg, "train", cache_dir=cache)
+  pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3) / 255
+                           for p in data.make_source(cfg, "train")[0].paths])
+  np.testing.assert_allclose(stats.mean, pixels.mean(0), atol=1e-4)
+  np.testing.assert_allclose(stats.std, pixels.std(0), atol=1e-4)
+  with open(os.path.join(cache, "data_stats.json")) as f:
+    assert tuple(json.load(f)["mean"]) == stats.mean
+  monkeypatch.setattr(data.sources, "_sample_stats", lambda src: pytest.fail("recomputed"))
+  assert data.make_source(cfg, "test", cache_dir=cache)[1].mean == stats.mean
+
+
+@pytest.mark.parametrize("problem, pattern", [
+    ("num_classes", r"data.num_classes=5 but .*train has 3 class directories"),
+    ("val_class", r"val has class directories that .*train lacks: \['wolf'\]"),
+    ("empty_class", r"class directory .*train/ant has no images"),
+    ("no_val", r"has no val or test directory"),
+    ("broken", r"cannot read image .*broken.png"),
+])
+def test_folder_errors_name_the_problem(tmp_path, problem, pattern):
+  d, _ = _image_folder(tmp_path / "pets")
+  cfg = _cfg(source="folder", data_dir=d)
+  split = "train"
+  if problem == "num_classes":
+    cfg.num_classes = 5
+  elif problem == "val_class":
+    os.makedirs(os.path.join(d, "val", "wolf"))
+    split = "test"
+  elif problem == "empty_class":
+    os.makedirs(os.path.join(d, "train", "ant"))
+  elif problem == "no_val":
+    shutil.rmtree(os.path.join(d, "val"))
+    split = "test"
+  else:
+    with open(os.path.join(d, "train", "cat", "broken.png"), "wb") as f:
+      f.write(b"not a png")
+  with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+    src, _ = data.make_source(cfg, split)
+    [src[i] for i in range(len(src))]

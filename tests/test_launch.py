@@ -1,0 +1,113 @@
+"""launch/main.py as a user meets it: config mistakes in a line or two, --help, short runs of
+long recipes, and an image folder trained end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from repvgg_jax.train import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import demo  # noqa: E402
+
+
+def _main(*args, timeout=120):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  return subprocess.run([sys.executable, "launch/main.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.fp.num_stpes=3", "--config.fp.num_stpes=3: fp has no field num_stpes; "
+                                "did you mean fp.num_steps?"),
+    ("--config.fpp.num_steps=3", "no config group or field fpp; did you mean fp?"),
+    ("--config.fp.num_steps=abc", "flag --config.fp.num_steps=abc: invalid literal"),
+    ("--config.quant.method=kmeans", "quant.method='kmeans' not in ('cluster', 'uniform', "
+                                     "'none')"),
+])
+def test_config_mistakes_are_one_or_two_lines_naming_the_field(override, expected, tmp_path):
+  out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert 1 <= len(lines) <= 2, out.stderr
+  assert lines[0].startswith("error: ") and expected in lines[0]
+  assert "Traceback" not in out.stderr and "\\n" not in out.stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--verbose",
+              "--config.fp.num_stpes=3")
+  assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_missing_config_file_is_named_as_such(tmp_path):
+  out = _main("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines() == [
+      out.stderr.strip().splitlines()[0]]  # one line
+  assert "config file configs/nope.py not found" in out.stderr
+  assert "configs/demo.py" in out.stderr and "config_config" not in out.stderr
+
+
+def test_help_lists_the_configs_and_how_to_override_fields():
+  out = _main("--help")
+  for name in os.listdir(os.path.join(ROOT, "configs")):
+    if name.endswith(".py"):
+      assert f"configs/{name}" in out.stdout
+  assert "--config.<group>.<field>=VALUE" in out.stdout and "--discard_stale" in out.stdout
+
+
+def test_short_run_of_a_long_recipe_shortens_the_warmup(caplog):
+  # The bug: --config.fp.num_steps=50 with the demo failed on warmup_steps=100.
+  cfg = demo.get_config()
+  cfg.fp.num_steps = 50
+  resolved = config_lib.resolve(cfg)
+  assert resolved.fp.warmup_steps == 5 and cfg.fp.warmup_steps == 100
+  assert "fp.warmup_steps=100 is not below fp.num_steps=50: warming up for 5" in caplog.text
+  assert resolved.qat.warmup_steps == 0
+
+
+def test_unknown_field_in_python_names_the_nearest():
+  cfg = demo.get_config()
+  cfg.unlock()  # A config built in Python without finalize: a typo can get in.
+  cfg.fp.warmup_step = 3
+  with pytest.raises(config_lib.ConfigError, match="unknown field fp.warmup_step "
+                                                   r"\(did you mean fp.warmup_steps\?\)"):
+    config_lib.validate(cfg)
+
+
+def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 8), ("val", 4)):
+    for k, name in enumerate(("tulip", "daisy", "rose")):
+      os.makedirs(tmp_path / "flowers" / split / name)
+      for i in range(n):
+        colour = np.zeros(3)
+        colour[k] = 200
+        arr = (colour + rng.integers(0, 50, (20, 20, 3))).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / "flowers" / split / name /
+                                  f"{i}.{'png' if i % 2 else 'jpg'}")
+  workdir = tmp_path / "run"
+  out = _main("--config=configs/folder.py", f"--config.data.data_dir={tmp_path / 'flowers'}",
+              f"--workdir={workdir}", "--config.model.name=tiny",
+              "--config.data.image_size=16", "--config.fp.num_steps=4",
+              "--config.qat.num_steps=2", "--config.fp.batch_size=8",
+              "--config.qat.batch_size=8", "--config.eval_batch_size=8",
+              "--config.quant.refit_every=2", timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(workdir / "report.json") as f:
+    report = json.load(f)
+  assert report["data"] == {"name": "flowers", "num_classes": 3,
+                            "classes": ["daisy", "rose", "tulip"]}
+  assert 0 <= report["forms"]["packed"]["accuracy"] <= 1
+  assert report["config"]["fp"]["warmup_steps"] == 0  # 100 does not fit 4 steps
+  assert "Dataset: flowers, 3 classes (daisy, rose, tulip)" in open(workdir / "report.md").read()
+  assert os.path.exists(workdir / "data_stats.json")
+  # orbax's INFO lines stay out of the log unless --verbose.
+  assert "orbax" not in out.stderr
