@@ -670,8 +670,8 @@ def test_folder_source_follows_the_image_folder_convention(tmp_path):
       np.testing.assert_array_equal(rec["image"][:, :, 0], gray)
   test, _ = data.make_source(cfg, "test")
   assert len(test) == 6 and sorted(set(test.labels)) == [0, 1, 2]
-  loader = _loader(_cfg(source="folder", data_dir=d, image_size=16, augment="pad_crop_flip"),
-                   batch=4)
+  loader = _loader(_cfg(source="folder", data_dir=d, name="", image_size=16,
+                        augment="pad_crop_flip"), batch=4)
   assert (loader.dataset, loader.classes) == ("pets", ("cat", "dog", "fox"))
   assert next(iter(loader))["image"].shape == (4, 16, 16, 3)  # gray and RGB alike
 

@@ -145,7 +145,8 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
   if latest is not None:
     state, data_state, meta = ckpt.restore(state)
     it.set_state(data_state)
-    logging.info("%s: resumed from step %d in %s", name, latest, ckpt_dir)
+    logging.info("%s: resumed from step %d in %s", name, int(sharding.to_host(state.step)),
+                 ckpt_dir)
   best = meta.get("best_eval_accuracy")
   step = int(sharding.to_host(state.step))
   writer.discard_after(name, step)  # Rows logged after the checkpoint would repeat.
