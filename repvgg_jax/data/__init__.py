@@ -5,10 +5,11 @@ point; batches are ``{"image": float32 (B, H, W, 3) NHWC, "label": int32 (B,),
 "mask": bool (B,)}``. See docs/data.md.
 """
 
+from repvgg_jax.data.folder import FolderSource
 from repvgg_jax.data.pipeline import Loader, make_loader
 from repvgg_jax.data.sources import (
-    DEFAULT_IDX_DIR, SOURCES, STATS, FolderSource, IdxSource, Stats, SyntheticSource,
-    check_labels, make_source, read_idx)
+    DEFAULT_IDX_DIR, SOURCES, STATS, IdxSource, Stats, SyntheticSource, check_labels,
+    make_source, read_idx)
 from repvgg_jax.data.transforms import AUGMENTS
 
 __all__ = [

@@ -6,7 +6,7 @@ whose records are ``{"image": uint8 (H, W, C), "label": int}`` with ``C`` 1 or 3
 ``"image"``. Decoding, augmentation and conversion to 3 channels happen later,
 per record, in ``transforms``; normalization on the device. ``make_source`` also
 returns the dataset's ``Stats`` (name, classes, normalization statistics); labels
-are checked against its class count.
+are checked against its class count. The image-folder source lives in ``folder.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from repvgg_jax.data.folder import FolderSource, folder_split_dir
 
 # The Debian package `dataset-fashion-mnist` installs the IDX files here.
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -246,94 +248,6 @@ class SyntheticSource:
     return f"SyntheticSource(n={self.num_examples}, size={self.image_size})"
 
 
-# The torchvision ImageFolder convention: <data_dir>/<split dir>/<class>/**/<image>.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
-                    ".webp")
-FOLDER_SPLITS = {"train": ("train",), "test": ("val", "test")}
-
-
-def _folder_split_dir(data_dir: str, split: str) -> str:
-  for sub in FOLDER_SPLITS[split]:
-    if os.path.isdir(os.path.join(data_dir, sub)):
-      return os.path.join(data_dir, sub)
-  raise FileNotFoundError(f"folder: {data_dir!r} has no {' or '.join(FOLDER_SPLITS[split])} "
-                          f"directory; expected {data_dir}/{FOLDER_SPLITS[split][0]}/<class>/"
-                          f"<image> (one directory per class)")
-
-
-@functools.lru_cache(maxsize=8)
-def _scan_folder(data_dir: str, split: str) -> tuple[tuple[str, ...], tuple[str, ...],
-                                                     np.ndarray]:
-  """(classes of the train split, sorted; image paths of ``split``; their labels)."""
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"folder: data_dir {data_dir!r} is not a directory")
-  train_dir = _folder_split_dir(data_dir, "train")
-  classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
-  if not classes:
-    raise ValueError(f"folder: {train_dir} has no class directories")
-  root = train_dir if split == "train" else _folder_split_dir(data_dir, split)
-  found = sorted(e.name for e in os.scandir(root) if e.is_dir())
-  unknown = [c for c in found if c not in classes]
-  if unknown:
-    raise ValueError(f"folder: {root} has class directories that {train_dir} lacks: "
-                     f"{unknown[:5]}; the classes are the train split's")
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(root, name)
-    if not os.path.isdir(class_dir):
-      continue
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(class_dir, followlinks=True)
-                   for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files and split == "train":
-      raise ValueError(f"folder: class directory {class_dir} has no images "
-                       f"({', '.join(IMAGE_EXTENSIONS)})")
-    paths += files
-    labels += [label] * len(files)
-  if not paths:
-    raise ValueError(f"folder: {root} holds no images")
-  return classes, tuple(paths), np.asarray(labels, np.int64)
-
-
-def read_image(path: str) -> np.ndarray:
-  """uint8 (H, W, 1) for grayscale files, (H, W, 3) for everything else (RGB)."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as im:
-      im = im.convert("L") if im.mode in ("1", "L", "LA", "I", "I;16") else im.convert("RGB")
-      image = np.asarray(im)
-  except (OSError, UnidentifiedImageError, ValueError) as e:
-    raise ValueError(f"folder: cannot read image {path}: {e}") from e
-  return image[:, :, None] if image.ndim == 2 else image
-
-
-class FolderSource:
-  """Images in class directories, as torchvision's ``ImageFolder``: classes sorted by name.
-
-  ``<data_dir>/train/<class>/...`` and ``<data_dir>/val/<class>/...`` (or
-  ``test/``); files are found recursively by extension and read with PIL on
-  access. Records are ``{"image": uint8 (H, W, 1 or 3), "label": int}`` where the
-  label is the index of the class in the sorted train class names.
-  """
-
-  def __init__(self, data_dir: str, split: str):
-    if split not in FOLDER_SPLITS:
-      raise ValueError(f"folder: unknown split {split!r}, expected one of {SPLITS}")
-    if not data_dir:
-      raise ValueError("folder: data.data_dir must be set to the directory holding train/ "
-                       "and val/")
-    self.data_dir, self.split = os.path.abspath(data_dir), split
-    self.classes, self.paths, self.labels = _scan_folder(self.data_dir, split)
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"image": read_image(self.paths[index]), "label": int(self.labels[index])}
-
-  def __repr__(self) -> str:
-    return f"FolderSource({self.data_dir!r}, {self.split!r}, n={len(self)})"
-
-
 def _sample_stats(source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Pixel statistics over up to ``STATS_SAMPLE`` evenly spaced records of ``source``."""
   n = len(source)
@@ -419,7 +333,7 @@ def make_source(cfg: Any, split: str, *, cache_dir: str | None = None) -> tuple[
     num_classes = len(src.classes)
     if getattr(cfg, "num_classes", 0) and cfg.num_classes != num_classes:
       raise ValueError(f"folder: data.num_classes={cfg.num_classes} but "
-                       f"{_folder_split_dir(src.data_dir, 'train')} has {num_classes} class "
+                       f"{folder_split_dir(src.data_dir, 'train')} has {num_classes} class "
                        f"directories: {list(src.classes[:10])}")
     if configured is None:
       train = src if split == "train" else FolderSource(data_dir, "train")
