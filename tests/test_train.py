@@ -254,6 +254,9 @@ def test_eval_every_logs_accuracy_and_the_best(tmp_path):
   class Writer:
     def write_scalars(self, step, scalars):
       rows.append((step, dict(scalars)))
+
+    def discard_after(self, stage, step):  # A fresh stage: nothing logged yet to drop.
+      assert step == 0
   accuracies = iter([0.25, 0.5, 0.375])
   _stage(tmp_path, num_steps=6, eval_every=2, writer=Writer(),
          evaluate=lambda state: next(accuracies))

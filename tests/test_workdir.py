@@ -112,8 +112,7 @@ def _two_steps(directory):
   ckpt = StageCheckpoints(directory, every=1, keep=3)
   rng = np.random.default_rng(0)
   for s in (1, 2):
-    ckpt.save(s, {"w": rng.standard_normal(5000).astype(np.float32) + s}, {"pos": s},
-              force=True)
+    ckpt.save(s, {"w": rng.standard_normal(5000).astype(np.float32) + s}, {"pos": s})
   ckpt.close()
 
 
@@ -130,7 +129,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   _two_steps(directory)
   _truncate_data_file(os.path.join(directory, "2"))
   ckpt = StageCheckpoints(directory, every=1, keep=3)
-  state, data_state = ckpt.restore({"w": np.zeros(5000, np.float32)})
+  state, data_state, _ = ckpt.restore({"w": np.zeros(5000, np.float32)})
   assert data_state == {"pos": 1} and ckpt.latest_step() == 1
   assert abs(float(np.mean(state["w"])) - 1) < 0.1
   # Kept, not deleted, and named in the warning.
@@ -138,7 +137,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   assert os.path.isdir(aside) and os.path.join(directory, "2") in caplog.text
   assert aside in caplog.text
   # Training goes on: step 2 can be saved again.
-  assert ckpt.save(2, {"w": np.ones(5000, np.float32)}, {"pos": 2}, force=True)
+  ckpt.save(2, {"w": np.ones(5000, np.float32)}, {"pos": 2})
+  ckpt.wait()
+  assert ckpt.latest_step() == 2
   ckpt.close()
 
 
