@@ -103,6 +103,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config mistakes reported in one or two lines."""
   verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
   config_path = _config_path(argv)
+  if config_path and not os.path.isfile(config_path) and ":" in config_path:
+    config_path = config_path.rsplit(":", 1)[0]  # "configs/x.py:arg": get_config("arg")
   if config_path is not None and not os.path.isfile(config_path):
     available = ", ".join(os.path.relpath(p) for p in sorted(glob.glob(
         os.path.join(ROOT, "configs", "*.py"))))
