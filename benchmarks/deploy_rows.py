@@ -84,6 +84,7 @@ _STANDALONE = textwrap.dedent("""
 
 def standalone_check(row_dir: str) -> str:
   """Argmax of model.stablehlo (no repvgg_jax) vs load_packed on the test images."""
+  row_dir = os.path.abspath(row_dir)
   import numpy as np
   import repvgg_jax
   from repvgg_jax import data
