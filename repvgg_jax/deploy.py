@@ -32,7 +32,7 @@ from repvgg_jax.data.transforms import normalize
 from repvgg_jax.fileio import atomic_write
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER, RepVGG, Variant
 from repvgg_jax.quant import activation, uniform
-from repvgg_jax.quant.export import PackedModel, read_packed
+from repvgg_jax.quant.export import PackedModel, read_packed, unpack_bits
 from repvgg_jax.quant.levels import decode
 
 
@@ -114,18 +114,12 @@ def _model_from(desc: Mapping[str, Any], path: str) -> RepVGG:
                 cifar_stem=desc["cifar_stem"], act_bits=desc["act_bits"], conv_impl="xla")
 
 
-def _unpack(packed: jax.Array, bits: int, count: int) -> jax.Array:
-  """In-program inverse of ``quant.export.pack_bits`` (little-endian bit stream)."""
-  planes = jnp.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-  return jnp.sum(planes.astype(jnp.int32) << jnp.arange(bits, dtype=jnp.int32), axis=1)
-
-
 def _decoded_variables(packed: PackedModel) -> dict[str, Any]:
   """Variables decoded with jnp ops from the packed arrays (inside a trace, the
   packed bytes stay constants and the decode runs in the program)."""
   flat = {tuple(p.split("/")): jnp.asarray(v) for p, v in packed.floats.items()}
   for p, l in packed.layers.items():
-    idx = _unpack(jnp.asarray(l["packed"]), l["bits"], int(np.prod(l["shape"])))
+    idx = unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"])), xp=jnp)
     flat[("params",) + tuple(p.split("/"))] = decode(idx.reshape(l["shape"]),
                                                      jnp.asarray(l["codebook"]))
   return traverse_util.unflatten_dict(flat)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import repvgg_jax
+
 from repvgg_jax.train import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,3 +106,10 @@ def test_w8a8_ptq_from_the_command_line_config(run, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "qat"))  # no training
   assert forms["qat"]["accuracy"] == forms["packed"]["accuracy"] == forms["stablehlo"]["accuracy"]
   assert "integer" in forms  # uniform grids are int8 grids
+
+
+def test_the_packed_file_describes_its_model(run):
+  deployed = repvgg_jax.load_packed(os.path.join(run[0], "model.packed"))
+  m = deployed.model
+  assert m["variant"] == "tiny" and m["num_classes"] == 10 and m["image_size"] == 16
+  assert m["cifar_stem"] and m["act_bits"] == 0 and len(m["mean"]) == len(m["std"]) == 3

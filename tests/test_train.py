@@ -1,6 +1,7 @@
 """Trainer: config validation, optimizer recipe, resume, checkpoints under kill, NaN guard."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,25 @@ def test_validate_names_bad_blocks_or_widths(field, value):
   cfg = tiny.tiny_config()
   cfg.model[field] = value
   with pytest.raises(ValueError, match=rf"model\.{field}="):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("act_bits", 9, "quant.act_bits=9"), ("act_bits", 1, "quant.act_bits=1"),
+    ("act_calibration", "kl", "quant.act_calibration='kl'"),
+    ("clipping", "aciq", "quant.clipping='aciq'"), ("calib_batches", 0, "quant.calib_batches=0"),
+])
+def test_validate_names_bad_quantization_fields(field, value, needle):
+  cfg = tiny.tiny_config()
+  cfg.quant[field] = value
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config_lib.validate(cfg)
+
+
+def test_validate_uniform_and_lsq_need_two_bits():
+  cfg = tiny.tiny_config()
+  cfg.quant.method, cfg.quant.bits = "lsq", 1
+  with pytest.raises(ValueError, match=re.escape("quant.bits=1 must be an int in [2, 8]")):
     config_lib.validate(cfg)
 
 

@@ -41,14 +41,15 @@ def pack_bits(indices, bits: int) -> np.ndarray:
   return np.packbits(planes.ravel(), bitorder="little")
 
 
-def unpack_bits(packed, bits: int, count: int) -> np.ndarray:
-  """Inverse of :func:`pack_bits`: ``count`` indices as int32."""
-  packed = np.asarray(packed, np.uint8)
+def unpack_bits(packed, bits: int, count: int, xp: Any = np):
+  """Inverse of :func:`pack_bits`: ``count`` indices as int32. ``xp=jax.numpy``
+  decodes inside a jax program (the StableHLO export)."""
   if packed.size != -(-count * bits // 8):
     raise ValueError(f"unpack_bits: {packed.size} bytes cannot hold {count} indices at "
                      f"bits={bits} (expected {-(-count * bits // 8)})")
-  planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-  return (planes.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1)
+  planes = xp.unpackbits(xp.asarray(packed, xp.uint8), count=count * bits,
+                         bitorder="little").reshape(count, bits)
+  return xp.sum(planes.astype(xp.int32) << xp.arange(bits, dtype=xp.int32), axis=1)
 
 
 def _key(path) -> str:

@@ -264,7 +264,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
 
     packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
         qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
-        dataset=eval_loader.dataset))
+        variant=cfg.model.name, dataset=eval_loader.dataset))
     path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
     hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None)
     if primary:
