@@ -158,8 +158,8 @@ def channel_outliers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.nda
   over the channel's ``3 * 3 * Cin/groups`` merged weights. A symmetric
   per-channel quantizer's grid is zero-centred and spans ``max|w|``; the rms
   (not the std) is the weights' spread about that same zero, so the ratio is
-  how many typical weights fit in the range (at most ``sqrt(9 * Cin/groups)``,
-  one non-zero weight).
+  the range in units of the channel's typical weight: 1 for a flat channel,
+  at most ``sqrt(9 * Cin/groups)`` (one non-zero weight).
 
   Args:
     variables: train-form ``{"params", "batch_stats"}`` (BN or OABN) or
