@@ -105,8 +105,9 @@ def _channel_outliers(workdir: str, fp_variables: Mapping[str, Any]) -> dict:
   per_layer = analysis.channel_outliers(fp_variables)
 
   def plot(tmp: str) -> None:
+    fig = analysis.plot_channel_outliers(per_layer, tmp, title="merged FP")  # selects Agg
     import matplotlib.pyplot as plt
-    plt.close(analysis.plot_channel_outliers(per_layer, tmp, title="merged FP"))
+    plt.close(fig)
 
   atomic_write(os.path.join(workdir, "channel_outliers.png"), plot)
   return analysis.channel_outlier_summary(per_layer)
