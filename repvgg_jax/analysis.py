@@ -1,12 +1,14 @@
-"""Outlier statistics and weight histograms of merged (deploy) kernels."""
+"""Outlier statistics (per tensor and per output channel) and weight histograms
+of merged (deploy) kernels."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from repvgg_jax.reparam import merge
+from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 
 STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
@@ -96,6 +98,213 @@ def plot_weight_histograms(named_variables: Mapping[str, Mapping[str, Any]], pat
     ax.set_title(f"{label}: max|w|/std {s['max_over_std']:.1f}, kurtosis {s['kurtosis']:.1f}")
     ax.set_xlabel("merged weight / layer std")
   axes[0][0].set_ylabel("count" + (" (log)" if log else ""))
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=120)
+  return fig
+
+
+# Per-channel outliers: what a symmetric per-output-channel quantizer sees.
+
+BRANCHES = ("3x3", "1x1", "identity")
+UNKNOWN = "unknown"
+
+
+def _channel_ratio(w: np.ndarray) -> np.ndarray:
+  """``max|w| / rms(w)`` per output channel of an HWIO kernel -> ``(Cout,)``
+  (0 for an all-zero channel)."""
+  w = w.reshape(-1, w.shape[-1])
+  peak = np.abs(w).max(axis=0)
+  rms = np.sqrt(np.mean(w ** 2, axis=0))
+  return np.divide(peak, rms, out=np.zeros_like(peak), where=rms > 0)
+
+
+def _block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
+                    path: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """One train-form block's merged kernel and each branch's folded
+  contribution, all as 3x3 HWIO float64 arrays."""
+  kernel, _ = merge_block(params, stats, path)  # also checks names and shapes
+  parts = {}
+  for name, branch in (("conv_kxk", "3x3"), ("conv_1x1", "1x1")):
+    k, _ = fold_bn(params[name]["conv"]["kernel"], params[name]["bn"], stats[name]["bn"])
+    pad = (3 - k.shape[0]) // 2
+    parts[branch] = np.pad(np.asarray(k, np.float64), ((pad, pad), (pad, pad), (0, 0), (0, 0)))
+  if "identity" in params:
+    cin_g, cout = kernel.shape[2:]
+    k, _ = fold_bn(identity_kernel(cout, cout // cin_g), params["identity"], stats["identity"])
+    parts["identity"] = np.asarray(k, np.float64)
+  return {"merged": np.asarray(kernel, np.float64), **parts}
+
+
+def _attribute(merged: np.ndarray, parts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  cout = merged.shape[-1]
+  flat = np.abs(merged.reshape(-1, cout))
+  idx = flat.argmax(axis=0)
+  tap = np.stack(np.unravel_index(idx, merged.shape[:3]), axis=-1)
+  o = np.arange(cout)
+  # Each branch's contribution at the channel's largest merged weight; the
+  # 1x1 and identity parts are zero off their taps, so off-centre it is 3x3.
+  contrib = np.stack([np.abs(parts[b][tap[:, 0], tap[:, 1], tap[:, 2], o])
+                      if b in parts else np.zeros(cout) for b in BRANCHES])
+  return {"branch": np.asarray(BRANCHES)[contrib.argmax(axis=0)].astype(object),
+          "tap": tap, "ratio_3x3": _channel_ratio(parts["3x3"])}
+
+
+def channel_outliers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+  """Per output channel of every merged block kernel: the outlier a
+  per-channel quantizer sees, and the branch it comes from.
+
+  ``ratio[o] = max|W[..., o]| / rms(W[..., o])`` with ``rms = sqrt(mean(w^2))``
+  over the channel's ``3 * 3 * Cin/groups`` merged weights. A symmetric
+  per-channel quantizer's grid is zero-centred and spans ``max|w|``; the rms
+  (not the std) is the weights' spread about that same zero, so the ratio is
+  the range in units of the channel's typical weight: 1 for a flat channel,
+  at most ``sqrt(9 * Cin/groups)`` (one non-zero weight).
+
+  Args:
+    variables: train-form ``{"params", "batch_stats"}`` (BN or OABN) or
+      deploy-form ``{"params"}`` variables of a RepVGG.
+  Returns:
+    ``{layer: {...}}`` with layer names as in :func:`merged_kernels`:
+
+    * ``ratio``: ``(Cout,)`` float64;
+    * ``branch``: ``(Cout,)`` str, which branch's folded contribution is the
+      largest at the channel's largest-magnitude merged weight: ``"3x3"``,
+      ``"1x1"`` (the centre tap) or ``"identity"`` (the centre tap
+      ``[1, 1, o % (Cin/groups), o]``); ``"unknown"`` for deploy-form input,
+      which has no branches;
+    * train form only: ``tap``: ``(Cout, 3)`` int, the ``(kh, kw, cin)`` of
+      that weight; ``ratio_3x3``: ``(Cout,)``, the ratio of the folded 3x3
+      branch alone (identity and 1x1 taps left out).
+  """
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError("channel_outliers: expected a variables dict with a 'params' collection")
+  if "batch_stats" not in variables:
+    kernels = merged_kernels(variables)
+    return {k: {"ratio": _channel_ratio(kernels[k]),
+                "branch": np.full(kernels[k].shape[-1], UNKNOWN, dtype=object)}
+            for k in sorted(kernels, key=_layer_order)}
+  merge(variables)  # validates the whole tree (names the bad variable)
+  out = {}
+
+  def walk(params: Mapping[str, Any], stats: Mapping[str, Any], path: tuple[str, ...]) -> None:
+    for name, sub in params.items():
+      if not isinstance(sub, Mapping):
+        continue
+      sub_stats = stats.get(name, {})
+      if "conv_kxk" in sub:
+        parts = _block_branches(sub, sub_stats, path + (name,))
+        out["/".join(path[1:] + (name,))] = {"ratio": _channel_ratio(parts["merged"]),
+                                             **_attribute(parts["merged"], parts)}
+      else:
+        walk(sub, sub_stats, path + (name,))
+
+  walk(variables["params"], variables["batch_stats"], ("params",))
+  return {k: out[k] for k in sorted(out, key=_layer_order)}
+
+
+def _layer_order(name: str) -> tuple:
+  """The stem first, then ``stages_i_j`` in network order (not 10 before 2)."""
+  return name != "stem", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def channel_outlier_summary(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+  """JSON-ready summary of :func:`channel_outliers`.
+
+  ``worst_ratio`` over all channels and layers, with its ``worst_layer``,
+  ``worst_channel`` and ``worst_branch``; ``branch_counts``: channels per
+  dominating branch; ``worst_ratio_3x3`` (and its layer, channel): the same
+  with the identity and 1x1 taps left out (the 3x3 branch alone; ``None``
+  for deploy-form input); ``layers`` and ``channels`` counted.
+  """
+  if not per_layer:
+    raise ValueError("channel_outlier_summary: no merged block kernels")
+
+  def worst(key: str) -> tuple[float, str, int]:
+    layer = max(per_layer, key=lambda k: per_layer[k][key].max())
+    o = int(per_layer[layer][key].argmax())
+    return float(per_layer[layer][key][o]), layer, o
+
+  ratio, layer, o = worst("ratio")
+  counts = {b: 0 for b in BRANCHES + (UNKNOWN,)}
+  for r in per_layer.values():
+    for b in r["branch"]:
+      counts[str(b)] += 1
+  out = {"worst_ratio": ratio, "worst_layer": layer, "worst_channel": o,
+         "worst_branch": str(per_layer[layer]["branch"][o]),
+         "branch_counts": {b: n for b, n in counts.items() if n},
+         "worst_ratio_3x3": None, "worst_3x3_layer": None, "worst_3x3_channel": None,
+         "layers": len(per_layer),
+         "channels": int(sum(len(r["ratio"]) for r in per_layer.values()))}
+  if all("ratio_3x3" in r for r in per_layer.values()):
+    ratio3, layer3, o3 = worst("ratio_3x3")
+    out.update(worst_ratio_3x3=ratio3, worst_3x3_layer=layer3, worst_3x3_channel=o3)
+  return out
+
+
+def channel_outlier_table(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+  """Markdown table, one row per layer: channels, worst channel ratio, its
+  channel and branch, the median channel ratio, the 3x3 branch alone's worst
+  ratio, and the channels per dominating branch."""
+  lines = ["| layer | channels | worst max/rms | channel | branch | median max/rms "
+           "| worst 3x3 alone | 3x3 / 1x1 / identity channels |",
+           "|---|---:|---:|---:|---|---:|---:|---:|"]
+  for layer, r in per_layer.items():
+    o = int(r["ratio"].argmax())
+    r3 = f"{r['ratio_3x3'].max():.2f}" if "ratio_3x3" in r else "n/a"
+    counts = " / ".join(str(int(np.sum(r["branch"] == b))) for b in BRANCHES)
+    if np.all(r["branch"] == UNKNOWN):
+      counts = "unknown"
+    lines.append(f"| {layer} | {len(r['ratio'])} | {r['ratio'][o]:.2f} | {o} | {r['branch'][o]} "
+                 f"| {np.median(r['ratio']):.2f} | {r3} | {counts} |")
+  return "\n".join(lines) + "\n"
+
+
+_COLORS = {"3x3": "tab:blue", "1x1": "tab:orange", "identity": "tab:red", UNKNOWN: "tab:gray"}
+
+
+def plot_channel_outliers(per_layer: Mapping[str, Mapping[str, np.ndarray]],
+                          path: str | None = None, *, title: str = ""):
+  """Two panels from :func:`channel_outliers`: per layer the worst channel's
+  ``max|w|/rms`` (bars coloured by its branch, the 3x3 branch alone as dots),
+  and every channel of the worst layer (coloured by branch).
+
+  Returns the matplotlib ``Figure``; saved to ``path`` if given.
+  """
+  import matplotlib
+  if path is not None:
+    matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Patch
+
+  s = channel_outlier_summary(per_layer)
+  layers = list(per_layer)
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
+  worst_o = [int(per_layer[k]["ratio"].argmax()) for k in layers]
+  x = np.arange(len(layers))
+  ax0.bar(x, [per_layer[k]["ratio"][o] for k, o in zip(layers, worst_o)],
+          color=[_COLORS[str(per_layer[k]["branch"][o])] for k, o in zip(layers, worst_o)])
+  if s["worst_ratio_3x3"] is not None:
+    ax0.plot(x, [per_layer[k]["ratio_3x3"].max() for k in layers], "k.", label="3x3 alone")
+  ax0.set_xticks(x, layers, rotation=60, ha="right", fontsize=7)
+  ax0.set_ylabel("worst channel max|w|/rms")
+  ax0.set_title(f"{title + ': ' if title else ''}worst channel per layer")
+  used = sorted({str(per_layer[k]["branch"][o]) for k, o in zip(layers, worst_o)},
+                key=list(_COLORS).index)
+  handles = [Patch(color=_COLORS[b], label=b) for b in used]
+  ax0.legend(handles=handles + ax0.get_legend_handles_labels()[0], fontsize=7)
+
+  r = per_layer[s["worst_layer"]]
+  ch = np.arange(len(r["ratio"]))
+  ax1.scatter(ch, r["ratio"], s=8, c=[_COLORS[str(b)] for b in r["branch"]])
+  if "ratio_3x3" in r:
+    ax1.plot(ch, r["ratio_3x3"], color="k", lw=0.6, label="3x3 alone")
+  used = [b for b in _COLORS if np.any(r["branch"] == b)]
+  ax1.legend(handles=[Patch(color=_COLORS[b], label=b) for b in used]
+             + ax1.get_legend_handles_labels()[0], fontsize=7)
+  ax1.set_xlabel("output channel")
+  ax1.set_ylabel("max|w|/rms")
+  ax1.set_title(f"{s['worst_layer']}: every channel")
   fig.tight_layout()
   if path is not None:
     fig.savefig(path, dpi=120)

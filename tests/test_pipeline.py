@@ -49,6 +49,17 @@ def test_workdir_has_report_figures_and_export(run):
   assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
 
 
+def test_report_has_the_merged_fp_models_channel_outliers(run):
+  workdir = run[0]
+  s = json.load(open(os.path.join(workdir, "report.json")))["channel_outliers"]
+  assert s["worst_ratio"] >= s["worst_ratio_3x3"] > 1
+  assert s["worst_branch"] in ("3x3", "1x1", "identity")
+  assert sum(s["branch_counts"].values()) == s["channels"]
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert f"worst {s['worst_ratio']:.1f} in {s['worst_layer']} channel {s['worst_channel']}" in md
+  assert os.path.getsize(os.path.join(workdir, "channel_outliers.png")) > 0
+
+
 def test_rerun_resumes_finished_stages_without_training(run):
   workdir = run[0]
   before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))

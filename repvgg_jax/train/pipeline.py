@@ -3,7 +3,7 @@
 Every training stage checkpoints under ``<workdir>/checkpoints/<stage>`` and
 resumes from there, so the same command continues a killed run. Outputs of
 process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.png``,
-``accuracy.png``, ``model.packed`` (when quantized) and metrics.
+``channel_outliers.png``, ``accuracy.png``, ``model.packed`` (when quantized) and metrics.
 """
 
 from __future__ import annotations
@@ -289,7 +289,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   result = {"forms": forms}
   if primary:
     result = report_lib.write_report(workdir, forms, cfg, histograms, timings,
-                                     dataset=report_lib.dataset_info(eval_loader))
+                                     dataset=report_lib.dataset_info(eval_loader),
+                                     fp_variables=variables)
     logging.info("report:\n%s", report_lib.markdown(result))
   writer.close()
   return result

@@ -36,8 +36,10 @@ def dataset_info(loader: Any) -> dict:
 
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
                  histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
-                 dataset: Mapping[str, Any] | None = None) -> dict:
-  """Writes report.json, report.md, weight_histograms.png and accuracy.png; returns the report.
+                 dataset: Mapping[str, Any] | None = None,
+                 fp_variables: Mapping[str, Any] | None = None) -> dict:
+  """Writes report.json, report.md, weight_histograms.png and accuracy.png (and
+  channel_outliers.png); returns the report.
 
   Args:
     forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out, forms
@@ -45,6 +47,9 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     histograms: ``{label: variables}`` for :func:`analysis.plot_weight_histograms`.
     timings: seconds per stage, summed over the invocations that trained it.
     dataset: ``dataset_info(loader)``, or None.
+    fp_variables: the train-form FP variables; if given, the per-channel
+      outliers of their merge (:func:`analysis.channel_outliers`) go into the
+      report as ``channel_outliers`` and channel_outliers.png.
   """
   report = {"forms": {k: dict(v) for k, v in forms.items()},
             "config": json.loads(config.to_json_best_effort()),
@@ -56,6 +61,8 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
                           for label, v in histograms.items()}
     atomic_write(os.path.join(workdir, "weight_histograms.png"),
                  lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
+  if fp_variables is not None:
+    report["channel_outliers"] = _channel_outliers(workdir, fp_variables)
   atomic_write(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
   atomic_write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   atomic_write_text(os.path.join(workdir, "report.md"), markdown(report))
@@ -85,10 +92,37 @@ def markdown(report: Mapping[str, Any]) -> str:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
     for label, s in report["outliers"].items():
       out += f"| {label} | {s['max_over_std']:.1f} | {s['kurtosis']:.1f} |\n"
+  if "channel_outliers" in report:
+    out += _channel_outliers_markdown(report["channel_outliers"])
   if report.get("seconds"):
     out += "\nSeconds per stage (summed over invocations): " + ", ".join(
         f"{k} {v:.0f}" for k, v in report["seconds"].items()) + "\n"
   return out
+
+
+def _channel_outliers(workdir: str, fp_variables: Mapping[str, Any]) -> dict:
+  """Summary of the merged FP model's per-channel outliers; draws channel_outliers.png."""
+  per_layer = analysis.channel_outliers(fp_variables)
+
+  def plot(tmp: str) -> None:
+    fig = analysis.plot_channel_outliers(per_layer, tmp, title="merged FP")  # selects Agg
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+  atomic_write(os.path.join(workdir, "channel_outliers.png"), plot)
+  return analysis.channel_outlier_summary(per_layer)
+
+
+def _channel_outliers_markdown(s: Mapping[str, Any]) -> str:
+  counts = ", ".join(f"{b} {n}" for b, n in s["branch_counts"].items())
+  out = (f"\nPer-channel outliers of the merged FP kernels (max|w|/rms in one output channel, "
+         f"what a per-channel quantizer's range sees): worst {s['worst_ratio']:.1f} in "
+         f"{s['worst_layer']} channel {s['worst_channel']} ({s['worst_branch']} branch); "
+         f"largest weight of each channel from: {counts}.")
+  if s["worst_ratio_3x3"] is not None:
+    out += (f" The 3x3 branch alone: worst {s['worst_ratio_3x3']:.1f} "
+            f"({s['worst_3x3_layer']} channel {s['worst_3x3_channel']}).")
+  return out + "\n"
 
 
 def _plot_accuracy(forms: Mapping[str, Mapping[str, Any]], path: str) -> None:
