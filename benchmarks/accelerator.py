@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import repvgg_jax as rv  # noqa: E402
+from benchmarks import bench_common  # noqa: E402
 from repvgg_jax.models.repvgg import RepVGG, Variant  # noqa: E402
 from repvgg_jax.train import sharding, steps  # noqa: E402
 from repvgg_jax.data.transforms import normalize  # noqa: E402
@@ -106,23 +107,6 @@ def _stage(batch: int) -> Any:
                                weight_decay=1e-4, grad_clip_norm=0.0)
 
 
-def _random_variables(model: Any, size: int, seed: int = 0) -> dict:
-  """Variables of ``model`` with params drawn in NumPy (no compiled RNG init)."""
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
-  init = lambda: model.init(jax.random.key(seed), x, train=False)  # noqa: E731
-  shapes = jax.eval_shape(init)
-  rest = jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = getattr(path[-1], "key", str(path[-1]))
-    if name == "kernel":
-      return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-    return (np.ones if name == "scale" else np.zeros)(s.shape, s.dtype)
-  return {"params": jax.tree_util.tree_map_with_path(leaf, shapes["params"]),
-          **jax.device_get(rest)}
-
-
 class JaxStep:
   """A jitted train step, its state and batch; ``run`` advances one step."""
 
@@ -159,7 +143,7 @@ def jax_rows(args, device) -> dict:
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (b, px, px, 3), dtype=np.uint8),
            "label": rng.integers(0, classes, b).astype(np.int32)}
-  variables = _random_variables(model, px)
+  variables = bench_common.fast_init(model, (px, px, 3))
   merged = jax.device_get(jax.jit(rv.merge)(variables))
   rows: dict = {}
 

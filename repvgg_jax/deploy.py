@@ -208,8 +208,7 @@ class DeployedModel:
   packed: PackedModel
 
   def __post_init__(self):
-    _model_from(self.packed.model, "packed model")
-    self._forward = jax.jit(forward_fn(self.packed))
+    self._forward = jax.jit(forward_fn(self.packed))  # validates the model description
     self._integer = None
 
   @property

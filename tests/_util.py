@@ -43,3 +43,41 @@ def random_variables(model, x, seed=0, tiny_var_channels=0):
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+class WrappedLoader:
+  """Wraps a loader; ``change(n, batch)`` may alter or replace the n-th batch (1-based),
+  or raise (a kill). The iterator keeps the loader's get/set_state, for checkpoints."""
+
+  def __init__(self, loader, change):
+    self.loader, self.change = loader, change
+    for name in ("num_classes", "image_shape", "pixel_stats"):
+      if hasattr(loader, name):
+        setattr(self, name, getattr(loader, name))
+
+  def __iter__(self):
+    inner, change = iter(self.loader), self.change
+
+    class It:
+      def __init__(self):
+        self.n = 0
+
+      def __next__(self):
+        self.n += 1
+        return change(self.n, dict(next(inner)))
+
+      def get_state(self):
+        return inner.get_state()
+
+      def set_state(self, s):
+        inner.set_state(s)
+    return It()
+
+
+def killed_after(loader, k):
+  """The loader of a run killed (KeyboardInterrupt) when it asks for batch k + 1."""
+  def change(n, batch):
+    if n > k:
+      raise KeyboardInterrupt(f"simulated kill after step {k}")
+    return batch
+  return WrappedLoader(loader, change)

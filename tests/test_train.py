@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
+from _util import WrappedLoader, killed_after  # noqa: E402
 
 
 def _parse(monkeypatch, *overrides):
@@ -168,42 +169,6 @@ def _stage(tmp_path, name="fp", num_steps=6, log_every=100, checkpoint_every=2, 
   return sharding.to_host(out)
 
 
-class _Wrapped:
-  """Wraps a loader; ``change(n, batch)`` may alter or replace the n-th batch (1-based)."""
-
-  def __init__(self, loader, change):
-    self.loader, self.change = loader, change
-    self.num_classes, self.image_shape = loader.num_classes, loader.image_shape
-    self.pixel_stats = loader.pixel_stats
-
-  def __iter__(self):
-    inner, change = iter(self.loader), self.change
-
-    class It:
-      def __init__(self):
-        self.n = 0
-
-      def __next__(self):
-        self.n += 1
-        return change(self.n, dict(next(inner)))
-
-      def get_state(self):
-        return inner.get_state()
-
-      def set_state(self, s):
-        inner.set_state(s)
-    return It()
-
-
-def _killed_after(loader, k):
-  """The loader of a run killed (KeyboardInterrupt) when it asks for batch k + 1."""
-  def change(n, batch):
-    if n > k:
-      raise KeyboardInterrupt(f"simulated kill after step {k}")
-    return batch
-  return _Wrapped(loader, change)
-
-
 def _tiny_loader():
   cfg = tiny.tiny_config()
   return data.make_loader(cfg.data, "train", global_batch_size=cfg.fp.batch_size, train=True)
@@ -212,7 +177,7 @@ def _tiny_loader():
 def test_resume_after_kill_is_bit_exact(tmp_path):
   straight = _stage(tmp_path / "a")
   with pytest.raises(KeyboardInterrupt):
-    _stage(tmp_path / "b", loader=_killed_after(_tiny_loader(), 4))
+    _stage(tmp_path / "b", loader=killed_after(_tiny_loader(), 4))
   assert StageCheckpoints(str(tmp_path / "b" / "fp"), every=2, keep=2).latest_step() == 4
   resumed = _stage(tmp_path / "b")
   assert int(resumed.step) == 6
@@ -226,7 +191,7 @@ def _poison_at(loader, k):
     if n == k:
       batch["image"] = np.full(batch["image"].shape, np.nan, np.float32)
     return batch
-  return _Wrapped(loader, change)
+  return WrappedLoader(loader, change)
 
 
 @pytest.mark.parametrize("log_every", [1, 3])
@@ -262,7 +227,7 @@ def test_no_host_transfer_between_sync_steps(tmp_path, monkeypatch):
     current["step"] = n
     return batch
   monkeypatch.setattr(ArrayImpl, "_value", property(counting))
-  _stage(tmp_path, loader=_Wrapped(loader, count_steps), num_steps=8, log_every=4,
+  _stage(tmp_path, loader=WrappedLoader(loader, count_steps), num_steps=8, log_every=4,
          checkpoint_every=4)
   steps_with_reads = sorted(set(calls) - {0})  # 0: resume/set-up before the first step
   assert steps_with_reads and set(steps_with_reads) <= {4, 8}, steps_with_reads

@@ -126,31 +126,16 @@ def test_two_processes_agree_with_one(tmp_path):
 
 # ----------------------------------------------------------------------------- QAT, 2 processes
 
-class _Progress:
+def _progress(loader, path, at):
   """Loader wrapper: writes ``path`` once the stage asks for batch ``at``."""
+  from _util import WrappedLoader
 
-  def __init__(self, loader, path, at):
-    self.loader, self.path, self.at = loader, path, at
-
-  def __iter__(self):
-    inner, path, at = iter(self.loader), self.path, self.at
-
-    class It:
-      n = 0
-
-      def __next__(self):
-        self.n += 1
-        if self.n == at and path:
-          with open(path, "w") as f:
-            f.write(str(os.getpid()))
-        return next(inner)
-
-      def get_state(self):
-        return inner.get_state()
-
-      def set_state(self, s):
-        inner.set_state(s)
-    return It()
+  def change(n, batch):
+    if n == at and path:
+      with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return batch
+  return WrappedLoader(loader, change)
 
 
 def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
@@ -196,7 +181,7 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   result = {"pid": pid, "preempted": None}
   try:
     state = train_stage(
-        "qat", state, loader=_Progress(loader, progress, 3), mesh=mesh,
+        "qat", state, loader=_progress(loader, progress, 3), mesh=mesh,
         train_step=steps.make_train_step(mesh, 10, 0.0, q, pixel_stats=loader.pixel_stats),
         ckpt_dir=os.path.join(workdir, "qat"), stage_cfg=cfg.qat, log_every=2,
         writer=MetricWriter(workdir, enabled=False), after_step=refit)
@@ -288,7 +273,8 @@ def _resume_worker(workdir, devices, kill_after, out):
   model = build_model(cfg.model, 10, deploy=False)
   state = create_train_state(model, init_variables(model, (16, 16, 3), 0), cfg.fp)
   if kill_after:
-    loader = _Killed(loader, kill_after)
+    from _util import killed_after
+    loader = killed_after(loader, kill_after)
   try:
     state = train_stage("fp", state, train_step=steps.make_train_step(
         mesh, 10, pixel_stats=loader.pixel_stats), loader=loader, mesh=mesh,
@@ -299,33 +285,6 @@ def _resume_worker(workdir, devices, kill_after, out):
   host = sharding.to_host({"params": state.params, "batch_stats": state.batch_stats,
                            "opt_state": state.opt_state})
   np.savez(out, *jax.tree_util.tree_leaves(host))
-
-
-class _Killed(_Progress):
-  """Raises KeyboardInterrupt (as a kill) when batch ``at`` + 1 is asked for."""
-
-  def __init__(self, loader, at):
-    super().__init__(loader, "", at)
-    self.pixel_stats = loader.pixel_stats
-
-  def __iter__(self):
-    inner, at = super().__iter__(), self.at
-
-    class It:
-      n = 0
-
-      def __next__(self):
-        self.n += 1
-        if self.n > at:
-          raise KeyboardInterrupt
-        return next(inner)
-
-      def get_state(self):
-        return inner.get_state()
-
-      def set_state(self, s):
-        inner.set_state(s)
-    return It()
 
 
 def _run_resume(workdir, devices, kill_after, out):

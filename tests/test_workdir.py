@@ -23,6 +23,7 @@ from repvgg_jax.train.writers import MetricWriter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
+from _util import killed_after  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -183,32 +184,6 @@ def test_atomic_write_gives_0644_under_umask_022(tmp_path):
   assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644
 
 
-class _KilledAt:
-  """Wraps a loader; fetching the batch of step ``k`` raises KeyboardInterrupt, as a kill."""
-
-  def __init__(self, loader, k):
-    self.loader, self.k = loader, k
-
-  def __iter__(self):
-    inner, k = iter(self.loader), self.k
-
-    class It:
-      n = 0
-
-      def __next__(self):
-        self.n += 1
-        if self.n == k:
-          raise KeyboardInterrupt(f"killed before step {k}")
-        return next(inner)
-
-      def get_state(self):
-        return inner.get_state()
-
-      def set_state(self, s):
-        inner.set_state(s)
-    return It()
-
-
 def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
   cfg = tiny.tiny_config()
   cfg.fp.num_steps, cfg.fp.checkpoint_every = 6, 2
@@ -225,7 +200,7 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
                 log_every=1)
 
   with pytest.raises(KeyboardInterrupt):
-    stage(_KilledAt(loader, 4))  # Steps 1-3 logged, the checkpoint holds step 2.
+    stage(killed_after(loader, 3))  # Steps 1-3 logged, the checkpoint holds step 2.
   stage(loader)
   writer.close()
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
