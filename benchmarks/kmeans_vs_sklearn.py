@@ -38,7 +38,8 @@ from sklearn.cluster import KMeans  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import repvgg_jax as rv  # noqa: E402
-from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook, optimal_codebook  # noqa: E402
+from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook  # noqa: E402
+from repvgg_jax.quant.optimal import optimal_codebook  # noqa: E402
 
 from bench_common import cpu_model  # run as a script: benchmarks/ is on sys.path
 

@@ -16,7 +16,8 @@ import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.quant import make_quantizer
 from repvgg_jax.quant.cluster import assign, decode, quantize
-from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook, optimal_codebook
+from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook
+from repvgg_jax.quant.optimal import optimal_codebook
 from _util import random_variables
 
 TINY = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25))

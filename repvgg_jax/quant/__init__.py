@@ -3,7 +3,7 @@ grids, activation fake-quant, the packed export.
 
 * ``quantizer``: :class:`Quantizer` / :func:`make_quantizer` (weights) and :func:`ptq`.
 * ``levels``: nearest level and squared error of a codebook (the one place for both).
-* ``kmeans``: Lloyd and optimal (DP) 1-D k-means codebooks.
+* ``kmeans``: Lloyd 1-D k-means codebooks; ``optimal``: the optimal (DP) fit.
 * ``cluster``: the straight-through codebook quantizer, int8 snapping.
 * ``uniform``: integer grids, min-max and MSE steps, LSQ fake-quant.
 * ``activation``: activation calibration (min-max, percentile, MSE).
@@ -13,7 +13,8 @@ grids, activation fake-quant, the packed export.
 from repvgg_jax.quant.activation import CALIBRATIONS, calibrated_step
 from repvgg_jax.quant.cluster import assign, check_codebook, quantize, snap_to_int8
 from repvgg_jax.quant.export import PackedModel, export, pack_bits, read_packed, unpack_bits
-from repvgg_jax.quant.kmeans import check_bits, fit_codebook, optimal_codebook
+from repvgg_jax.quant.kmeans import check_bits, fit_codebook
+from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.levels import decode, nearest_index, squared_error
 from repvgg_jax.quant.quantizer import METHODS, Quantizer, make_quantizer, ptq
 from repvgg_jax.quant.uniform import fake_quant, grid, minmax_step, mse_step

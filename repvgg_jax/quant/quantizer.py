@@ -35,7 +35,8 @@ from flax import traverse_util
 
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.cluster import assign, int8_scale, quantize, snap_to_int8
-from repvgg_jax.quant.kmeans import check_bits, fit_codebook, optimal_codebook
+from repvgg_jax.quant.kmeans import check_bits, fit_codebook
+from repvgg_jax.quant.optimal import optimal_codebook
 
 METHODS = ("cluster", "uniform", "lsq")
 GRANULARITIES = ("tensor", "channel")
