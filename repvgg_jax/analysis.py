@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
+from repvgg_jax.reparam import BRANCHES, block_branches, merge
 
 STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
@@ -106,7 +106,6 @@ def plot_weight_histograms(named_variables: Mapping[str, Mapping[str, Any]], pat
 
 # Per-channel outliers: what a symmetric per-output-channel quantizer sees.
 
-BRANCHES = ("3x3", "1x1", "identity")
 UNKNOWN = "unknown"
 
 
@@ -123,17 +122,9 @@ def _block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
                     path: tuple[str, ...]) -> dict[str, np.ndarray]:
   """One train-form block's merged kernel and each branch's folded
   contribution, all as 3x3 HWIO float64 arrays."""
-  kernel, _ = merge_block(params, stats, path)  # also checks names and shapes
-  parts = {}
-  for name, branch in (("conv_kxk", "3x3"), ("conv_1x1", "1x1")):
-    k, _ = fold_bn(params[name]["conv"]["kernel"], params[name]["bn"], stats[name]["bn"])
-    pad = (3 - k.shape[0]) // 2
-    parts[branch] = np.pad(np.asarray(k, np.float64), ((pad, pad), (pad, pad), (0, 0), (0, 0)))
-  if "identity" in params:
-    cin_g, cout = kernel.shape[2:]
-    k, _ = fold_bn(identity_kernel(cout, cout // cin_g), params["identity"], stats["identity"])
-    parts["identity"] = np.asarray(k, np.float64)
-  return {"merged": np.asarray(kernel, np.float64), **parts}
+  parts = {b: np.asarray(k, np.float64)
+           for b, (k, _) in block_branches(params, stats, path).items()}
+  return {"merged": sum(parts.values()), **parts}
 
 
 def _attribute(merged: np.ndarray, parts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

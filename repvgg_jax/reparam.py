@@ -10,6 +10,13 @@ Math (HWIO kernels, per output channel ``o``)::
   s = bound(gamma / sqrt(var + eps));   K' = K * s;   b' = beta - mean * s
   K = K3' + pad1x1(K1') + I * s_id;     b = b3' + b1' + b_id'
   I[1, 1, o % (Cin/groups), o] = 1       (group-aware identity kernel)
+
+``bound`` is OABN's (``median`` form, per BN) or, for a block with the
+``branch`` form, :func:`repvgg_jax.nn.oabn.branch_bound` on ``s1, s_id``. A
+QARepVGG block (``post_bn`` present: 1x1 conv and identity without BN, one BN
+after the sum) merges as ``K = (K3' + pad1x1(K1) + g * I) * s_post``,
+``b = (b3' - mean_post) * s_post + beta_post`` with ``g`` its
+``batch_stats/identity_gain`` (1; absent when the block has no identity).
 """
 
 from __future__ import annotations
@@ -19,12 +26,17 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.nn.oabn import BOUND_KEYS, scale_shift
+from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS, branch_bound, scale_shift
 
 # Same as PyTorch's BatchNorm2d default; the models are built with it.
 BN_EPSILON = 1e-5
-BLOCK_KEYS = frozenset({"conv_kxk", "conv_1x1", "identity", "se"})
+BLOCK_KEYS = frozenset({"conv_kxk", "conv_1x1", "identity", "post_bn", "se"})
 _STATS_KEYS = frozenset({"mean", "var", *BOUND_KEYS})
+# A QARepVGG block's identity branch: a constant gain, recorded in its batch_stats.
+IDENTITY_GAIN = "identity_gain"
+# Block-level batch_stats entries that are settings, not a sub-layer's statistics.
+_BLOCK_RECORDS = frozenset({*BRANCH_KEYS, IDENTITY_GAIN})
+BRANCHES = ("3x3", "1x1", "identity")
 
 
 def _path(path: tuple[str, ...]) -> str:
@@ -75,52 +87,98 @@ def fold_bn(kernel: jax.Array, bn_params: Mapping[str, Any], bn_stats: Mapping[s
   return kernel * s, shift
 
 
-def merge_block(params: Mapping[str, Any], stats: Mapping[str, Any],
-                path: tuple[str, ...] = ("params",)) -> tuple[jax.Array, jax.Array]:
-  """Merges one train-form block's branches into one 3x3 ``(kernel, bias)``.
+def _kernel(params: Mapping[str, Any], path: tuple[str, ...], size: int,
+            like: jax.Array | None = None) -> jax.Array:
+  k = _get(params, "kernel", path)
+  want = (size, size) + (like.shape[2:] if like is not None else ("Cin/groups", "Cout"))
+  if jnp.ndim(k) != 4 or jnp.shape(k)[:2] != (size, size) or (
+      like is not None and jnp.shape(k)[2:] != like.shape[2:]):
+    raise ValueError(f"merge: {_path(path + ('kernel',))} has shape {jnp.shape(k)}, "
+                     f"expected {want}".replace("'", ""))
+  return k
+
+
+def _bn(params: Mapping[str, Any], stats: Mapping[str, Any], name: str, channels: int,
+        pp: tuple[str, ...], sp: tuple[str, ...]) -> tuple[Mapping, Mapping]:
+  bp, bs = _get(params, name, pp), _get(stats, name, sp)
+  _check_bn(bp, bs, channels, pp + (name,), sp + (name,))
+  return bp, bs
+
+
+def block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
+                   path: tuple[str, ...] = ("params",)) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Each branch's folded contribution to one train-form block's merged conv.
 
   Args:
-    params: the block's params (``conv_kxk``, ``conv_1x1``, optional
-      ``identity``; ``se`` is ignored here).
+    params: the block's params (RepVGG: ``conv_kxk``, ``conv_1x1``, optional
+      ``identity``; QARepVGG: ``conv_kxk``, ``conv_1x1`` (a bare conv),
+      ``post_bn``; ``se`` is ignored here).
     stats: the block's ``batch_stats``.
     path: where the block sits, for error messages.
+  Returns:
+    ``{"3x3": (kernel, bias), "1x1": ..., "identity": ...}`` (no ``identity``
+    without that branch), 3x3 HWIO kernels whose sums are the merged
+    ``(kernel, bias)``; a QARepVGG block's post-sum BN is folded into each.
   """
   odd = sorted(set(params) - BLOCK_KEYS)
   if odd:
     raise ValueError(f"merge: unexpected variable(s) {odd} in block {_path(path)}")
   sp = ("batch_stats",) + path[1:]
-  kernel = bias = None
-  for name, size in (("conv_kxk", 3), ("conv_1x1", 1)):
-    bp, bs = _get(params, name, path), _get(stats, name, sp)
-    k = _get(_get(bp, "conv", path + (name,)), "kernel", path + (name, "conv"))
-    if kernel is not None and jnp.shape(k) != (1, 1) + kernel.shape[2:]:
-      raise ValueError(f"merge: {_path(path + (name, 'conv', 'kernel'))} has shape "
-                       f"{jnp.shape(k)}, expected {(1, 1) + kernel.shape[2:]}")
-    if jnp.ndim(k) != 4 or jnp.shape(k)[:2] != (size, size):
-      raise ValueError(f"merge: {_path(path + (name, 'conv', 'kernel'))} has shape "
-                       f"{jnp.shape(k)}, expected ({size}, {size}, Cin/groups, Cout)")
-    _check_bn(_get(bp, "bn", path + (name,)), _get(bs, "bn", sp + (name,)), k.shape[-1],
-              path + (name, "bn"), sp + (name, "bn"))
-    k, b = fold_bn(k, bp["bn"], bs["bn"])
-    if kernel is None:
-      kernel, bias = k, b
-    else:
-      kernel = kernel + jnp.pad(k, ((1, 1), (1, 1), (0, 0), (0, 0)))
-      bias = bias + b
-  if "identity" in params:
-    cin_g, cout = kernel.shape[2:]
-    if cout % cin_g:
-      raise ValueError(f"merge: identity branch in {_path(path)} but kernel shape "
-                       f"{kernel.shape} cannot have Cin == Cout")
-    id_stats = _get(stats, "identity", sp)
-    _check_bn(params["identity"], id_stats, cout, path + ("identity",), sp + ("identity",))
-    k, b = fold_bn(identity_kernel(cout, cout // cin_g, kernel.dtype),
-                   params["identity"], id_stats)
-    kernel, bias = kernel + k, bias + b
-  odd = sorted(set(stats) - set(params))
+  qa = "post_bn" in params
+  p3, s3p = _get(params, "conv_kxk", path), _get(stats, "conv_kxk", sp)
+  k3 = _kernel(_get(p3, "conv", path + ("conv_kxk",)), path + ("conv_kxk", "conv"), 3)
+  cin_g, cout = k3.shape[2:]
+  bn3 = _bn(p3, s3p, "bn", cout, path + ("conv_kxk",), sp + ("conv_kxk",))
+  s3, shift3 = scale_shift(*bn3, BN_EPSILON)
+  p1 = _get(params, "conv_1x1", path)
+  has_id = (IDENTITY_GAIN in stats) if qa else ("identity" in params)
+  if has_id and cout % cin_g:
+    raise ValueError(f"merge: identity branch in {_path(path)} but kernel shape "
+                     f"{k3.shape} cannot have Cin == Cout")
+  if qa:
+    for where, tree in ((path + ("identity",), params), (path + ("conv_1x1", "bn"), p1)):
+      if where[-1] in tree:
+        raise ValueError(f"merge: QARepVGG block {_path(path)} (it has post_bn) has "
+                         f"{_path(where)}; its 1x1 and identity branches have no BN")
+    k1 = _kernel(p1, path + ("conv_1x1",), 1, k3)
+    s1, shift1 = jnp.ones(cout), jnp.zeros(cout)
+    s_id, shift_id = jnp.asarray(stats.get(IDENTITY_GAIN, 1.0)), 0.0
+  else:
+    k1 = _kernel(_get(p1, "conv", path + ("conv_1x1",)), path + ("conv_1x1", "conv"), 1, k3)
+    bn1 = _bn(p1, _get(stats, "conv_1x1", sp), "bn", cout, path + ("conv_1x1",),
+              sp + ("conv_1x1",))
+    s1, shift1 = scale_shift(*bn1, BN_EPSILON)
+    s_id = shift_id = None
+    if has_id:
+      bn_id = _bn(params, stats, "identity", cout, path, sp)
+      s_id, shift_id = scale_shift(*bn_id, BN_EPSILON)
+    if BRANCH_KEYS[0] in stats:
+      s1, s_id = branch_bound(s3, k3, s1, k1, s_id, stats["bound_tau"], stats["bound_smooth"])
+      shift1 = bn1[0]["bias"] - bn1[1]["mean"] * s1
+      if has_id:
+        shift_id = bn_id[0]["bias"] - bn_id[1]["mean"] * s_id
+  odd = sorted(set(stats) - set(params) - _BLOCK_RECORDS)
   if odd:
     raise ValueError(f"merge: batch_stats {odd} in block {_path(sp)} have no params")
-  return kernel, bias
+  parts = {"3x3": (k3 * s3, shift3),
+           "1x1": (jnp.pad(k1 * s1, ((1, 1), (1, 1), (0, 0), (0, 0))), shift1 * jnp.ones(cout))}
+  if has_id:
+    parts["identity"] = (identity_kernel(cout, cout // cin_g) * s_id,
+                         shift_id * jnp.ones(cout))
+  if qa:
+    post = _bn(params, stats, "post_bn", cout, path, sp)
+    s_post, shift_post = scale_shift(*post, BN_EPSILON)
+    parts = {b: (k * s_post, bias * s_post + (shift_post if b == "3x3" else 0.0))
+             for b, (k, bias) in parts.items()}
+  return parts
+
+
+def merge_block(params: Mapping[str, Any], stats: Mapping[str, Any],
+                path: tuple[str, ...] = ("params",)) -> tuple[jax.Array, jax.Array]:
+  """Merges one train-form block's branches into one 3x3 ``(kernel, bias)``
+  (the sums of :func:`block_branches`)."""
+  parts = block_branches(params, stats, path).values()
+  return sum(k for k, _ in parts), sum(b for _, b in parts)
 
 
 def _merge_tree(params: Mapping[str, Any], stats: Mapping[str, Any],

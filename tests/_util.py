@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 
+from repvgg_jax.models.repvgg import expected_records
+
 
 def random_variables(model, x, seed=0, tiny_var_channels=0):
   """Variables for ``model`` filled from numpy (fast even for B3/D2se).
@@ -10,20 +12,17 @@ def random_variables(model, x, seed=0, tiny_var_channels=0):
   Kernels ~ N(0, 1/fan_in); BN scales in [0.2, 1], biases and means ~ N(0, 0.1),
   running variances in [0.5, 2]. ``tiny_var_channels`` > 0 sets that many
   channels of every identity BN to variance 1e-6 (dead channels: the source of
-  merged-kernel outliers). OABN settings keep the model's values.
+  merged-kernel outliers). Recorded settings (OABN bounds, QARepVGG identity gains) keep the model's values.
   """
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  defaults = {}
-  if model.norm == "oabn":
-    defaults = {"tau": np.float32(model.oabn_tau), "relative": np.bool_(model.oabn_relative),
-                "smooth": np.bool_(model.oabn_bound == "tanh")}
+  defaults = expected_records(model)
 
   def fill(path, s):
     names = [getattr(p, "key", str(p)) for p in path]
     leaf, shape = names[-1], s.shape
     if leaf in defaults:
-      return defaults[leaf]
+      return np.asarray(defaults[leaf], s.dtype)
     if leaf == "kernel":
       return rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
     if leaf == "scale":

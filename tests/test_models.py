@@ -54,6 +54,9 @@ def test_name_aliases(alias):
     ({"oabn_bound": "sigmoid"}, "oabn_bound='sigmoid'"),
     ({"oabn_tau": -1.0}, "oabn_tau=-1.0"),
     ({"widht": 2}, "widht"),
+    ({"block": "qa"}, "block='qa'"),
+    ({"oabn_form": "mean"}, "oabn_form='mean'"),
+    ({"norm": "oabn", "oabn_form": "branch", "block": "qarepvgg"}, "block='qarepvgg' has none"),
 ])
 def test_bad_options_name_the_value(kwargs, needle):
   with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
@@ -131,3 +134,20 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   y16, y32 = jax.jit(m16.apply)(v, x), jax.jit(m32.apply)(v, x)
   assert y16.dtype == jnp.float32
   assert 1e-4 < rel_err(y32, y16) < 5e-2  # really computed in bf16, and still close
+
+
+@pytest.mark.parametrize("cifar_stem", [False, True])
+def test_qarepvgg_blocks_have_one_bn_after_the_sum(cifar_stem):
+  # A0's stem (48 ch) feeds stage 0 (48 ch): an identity only when stage 0 has stride 1.
+  model = rv.create_model("RepVGG-A0", num_classes=10, block="qarepvgg", cifar_stem=cifar_stem)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  for name in ("stem", "stages_0_0", "stages_0_1"):
+    p, s = v["params"][name], v["batch_stats"][name]
+    assert set(p) == {"conv_kxk", "conv_1x1", "post_bn"}, name
+    assert set(p["conv_1x1"]) == {"kernel"} and set(p["conv_kxk"]) == {"conv", "bn"}
+    assert ("identity_gain" in s) == (name == "stages_0_1" or (cifar_stem and name == "stages_0_0"))
+  deploy = rv.create_model("RepVGG-A0", num_classes=10, block="qarepvgg", deploy=True)
+  plain = rv.create_model("RepVGG-A0", num_classes=10, deploy=True)
+  shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(
+      lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
+  assert shapes(deploy) == shapes(plain)

@@ -10,8 +10,8 @@ from absl.testing import parameterized
 
 import repvgg_jax as rv
 from repvgg_jax.analysis import outlier_stats
-from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.nn.oabn import OABN, bound
+from repvgg_jax.models.repvgg import RepVGG, Variant, check_settings
+from repvgg_jax.nn.oabn import OABN, bound, branch_bound
 from _util import random_variables, rel_err
 
 
@@ -85,15 +85,130 @@ def test_oabn_equals_flax_batchnorm_when_bound_is_inactive():
     chex.assert_trees_all_close(so["batch_stats"]["mean"], sb["batch_stats"]["mean"], atol=1e-6)
 
 
-def test_bound_settings_live_in_variables_and_win_over_attributes():
+def test_attributes_drive_the_forward_and_batch_stats_record_them():
   x = _inputs_with_dead_channels()
-  layer = OABN(bound="clip", tau=1e6, relative=False)
+  layer = OABN(bound="clip", tau=1.0, relative=False)
   v = layer.init(jax.random.key(0), x, use_running_average=False)
   assert set(v["batch_stats"]) == {"mean", "var", "tau", "relative", "smooth"}
-  y_loose, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
-  v["batch_stats"]["tau"] = jnp.float32(1.0)
-  y_tight, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
-  assert float(jnp.abs(y_loose[..., 0]).max()) > 10 * float(jnp.abs(y_tight[..., 0]).max())
+  assert (float(v["batch_stats"]["tau"]), bool(v["batch_stats"]["relative"]),
+          bool(v["batch_stats"]["smooth"])) == (1.0, False, False)
+  y, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  v["batch_stats"]["tau"] = jnp.float32(1e6)  # an edited record does not loosen the bound
+  y_edited, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(y, y_edited)
+  assert float(jnp.abs(y[..., 0]).max()) < 1.0 + 1e-6  # |s| <= 1 on a ~constant channel
+
+
+def test_branch_form_layer_records_nothing_and_hands_out_raw_scales():
+  x = _inputs_with_dead_channels()
+  layer = OABN(form="branch", tau=1.0)
+  v = layer.init(jax.random.key(0), x, use_running_average=True)
+  assert set(v["batch_stats"]) == {"mean", "var"}
+  centred, s, beta = layer.apply(v, x, use_running_average=True, raw=True)
+  chex.assert_trees_all_close(s, v["params"]["scale"] / jnp.sqrt(v["batch_stats"]["var"] + 1e-5))
+  chex.assert_trees_all_close(centred, x - v["batch_stats"]["mean"])
+  chex.assert_trees_all_equal(beta, v["params"]["bias"])
+
+
+def _branch_inputs(seed=0, cin=6, cout=6):
+  rng = np.random.default_rng(seed)
+  k3 = rng.standard_normal((3, 3, cin, cout)).astype(np.float32) * 0.1
+  k1 = rng.standard_normal((1, 1, cin, cout)).astype(np.float32) * 0.1
+  s3 = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+  s1 = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+  s_id = rng.uniform(0.05, 0.1, cout).astype(np.float32)
+  s_id[:2] = [50.0, -30.0]  # dead channels: huge identity scales
+  k3[..., 5] = 0.0          # a channel without a 3x3 reference
+  return map(jnp.asarray, (s3, k3, s1, k1, s_id))
+
+
+def _extra_taps(s1, k1, s_id):
+  cin, cout = k1.shape[2:]
+  return s1 * k1[0, 0] + (0 if s_id is None else s_id * jnp.eye(cin, cout))
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("identity", [True, False])
+def test_branch_bound_holds_per_channel(smooth, identity):
+  s3, k3, s1, k1, s_id = _branch_inputs()
+  s_id = s_id if identity else None
+  tau = 1.5
+  b1, b_id = jax.jit(branch_bound, static_argnums=(5, 6))(s3, k3, s1, k1, s_id, tau, smooth)
+  assert (b_id is None) == (not identity)
+  before = jnp.max(jnp.abs(_extra_taps(s1, k1, s_id)), axis=0)
+  after = jnp.max(jnp.abs(_extra_taps(b1, k1, b_id)), axis=0)
+  r3 = jnp.abs(s3) * jnp.sqrt(jnp.mean(k3 ** 2, axis=(0, 1, 2)))
+  bounded = r3 > 0
+  assert np.all(np.asarray(after[bounded]) <= tau * np.asarray(r3[bounded]) * (1 + 1e-6))
+  # One factor per channel for both branches; the unreferenced channel is left alone.
+  f = b1 / s1
+  if identity:
+    chex.assert_trees_all_close(b_id, f * s_id, rtol=1e-6)
+    assert float(before[0]) > 10 * tau * float(r3[0])  # the dead channel was far out
+  chex.assert_trees_all_close(f[5], 1.0)
+  inside = np.asarray(before <= tau * r3) & np.asarray(bounded)
+  if not smooth:
+    chex.assert_trees_all_close(f[inside], jnp.ones(int(inside.sum())))
+  else:
+    assert np.all(np.asarray(f[bounded]) < 1.0)
+
+
+def test_branch_bound_passes_gradients():
+  s3, k3, s1, k1, s_id = _branch_inputs()
+
+  def loss(s1, s_id):
+    b1, b_id = branch_bound(s3, k3, s1, k1, s_id, 1.5, True)
+    return jnp.sum(b1) + jnp.sum(b_id ** 2)
+
+  g1, g_id = jax.grad(loss, argnums=(0, 1))(s1, s_id)
+  chex.assert_tree_all_finite((g1, g_id))
+  assert np.all(np.asarray(g_id) != 0)
+
+
+def test_branch_form_bounds_every_merged_channel_and_merges_exactly():
+  net = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  tau = 2.0
+  model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="branch", oabn_tau=tau)
+  v = random_variables(model, x, tiny_var_channels=2)
+  _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])  # the train-form forward runs
+  v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+  deploy = RepVGG(net, num_classes=5, deploy=True)
+  assert rel_err(model.apply(v, x), deploy.apply(rv.merge(v), x)) <= 1e-5
+  for name, p in v["params"].items():
+    if "conv_kxk" not in p:
+      continue
+    parts = rv.reparam.block_branches(p, v["batch_stats"][name])
+    extra = parts["1x1"][0] + (parts["identity"][0] if "identity" in parts else 0.0)
+    k3 = parts["3x3"][0].reshape(-1, extra.shape[-1])
+    r3 = np.sqrt(np.mean(np.asarray(k3) ** 2, axis=0))
+    peak = np.abs(np.asarray(extra)).reshape(-1, extra.shape[-1]).max(axis=0)
+    assert np.all(peak <= tau * r3 * (1 + 1e-5)), name
+  bn = {n: outlier_stats(w)["summary"]["max_over_std"] for n, w in
+        (("bn", random_variables(RepVGG(net, num_classes=5), x, tiny_var_channels=2)),
+         ("branch", v))}
+  assert bn["bn"] > 3 * bn["branch"], bn
+
+
+def test_check_settings_names_the_stored_and_the_configured_value():
+  net = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
+  x = jnp.zeros((1, 16, 16, 3))
+  median = RepVGG(net, num_classes=3, norm="oabn", oabn_tau=4.0)
+  v = random_variables(median, x)
+  check_settings(median, v)
+  with pytest.raises(ValueError, match=r"bn/tau=4\.0 \(and 9 more\) but the model "
+                                       r"config says 2\.0"):
+    check_settings(RepVGG(net, num_classes=3, norm="oabn", oabn_tau=2.0), v)
+  with pytest.raises(ValueError, match=r"tau=4\.0 \(and 9 more\) but the model \(norm='bn'.*has no such"):
+    check_settings(RepVGG(net, num_classes=3), v)
+  branch = RepVGG(net, num_classes=3, norm="oabn", oabn_form="branch", oabn_tau=3.0)
+  with pytest.raises(ValueError, match=r"records \['bound_smooth', 'bound_tau'\] in "
+                                       r"batch_stats but the variables have none"):
+    check_settings(branch, v)
+  vb = random_variables(branch, x)
+  check_settings(branch, vb)
+  with pytest.raises(ValueError, match=r"bound_tau=3\.0 \(and 4 more\) but the model config says 1\.5"):
+    check_settings(RepVGG(net, num_classes=3, norm="oabn", oabn_form="branch", oabn_tau=1.5), vb)
 
 
 @pytest.mark.parametrize("mode", ["clip", "tanh"])

@@ -13,8 +13,13 @@ from _util import random_variables, rel_err
 
 # A tiny network with every kind of block: strides 1/2, identity, g2 groups, SE.
 TINY = Variant((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, se=True)
-OABN_SETTINGS = [dict(oabn_bound=b, oabn_relative=r, oabn_tau=t)
-                 for b in ("clip", "tanh") for r, t in ((True, 1.5), (False, 0.8))]
+# Every norm / block / OABN form and bound the model has.
+SETTINGS = ([dict(norm="bn")]
+            + [dict(norm="oabn", oabn_bound=b, oabn_relative=r, oabn_tau=t)
+               for b in ("clip", "tanh") for r, t in ((True, 1.5), (False, 0.8))]
+            + [dict(norm="oabn", oabn_form="branch", oabn_bound=b, oabn_tau=t)
+               for b, t in (("clip", 1.0), ("tanh", 2.0))]
+            + [dict(norm="bn", block="qarepvgg"), dict(norm="oabn", block="qarepvgg")])
 
 
 def _images(size, n=2, seed=1):
@@ -40,9 +45,9 @@ def test_merge_is_exact_for_every_variant(name):
 class MergeTinyTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(size=(32, 33), norm=("bn",) + tuple(range(len(OABN_SETTINGS))))
-  def test_merge_exact_all_block_kinds(self, size, norm):
-    kw = dict(norm="bn") if norm == "bn" else dict(norm="oabn", **OABN_SETTINGS[norm])
+  @parameterized.product(size=(32, 33), setting=tuple(range(len(SETTINGS))))
+  def test_merge_exact_all_block_kinds(self, size, setting):
+    kw = SETTINGS[setting]
     x = _images(size)
     model = RepVGG(TINY, num_classes=7, **kw)
     v = random_variables(model, x, tiny_var_channels=1)
@@ -133,3 +138,16 @@ def test_merge_names_misshaped_and_odd_variables():
     rv.merge({**_tiny_variables(), "quant": {}})
   with pytest.raises(ValueError, match="'params' collection"):
     rv.merge({"batch_stats": {}})
+
+
+def test_qarepvgg_merge_refuses_a_bn_on_its_bare_branches():
+  model = RepVGG(TINY, num_classes=3, block="qarepvgg")
+  v = random_variables(model, _images(8))
+  v["params"]["stages_1_1"]["identity"] = {"scale": jnp.ones(32), "bias": jnp.zeros(32)}
+  with pytest.raises(ValueError, match=r"QARepVGG block params/stages_1_1 \(it has post_bn\) "
+                                       r"has params/stages_1_1/identity"):
+    rv.merge(v)
+  v = random_variables(model, _images(8))
+  del v["batch_stats"]["stages_1_1"]["post_bn"]
+  with pytest.raises(ValueError, match="missing variable batch_stats/stages_1_1/post_bn"):
+    rv.merge(v)

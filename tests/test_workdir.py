@@ -63,6 +63,21 @@ def test_changed_qat_config_keeps_fp_and_names_qat_fields(run):
   assert "qat (quant.bits: 4 -> 3)" in str(e.value) and "fp (" not in str(e.value)
 
 
+def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(run, tmp_path):
+  # A workdir from before a config field existed (its record lacks the field).
+  dest = _copy(run, tmp_path)
+  path = os.path.join(dest, "checkpoints", "fp.json")
+  with open(path) as f:
+    record = json.load(f)
+  del record["config"]["model.block"]
+  atomic_write_text(path, json.dumps(record))
+  pipeline.run(tiny.tiny_config(), dest)  # resumes: model.block is at its default
+  cfg = tiny.tiny_config()
+  cfg.model.block = "qarepvgg"  # and the record now holds the field
+  with pytest.raises(workdir_lib.StaleWorkdir, match=r"model.block: 'repvgg' -> 'qarepvgg'"):
+    pipeline.run(cfg, dest)
+
+
 def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
   a, b = tiny.tiny_config(), tiny.tiny_config()
   b.fp.checkpoint_every, b.qat.keep, b.log_every, b.eval_batch_size = 3, 5, 1, 8

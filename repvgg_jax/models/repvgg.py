@@ -10,6 +10,10 @@ Layout: inputs NHWC, kernels HWIO. Parameter tree (train form)::
     se/{down,up}            squeeze-excitation (D2se only)
   head/                     dense classifier            (official: linear)
 
+QARepVGG blocks (``block="qarepvgg"``) hold ``conv_kxk/{conv,bn}``,
+``conv_1x1/kernel`` (a bare conv) and ``post_bn`` (the BN after the sum), and
+record ``batch_stats/<block>/identity_gain`` where the block has an identity.
+
 Deploy form: each block is ``reparam_conv/{kernel,bias}`` (+ ``se``); see
 :func:`repvgg_jax.merge`. Names follow timm's roles (``conv_kxk``,
 ``conv_1x1``, ``identity``); ``repvgg_jax.convert`` maps both naming schemes.
@@ -19,18 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from repvgg_jax.nn import conv as conv_lib
 from repvgg_jax.nn.act_quant import ActQuant
-from repvgg_jax.nn.oabn import BOUNDS, OABN
-from repvgg_jax.reparam import BN_EPSILON
+from repvgg_jax.nn.oabn import BOUND_KEYS, BOUNDS, BRANCH_KEYS, FORMS, OABN, branch_bound
+from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
+# Train-form block: RepVGG's (a BN per branch) or QARepVGG's (one BN after the sum).
+STYLES = ("repvgg", "qarepvgg")
 # "auto": matmuls for convs with tiny output maps on CPU (``nn/conv.py``); "xla": lax conv.
 CONV_IMPLS = ("auto", "xla")
 # PyTorch's default BN momentum 0.1 is Flax's 0.9.
@@ -93,10 +100,16 @@ class ConvBN(nn.Module):
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.features, self.kernel, self.strides, self.groups, False,
-              self.dtype, "conv", self.conv_impl)(x)
-    return self.norm(name="bn")(x, use_running_average=not train)
+  def __call__(self, x: jax.Array, train: bool, raw: bool = False) -> Any:
+    """The branch's output; ``raw=True``: ``(conv(x) - mean, s, beta, kernel)``
+    (float32, ``s`` unbounded, see :class:`OABN`) for a block that bounds ``s``."""
+    conv = _conv(self.features, self.kernel, self.strides, self.groups, False,
+                 self.dtype, "conv", self.conv_impl)
+    bn = self.norm(name="bn")
+    if not raw:
+      return bn(conv(x), use_running_average=not train)
+    return (*bn(conv(x), use_running_average=not train, raw=True),
+            conv.variables["params"]["kernel"])
 
 
 class SqueezeExcite(nn.Module):
@@ -114,9 +127,14 @@ class SqueezeExcite(nn.Module):
 
 
 class RepVGGBlock(nn.Module):
-  """3x3+BN, 1x1+BN and identity BN summed (train form), or one 3x3 conv
-  with bias (deploy form, its input fake-quantized when ``act_bits``); then
-  optional SE, then ReLU."""
+  """Train form: 3x3+BN, 1x1+BN and identity BN summed (``style="repvgg"``), or
+  3x3+BN, bare 1x1 conv and bare identity summed, then one BN
+  (``style="qarepvgg"``, arXiv 2212.01593); deploy form: one 3x3 conv with bias
+  (its input fake-quantized when ``act_bits``). Then optional SE, then ReLU.
+
+  ``branch_bound=(tau, smooth)``: OABN's ``branch`` form, the 1x1 and identity
+  scales bounded per channel by :func:`repvgg_jax.nn.oabn.branch_bound`.
+  """
   features: int
   strides: int
   groups: int
@@ -127,6 +145,8 @@ class RepVGGBlock(nn.Module):
   conv_impl: str = "auto"
   act_bits: int = 0
   act_signed: bool = False
+  style: str = "repvgg"
+  branch_bound: tuple[float, bool] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -136,15 +156,43 @@ class RepVGGBlock(nn.Module):
       y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
                 "reparam_conv", self.conv_impl)(x)
     else:
-      branch = functools.partial(ConvBN, self.features, strides=self.strides,
-                                 groups=self.groups, norm=self.norm, dtype=self.dtype,
-                                 conv_impl=self.conv_impl)
-      y = branch(3, name="conv_kxk")(x, train) + branch(1, name="conv_1x1")(x, train)
-      if x.shape[-1] == self.features and self.strides == 1:
-        y = y + self.norm(name="identity")(x, use_running_average=not train)
+      y = self._branches(x, train)
     if self.se:
       y = SqueezeExcite(dtype=self.dtype, name="se")(y)
     return nn.relu(y)
+
+  def _branches(self, x: jax.Array, train: bool) -> jax.Array:
+    """The train form's sum of branches (before SE and ReLU)."""
+    branch = functools.partial(ConvBN, self.features, strides=self.strides, groups=self.groups,
+                               norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl)
+    has_id = x.shape[-1] == self.features and self.strides == 1
+    if self.style == "qarepvgg":
+      y = branch(3, name="conv_kxk")(x, train) + _conv(
+          self.features, 1, self.strides, self.groups, False, self.dtype, "conv_1x1",
+          self.conv_impl)(x)
+      if has_id:
+        # The identity's gain, recorded for merge (which cannot see strides).
+        self.variable("batch_stats", IDENTITY_GAIN, lambda: jnp.float32(1.0))
+        y = y + x
+      return self.norm(name="post_bn")(y, use_running_average=not train)
+    if self.branch_bound is None:
+      y = branch(3, name="conv_kxk")(x, train) + branch(1, name="conv_1x1")(x, train)
+      if has_id:
+        y = y + self.norm(name="identity")(x, use_running_average=not train)
+      return y
+    tau, smooth = self.branch_bound
+    for k, v in zip(BRANCH_KEYS, (jnp.float32(tau), jnp.bool_(smooth))):
+      self.variable("batch_stats", k, lambda v=v: v)
+    z3, s3, b3, k3 = branch(3, name="conv_kxk")(x, train, raw=True)
+    z1, s1, b1, k1 = branch(1, name="conv_1x1")(x, train, raw=True)
+    zi = si = bi = None
+    if has_id:
+      zi, si, bi = self.norm(name="identity")(x, use_running_average=not train, raw=True)
+    s1, si = branch_bound(s3, k3, s1, k1, si, tau, smooth)
+    y = z3 * s3 + b3 + (z1 * s1 + b1)
+    if has_id:
+      y = y + (zi * si + bi)
+    return y.astype(self.dtype or x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +210,13 @@ class RepVGG(nn.Module):
     variant: the zoo row (depths, widths, groups, SE).
     num_classes: size of the dense head.
     norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
-    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``nn/oabn.py``).
+    block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
+      2212.01593: bare 1x1 conv and identity, one BN after the sum).
+    oabn_form: ``"median"`` (each BN bounds its scales) or ``"branch"`` (each
+      block bounds its 1x1 and identity taps per channel; ``block="repvgg"``).
+    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``nn/oabn.py``);
+      ``oabn_tau`` is the multiple of the layer's median ``|s|`` (``median``)
+      or of the channel's 3x3 rms (``branch``).
     deploy: single-conv deploy form (the output of :func:`repvgg_jax.merge`).
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
@@ -179,6 +233,8 @@ class RepVGG(nn.Module):
   variant: Variant
   num_classes: int = 1000
   norm: str = "bn"
+  block: str = "repvgg"
+  oabn_form: str = "median"
   oabn_bound: str = "tanh"
   oabn_tau: float = 4.0
   oabn_relative: bool = True
@@ -193,8 +249,14 @@ class RepVGG(nn.Module):
       return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                dtype=self.dtype)
     return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             bound=self.oabn_bound, tau=self.oabn_tau,
+                             form=self.oabn_form, bound=self.oabn_bound, tau=self.oabn_tau,
                              relative=self.oabn_relative, dtype=self.dtype)
+
+  def branch_bound(self) -> tuple[float, bool] | None:
+    """``(tau, smooth)`` of OABN's ``branch`` form, None for every other model."""
+    if self.norm == "oabn" and self.oabn_form == "branch":
+      return self.oabn_tau, self.oabn_bound == "tanh"
+    return None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -206,9 +268,11 @@ class RepVGG(nn.Module):
       raise ValueError(f"conv_impl={self.conv_impl!r}: expected one of {CONV_IMPLS}")
     if self.act_bits and not self.deploy:
       raise ValueError(f"act_bits={self.act_bits}: activation quantization needs deploy=True")
+    _check_options(self.norm, self.block, self.oabn_form)
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
                               norm=self._norm_factory(), dtype=self.dtype,
-                              conv_impl=self.conv_impl, act_bits=self.act_bits)
+                              conv_impl=self.conv_impl, act_bits=self.act_bits,
+                              style=self.block, branch_bound=self.branch_bound())
     x = x.astype(self.dtype) if self.dtype is not None else x
     for b in self.blocks():
       x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
@@ -234,6 +298,80 @@ class RepVGG(nn.Module):
     return out
 
 
+def _check_options(norm: str, block: str, oabn_form: str) -> None:
+  if norm not in NORMS:
+    raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+  if block not in STYLES:
+    raise ValueError(f"block={block!r}: expected one of {STYLES}")
+  if oabn_form not in FORMS:
+    raise ValueError(f"oabn_form={oabn_form!r}: expected one of {FORMS}")
+  if norm == "oabn" and oabn_form == "branch" and block != "repvgg":
+    raise ValueError(f"oabn_form='branch' bounds the 1x1 and identity BNs of a RepVGG block; "
+                     f"block={block!r} has none (use oabn_form='median' or block='repvgg')")
+
+
+def expected_records(model: RepVGG) -> dict[str, Any]:
+  """The settings a train-form ``model`` records in its ``batch_stats`` (OABN
+  bounds, QARepVGG identity gains), per entry name, as :func:`check_settings` compares them."""
+  out = {}
+  if model.norm == "oabn" and model.oabn_form == "median":
+    out.update(zip(BOUND_KEYS, (model.oabn_tau, model.oabn_relative, model.oabn_bound == "tanh")))
+  if model.branch_bound() is not None:
+    out.update(zip(BRANCH_KEYS, model.branch_bound()))
+  if model.block == "qarepvgg":
+    out[IDENTITY_GAIN] = 1.0
+  return out
+
+
+def check_settings(model: RepVGG, variables: Any) -> None:
+  """Raises ValueError when ``variables`` (e.g. a restored checkpoint) were made
+  by a model whose norm/bound settings differ from ``model``'s.
+
+  The forward pass uses ``model``'s attributes while :func:`repvgg_jax.merge`
+  reads the settings recorded in ``batch_stats``: they must agree. The error
+  names each disagreeing entry with the stored and the configured value.
+  Deploy-form ``model``s (no ``batch_stats``) pass.
+  """
+  if model.deploy:
+    return
+  want = expected_records(model)
+  bad: dict[tuple[str, Any], list[str]] = {}  # (entry, stored value) -> paths
+  found = set()
+
+  def walk(tree: Any, path: tuple[str, ...]) -> None:
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        walk(v, path + (k,))
+      elif k in (*BOUND_KEYS, *BRANCH_KEYS, IDENTITY_GAIN):
+        found.add(k)
+        stored = np.asarray(v).item()
+        if k not in want or not np.isclose(stored, want[k]):
+          bad.setdefault((k, stored), []).append("/".join(("batch_stats",) + path + (k,)))
+
+  walk(variables.get("batch_stats", {}) if isinstance(variables, Mapping) else {}, ())
+  problems = []
+  for (k, stored), paths in bad.items():
+    where = f"{paths[0]}={stored!r}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1
+                                         else "")
+    problems.append(f"{where} but the model config says {want[k]!r}" if k in want
+                    else f"{where} but the model ({_describe(model)}) has no such setting")
+  missing = sorted(set(want) - found)
+  if missing:
+    problems.append(f"the model ({_describe(model)}) records {missing} in batch_stats but the "
+                    "variables have none")
+  if problems:
+    raise ValueError("variables made with other norm settings than the model's: "
+                     + "; ".join(problems))
+
+
+def _describe(model: RepVGG) -> str:
+  if model.norm == "bn":
+    return f"norm='bn', block={model.block!r}"
+  return (f"norm='oabn', block={model.block!r}, oabn_form={model.oabn_form!r}, "
+          f"oabn_tau={model.oabn_tau}, oabn_bound={model.oabn_bound!r}, "
+          f"oabn_relative={model.oabn_relative}")
+
+
 def _canonical(name: str) -> str:
   return name.lower().replace("repvgg", "").strip("-_ ")
 
@@ -256,7 +394,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
     num_classes: classifier width.
     norm: ``"bn"`` or ``"oabn"``.
     deploy: the merged single-conv form.
-    **kwargs: other :class:`RepVGG` fields: ``oabn_bound``, ``oabn_tau``,
+    **kwargs: other :class:`RepVGG` fields: ``block``, ``oabn_form``, ``oabn_bound``, ``oabn_tau``,
       ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.
   """
   key = _canonical(name) if isinstance(name, str) else None
@@ -266,8 +404,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
-  if norm not in NORMS:
-    raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+  _check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "median"))
   if not (isinstance(num_classes, int) and num_classes > 0):
     raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
   bound = kwargs.get("oabn_bound", "tanh")

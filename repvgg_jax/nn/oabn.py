@@ -7,24 +7,29 @@ multiplies every kernel by ``s``) carry no outliers.
 This is our reconstruction of the OABN of "Outlier-Aware Training for Low-Bit
 Quantization of Structural Re-Parameterized Networks" (arXiv 2402.07200) from
 its abstract; the paper's exact formula is not public. The choices are
-options:
+options (docs/oabn.md derives them and gives the numbers):
 
-* ``bound="clip"``: ``s -> clip(s, -tau, tau)``. Channels inside the bound
-  are untouched; a clipped channel's ``gamma`` gets no gradient through the
-  scale (its ``beta`` still does).
-* ``bound="tanh"``: ``s -> tau * tanh(s / tau)``. Smooth, strictly
-  monotone, gradient everywhere; shrinks every channel a little
-  (by 1 - tanh(r)/r for ``r = s / tau``, ~1.3% at ``r = 0.2``).
-* ``relative=False``: ``tau`` is an absolute bound.
-* ``relative=True``: the bound is ``tau * median(|s|)`` over the layer's
-  channels, so it adapts to the layer's own scale. The median is taken under
-  ``stop_gradient``: it sets the threshold, it is not itself trained.
+* ``form="median"``: each BN bounds its own scales,
+  ``|s| <= tau * median(|s|)`` over the layer's channels (``relative=True``)
+  or ``|s| <= tau`` (``relative=False``), see :func:`bound`.
+* ``form="branch"``: the block bounds, per output channel, the taps the 1x1
+  and identity branches add to the centre of the merged kernel relative to the
+  3x3 branch's spread in the same channel, see :func:`branch_bound`. The BN
+  layers themselves are then plain BNs (:class:`OABN` with ``form="branch"``
+  hands the block its raw scale).
+* ``bound="clip"``: hard, a clipped channel's gradient through the scale is 0;
+  ``bound="tanh"``: ``t * tanh(x / t)``, smooth, gradient everywhere, shrinks
+  every value a little (by ``1 - tanh(r)/r``, ~1.3% at ``r = x / t = 0.2``).
 
-The same :func:`bound` is used in the training forward pass (batch
-statistics), in eval (running statistics) and in :func:`repvgg_jax.merge`
-(running statistics), so the merge is exact. The bound's settings are stored
-in the ``batch_stats`` collection next to ``mean`` and ``var`` (``tau``,
-``relative``, ``smooth``), so a checkpoint alone merges correctly.
+Thresholds are taken under ``stop_gradient``: they are set by the weights,
+not trained. The same functions run in the training forward pass (batch
+statistics), in eval and in :func:`repvgg_jax.merge` (running statistics), so
+the merge is exact. The settings come from the module's attributes (the model
+config); a copy is stored in ``batch_stats`` (``tau``, ``relative``,
+``smooth`` per BN for ``median``; ``bound_tau``, ``bound_smooth`` per block for
+``branch``) so that a checkpoint alone merges, and
+:func:`repvgg_jax.models.repvgg.check_settings` refuses variables whose copy
+disagrees with the model.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 BOUNDS = ("clip", "tanh")
-# Keys OABN adds to flax.linen.BatchNorm's batch_stats ("mean", "var").
+FORMS = ("median", "branch")
+# Keys OABN adds to flax.linen.BatchNorm's batch_stats ("mean", "var") with form="median".
 BOUND_KEYS = ("tau", "relative", "smooth")
+# Keys a block with form="branch" keeps in its own batch_stats.
+BRANCH_KEYS = ("bound_tau", "bound_smooth")
 
 
 def bound_threshold(s: jax.Array, tau: jax.Array, relative: jax.Array) -> jax.Array:
@@ -54,21 +62,65 @@ def bound_threshold(s: jax.Array, tau: jax.Array, relative: jax.Array) -> jax.Ar
   return jnp.where(relative, tau * median, tau)
 
 
-def bound(s: jax.Array, stats: Mapping[str, Any]) -> jax.Array:
-  """Bounds per-channel scales ``s`` with the settings stored in ``stats``.
+def _limit(x: jax.Array, t: jax.Array, smooth: jax.Array) -> jax.Array:
+  """``clip(x, -t, t)`` or ``t * tanh(x / t)``; ``t == 0`` gives 0 (both forms)."""
+  safe_t = jnp.where(t > 0, t, 1.0)
+  return jnp.where(smooth, jnp.where(t > 0, safe_t * jnp.tanh(x / safe_t), 0.0),
+                   jnp.clip(x, -t, t))
 
-  ``stats`` is an OABN ``batch_stats`` dict (``tau``, ``relative``,
-  ``smooth``); a plain BatchNorm's stats (without them) leave ``s`` as is.
-  Jit-able: the settings may be traced values.
+
+def bound(s: jax.Array, stats: Mapping[str, Any]) -> jax.Array:
+  """Bounds per-channel scales ``s`` with the ``median`` settings in ``stats``.
+
+  ``stats`` holds ``tau``, ``relative`` and ``smooth`` (an OABN's
+  ``batch_stats``, or the settings of its attributes); without them (a plain
+  BatchNorm's stats) ``s`` is returned as is. Jit-able: the settings may be
+  traced values.
   """
   if "tau" not in stats:
     return s
-  t = bound_threshold(s, stats["tau"], stats["relative"])
-  clipped = jnp.clip(s, -t, t)
-  # Guard t == 0 (a layer of all-zero gammas): tanh form degenerates to 0.
-  safe_t = jnp.where(t > 0, t, 1.0)
-  smooth = jnp.where(t > 0, safe_t * jnp.tanh(s / safe_t), 0.0)
-  return jnp.where(stats["smooth"], smooth, clipped)
+  return _limit(s, bound_threshold(s, stats["tau"], stats["relative"]), stats["smooth"])
+
+
+def branch_bound(s3: jax.Array, k3: jax.Array, s1: jax.Array, k1: jax.Array,
+                 s_id: jax.Array | None, tau: Any, smooth: Any) -> tuple[jax.Array, Any]:
+  """The ``branch`` bound: the scales of the 1x1 and identity branches, shrunk
+  per output channel so that the taps they add to the merged kernel's centre
+  stay within ``tau`` times the 3x3 branch's rms in the same channel.
+
+  For output channel ``o`` (HWIO kernels, ``i`` over ``Cin/groups``)::
+
+    r3[o]   = rms(s3[o] * K3[..., o])                       (stop_gradient)
+    e[i, o] = s1[o] * K1[0, 0, i, o] + s_id[o] * [i == o % (Cin/groups)]
+    m[o]    = max_i |e[i, o]|
+    f[o]    = limit(m[o], tau * r3[o]) / m[o]               (1 where m = 0)
+    s1'     = f * s1;   s_id' = f * s_id
+
+  ``limit`` is the clip or tanh of :func:`bound`. One factor per channel for
+  both branches keeps their ratio (and the direction of their sum); the
+  merged centre tap is then at most ``|s3 K3 centre| + tau * r3``, so the
+  channel's max/rms is bounded by the 3x3 branch's own plus ``tau``. A channel
+  whose 3x3 branch is all zero has no reference and is left unbounded.
+
+  Args:
+    s3, s1: ``(C,)`` raw scales of the 3x3 and 1x1 BNs.
+    k3, k1: the 3x3 and 1x1 HWIO kernels.
+    s_id: ``(C,)`` raw scale of the identity BN, or None (no identity branch).
+    tau, smooth: the bound's multiple and clip (False) or tanh (True).
+  Returns:
+    ``(s1', s_id')`` (``s_id'`` None when ``s_id`` is).
+  """
+  cin_g, cout = k1.shape[2:]
+  r3 = jax.lax.stop_gradient(
+      jnp.abs(s3) * jnp.sqrt(jnp.mean(jnp.square(k3.astype(jnp.float32)), axis=(0, 1, 2))))
+  taps = s1 * k1[0, 0].astype(jnp.float32)
+  if s_id is not None:
+    taps = taps + s_id * (jnp.arange(cin_g)[:, None] == jnp.arange(cout) % cin_g)
+  m = jnp.max(jnp.abs(taps), axis=0)
+  t = tau * r3
+  safe_m = jnp.where(m > 0, m, 1.0)
+  f = jnp.where((m > 0) & (t > 0), _limit(m, t, smooth) / safe_m, 1.0)
+  return s1 * f, (None if s_id is None else s_id * f)
 
 
 def scale_shift(params: Mapping[str, Any], stats: Mapping[str, Any],
@@ -85,17 +137,19 @@ class OABN(nn.Module):
   """BatchNorm with a bounded effective scale, over the last axis (NHWC).
 
   Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}`` as in
-  :class:`flax.linen.BatchNorm`, plus ``batch_stats/{tau,relative,smooth}``
-  (scalars holding the bound's settings; initialised from the attributes
-  below, then read from the variables, which win).
+  :class:`flax.linen.BatchNorm`; with ``form="median"`` also
+  ``batch_stats/{tau,relative,smooth}``, scalars recording the bound's
+  settings for :func:`repvgg_jax.merge` (the forward pass uses the attributes).
 
   Attributes:
     use_running_average: eval mode (running statistics) when True.
     momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
     epsilon: added to the variance.
+    form: ``"median"`` (this layer bounds its scales) or ``"branch"`` (it does
+      not: the RepVGG block bounds them, see :func:`branch_bound`).
     bound: ``"clip"`` or ``"tanh"``.
     tau: the bound, or its multiple of the layer's median ``|s|`` when
-      ``relative``.
+      ``relative`` (``median`` form only).
     relative: see ``tau``.
     dtype: output dtype (statistics are always computed in float32).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -103,6 +157,7 @@ class OABN(nn.Module):
   use_running_average: bool | None = None
   momentum: float = 0.9
   epsilon: float = 1e-5
+  form: str = "median"
   bound: str = "tanh"
   tau: float = 4.0
   relative: bool = True
@@ -112,14 +167,27 @@ class OABN(nn.Module):
   bias_init: Any = nn.initializers.zeros
 
   def __post_init__(self):
+    if self.form not in FORMS:
+      raise ValueError(f"OABN form={self.form!r}: expected one of {FORMS}")
     if self.bound not in BOUNDS:
       raise ValueError(f"OABN bound={self.bound!r}: expected one of {BOUNDS}")
     if not self.tau > 0:
       raise ValueError(f"OABN tau={self.tau!r}: must be > 0")
     super().__post_init__()
 
+  def settings(self) -> dict[str, jax.Array]:
+    """The ``median`` bound's settings from the attributes, as :func:`bound` takes them."""
+    return {"tau": jnp.asarray(self.tau, jnp.float32), "relative": jnp.asarray(self.relative),
+            "smooth": jnp.asarray(self.bound == "tanh")}
+
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               raw: bool = False) -> Any:
+    """``y = (x - mean) * s + beta`` (``s`` bounded with ``form="median"``).
+
+    ``raw=True`` returns the pieces instead, float32: ``(x - mean, s, beta)``
+    with ``s`` the unbounded scale (the ``branch`` form's block bounds it).
+    """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
@@ -127,14 +195,11 @@ class OABN(nn.Module):
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    settings = {
-        "tau": self.variable("batch_stats", "tau",
-                             lambda: jnp.asarray(self.tau, jnp.float32)).value,
-        "relative": self.variable("batch_stats", "relative",
-                                  lambda: jnp.asarray(self.relative)).value,
-        "smooth": self.variable("batch_stats", "smooth",
-                                lambda: jnp.asarray(self.bound == "tanh")).value,
-    }
+    settings = {}
+    if self.form == "median":
+      settings = self.settings()
+      for k, v in settings.items():
+        self.variable("batch_stats", k, lambda v=v: v)
 
     x32 = x.astype(jnp.float32)
     if use_running_average:
@@ -147,7 +212,9 @@ class OABN(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
 
-    s = bound(scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon), settings)
+    s = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
     # (x - mean) * s, not x * s - mean * s: no cancellation when |mean| >> std.
-    y = (x32 - mean) * s + bias.astype(jnp.float32)
+    if raw:
+      return x32 - mean, s, bias.astype(jnp.float32)
+    y = (x32 - mean) * bound(s, settings) + bias.astype(jnp.float32)
     return y.astype(self.dtype or x.dtype)

@@ -37,7 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "RepVGG-A0"          # a zoo name or "tiny" (blocks 1,1,1,1, widths 0.25)
   c.model.norm = "bn"                 # "bn" | "oabn"
+  c.model.block = "repvgg"            # "repvgg" | "qarepvgg" (one BN after the branch sum)
+  # OABN (docs/oabn.md): "median" bounds each BN's scales by oabn_tau x the layer's
+  # median; "branch" bounds each channel's 1x1 + identity centre taps by oabn_tau x
+  # the rms of its 3x3 branch.
+  c.model.oabn_form = "median"
   c.model.oabn_tau = 4.0
+  c.model.oabn_bound = "tanh"         # "tanh" (smooth) | "clip"
+  c.model.oabn_relative = True        # median form: tau x median (True) or tau itself
   c.model.cifar_stem = False          # stride 1 in the stem and stage 1, for 28-32 px inputs
   # Override the variant's blocks per stage / width multipliers (4 values each,
   # as the official RepVGG(num_blocks=..., width_multiplier=...)); () = the variant's.
@@ -113,6 +120,13 @@ def _stage_config() -> ml_collections.ConfigDict:
   s.weight_decay = 1e-4
   s.label_smoothing = 0.0
   s.grad_clip_norm = 0.0              # clip gradients to this global norm; 0 = off
+  # A penalty on the merged kernels added to the loss (repvgg_jax/penalties.py):
+  # "none" | "kure" (kurtosis, Shkolnik et al. 2020) | "channel_max" (OABN "merged":
+  # per-channel max/rms above the target); its weight, and its target (0 = the
+  # penalty's default: kure 1.8, channel_max 8).
+  s.penalty = "none"
+  s.penalty_weight = 0.0
+  s.penalty_target = 0.0
   s.checkpoint_every = 500
   s.keep = 2
   s.eval_every = 0                    # evaluate every N steps during the stage; 0 = only after it
@@ -158,11 +172,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       problems.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
-  from repvgg_jax.models.repvgg import list_models, _canonical
+  from repvgg_jax.models.repvgg import STYLES, list_models, _canonical
+  from repvgg_jax.nn.oabn import BOUNDS, FORMS
+  from repvgg_jax.penalties import PENALTIES
   names = {_canonical(n) for n in list_models()} | set(MODEL_NAMES_EXTRA)
   if _canonical(cfg.model.name) not in names:
     problems.append(f"model.name={cfg.model.name!r} not in {list_models() + ['tiny']}")
   enum("model.norm", cfg.model.norm, NORMS)
+  enum("model.block", cfg.model.block, STYLES)
+  enum("model.oabn_form", cfg.model.oabn_form, FORMS)
+  enum("model.oabn_bound", cfg.model.oabn_bound, BOUNDS)
+  positive("model.oabn_tau", cfg.model.oabn_tau)
+  if not isinstance(cfg.model.oabn_relative, bool):
+    problems.append(f"model.oabn_relative={cfg.model.oabn_relative!r} must be True or False")
+  if (cfg.model.norm, cfg.model.oabn_form, cfg.model.block) == ("oabn", "branch", "qarepvgg"):
+    problems.append("model.oabn_form='branch' needs model.block='repvgg' (a QARepVGG block "
+                    "has no 1x1 or identity BN to bound)")
   for f, kind in (("blocks", int), ("widths", (int, float))):
     v = cfg.model[f]
     ok = isinstance(v, (tuple, list)) and (len(v) == 0 or (len(v) == 4 and all(
@@ -230,6 +255,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
     positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)
+    enum(f"{stage}.penalty", s.penalty, PENALTIES)
+    positive(f"{stage}.penalty_weight", s.penalty_weight, zero_ok=True)
+    positive(f"{stage}.penalty_target", s.penalty_target, zero_ok=True)
+    if s.penalty != "none" and not s.penalty_weight:
+      problems.append(f"{stage}.penalty={s.penalty!r} needs {stage}.penalty_weight > 0")
     if not 0 <= s.momentum < 1:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:

@@ -19,13 +19,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import repvgg_jax
-from repvgg_jax import data
+from repvgg_jax import data, penalties
 from repvgg_jax.quant import make_quantizer
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
+from repvgg_jax.models.repvgg import check_settings
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
 from repvgg_jax.train.writers import create_writer
@@ -87,9 +88,15 @@ def load_variables(path: str, template: dict) -> dict:
                for k in sorted(set(want) & set(got)) if np.shape(got[k]) != np.shape(want[k])]
   if problems:
     raise ValueError(f"init_from={path!r} does not match the configured model "
-                     f"(model.name, model.norm, number of classes): " + "; ".join(problems))
+                     f"(model.name, model.norm, model.block, model.oabn_form, number of classes): " + "; ".join(problems))
   return traverse_util.unflatten_dict(
       {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
+
+
+def stage_penalty(stage_cfg: ml_collections.ConfigDict) -> tuple[Callable, float] | None:
+  """``(f, weight)`` of the stage's ``penalty`` for :func:`steps.make_train_step`, or None."""
+  f = penalties.make_penalty(stage_cfg.penalty, stage_cfg.penalty_target)
+  return None if f is None else (f, stage_cfg.penalty_weight)
 
 
 def _read(path: str) -> bytes:
@@ -201,7 +208,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     state = train_stage(
         "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
         train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
-                                         pixel_stats=pixels),
+                                         pixel_stats=pixels, penalty=stage_penalty(cfg.fp)),
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
         log_every=cfg.log_every, evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
@@ -209,6 +216,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   else:
     if cfg.init_from:
       variables = load_variables(cfg.init_from, template)
+      try:
+        check_settings(model, variables)
+      except ValueError as e:
+        raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
     else:
       logging.warning("fp.enabled=False and no init_from: using the random initialisation")
       variables = template
@@ -251,7 +262,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
       state = train_stage(
           "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
           train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
-                                           pixel_stats=pixels),
+                                           pixel_stats=pixels, penalty=stage_penalty(cfg.qat)),
           ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
           log_every=cfg.log_every, after_step=refit, evaluate=evaluate_with(eval_qat))
     else:

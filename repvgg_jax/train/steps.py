@@ -51,14 +51,18 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
 
 
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
-                    quantizer: Any = None, pixel_stats: PixelStats = None) -> Callable:
+                    quantizer: Any = None, pixel_stats: PixelStats = None,
+                    penalty: tuple[Callable, float] | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted; the state is donated.
 
   The batch is sharded over ``data`` and the state replicated, so the loss mean
   and BN batch statistics are over the global batch (cross-device BN for free).
   ``pixel_stats=(mean, std)`` (the loader's ``mean``/``std``): the batch holds uint8
-  images, normalized inside the step. Metrics: ``loss`` and ``accuracy`` (means over
-  the batch), ``grad_norm``, all scalars, left on device.
+  images, normalized inside the step. ``penalty=(f, weight)``: ``weight *
+  f({"params", "batch_stats"})`` is added to the loss (``repvgg_jax.penalties``; the
+  latent params, before any quantizer). Metrics: ``loss`` (with the penalty) and
+  ``accuracy`` (means over the batch), ``grad_norm``, ``penalty`` (unweighted, when
+  there is one), all scalars, left on device.
   """
   def step(state: TrainState, batch: dict[str, jax.Array]):
     images = model_input(batch["image"], pixel_stats)
@@ -66,13 +70,17 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
     def loss_fn(params, quant):
       logits, new_stats = _forward(state, params, quant, images, True, quantizer)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-      return loss, (logits, new_stats)
-    (loss, (logits, new_stats)), (grads, quant_grads) = jax.value_and_grad(
+      extra = {}
+      if penalty is not None:
+        extra["penalty"] = penalty[0]({"params": params, "batch_stats": state.batch_stats})
+        loss = loss + penalty[1] * extra["penalty"]
+      return loss, (logits, new_stats, extra)
+    (loss, (logits, new_stats, extra)), (grads, quant_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.quant)
     state = state.apply_gradients(grads=grads, quant_grads=quant_grads, batch_stats=new_stats)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-               "grad_norm": optax.tree_utils.tree_norm((grads, quant_grads))}
+               "grad_norm": optax.tree_utils.tree_norm((grads, quant_grads)), **extra}
     return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)

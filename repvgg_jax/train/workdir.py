@@ -21,6 +21,7 @@ from typing import Any
 from absl import logging
 
 from repvgg_jax.fileio import atomic_write_text
+from repvgg_jax.train.config import base_config
 
 STAGES = ("fp", "qat")
 # Fields that change how often a stage saves, not what it computes.
@@ -59,10 +60,15 @@ def fingerprint(cfg: Any, stage: str) -> dict[str, Any]:
           if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)}
 
 
-def _changes(old: dict, new: dict) -> list[str]:
+def _changes(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+  """The fields that differ; a field absent from ``old`` (a record written before
+  the field existed) is unchanged when ``new`` has its default (``defaults``)."""
   missing = "(absent)"
+  defaults = defaults or {}
   return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-          for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+          for k in sorted(set(old) | set(new))
+          if old.get(k, missing) != new.get(k, missing)
+          and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
 
 class Stages:
@@ -83,6 +89,7 @@ class Stages:
     self.workdir, self.write = workdir, write
     self.root = os.path.join(workdir, "checkpoints")
     self.fingerprints = {s: fingerprint(cfg, s) for s in STAGES}
+    self._defaults = {s: fingerprint(base_config(), s) for s in STAGES}
     self._running: dict[str, tuple[float, float]] = {}
     stale = self._stale(stages)
     if stale and not discard_stale:
@@ -118,7 +125,7 @@ class Stages:
         logging.warning("%s has no %s.json (written by an older version): its config "
                         "cannot be checked; resuming from it", self.ckpt_dir(stage), stage)
         continue
-      changed = _changes(record["config"], self.fingerprints[stage])
+      changed = _changes(record["config"], self.fingerprints[stage], self._defaults[stage])
       if changed or earlier_changed:
         stale.append((stage, changed))
       earlier_changed = earlier_changed or changed

@@ -1,0 +1,82 @@
+"""Training penalties on the merged kernels: KURE and OABN's ``merged`` form.
+
+Both act on what a deployment quantizer sees, the merged 3x3 kernel of each
+block, computed from the train-form variables by :func:`repvgg_jax.merge` (the
+merge is cheap and differentiable). The running statistics stand in for the
+batch's: gradients reach the kernels and BN ``gamma``/``beta``, not the
+variances (as in the official RepVGG's custom L2 of ``get_custom_L2``). A
+penalty changes training only; the model, its merge and its deploy form are
+those of the plain network.
+
+* ``kure``: kurtosis regularization (Shkolnik et al., "Robust Quantization:
+  One Model to Rule Them All", NeurIPS 2020), per merged kernel ``W_l``::
+
+    R = mean_l (kurt(W_l) - target)^2,   kurt = E[(w - mu)^4] / sigma^4
+
+  with ``target`` 1.8, the kurtosis of a uniform distribution (their choice).
+* ``channel_max`` (OABN ``merged``, our reconstruction): per output channel
+  ``o`` of each merged kernel, ``r = max|W[..., o]| / rms(W[..., o])`` (the
+  outlier a per-channel quantizer sees, as in
+  :func:`repvgg_jax.analysis.channel_outliers`)::
+
+    R = mean_l mean_o relu(r_lo - target)^2
+
+  with ``target`` (default 8) the ratio left free. Its gradient goes to the
+  channel's largest weight and, through the rms, to all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from repvgg_jax.reparam import merge
+
+PENALTIES = ("none", "kure", "channel_max")
+DEFAULT_TARGETS = {"kure": 1.8, "channel_max": 8.0}
+
+
+def merged_kernels(variables: Mapping[str, Any]) -> list[jax.Array]:
+  """The merged 3x3 kernel of every block (train-form variables are merged)."""
+  flat = traverse_util.flatten_dict(merge(variables)["params"])
+  return [v for k, v in flat.items() if k[-2:] == ("reparam_conv", "kernel")]
+
+
+def kurtosis(w: jax.Array) -> jax.Array:
+  """Pearson's kurtosis of all entries of ``w`` (3 for a Gaussian, 1.8 uniform)."""
+  z = w - jnp.mean(w)
+  m2 = jnp.mean(jnp.square(z))
+  return jnp.mean(jnp.square(jnp.square(z))) / jnp.maximum(jnp.square(m2), 1e-30)
+
+
+def channel_ratio(w: jax.Array) -> jax.Array:
+  """``max|w| / rms(w)`` per output channel of an HWIO kernel, ``(Cout,)``."""
+  w = w.reshape(-1, w.shape[-1])
+  return jnp.max(jnp.abs(w), axis=0) * jax.lax.rsqrt(
+      jnp.maximum(jnp.mean(jnp.square(w), axis=0), 1e-30))
+
+
+def kure(kernels: list[jax.Array], target: float) -> jax.Array:
+  return jnp.mean(jnp.stack([jnp.square(kurtosis(w) - target) for w in kernels]))
+
+
+def channel_max(kernels: list[jax.Array], target: float) -> jax.Array:
+  return jnp.mean(jnp.stack([jnp.mean(jnp.square(jax.nn.relu(channel_ratio(w) - target)))
+                             for w in kernels]))
+
+
+def make_penalty(name: str, target: float = 0.0) -> Callable[[Mapping[str, Any]], jax.Array] | None:
+  """``f(variables) -> scalar`` for penalty ``name`` (None for ``"none"``).
+
+  ``target`` 0 takes the penalty's default (:data:`DEFAULT_TARGETS`).
+  """
+  if name not in PENALTIES:
+    raise ValueError(f"penalty={name!r}: expected one of {PENALTIES}")
+  if name == "none":
+    return None
+  target = target or DEFAULT_TARGETS[name]
+  fn = {"kure": kure, "channel_max": channel_max}[name]
+  return lambda variables: fn(merged_kernels(variables), target)

@@ -1,0 +1,103 @@
+"""Penalties on merged kernels (KURE, channel max/rms): values, gradients, the train step."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import repvgg_jax as rv
+from repvgg_jax import analysis, penalties
+from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.train import config as config_lib
+from repvgg_jax.train import pipeline
+from _util import random_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # noqa: E402
+
+NET = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+
+
+def _variables(tiny_var_channels=2):
+  model = RepVGG(NET, num_classes=5)
+  x = jnp.zeros((1, 32, 32, 3))
+  return random_variables(model, x, tiny_var_channels=tiny_var_channels)
+
+
+def test_kurtosis_of_uniform_and_gaussian_samples():
+  rng = np.random.default_rng(0)
+  assert abs(float(penalties.kurtosis(jnp.asarray(rng.uniform(-1, 1, 200_000)))) - 1.8) < 0.02
+  assert abs(float(penalties.kurtosis(jnp.asarray(rng.standard_normal(200_000)))) - 3.0) < 0.05
+
+
+def test_channel_ratio_is_the_one_the_diagnostics_report():
+  v = _variables()
+  got = [np.asarray(penalties.channel_ratio(w)) for w in penalties.merged_kernels(v)]
+  want = [r["ratio"] for r in analysis.channel_outliers(v).values()]
+  assert sorted(float(g.max()) for g in got) == pytest.approx(
+      sorted(float(w.max()) for w in want), rel=1e-4)
+
+
+def test_channel_max_is_zero_below_the_target_and_positive_above():
+  w = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 3, 8, 4)), jnp.float32)
+  assert float(penalties.channel_max([w], 8.0)) == 0.0
+  w = w.at[1, 1, 0, 2].set(100.0)
+  ratio = float(penalties.channel_ratio(w)[2])
+  assert float(penalties.channel_max([w], 8.0)) == pytest.approx((ratio - 8.0) ** 2 / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kure", "channel_max"])
+def test_a_gradient_step_on_the_penalty_reduces_the_outliers(name):
+  v = _variables()
+  f = penalties.make_penalty(name)
+  before = f(v)
+  g = jax.grad(lambda p: f({"params": p, "batch_stats": v["batch_stats"]}))(v["params"])
+  norm = optax_norm(g)
+  assert np.isfinite(norm) and norm > 0
+  params = jax.tree.map(lambda p, d: p - 1e-2 * d / norm, v["params"], g)
+  after = f({"params": params, "batch_stats": v["batch_stats"]})
+  assert float(after) < float(before)
+
+
+def optax_norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
+
+
+def test_unknown_penalty_and_missing_weight_are_named():
+  with pytest.raises(ValueError, match="penalty='l2'"):
+    penalties.make_penalty("l2")
+  cfg = tiny.tiny_config()
+  cfg.fp.penalty = "kure"
+  with pytest.raises(config_lib.ConfigError, match=r"fp.penalty='kure' needs fp.penalty_weight"):
+    config_lib.validate(cfg)
+
+
+def test_fp_stage_logs_and_trains_with_the_penalty(tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.model.norm = "bn"
+  cfg.quant.method = "none"
+  cfg.fp.penalty, cfg.fp.penalty_weight = "channel_max", 0.1
+  report = pipeline.run(cfg, str(tmp_path))
+  assert report["config"]["fp"]["penalty"] == "channel_max"
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    logged = [json.loads(ln) for ln in f]
+  values = [m["fp/penalty"] for m in logged if "fp/penalty" in m]
+  assert values and all(np.isfinite(values)) and max(values) > 0
+
+
+def test_init_from_with_other_oabn_settings_names_both(tmp_path):
+  cfg = tiny.tiny_config()  # OABN, median form, tau 4
+  cfg.quant.method = "none"
+  pipeline.run(cfg, str(tmp_path / "fp"))
+  other = tiny.tiny_config()
+  other.model.oabn_tau = 2.0
+  other.init_from = str(tmp_path / "fp" / "checkpoints" / "fp")
+  with pytest.raises(ValueError, match=r"init_from=.*tau=4\.0 \(and \d+ more\) but the model "
+                                       r"config says 2\.0"):
+    pipeline.run(other, str(tmp_path / "qat"))
+  assert not os.path.exists(tmp_path / "qat" / "checkpoints" / "qat")
