@@ -65,6 +65,31 @@ def outlier_stats(variables: Mapping[str, Any]) -> dict[str, dict[str, float]]:
   return per_layer
 
 
+def zero_fraction(variables: Mapping[str, Any], bits: int,
+                  clipping: str = "minmax") -> dict[str, float]:
+  """Per merged block kernel: the fraction of its weights that a per-output-channel
+  uniform grid of ``bits`` (signed, ``repvgg_jax.quant.uniform``) rounds to zero.
+
+  With min-max clipping the step is ``max|w| / (2^(b-1) - 1)`` per channel, so a
+  weight survives only above half a step: at 2 bits (step = ``max|w|``) only
+  weights above ``max|w| / 2``, i.e. above ``ratio / 2`` times the channel's rms.
+  ``clipping="mse"`` takes the step of :func:`repvgg_jax.quant.uniform.mse_step`.
+  """
+  from repvgg_jax.quant import uniform
+  bits = uniform.check_uniform_bits(bits)
+  if clipping not in uniform.CLIPPINGS:
+    raise ValueError(f"clipping={clipping!r}: expected one of {uniform.CLIPPINGS}")
+  qmin, qmax = uniform.int_range(bits, True)
+  step_fn = uniform.minmax_step if clipping == "minmax" else uniform.mse_step
+  out = {}
+  for name, w in merged_kernels(variables).items():
+    w = np.asarray(w, np.float32)
+    step = np.asarray(step_fn(w, bits, per_channel=True))
+    k = np.asarray(uniform.int_values(w.reshape(-1, w.shape[-1]), step, qmin, qmax))
+    out[name] = float(np.mean(k == 0))
+  return out
+
+
 def plot_weight_histograms(named_variables: Mapping[str, Mapping[str, Any]], path: str | None = None,
                            *, bins: int = 200, log: bool = True):
   """Histograms of all merged-kernel weights, one panel per model, side by side.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repvgg_jax import merge
+from repvgg_jax import analysis, merge
 from repvgg_jax.analysis import (channel_outlier_summary, channel_outlier_table, channel_outliers,
                                  kernel_stats, merged_kernels, outlier_stats,
                                  plot_channel_outliers, plot_weight_histograms)
@@ -205,3 +205,18 @@ def test_channel_outliers_name_a_missing_variable():
     channel_outliers(v)
   with pytest.raises(ValueError, match="'params' collection"):
     channel_outliers({"batch_stats": {}})
+
+
+def test_zero_fraction_counts_weights_below_half_a_minmax_step():
+  # One channel: an outlier of 10 and 99 weights of 1. Min-max at 2 bits: step 10
+  # (qmax 1), so every 1 rounds to 0; at 4 bits step 10/7, 1/step = 0.7 -> 1.
+  w = np.ones((3, 3, 11, 1), np.float32)
+  w.reshape(-1)[0] = 10.0
+  v = {"params": {"stem": {"reparam_conv": {"kernel": w, "bias": np.zeros(1)}}}}
+  assert analysis.zero_fraction(v, 2)["stem"] == pytest.approx(98 / 99)
+  assert analysis.zero_fraction(v, 4)["stem"] == 0.0
+  assert analysis.zero_fraction(v, 2, "mse")["stem"] < 0.5  # MSE clips the outlier
+  with pytest.raises(ValueError, match="bits=1"):
+    analysis.zero_fraction(v, 1)
+  with pytest.raises(ValueError, match="clipping='max'"):
+    analysis.zero_fraction(v, 2, "max")
