@@ -1,0 +1,313 @@
+"""The Markdown and figures of the study (benchmarks/study.py) from its finished rows.
+
+Every number comes from the rows' ``report.json`` and ``metrics.jsonl`` and
+from the seed-0 FP checkpoints; ``±`` is the sample standard deviation over
+seeds (``ddof=1``), shown only where a row ran on more than one seed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import numpy as np
+
+from benchmarks import study_rows as sr
+from repvgg_jax.fileio import atomic_write, atomic_write_text
+
+MARKER = "<!-- findings: study v2 -->"
+COMPARED_TO_BN = ("cluster_w2a8", "cluster_w3a8", "w4a8_ptq_mse", "w8a8_ptq_minmax")
+CURVE_BITS = (2, 3, 4)
+
+
+def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
+  """``mean`` (times ``scale``), with ``± sample std`` (ddof=1) when there are several
+  values; an em dash for none."""
+  if len(values) == 0:
+    return "—"
+  v = scale * np.asarray(values, np.float64)
+  if len(v) == 1:
+    return f"{v[0]:.{digits}f}"
+  return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def collect(workdir: str, s: dict) -> tuple[dict, dict]:
+  """``({(quant, regime): {seed: report}}, {(quant, regime): diverged count})``."""
+  reports, diverged = {}, {}
+  for row in sr.make_rows(s["seeds"], s["regimes"]):
+    key = (row.quant, row.regime)
+    st = sr.status(workdir, row)
+    if st == "report":
+      reports.setdefault(key, {})[row.seed] = sr.read_json(
+          os.path.join(workdir, row.name, "report.json"))
+    elif st == "diverged":
+      diverged[key] = diverged.get(key, 0) + 1
+  return reports, diverged
+
+
+def accuracy(rep: dict, form: str) -> float | None:
+  return rep["forms"].get(form, {}).get("accuracy")
+
+
+def accuracies(reps: dict, form: str, seeds=None) -> list[float]:
+  """The ``form`` accuracies of ``{seed: report}`` (those of ``seeds`` if given)."""
+  return [a for seed, r in sorted(reps.items()) if seeds is None or seed in seeds
+          for a in [accuracy(r, form)] if a is not None]
+
+
+def eval_curve(row_dir: str, key: str = "fp/eval_accuracy") -> list[tuple[int, float]]:
+  """``(step, accuracy)`` of the stage's periodic evals in ``metrics.jsonl``."""
+  path = os.path.join(row_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = {}
+  with open(path) as f:
+    for ln in f:
+      try:
+        m = json.loads(ln)
+      except ValueError:  # a line cut by a kill
+        continue
+      if key in m:
+        out[int(m["step"])] = float(m[key])
+  return sorted(out.items())
+
+
+def convergence(workdir: str, regime: str, seeds) -> str:
+  """The FP eval accuracy (mean over ``seeds``) at the last two eval steps they share."""
+  curves = [dict(eval_curve(os.path.join(workdir, sr.Row(regime, "fp", s).name)))
+            for s in seeds]
+  curves = [c for c in curves if c]
+  if not curves:
+    return "—"
+  steps = sorted(set.intersection(*(set(c) for c in curves)))[-2:]
+  if not steps:
+    return "—"
+  acc = [100 * np.mean([c[t] for c in curves]) for t in steps]
+  text = " → ".join(f"{a:.2f} @{t}" for t, a in zip(steps, acc))
+  return text + (f" ({acc[1] - acc[0]:+.2f})" if len(acc) == 2 else "")
+
+
+def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
+  """Train-form variables of the seed-0 FP row of ``regime`` (None before it has a
+  checkpoint)."""
+  from repvgg_jax import data
+  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.state import build_model, init_variables
+  path = sr.fp_ckpt_dir(workdir, regime, 0)
+  if not os.path.isdir(path):
+    return None
+  cfg = sr.row_config(sr.Row(regime, "fp", 0), s, workdir)
+  loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
+  model = build_model(cfg.model, loader.num_classes, deploy=False)
+  try:
+    return pipeline.load_variables(path, init_variables(model, loader.image_shape, cfg.seed))
+  except FileNotFoundError:
+    return None
+
+
+def plot_accuracy_vs_bits(reports: dict, fp_acc: dict, regimes, path: str) -> None:
+  """Packed accuracy vs weight bits (A8) per regime, ClusterQAT solid and LSQ dashed,
+  the regime's merged FP accuracy dotted; error bars: sample std over seeds."""
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, g in enumerate(regimes):
+    c = colors[i % len(colors)]
+    if g in fp_acc:
+      ax.axhline(100 * fp_acc[g], color=c, ls=":", lw=0.9)
+    for method, ls, marker in (("cluster", "-", "o"), ("lsq", "--", "s")):
+      pts = [(b, accuracies(reports[(f"{method}_w{b}a8", g)], "packed"))
+             for b in CURVE_BITS if (f"{method}_w{b}a8", g) in reports]
+      if not pts:
+        continue
+      ax.errorbar([b for b, _ in pts], [100 * np.mean(v) for _, v in pts],
+                  yerr=[100 * np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts],
+                  color=c, ls=ls, marker=marker, capsize=3,
+                  label=f"{g} {'ClusterQAT' if method == 'cluster' else 'LSQ'}")
+  ax.set_xlabel("weight bits (activations 8 bits; stem/head 8 bits)")
+  ax.set_ylabel("top-1 accuracy of the packed model (%)")
+  ax.set_xticks(CURVE_BITS)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2, title="dotted: merged FP", title_fontsize=7)
+  fig.tight_layout()
+  atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+  plt.close(fig)
+
+
+def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str]:
+  s = study["settings"]
+  rows = sr.make_rows(s["seeds"], s["regimes"])
+  last = study["runs"][-1] if study["runs"] else sr.machine()
+  done = sum(sr.status(workdir, r) is not None for r in rows)
+  data = ("synthetic" if s["data_source"] == "synthetic" else
+          f"Fashion-MNIST ({s['data_source']})") + f", {s['image_size']} px, augment none, " \
+      f"train subset {s['train_subset'] or 'all'}"
+  regimes = "; ".join(f"`{g}`: " + ", ".join(f"{k}={v!r}" for k, v in
+                                             sr.regime_overrides(g, s).items())
+                      for g in s["regimes"])
+  kinds = {}
+  for r in rows:
+    t = sr.row_seconds(workdir, r) if sr.status(workdir, r) else None
+    if t is not None:
+      kinds.setdefault(r.kind, []).append(t)
+  return [
+      "## Setup", "",
+      f"- Command: `{last['command']}`",
+      f"- Dates: first run {study['runs'][0]['date'] if study['runs'] else '—'}, last run "
+      f"{last['date']}, report {datetime.datetime.now().isoformat(timespec='seconds')}",
+      f"- Machine: {last['nproc']} CPU cores (nproc), {last['cpu']}; JAX devices "
+      f"{last['devices']}; jax {last['jax']}, flax {last['flax']}, Python {last['python']}",
+      f"- Model: {s['model']}"
+      f"{' with blocks ' + ','.join(map(str, s['blocks'])) if s['blocks'] else ''}, "
+      f"{'stride-1 stem (cifar_stem)' if s['cifar_stem'] else 'standard strides'}; "
+      f"data: {data}",
+      f"- Steps: FP {s['fp_steps']} (eval every {s['fp_eval_every']}), QAT {s['qat_steps']}; "
+      f"batch {s['batch_size']}; stem/head at {s['first_last_bits']} bits; FP seeds "
+      f"{s['seeds']} (W8A8 min-max PTQ and W2A8 ClusterQAT on each, the other rows on seed 0; "
+      "a quantization row starts from the FP checkpoint of its regime and seed)",
+      f"- Regimes (overrides of the base config): {regimes}",
+      f"- Rows finished: {done} of {len(rows)} ({sum(diverged.values())} diverged); median "
+      "wall seconds per row: " + (", ".join(f"{k} {np.median(v):.0f} (n={len(v)})"
+                                            for k, v in kinds.items()) or "—"), ""]
+
+
+def _fp_section(workdir: str, s: dict, reports: dict, diverged: dict) -> list[str]:
+  L = ["## FP accuracy per regime", "",
+       "Top-1 test accuracy (%) of the train-form and merged FP networks; ± is the sample "
+       "std over seeds. Convergence: the FP eval accuracy (mean over seeds) at the last two "
+       f"evaluations during training (every {s['fp_eval_every']} steps).", "",
+       "| regime | n | train-form FP | merged FP | convergence (last two evals) | diverged |",
+       "|---|---:|---:|---:|---|---:|"]
+  for g in s["regimes"]:
+    reps = reports.get(("fp", g), {})
+    L.append(f"| {g} | {len(reps)} | {mean_std(accuracies(reps, 'fp'))} | "
+             f"{mean_std(accuracies(reps, 'merged'))} | {convergence(workdir, g, sorted(reps))} "
+             f"| {diverged.get(('fp', g), 0)} |")
+  return L + [""]
+
+
+def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str]:
+  from repvgg_jax import analysis
+  L = ["## Merged-kernel outliers per regime (seed-0 FP checkpoint)", "",
+       "Per output channel of every merged block kernel, `max|w| / rms(w)` "
+       "(`repvgg_jax.analysis.channel_outliers`): what a per-channel quantizer's range sees. "
+       "Worst: over all channels and layers, with the branch whose folded contribution is "
+       "largest at that weight; 3x3 alone: the same with the identity and 1x1 taps left out. "
+       "Per tensor (`analysis.outlier_stats`): max|w - mean|/std and kurtosis, maxima over "
+       "layers.", "",
+       "| regime | worst max/rms | layer | channel | branch | worst 3x3 alone | channels by "
+       "branch of the max (3x3 / 1x1 / identity) | max abs/std | kurtosis |",
+       "|---|---:|---|---:|---|---:|---|---:|---:|"]
+  figures, tables, dump = [], [], {}
+  for g in s["regimes"]:
+    variables = fp_variables(workdir, g, s)
+    if variables is None:
+      L.append(f"| {g} | — | | | | | | | |")
+      continue
+    per_layer = analysis.channel_outliers(variables)
+    c = analysis.channel_outlier_summary(per_layer)
+    t = analysis.outlier_stats(variables)["summary"]
+    dump[g] = {"channels": c, "tensors": t}
+    counts = " / ".join(str(c["branch_counts"].get(b, 0)) for b in analysis.BRANCHES)
+    r3 = "—" if c["worst_ratio_3x3"] is None else f"{c['worst_ratio_3x3']:.2f}"
+    L.append(f"| {g} | {c['worst_ratio']:.2f} | {c['worst_layer']} | {c['worst_channel']} | "
+             f"{c['worst_branch']} | {r3} | {counts} | {t['max_over_std']:.1f} | "
+             f"{t['kurtosis']:.1f} |")
+    png = f"{stem}_channels_{g}.png"
+    atomic_write(os.path.join(out_dir, png),
+                 lambda tmp: analysis.plot_channel_outliers(per_layer, tmp, title=g))
+    import matplotlib.pyplot as plt
+    plt.close("all")
+    figures += [f"![per-channel max/rms, {g}]({png})", ""]
+    tables += [f"<details><summary>{g}: per layer</summary>", "",
+               analysis.channel_outlier_table(per_layer), "</details>", ""]
+  atomic_write_text(os.path.join(workdir, "outliers.json"), json.dumps(dump, indent=2))
+  return L + [""] + figures + tables
+
+
+def _accuracy_section(s: dict, reports: dict, diverged: dict, fp_merged: dict) -> list[str]:
+  L = ["## Accuracy per quantization row and regime", "",
+       "Top-1 test accuracy (%); ± is the sample std over seeds where n > 1. Fake-quant: the "
+       "quantized network in training form (`qat` form; PTQ rows have it too); packed: the "
+       "exported file decoded. Δ FP: packed minus the merged FP accuracy of the same regime, "
+       "both as means over the seeds the row ran on (points). Diverged rows (NaN/inf in "
+       "training) are counted, not averaged.", "",
+       "| row | regime | n | fake-quant | packed | Δ FP | diverged |",
+       "|---|---|---:|---:|---:|---:|---:|"]
+  for q, (label, _, _, _) in sr.QUANT_ROWS.items():
+    for g in s["regimes"]:
+      reps = reports.get((q, g), {})
+      packed = accuracies(reps, "packed")
+      fp = [fp_merged[g][seed] for seed in reps if seed in fp_merged.get(g, {})]
+      delta = f"{100 * (np.mean(packed) - np.mean(fp)):+.2f}" if packed and fp else "—"
+      L.append(f"| {label} | {g} | {len(reps)} | {mean_std(accuracies(reps, 'qat'))} | "
+               f"{mean_std(packed)} | {delta} | {diverged.get((q, g), 0)} |")
+  return L + [""]
+
+
+def _diff(a: list[float], b: list[float]) -> str:
+  if not a or not b:
+    return "—"
+  text = f"{100 * (np.mean(a) - np.mean(b)):+.2f}"
+  stds = [f"{100 * np.std(v, ddof=1):.2f}" if len(v) > 1 else "" for v in (a, b)]
+  if any(stds):
+    text += f" (std {stds[0] or 'n=1'} / {stds[1] or 'n=1'})"
+  return text
+
+
+def _comparison_section(s: dict, reports: dict) -> list[str]:
+  regimes = s["regimes"]
+  packed = lambda q, g: accuracies(reports.get((q, g), {}), "packed")  # noqa: E731
+  L = ["## Comparisons", "",
+       "Differences of mean packed accuracy (points); where a side ran on more than one seed "
+       "its sample std is given beside (first side / second side).", "",
+       "| comparison | " + " | ".join(regimes) + " |", "|---|" + "---:|" * len(regimes)]
+  for b in CURVE_BITS:
+    L.append(f"| W{b}A8: ClusterQAT − LSQ | " + " | ".join(
+        _diff(packed(f"cluster_w{b}a8", g), packed(f"lsq_w{b}a8", g)) for g in regimes) + " |")
+  if "bn" in regimes:
+    for q in COMPARED_TO_BN:
+      L.append(f"| {sr.QUANT_ROWS[q][0]}: regime − BN | " + " | ".join(
+          "" if g == "bn" else _diff(packed(q, g), packed(q, "bn")) for g in regimes) + " |")
+  return L + [""]
+
+
+def write_markdown(workdir: str, out: str, study: dict) -> str:
+  """Writes the Markdown and its figures; returns the text written."""
+  s = study["settings"]
+  reports, diverged = collect(workdir, s)
+  out_dir = os.path.dirname(os.path.abspath(out))
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(out))[0]
+  fp_merged = {g: {seed: accuracy(r, "merged") for seed, r in reps.items()
+                   if accuracy(r, "merged") is not None}
+               for (q, g), reps in reports.items() if q == "fp"}
+  fp_acc = {g: np.mean(list(v.values())) for g, v in fp_merged.items() if v}
+
+  L = [f"# Study v2: {'SMOKE (not results) — ' if s['smoke'] else ''}"
+       "FP training regimes under deployment quantization", "",
+       "Generated by `benchmarks/study.py`; rerun it to update the tables (text after the "
+       "findings marker is kept).", ""]
+  L += _setup(study, workdir, reports, diverged)
+  L += _fp_section(workdir, s, reports, diverged)
+  L += _outlier_section(workdir, s, out_dir, stem)
+  L += _accuracy_section(s, reports, diverged, fp_merged)
+  L += _comparison_section(s, reports)
+  if any(q.startswith(("cluster_w", "lsq_w")) and q.endswith("a8") for q, _ in reports):
+    png = f"{stem}_accuracy_vs_bits.png"
+    plot_accuracy_vs_bits(reports, fp_acc, s["regimes"], os.path.join(out_dir, png))
+    L += [f"![packed accuracy vs weight bits, ClusterQAT and LSQ per regime]({png})", ""]
+
+  L += ["## What the data shows", ""]
+  findings = f"{MARKER}\n\n_To be written from the tables above._\n"
+  if os.path.exists(out):
+    with open(out) as f:
+      old = f.read()
+    if MARKER in old:
+      findings = old[old.index(MARKER):]
+  text = "\n".join(L) + "\n" + findings
+  atomic_write_text(out, text)
+  return text

@@ -1,0 +1,159 @@
+"""benchmarks/study.py's rows, configs, formatting and resume checks (no training)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import study_report, study_rows as sr  # noqa: E402
+from repvgg_jax.train import config as config_lib  # noqa: E402
+
+SEED0 = ("fp", "w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
+         "lsq_w4a8", "cluster_w3a8", "lsq_w3a8")
+
+
+def test_row_order_and_names():
+  names = [r.name for r in sr.make_rows(2, ("bn", "kure"))]
+  expected = [f"{q}_{g}_s0" for q in SEED0 for g in ("bn", "kure")]
+  expected += [f"{q}_{g}_s1" for q in ("fp", "w8a8_ptq_minmax", "cluster_w2a8")
+               for g in ("bn", "kure")]
+  expected += [f"{q}_{g}_s0" for q in ("w8a8_ptq_mse", "cluster_w4", "cluster_w2")
+               for g in ("bn", "kure")]
+  assert names == expected
+
+
+def test_every_quant_row_once_per_regime_on_seed_0_and_seeded_rows_on_every_seed():
+  rows = sr.make_rows(3)
+  assert len(rows) == len(set(rows)) == 6 * (1 + len(sr.QUANT_ROWS)) + 6 * 2 * 3
+  for g in sr.REGIMES:
+    for q in ("fp",) + sr.EVERY_SEED:
+      assert [r.seed for r in rows if (r.regime, r.quant) == (g, q)] == [0, 1, 2]
+    for q in set(sr.QUANT_ROWS) - set(sr.EVERY_SEED):
+      assert [r.seed for r in rows if (r.regime, r.quant) == (g, q)] == [0]
+  # Every quantization row comes after the FP row it starts from.
+  order = {r: i for i, r in enumerate(rows)}
+  assert all(order[r] > order[sr.Row(r.regime, "fp", r.seed)] for r in rows if r.kind != "FP")
+
+
+def test_unknown_regime_is_named():
+  with pytest.raises(ValueError, match="'batchnorm'"):
+    sr.make_rows(1, ("bn", "batchnorm"))
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_every_row_config_validates(smoke, tmp_path):
+  regimes = sr.available_regimes()
+  assert {"bn", "oabn_median"} <= set(regimes)
+  s = sr.settings(smoke, regimes=regimes)
+  assert s["seeds"] == (1 if smoke else 3)
+  for row in sr.make_rows(2, regimes):
+    cfg = sr.row_config(row, s, str(tmp_path))
+    config_lib.validate(cfg)
+    assert cfg.seed == row.seed and cfg.quant.first_last_bits == 8
+    assert cfg.model.norm == sr.regime_overrides(row.regime, s)["model.norm"]
+    if row.kind == "FP":
+      assert cfg.quant.method == "none" and cfg.init_from == ""
+      assert cfg.fp.eval_every == s["fp_eval_every"] > 0
+    else:
+      _, kind, bits, overrides = sr.QUANT_ROWS[row.quant]
+      assert cfg.quant.bits == bits and cfg.qat.enabled == (kind == "QAT")
+      assert all(cfg[k.split(".")[0]][k.split(".")[1]] == v for k, v in overrides.items())
+      assert cfg.init_from == os.path.join(str(tmp_path), f"fp_{row.regime}_s{row.seed}",
+                                           "checkpoints", "fp")
+      assert cfg.eval_fp_forms is False
+
+
+def test_demo_settings_follow_the_demo_config(tmp_path):
+  s = sr.settings(False, regimes=("bn",))
+  cfg = sr.row_config(sr.Row("bn", "fp", 0), s, str(tmp_path))
+  assert tuple(cfg.model.blocks) == (1, 2, 4, 1) and cfg.data.source == "idx"
+  assert (cfg.fp.num_steps, cfg.qat.num_steps, cfg.fp.batch_size) == (3000, 200, 64)
+  assert cfg.fp.eval_every == 500
+
+
+def test_a_regime_the_config_cannot_express_names_its_field():
+  cfg = config_lib.base_config()
+  if "block" in cfg.model:
+    del cfg.model["block"]
+  assert sr.missing_fields("qarepvgg", cfg) == ["model.block"]
+  # oabn_median only sets oabn_form when the config has it.
+  if "oabn_form" in cfg.model:
+    del cfg.model["oabn_form"]
+  assert sr.missing_fields("oabn_median", cfg) == []
+  assert sr.missing_fields("oabn_branch", cfg) == ["model.oabn_form"]
+
+
+def test_regime_settings_reach_the_overrides():
+  s = sr.settings(True, regimes=("bn",), branch_tau=2.5, merged_weight=0.1, kure_weight=1.0)
+  assert sr.regime_overrides("oabn_branch", s)["model.oabn_tau"] == 2.5
+  assert sr.regime_overrides("oabn_merged", s)["fp.penalty_weight"] == 0.1
+  assert sr.regime_overrides("oabn_merged", s)["fp.penalty_target"] == 8.0
+  assert sr.regime_overrides("kure", s)["fp.penalty_weight"] == 1.0
+  with pytest.raises(ValueError, match="kure_wieght"):
+    sr.settings(True, regimes=("bn",), kure_wieght=1.0)
+
+
+def test_mean_std_is_the_sample_std_in_percent():
+  assert study_report.mean_std([]) == "—"
+  assert study_report.mean_std([0.9012]) == "90.12"
+  assert study_report.mean_std([0.90, 0.92]) == "91.00 ± 1.41"  # std(ddof=1) = 0.01414
+  assert study_report.mean_std([0.1, 0.2, 0.3], scale=1, digits=3) == "0.200 ± 0.100"
+
+
+def test_changed_fixed_settings_are_refused(tmp_path):
+  workdir = str(tmp_path / "study")
+  s = sr.settings(True, regimes=("bn",))
+  sr.load_study(workdir, s, "first")
+  sr.load_study(workdir, dict(s, seeds=3, regimes=["bn", "oabn_median"]), "more rows")
+  with pytest.raises(sr.SettingsChanged, match=r"qat_steps: 4 -> 5.*kure_weight: 0.5 -> 1.0"):
+    sr.load_study(workdir, dict(s, qat_steps=5, kure_weight=1.0), "changed")
+  study = sr.load_study(workdir, None)
+  assert [r["command"] for r in study["runs"]] == ["first", "more rows"]
+  assert study["settings"]["seeds"] == 3
+  assert {"nproc", "cpu", "jax", "flax", "python", "date"} <= set(study["runs"][0])
+  with pytest.raises(FileNotFoundError, match="study.json"):
+    sr.load_study(str(tmp_path / "none"), None)
+
+
+def _finish(workdir, row, seconds):
+  d = os.path.join(workdir, row.name)
+  os.makedirs(d)
+  with open(os.path.join(d, "report.json"), "w") as f:
+    json.dump({"forms": {}, "seconds": {"fp": 1.0}}, f)
+  with open(os.path.join(d, "study_seconds.json"), "w") as f:
+    json.dump({"seconds": seconds}, f)
+
+
+def test_time_left_from_median_seconds_per_kind(tmp_path):
+  workdir = str(tmp_path)
+  rows = sr.make_rows(1, ("bn", "oabn_median"))
+  by_name = {r.name: r for r in rows}
+  for name, t in (("fp_bn_s0", 100), ("fp_oabn_median_s0", 300), ("w8a8_ptq_minmax_bn_s0", 10)):
+    _finish(workdir, by_name[name], t)
+  todo = [r for r in rows if sr.status(workdir, r) is None]
+  left, medians = sr.estimate(workdir, rows, todo)
+  assert medians == {"FP": 200.0, "PTQ": 10.0} and left is None  # no QAT row finished
+  ptq = [r for r in todo if r.kind == "PTQ"]
+  assert sr.estimate(workdir, rows, ptq)[0] == 10.0 * len(ptq)
+
+
+def test_convergence_reads_the_fp_eval_curve(tmp_path):
+  workdir = str(tmp_path)
+  for seed, accs in ((0, (0.5, 0.8, 0.9)), (1, (0.5, 0.7, 0.8))):
+    d = tmp_path / f"fp_bn_s{seed}"
+    d.mkdir()
+    lines = [json.dumps({"step": 50, "fp/loss": 1.0})]
+    lines += [json.dumps({"step": 500 * (i + 1), "fp/eval_accuracy": a})
+              for i, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 15")  # a cut last line
+  assert study_report.convergence(workdir, "bn", [0, 1]) == "75.00 @1000 → 85.00 @1500 (+10.00)"
+  assert study_report.convergence(workdir, "kure", [0]) == "—"
+
+
+def test_bad_only_regex_is_named():
+  with pytest.raises(ValueError, match=r"only='\('"):
+    sr.select(sr.make_rows(1, ("bn",)), "(")
