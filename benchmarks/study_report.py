@@ -148,6 +148,7 @@ def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str
   regimes = "; ".join(f"`{g}`: " + ", ".join(f"{k}={v!r}" for k, v in
                                              sr.regime_overrides(g, s).items())
                       for g in s["regimes"])
+  commands = list(dict.fromkeys(r["command"] for r in study["runs"])) or ["—"]
   kinds = {}
   for r in rows:
     t = sr.row_seconds(workdir, r) if sr.status(workdir, r) else None
@@ -155,7 +156,8 @@ def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str
       kinds.setdefault(r.kind, []).append(t)
   return [
       "## Setup", "",
-      f"- Command: `{last['command']}`",
+      "- Command" + (f"s ({len(study['runs'])} runs): " if len(commands) > 1 else ": ")
+      + ", ".join(f"`{c}`" for c in commands),
       f"- Dates: first run {study['runs'][0]['date'] if study['runs'] else '—'}, last run "
       f"{last['date']}, report {datetime.datetime.now().isoformat(timespec='seconds')}",
       f"- Machine: {last['nproc']} CPU cores (nproc), {last['cpu']}; JAX devices "

@@ -157,3 +157,42 @@ def test_convergence_reads_the_fp_eval_curve(tmp_path):
 def test_bad_only_regex_is_named():
   with pytest.raises(ValueError, match=r"only='\('"):
     sr.select(sr.make_rows(1, ("bn",)), "(")
+
+
+def _report(workdir, row, **acc):
+  d = os.path.join(workdir, row.name)
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "report.json"), "w") as f:
+    json.dump({"forms": {k: {"accuracy": v} for k, v in acc.items()}, "seconds": {"fp": 2.0}}, f)
+
+
+def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
+  workdir = str(tmp_path / "study")
+  s = sr.settings(True, regimes=("bn", "oabn_median"), seeds=2)
+  study = sr.load_study(workdir, s, "python benchmarks/study.py --smoke")
+  for seed, (bn, oabn) in enumerate(((0.90, 0.91), (0.92, 0.93))):
+    _report(workdir, sr.Row("bn", "fp", seed), fp=bn, merged=bn)
+    _report(workdir, sr.Row("oabn_median", "fp", seed), fp=oabn, merged=oabn)
+  for seed, acc in enumerate((0.80, 0.84)):
+    _report(workdir, sr.Row("bn", "cluster_w2a8", seed), qat=acc, packed=acc)
+  _report(workdir, sr.Row("oabn_median", "cluster_w2a8", 0), qat=0.88, packed=0.88)
+  os.makedirs(os.path.join(workdir, "cluster_w2a8_oabn_median_s1"))
+  with open(os.path.join(workdir, "cluster_w2a8_oabn_median_s1", sr.DIVERGED), "w") as f:
+    f.write("{}")
+  _report(workdir, sr.Row("bn", "lsq_w2a8", 0), qat=0.70, packed=0.70)
+  out = str(tmp_path / "docs" / "results.md")
+  os.makedirs(os.path.dirname(out))
+  with open(out, "w") as f:
+    f.write(f"old tables\n{study_report.MARKER}\n\nOur findings.\n")
+  text = study_report.write_markdown(workdir, out, study)
+  assert "old tables" not in text and text.endswith(f"{study_report.MARKER}\n\nOur findings.\n")
+  assert "| bn | 2 | 91.00 ± 1.41 | 91.00 ± 1.41 | — | 0 |" in text
+  # Δ FP of bn W2A8: mean packed 82 minus mean merged FP 91 over seeds 0 and 1.
+  assert "| W2A8 ClusterQAT | bn | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | -9.00 | 0 |" in text
+  # oabn_median ran seed 0 only (seed 1 diverged): its FP is seed 0's 91.
+  assert "| W2A8 ClusterQAT | oabn_median | 1 | 88.00 | 88.00 | -3.00 | 1 |" in text
+  assert "| W2A8: ClusterQAT − LSQ | +12.00 (std 2.83 / n=1) | — |" in text
+  assert "| W2A8 ClusterQAT: regime − BN |  | +6.00 (std n=1 / 2.83) |" in text
+  assert "Rows finished: 9 of 30 (1 diverged)" in text
+  assert "- Command: `python benchmarks/study.py --smoke`" in text
+  assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
