@@ -121,8 +121,10 @@ def run_rows(workdir: str, study: dict, started: float) -> None:
             f"({len(todo) - i} rows not run)", flush=True)
       return
     tag = f"[{i + 1}/{len(todo)}] {row.name}"
-    if row.kind != "FP" and sr.status(workdir, sr.Row(row.regime, "fp", row.seed)) != "report":
-      print(f"{tag}: skipped, its FP row has not finished", flush=True)
+    fp_status = sr.status(workdir, sr.Row(row.regime, "fp", row.seed))
+    if row.kind != "FP" and fp_status != "report":
+      print(f"{tag}: skipped, its FP row {'diverged' if fp_status else 'has not finished'}",
+            flush=True)
       continue
     print(f"{tag} ...", flush=True)
     t = time.time()

@@ -175,11 +175,12 @@ def settings(smoke: bool, blocks=None, fp_steps: int = 3000, qat_steps: int = 20
     fp_steps, qat_steps, batch_size = cfg.fp.num_steps, cfg.qat.num_steps, cfg.fp.batch_size
     train_subset, data_dir = cfg.data.train_subset, cfg.data.data_dir
   else:
-    blocks = list(cfg.model.blocks) if blocks is None else [int(b) for b in blocks]
+    given = list(cfg.model.blocks) if blocks is None else list(blocks)
     fp_eval_every = 500
-    if len(blocks) not in (0, 4) or any(b < 1 for b in blocks):
-      raise ValueError(f"blocks={blocks}: expected 4 positive ints, or none for the "
-                       "variant's own")
+    if len(given) not in (0, 4) or not all(str(b).isdigit() and int(b) > 0 for b in given):
+      raise ValueError(f"blocks={','.join(map(str, given))}: expected 4 positive ints, or "
+                       "none for the variant's own")
+    blocks = [int(b) for b in given]
   seeds = (1 if smoke else 3) if seeds is None else seeds
   if seeds < 1:
     raise ValueError(f"seeds={seeds} must be >= 1")

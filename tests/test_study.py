@@ -196,3 +196,10 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   assert "Rows finished: 9 of 30 (1 diverged)" in text
   assert "- Command: `python benchmarks/study.py --smoke`" in text
   assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
+
+
+@pytest.mark.parametrize("blocks", [["1", "2", "x", "1"], [1, 2, 0, 1], [1, 2]])
+def test_bad_blocks_are_named(blocks):
+  with pytest.raises(ValueError, match="blocks="):
+    sr.settings(False, blocks=blocks, regimes=("bn",))
+  assert sr.settings(False, blocks=[], regimes=("bn",))["blocks"] == []
