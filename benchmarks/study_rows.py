@@ -1,4 +1,4 @@
-"""The rows of the study (benchmarks/study.py): regimes, quantization rows, seeds, configs, study.json.
+"""The rows of benchmarks/study.py: regimes, quantization rows, seeds, configs, study.json.
 
 No flags and no training here: the study script and its tests share these
 functions. A *regime* is a way of training the FP network (a norm, an OABN
