@@ -109,7 +109,7 @@ def test_changed_fixed_settings_are_refused(tmp_path):
   s = sr.settings(True, regimes=("bn",))
   sr.load_study(workdir, s, "first")
   sr.load_study(workdir, dict(s, seeds=3, regimes=["bn", "oabn_median"]), "more rows")
-  with pytest.raises(sr.SettingsChanged, match=r"qat_steps: 4 -> 5.*kure_weight: 0.5 -> 1.0"):
+  with pytest.raises(sr.SettingsChanged, match=r"qat_steps: 4 -> 5.*kure_weight: 0.001 -> 1.0"):
     sr.load_study(workdir, dict(s, qat_steps=5, kure_weight=1.0), "changed")
   study = sr.load_study(workdir, None)
   assert [r["command"] for r in study["runs"]] == ["first", "more rows"]
