@@ -21,6 +21,11 @@ COMPARED_TO_BN = ("cluster_w2a8", "cluster_w3a8", "w4a8_ptq_mse", "w8a8_ptq_minm
 CURVE_BITS = (2, 3, 4)
 
 
+# Bits and clippings of the zero-share table (the uniform rows' grids).
+ZERO_BITS = (2, 3, 4)
+ZERO_CLIPS = ("minmax", "mse")
+
+
 def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
   """``mean`` (times ``scale``), with ``± sample std`` (ddof=1) when there are several
   values; an em dash for none."""
@@ -89,13 +94,13 @@ def convergence(workdir: str, regime: str, seeds) -> str:
 
 
 def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
-  """Train-form variables of the seed-0 FP row of ``regime`` (None before it has a
-  checkpoint)."""
+  """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
+  finished: a stage in progress has checkpoints of a half-trained model)."""
   from repvgg_jax import data
   from repvgg_jax.train import pipeline
   from repvgg_jax.train.state import build_model, init_variables
   path = sr.fp_ckpt_dir(workdir, regime, 0)
-  if not os.path.isdir(path):
+  if sr.status(workdir, sr.Row(regime, "fp", 0)) != "report":
     return None
   cfg = sr.row_config(sr.Row(regime, "fp", 0), s, workdir)
   loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
@@ -203,7 +208,7 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
        "| regime | worst max/rms | layer | channel | branch | worst 3x3 alone | channels by "
        "branch of the max (3x3 / 1x1 / identity) | max abs/std | kurtosis |",
        "|---|---:|---|---:|---|---:|---|---:|---:|"]
-  figures, tables, dump = [], [], {}
+  figures, tables, dump, zeros = [], [], {}, {}
   for g in s["regimes"]:
     variables = fp_variables(workdir, g, s)
     if variables is None:
@@ -212,7 +217,10 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
     per_layer = analysis.channel_outliers(variables)
     c = analysis.channel_outlier_summary(per_layer)
     t = analysis.outlier_stats(variables)["summary"]
-    dump[g] = {"channels": c, "tensors": t}
+    # The stem runs at first_last_bits; the zero shares are of the other layers.
+    zeros[g] = {f"{clip} w{b}": float(np.mean([z for k, z in analysis.zero_fraction(
+        variables, b, clip).items() if k != "stem"])) for clip in ZERO_CLIPS for b in ZERO_BITS}
+    dump[g] = {"channels": c, "tensors": t, "zero_fraction": zeros[g]}
     counts = " / ".join(str(c["branch_counts"].get(b, 0)) for b in analysis.BRANCHES)
     r3 = "—" if c["worst_ratio_3x3"] is None else f"{c['worst_ratio_3x3']:.2f}"
     L.append(f"| {g} | {c['worst_ratio']:.2f} | {c['worst_layer']} | {c['worst_channel']} | "
@@ -227,7 +235,16 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
     tables += [f"<details><summary>{g}: per layer</summary>", "",
                analysis.channel_outlier_table(per_layer), "</details>", ""]
   atomic_write_text(os.path.join(workdir, "outliers.json"), json.dumps(dump, indent=2))
-  return L + [""] + figures + tables
+  cols = [f"{clip} w{b}" for clip in ZERO_CLIPS for b in ZERO_BITS]
+  Z = ["### Weights a uniform grid rounds to zero", "",
+       "Share of the merged weights (all block layers but the stem, mean over layers) that a "
+       "per-channel signed uniform grid rounds to zero (`repvgg_jax.analysis.zero_fraction`): "
+       "min-max step `max|w| / (2^(b-1) - 1)` (at 2 bits the step is `max|w|`, so only weights "
+       "above `max|w| / 2` survive), or the MSE-optimal step.", "",
+       "| regime | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+  Z += [f"| {g} | " + " | ".join(f"{100 * zeros[g][c]:.1f}%" for c in cols) + " |"
+        for g in s["regimes"] if g in zeros]
+  return L + [""] + Z + [""] + figures + tables
 
 
 def _accuracy_section(s: dict, reports: dict, diverged: dict, fp_merged: dict) -> list[str]:

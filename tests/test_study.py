@@ -203,3 +203,11 @@ def test_bad_blocks_are_named(blocks):
   with pytest.raises(ValueError, match="blocks="):
     sr.settings(False, blocks=blocks, regimes=("bn",))
   assert sr.settings(False, blocks=[], regimes=("bn",))["blocks"] == []
+
+
+def test_an_unfinished_fp_row_has_no_outlier_row(tmp_path):
+  # Its checkpoints hold a half-trained model: the report must not analyse them.
+  workdir = str(tmp_path)
+  s = sr.settings(True, regimes=("bn",))
+  os.makedirs(sr.fp_ckpt_dir(workdir, "bn", 0))
+  assert study_report.fp_variables(workdir, "bn", s) is None
