@@ -8,27 +8,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from repvgg_jax import reparam
 from repvgg_jax.reparam import BRANCHES, block_branches, merge
 
 STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
 
 def merged_kernels(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """``{"stem": kernel, "stages_0_0": kernel, ...}``: every block's merged 3x3
-  kernel (HWIO). Train-form variables are merged first; deploy-form ones are
-  read as they are."""
-  params = merge(variables)["params"]
-  out = {}
-
-  def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> None:
-    for name, sub in tree.items():
-      if name == "reparam_conv":
-        out["/".join(path)] = np.asarray(sub["kernel"], np.float64)
-      elif isinstance(sub, Mapping):
-        walk(sub, path + (name,))
-
-  walk(params, ())
-  return out
+  """:func:`repvgg_jax.reparam.merged_kernels` as float64 numpy arrays."""
+  return {k: np.asarray(w, np.float64) for k, w in reparam.merged_kernels(variables).items()}
 
 
 def kernel_stats(w: np.ndarray) -> dict[str, float]:

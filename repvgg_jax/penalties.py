@@ -31,18 +31,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from repvgg_jax.reparam import merge
+from repvgg_jax.reparam import merged_kernels
 
 PENALTIES = ("none", "kure", "channel_max")
 DEFAULT_TARGETS = {"kure": 1.8, "channel_max": 8.0}
-
-
-def merged_kernels(variables: Mapping[str, Any]) -> list[jax.Array]:
-  """The merged 3x3 kernel of every block (train-form variables are merged)."""
-  flat = traverse_util.flatten_dict(merge(variables)["params"])
-  return [v for k, v in flat.items() if k[-2:] == ("reparam_conv", "kernel")]
 
 
 def kurtosis(w: jax.Array) -> jax.Array:
@@ -79,4 +72,4 @@ def make_penalty(name: str, target: float = 0.0) -> Callable[[Mapping[str, Any]]
     return None
   target = target or DEFAULT_TARGETS[name]
   fn = {"kure": kure, "channel_max": channel_max}[name]
-  return lambda variables: fn(merged_kernels(variables), target)
+  return lambda variables: fn(list(merged_kernels(variables).values()), target)

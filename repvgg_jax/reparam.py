@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS, branch_bound, scale_shift
 
@@ -152,11 +153,11 @@ def block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
     if has_id:
       bn_id = _bn(params, stats, "identity", cout, path, sp)
       s_id, shift_id = scale_shift(*bn_id, BN_EPSILON)
-    if BRANCH_KEYS[0] in stats:
+    if "bound_tau" in stats:  # the branch form (BRANCH_KEYS)
       s1, s_id = branch_bound(s3, k3, s1, k1, s_id, stats["bound_tau"], stats["bound_smooth"])
-      shift1 = bn1[0]["bias"] - bn1[1]["mean"] * s1
+      s1, shift1 = scale_shift(*bn1, BN_EPSILON, s1)
       if has_id:
-        shift_id = bn_id[0]["bias"] - bn_id[1]["mean"] * s_id
+        s_id, shift_id = scale_shift(*bn_id, BN_EPSILON, s_id)
   odd = sorted(set(stats) - set(params) - _BLOCK_RECORDS)
   if odd:
     raise ValueError(f"merge: batch_stats {odd} in block {_path(sp)} have no params")
@@ -179,6 +180,14 @@ def merge_block(params: Mapping[str, Any], stats: Mapping[str, Any],
   (the sums of :func:`block_branches`)."""
   parts = block_branches(params, stats, path).values()
   return sum(k for k, _ in parts), sum(b for _, b in parts)
+
+
+def merged_kernels(variables: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """``{"stem": kernel, "stages_0_0": kernel, ...}``: every block's merged 3x3
+  kernel (HWIO), named by its path; train-form variables are merged first
+  (differentiably), deploy-form ones read as they are."""
+  flat = traverse_util.flatten_dict(merge(variables)["params"])
+  return {"/".join(k[:-2]): v for k, v in flat.items() if k[-2:] == ("reparam_conv", "kernel")}
 
 
 def _merge_tree(params: Mapping[str, Any], stats: Mapping[str, Any],

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from repvgg_jax.models.repvgg import expected_records
+from repvgg_jax.models.settings import expected_records
 
 
 def random_variables(model, x, seed=0, tiny_var_channels=0):

@@ -62,6 +62,14 @@ def test_validate_names_every_invalid_field():
     assert name in str(e.value)
 
 
+def test_validate_refuses_the_branch_form_on_qarepvgg_blocks():
+  cfg = tiny.tiny_config()  # OABN
+  cfg.model.oabn_form, cfg.model.block = "branch", "qarepvgg"
+  with pytest.raises(config_lib.ConfigError, match=r"model: oabn_form='branch'.*"
+                                                   r"block='qarepvgg' has none"):
+    config_lib.validate(cfg)
+
+
 def test_command_line_overrides_blocks_and_widths(monkeypatch):
   cfg = _parse(monkeypatch, "--config.model.blocks=(1,2,3,1)",
                "--config.model.widths=(0.5,0.5,1,1)")

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
 from repvgg_jax.nn import conv as conv_lib
 from repvgg_jax.nn.act_quant import ActQuant
-from repvgg_jax.nn.oabn import BOUND_KEYS, BOUNDS, BRANCH_KEYS, FORMS, OABN, branch_bound
+from repvgg_jax.nn.oabn import BOUNDS, BRANCH_KEYS, FORMS, OABN, branch_bound
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
@@ -268,7 +267,7 @@ class RepVGG(nn.Module):
       raise ValueError(f"conv_impl={self.conv_impl!r}: expected one of {CONV_IMPLS}")
     if self.act_bits and not self.deploy:
       raise ValueError(f"act_bits={self.act_bits}: activation quantization needs deploy=True")
-    _check_options(self.norm, self.block, self.oabn_form)
+    check_options(self.norm, self.block, self.oabn_form)
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
                               norm=self._norm_factory(), dtype=self.dtype,
                               conv_impl=self.conv_impl, act_bits=self.act_bits,
@@ -298,7 +297,9 @@ class RepVGG(nn.Module):
     return out
 
 
-def _check_options(norm: str, block: str, oabn_form: str) -> None:
+def check_options(norm: str, block: str, oabn_form: str) -> None:
+  """ValueError naming the value when the norm, block style or OABN form is unknown,
+  or the combination is one the model cannot build."""
   if norm not in NORMS:
     raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
   if block not in STYLES:
@@ -308,68 +309,6 @@ def _check_options(norm: str, block: str, oabn_form: str) -> None:
   if norm == "oabn" and oabn_form == "branch" and block != "repvgg":
     raise ValueError(f"oabn_form='branch' bounds the 1x1 and identity BNs of a RepVGG block; "
                      f"block={block!r} has none (use oabn_form='median' or block='repvgg')")
-
-
-def expected_records(model: RepVGG) -> dict[str, Any]:
-  """The settings a train-form ``model`` records in its ``batch_stats`` (OABN
-  bounds, QARepVGG identity gains), per entry name, as :func:`check_settings` compares them."""
-  out = {}
-  if model.norm == "oabn" and model.oabn_form == "median":
-    out.update(zip(BOUND_KEYS, (model.oabn_tau, model.oabn_relative, model.oabn_bound == "tanh")))
-  if model.branch_bound() is not None:
-    out.update(zip(BRANCH_KEYS, model.branch_bound()))
-  if model.block == "qarepvgg":
-    out[IDENTITY_GAIN] = 1.0
-  return out
-
-
-def check_settings(model: RepVGG, variables: Any) -> None:
-  """Raises ValueError when ``variables`` (e.g. a restored checkpoint) were made
-  by a model whose norm/bound settings differ from ``model``'s.
-
-  The forward pass uses ``model``'s attributes while :func:`repvgg_jax.merge`
-  reads the settings recorded in ``batch_stats``: they must agree. The error
-  names each disagreeing entry with the stored and the configured value.
-  Deploy-form ``model``s (no ``batch_stats``) pass.
-  """
-  if model.deploy:
-    return
-  want = expected_records(model)
-  bad: dict[tuple[str, Any], list[str]] = {}  # (entry, stored value) -> paths
-  found = set()
-
-  def walk(tree: Any, path: tuple[str, ...]) -> None:
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, path + (k,))
-      elif k in (*BOUND_KEYS, *BRANCH_KEYS, IDENTITY_GAIN):
-        found.add(k)
-        stored = np.asarray(v).item()
-        if k not in want or not np.isclose(stored, want[k]):
-          bad.setdefault((k, stored), []).append("/".join(("batch_stats",) + path + (k,)))
-
-  walk(variables.get("batch_stats", {}) if isinstance(variables, Mapping) else {}, ())
-  problems = []
-  for (k, stored), paths in bad.items():
-    where = f"{paths[0]}={stored!r}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1
-                                         else "")
-    problems.append(f"{where} but the model config says {want[k]!r}" if k in want
-                    else f"{where} but the model ({_describe(model)}) has no such setting")
-  missing = sorted(set(want) - found)
-  if missing:
-    problems.append(f"the model ({_describe(model)}) records {missing} in batch_stats but the "
-                    "variables have none")
-  if problems:
-    raise ValueError("variables made with other norm settings than the model's: "
-                     + "; ".join(problems))
-
-
-def _describe(model: RepVGG) -> str:
-  if model.norm == "bn":
-    return f"norm='bn', block={model.block!r}"
-  return (f"norm='oabn', block={model.block!r}, oabn_form={model.oabn_form!r}, "
-          f"oabn_tau={model.oabn_tau}, oabn_bound={model.oabn_bound!r}, "
-          f"oabn_relative={model.oabn_relative}")
 
 
 def _canonical(name: str) -> str:
@@ -404,7 +343,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
-  _check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "median"))
+  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "median"))
   if not (isinstance(num_classes, int) and num_classes > 0):
     raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
   bound = kwargs.get("oabn_bound", "tanh")

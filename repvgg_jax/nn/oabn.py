@@ -28,7 +28,7 @@ the merge is exact. The settings come from the module's attributes (the model
 config); a copy is stored in ``batch_stats`` (``tau``, ``relative``,
 ``smooth`` per BN for ``median``; ``bound_tau``, ``bound_smooth`` per block for
 ``branch``) so that a checkpoint alone merges, and
-:func:`repvgg_jax.models.repvgg.check_settings` refuses variables whose copy
+:func:`repvgg_jax.models.settings.check_settings` refuses variables whose copy
 disagrees with the model.
 """
 
@@ -123,13 +123,16 @@ def branch_bound(s3: jax.Array, k3: jax.Array, s1: jax.Array, k1: jax.Array,
   return s1 * f, (None if s_id is None else s_id * f)
 
 
-def scale_shift(params: Mapping[str, Any], stats: Mapping[str, Any],
-                epsilon: float) -> tuple[jax.Array, jax.Array]:
+def scale_shift(params: Mapping[str, Any], stats: Mapping[str, Any], epsilon: float,
+                scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The affine map ``y = x * s + shift`` of a BN/OABN layer in eval mode.
 
-  ``s = bound(gamma / sqrt(var + eps))`` and ``shift = beta - mean * s``.
+  ``s = bound(gamma / sqrt(var + eps))`` and ``shift = beta - mean * s``;
+  ``scale`` given: ``s = scale`` (a scale bounded elsewhere, e.g. by
+  :func:`branch_bound`).
   """
-  s = bound(params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon), stats)
+  s = bound(params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon), stats) \
+      if scale is None else scale
   return s, params["bias"] - stats["mean"] * s
 
 

@@ -172,7 +172,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       problems.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
-  from repvgg_jax.models.repvgg import STYLES, list_models, _canonical
+  from repvgg_jax.models.repvgg import STYLES, check_options, list_models, _canonical
   from repvgg_jax.nn.oabn import BOUNDS, FORMS
   from repvgg_jax.penalties import PENALTIES
   names = {_canonical(n) for n in list_models()} | set(MODEL_NAMES_EXTRA)
@@ -185,9 +185,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   positive("model.oabn_tau", cfg.model.oabn_tau)
   if not isinstance(cfg.model.oabn_relative, bool):
     problems.append(f"model.oabn_relative={cfg.model.oabn_relative!r} must be True or False")
-  if (cfg.model.norm, cfg.model.oabn_form, cfg.model.block) == ("oabn", "branch", "qarepvgg"):
-    problems.append("model.oabn_form='branch' needs model.block='repvgg' (a QARepVGG block "
-                    "has no 1x1 or identity BN to bound)")
+  if cfg.model.norm in NORMS and cfg.model.block in STYLES and cfg.model.oabn_form in FORMS:
+    try:  # the combinations create_model refuses, in its words
+      check_options(cfg.model.norm, cfg.model.block, cfg.model.oabn_form)
+    except ValueError as e:
+      problems.append(f"model: {e}")
   for f, kind in (("blocks", int), ("widths", (int, float))):
     v = cfg.model[f]
     ok = isinstance(v, (tuple, list)) and (len(v) == 0 or (len(v) == 4 and all(

@@ -26,7 +26,7 @@ from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
-from repvgg_jax.models.repvgg import check_settings
+from repvgg_jax.models.settings import check_settings
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
 from repvgg_jax.train.writers import create_writer
@@ -87,8 +87,9 @@ def load_variables(path: str, template: dict) -> dict:
   problems += [f"{k}: shape {np.shape(got[k])}, model wants {np.shape(want[k])}"
                for k in sorted(set(want) & set(got)) if np.shape(got[k]) != np.shape(want[k])]
   if problems:
-    raise ValueError(f"init_from={path!r} does not match the configured model "
-                     f"(model.name, model.norm, model.block, model.oabn_form, number of classes): " + "; ".join(problems))
+    raise ValueError(f"init_from={path!r} does not match the configured model (model.name, "
+                     f"model.norm, model.block, model.oabn_form, number of classes): "
+                     + "; ".join(problems))
   return traverse_util.unflatten_dict(
       {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
 
