@@ -292,11 +292,12 @@ def test_timm_loads_exported_train_weights_strictly_and_agrees():
       <= 1e-5
 
 
-def test_oabn_variables_are_refused_by_export():
-  model = rv.create_model("RepVGG-A0", num_classes=NUM_CLASSES, norm="oabn")
+@pytest.mark.parametrize("form, record", [("median", "identity/tau"), ("branch", "bound_tau")])
+def test_oabn_variables_are_refused_by_export(form, record):
+  model = rv.create_model("RepVGG-A0", num_classes=NUM_CLASSES, norm="oabn", oabn_form=form)
   variables = random_variables(model, jnp.zeros((1, SIZE, SIZE, 3)))
   # The bound changes what the BN computes, so it cannot pass for a torch BatchNorm.
-  with pytest.raises(ValueError, match=r"no PyTorch RepVGG counterpart(.|\n)*identity/tau"):
+  with pytest.raises(ValueError, match=r"no PyTorch RepVGG counterpart(.|\n)*" + record):
     convert.to_torch_state_dict(variables)
 
 

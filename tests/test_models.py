@@ -57,10 +57,19 @@ def test_name_aliases(alias):
     ({"block": "qa"}, "block='qa'"),
     ({"oabn_form": "mean"}, "oabn_form='mean'"),
     ({"norm": "oabn", "oabn_form": "branch", "block": "qarepvgg"}, "block='qarepvgg' has none"),
+    ({"norm": "oabn", "block": "qarepvgg"}, "use oabn_form='median'"),  # the default form
 ])
 def test_bad_options_name_the_value(kwargs, needle):
   with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
     rv.create_model("RepVGG-A0", **kwargs)
+
+
+def test_oabn_defaults_to_the_branch_form_at_its_default_tau():
+  model = rv.create_model("RepVGG-A0", norm="oabn")
+  assert (model.oabn_form, model.bound_tau, model.branch_bound()) == ("branch", 3.0, (3.0, True))
+  median = rv.create_model("RepVGG-A0", norm="oabn", oabn_form="median")
+  assert (median.bound_tau, median.branch_bound()) == (4.0, None)
+  assert rv.create_model("RepVGG-A0", norm="oabn", oabn_tau=2.0).branch_bound() == (2.0, True)
 
 
 def test_groups_on_even_layers_for_both_branches():

@@ -194,12 +194,12 @@ def test_branch_form_bounds_every_merged_channel_and_merges_exactly():
 def test_check_settings_names_the_stored_and_the_configured_value():
   net = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
   x = jnp.zeros((1, 16, 16, 3))
-  median = RepVGG(net, num_classes=3, norm="oabn", oabn_tau=4.0)
+  median = RepVGG(net, num_classes=3, norm="oabn", oabn_form="median", oabn_tau=4.0)
   v = random_variables(median, x)
   check_settings(median, v)
   with pytest.raises(ValueError, match=r"bn/tau=4\.0 \(and 9 more\) but the model "
                                        r"config says 2\.0"):
-    check_settings(RepVGG(net, num_classes=3, norm="oabn", oabn_tau=2.0), v)
+    check_settings(RepVGG(net, num_classes=3, norm="oabn", oabn_form="median", oabn_tau=2.0), v)
   with pytest.raises(ValueError, match=r"tau=4\.0 \(and 9 more\) but the model \(norm='bn'.*has no such"):
     check_settings(RepVGG(net, num_classes=3), v)
   branch = RepVGG(net, num_classes=3, norm="oabn", oabn_form="branch", oabn_tau=3.0)
@@ -243,7 +243,8 @@ def test_oabn_removes_merged_kernel_outliers_and_stays_exact():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
   stats = {}
   for norm in ("bn", "oabn"):
-    model = RepVGG(net, num_classes=5, norm=norm, oabn_bound="clip", oabn_tau=2.0)
+    model = RepVGG(net, num_classes=5, norm=norm, oabn_form="median", oabn_bound="clip",
+                   oabn_tau=2.0)
     v = random_variables(model, x, tiny_var_channels=1)
     y_deploy = RepVGG(net, num_classes=5, norm=norm, deploy=True).apply(rv.merge(v), x)
     assert rel_err(model.apply(v, x), y_deploy) <= 1e-5

@@ -87,13 +87,13 @@ def test_fp_stage_logs_and_trains_with_the_penalty(tmp_path):
 
 
 def test_init_from_with_other_oabn_settings_names_both(tmp_path):
-  cfg = tiny.tiny_config()  # OABN, median form, tau 4
+  cfg = tiny.tiny_config()  # OABN, branch form, tau 0 = the form's default 3
   cfg.quant.method = "none"
   pipeline.run(cfg, str(tmp_path / "fp"))
   other = tiny.tiny_config()
   other.model.oabn_tau = 2.0
   other.init_from = str(tmp_path / "fp" / "checkpoints" / "fp")
-  with pytest.raises(ValueError, match=r"init_from=.*tau=4\.0 \(and \d+ more\) but the model "
+  with pytest.raises(ValueError, match=r"init_from=.*bound_tau=3\.0 \(and \d+ more\) but the model "
                                        r"config says 2\.0"):
     pipeline.run(other, str(tmp_path / "qat"))
   assert not os.path.exists(tmp_path / "qat" / "checkpoints" / "qat")

@@ -15,11 +15,12 @@ from _util import random_variables, rel_err
 TINY = Variant((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, se=True)
 # Every norm / block / OABN form and bound the model has.
 SETTINGS = ([dict(norm="bn")]
-            + [dict(norm="oabn", oabn_bound=b, oabn_relative=r, oabn_tau=t)
+            + [dict(norm="oabn", oabn_form="median", oabn_bound=b, oabn_relative=r, oabn_tau=t)
                for b in ("clip", "tanh") for r, t in ((True, 1.5), (False, 0.8))]
             + [dict(norm="oabn", oabn_form="branch", oabn_bound=b, oabn_tau=t)
                for b, t in (("clip", 1.0), ("tanh", 2.0))]
-            + [dict(norm="bn", block="qarepvgg"), dict(norm="oabn", block="qarepvgg")])
+            + [dict(norm="bn", block="qarepvgg"),
+               dict(norm="oabn", oabn_form="median", block="qarepvgg")])
 
 
 def _images(size, n=2, seed=1):

@@ -70,6 +70,20 @@ def test_validate_refuses_the_branch_form_on_qarepvgg_blocks():
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize("form, tau, expected", [
+    ("branch", 0.0, 3.0), ("median", 0.0, 4.0), ("median", 2.5, 2.5)])
+def test_resolve_fills_in_the_forms_default_tau(form, tau, expected):
+  cfg = tiny.tiny_config()
+  cfg.model.oabn_form, cfg.model.oabn_tau = form, tau
+  resolved = config_lib.resolve(cfg)
+  assert resolved.model.oabn_tau == expected and cfg.model.oabn_tau == tau
+  assert build_model(resolved.model, 3, deploy=False).bound_tau == expected
+  assert build_model(cfg.model, 3, deploy=False).bound_tau == expected  # unresolved: same
+  cfg.model.oabn_tau = -1.0
+  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_tau=-1.0 must be >= 0"):
+    config_lib.validate(cfg)
+
+
 def test_command_line_overrides_blocks_and_widths(monkeypatch):
   cfg = _parse(monkeypatch, "--config.model.blocks=(1,2,3,1)",
                "--config.model.widths=(0.5,0.5,1,1)")
@@ -320,7 +334,7 @@ def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
     load_variables(path, other)
   bn = cfg.model.copy_and_resolve_references()
   bn.norm = "bn"
-  with pytest.raises(ValueError, match="unexpected batch_stats/stem/conv_kxk/bn/tau"):
+  with pytest.raises(ValueError, match="unexpected batch_stats/stem/bound_tau"):
     load_variables(path, shapes(build_model(bn, 10, deploy=False)))
 
 

@@ -73,9 +73,26 @@ def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(run, 
   atomic_write_text(path, json.dumps(record))
   pipeline.run(tiny.tiny_config(), dest)  # resumes: model.block is at its default
   cfg = tiny.tiny_config()
-  cfg.model.block = "qarepvgg"  # and the record now holds the field
+  cfg.model.block, cfg.model.oabn_form = "qarepvgg", "median"  # and the record holds the field
   with pytest.raises(workdir_lib.StaleWorkdir, match=r"model.block: 'repvgg' -> 'qarepvgg'"):
     pipeline.run(cfg, dest)
+
+
+def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(run, tmp_path):
+  # An older version's workdir has checkpoints but no <stage>.json: the restore finds out.
+  dest = _copy(run, tmp_path)
+  for stage in workdir_lib.STAGES:
+    os.remove(os.path.join(dest, "checkpoints", f"{stage}.json"))
+  cfg = tiny.tiny_config()
+  cfg.model.norm = "bn"
+  with pytest.raises(ValueError, match=r"checkpoints in .*/fp are of another model than the "
+                                       r"configured one \(10 keys differ: unexpected batch_stats/"
+                                       r"stages_0_0/bound_smooth; .*\(and 8 more\)\); pass a new "
+                                       r"--workdir"):
+    pipeline.run(cfg, dest)
+  assert not os.path.exists(os.path.join(dest, "checkpoints", "fp.json"))  # vouches for nothing
+  pipeline.run(tiny.tiny_config(), dest)  # its own config resumes, and records it
+  assert os.path.exists(os.path.join(dest, "checkpoints", "fp.json"))
 
 
 def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
@@ -85,6 +102,17 @@ def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
     assert workdir_lib.fingerprint(a, stage) == workdir_lib.fingerprint(b, stage)
   b.model.norm = "bn"
   assert workdir_lib.fingerprint(a, "fp") != workdir_lib.fingerprint(b, "fp")
+
+
+def test_oabn_settings_do_not_tell_two_bn_runs_apart():
+  # A BN run recorded when the default OABN form was another resumes; an OABN run does not.
+  old, new = tiny.tiny_config(), tiny.tiny_config()
+  old.model.oabn_form, old.model.oabn_tau = "median", 4.0
+  for norm, changed in (("bn", []), ("oabn", ["model.oabn_form: 'median' -> 'branch'",
+                                              "model.oabn_tau: 4.0 -> 0.0"])):
+    old.model.norm = new.model.norm = norm
+    assert workdir_lib._changes(workdir_lib.fingerprint(old, "fp"),
+                                workdir_lib.fingerprint(new, "fp")) == changed
 
 
 def test_discard_stale_moves_stages_aside_and_trains_them_again(run, tmp_path):

@@ -31,7 +31,7 @@ import flax.linen as nn
 
 from repvgg_jax.nn import conv as conv_lib
 from repvgg_jax.nn.act_quant import ActQuant
-from repvgg_jax.nn.oabn import BOUNDS, BRANCH_KEYS, FORMS, OABN, branch_bound
+from repvgg_jax.nn.oabn import BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, branch_bound
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
@@ -211,11 +211,13 @@ class RepVGG(nn.Module):
     norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
-    oabn_form: ``"median"`` (each BN bounds its scales) or ``"branch"`` (each
-      block bounds its 1x1 and identity taps per channel; ``block="repvgg"``).
+    oabn_form: ``"branch"`` (the default: each block bounds its 1x1 and identity
+      taps per channel; ``block="repvgg"`` only) or ``"median"`` (each BN bounds
+      its scales).
     oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``nn/oabn.py``);
-      ``oabn_tau`` is the multiple of the layer's median ``|s|`` (``median``)
-      or of the channel's 3x3 rms (``branch``).
+      ``oabn_tau`` is the multiple of the channel's 3x3 rms (``branch``) or of
+      the layer's median ``|s|`` (``median``); None = the form's
+      ``DEFAULT_TAU`` (branch 3, median 4), see :attr:`bound_tau`.
     deploy: single-conv deploy form (the output of :func:`repvgg_jax.merge`).
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
@@ -233,9 +235,9 @@ class RepVGG(nn.Module):
   num_classes: int = 1000
   norm: str = "bn"
   block: str = "repvgg"
-  oabn_form: str = "median"
+  oabn_form: str = "branch"
   oabn_bound: str = "tanh"
-  oabn_tau: float = 4.0
+  oabn_tau: float | None = None
   oabn_relative: bool = True
   deploy: bool = False
   cifar_stem: bool = False
@@ -248,13 +250,18 @@ class RepVGG(nn.Module):
       return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                dtype=self.dtype)
     return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             form=self.oabn_form, bound=self.oabn_bound, tau=self.oabn_tau,
+                             form=self.oabn_form, bound=self.oabn_bound, tau=self.bound_tau,
                              relative=self.oabn_relative, dtype=self.dtype)
+
+  @property
+  def bound_tau(self) -> float:
+    """The OABN tau in use: ``oabn_tau``, or the form's default when it is None."""
+    return DEFAULT_TAU[self.oabn_form] if self.oabn_tau is None else self.oabn_tau
 
   def branch_bound(self) -> tuple[float, bool] | None:
     """``(tau, smooth)`` of OABN's ``branch`` form, None for every other model."""
     if self.norm == "oabn" and self.oabn_form == "branch":
-      return self.oabn_tau, self.oabn_bound == "tanh"
+      return self.bound_tau, self.oabn_bound == "tanh"
     return None
 
   @nn.compact
@@ -343,7 +350,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
-  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "median"))
+  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "branch"))
   if not (isinstance(num_classes, int) and num_classes > 0):
     raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
   bound = kwargs.get("oabn_bound", "tanh")
@@ -356,8 +363,8 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
   if act_bits and not (isinstance(act_bits, int) and 2 <= act_bits <= 8 and deploy):
     raise ValueError(f"act_bits={act_bits!r}: expected 0 (float activations) or an int in "
                      f"2..8 with deploy=True")
-  tau = kwargs.get("oabn_tau", 4.0)
-  if not tau > 0:
-    raise ValueError(f"oabn_tau={tau!r}: must be > 0")
+  tau = kwargs.get("oabn_tau")
+  if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
+    raise ValueError(f"oabn_tau={tau!r}: must be > 0 (or None: the form's default)")
   return RepVGG(VARIANTS[_BY_KEY[key]], num_classes=num_classes, norm=norm,
                 deploy=deploy, **kwargs)

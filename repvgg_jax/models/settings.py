@@ -22,7 +22,7 @@ def expected_records(model: RepVGG) -> dict[str, Any]:
   bounds, QARepVGG identity gains), per entry name, as :func:`check_settings` compares them."""
   out = {}
   if model.norm == "oabn" and model.oabn_form == "median":
-    out.update(zip(BOUND_KEYS, (model.oabn_tau, model.oabn_relative, model.oabn_bound == "tanh")))
+    out.update(zip(BOUND_KEYS, (model.bound_tau, model.oabn_relative, model.oabn_bound == "tanh")))
   if model.branch_bound() is not None:
     out.update(zip(BRANCH_KEYS, model.branch_bound()))
   if model.block == "qarepvgg":
@@ -75,5 +75,5 @@ def _describe(model: RepVGG) -> str:
   if model.norm == "bn":
     return f"norm='bn', block={model.block!r}"
   return (f"norm='oabn', block={model.block!r}, oabn_form={model.oabn_form!r}, "
-          f"oabn_tau={model.oabn_tau}, oabn_bound={model.oabn_bound!r}, "
+          f"oabn_tau={model.bound_tau}, oabn_bound={model.oabn_bound!r}, "
           f"oabn_relative={model.oabn_relative}")

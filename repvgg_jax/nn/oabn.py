@@ -42,6 +42,8 @@ import flax.linen as nn
 
 BOUNDS = ("clip", "tanh")
 FORMS = ("median", "branch")
+# The tau a model uses when none is given, per form (docs/oabn.md: the study's choices).
+DEFAULT_TAU = {"median": 4.0, "branch": 3.0}
 # Keys OABN adds to flax.linen.BatchNorm's batch_stats ("mean", "var") with form="median".
 BOUND_KEYS = ("tau", "relative", "smooth")
 # Keys a block with form="branch" keeps in its own batch_stats.

@@ -91,9 +91,37 @@ class StageCheckpoints:
         items["meta"] = ocp.args.JsonRestore()
       return ocp.args.Composite(**items)
 
-    step, out = self._restore_readable(step, args)
+    try:
+      step, out = self._restore_readable(step, args)
+    except ValueError as e:
+      mismatch = self._tree_mismatch(target)
+      if mismatch:
+        raise ValueError(mismatch) from e
+      raise
     meta = out["meta"] if self._has_item(step, "meta") else {}
     return flax.serialization.from_state_dict(state, out["state"]), out["data"], meta or {}
+
+  def _tree_mismatch(self, target: Any) -> str | None:
+    """A short message naming the keys by which the latest checkpoint's state differs
+    from ``target`` (another model's checkpoint), or None when they agree or the
+    checkpoint's metadata cannot be read."""
+    try:
+      saved = self.manager.item_metadata(self.latest_step())["state"].tree
+    except Exception:  # damaged metadata: the restore error says more
+      return None
+    keys = lambda tree: {"/".join(map(str, k)) for k in flax.traverse_util.flatten_dict(
+        tree, is_leaf=lambda _, v: not isinstance(v, dict))}
+    have, want = keys(saved), keys(target)
+    if have == want:
+      return None
+    missing = [f"missing {k}" for k in sorted(want - have)]
+    unexpected = [f"unexpected {k}" for k in sorted(have - want)]
+    named = missing[:2] + unexpected[:2]
+    n = len(missing) + len(unexpected)
+    more = f" (and {n - len(named)} more)" if n > len(named) else ""
+    return (f"the checkpoints in {self.directory} are of another model than the configured "
+            f"one ({n} keys differ: {'; '.join(named)}{more}); pass a new "
+            f"--workdir, or move {self.directory} aside")
 
   def restore_host(self, step: int | None = None) -> dict:
     """The saved state dict at ``step`` (default: the latest) as numpy, in its saved structure."""

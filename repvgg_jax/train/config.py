@@ -38,11 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "RepVGG-A0"          # a zoo name or "tiny" (blocks 1,1,1,1, widths 0.25)
   c.model.norm = "bn"                 # "bn" | "oabn"
   c.model.block = "repvgg"            # "repvgg" | "qarepvgg" (one BN after the branch sum)
-  # OABN (docs/oabn.md): "median" bounds each BN's scales by oabn_tau x the layer's
-  # median; "branch" bounds each channel's 1x1 + identity centre taps by oabn_tau x
-  # the rms of its 3x3 branch.
-  c.model.oabn_form = "median"
-  c.model.oabn_tau = 4.0
+  # OABN (docs/oabn.md): "branch" bounds each channel's 1x1 + identity centre taps by
+  # oabn_tau x the rms of its 3x3 branch; "median" bounds each BN's scales by oabn_tau x
+  # the layer's median. oabn_tau 0 = the form's default (branch 3, median 4).
+  c.model.oabn_form = "branch"
+  c.model.oabn_tau = 0.0
   c.model.oabn_bound = "tanh"         # "tanh" (smooth) | "clip"
   c.model.oabn_relative = True        # median form: tau x median (True) or tau itself
   c.model.cifar_stem = False          # stride 1 in the stem and stage 1, for 28-32 px inputs
@@ -182,7 +182,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   enum("model.block", cfg.model.block, STYLES)
   enum("model.oabn_form", cfg.model.oabn_form, FORMS)
   enum("model.oabn_bound", cfg.model.oabn_bound, BOUNDS)
-  positive("model.oabn_tau", cfg.model.oabn_tau)
+  positive("model.oabn_tau", cfg.model.oabn_tau, zero_ok=True)
   if not isinstance(cfg.model.oabn_relative, bool):
     problems.append(f"model.oabn_relative={cfg.model.oabn_relative!r} must be True or False")
   if cfg.model.norm in NORMS and cfg.model.block in STYLES and cfg.model.oabn_form in FORMS:
@@ -273,14 +273,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates ``cfg`` and returns a locked copy with warmups shortened to fit their stage.
+  """Validates ``cfg`` and returns a locked copy with the defaults that depend on other
+  fields filled in, and warmups shortened to fit their stage.
 
-  A ``warmup_steps`` of at least ``num_steps`` (a short run of a long recipe,
-  e.g. ``--config.fp.num_steps=50`` with the demo's 100 warmup steps) becomes
-  ``num_steps // 10``, with a log line; the report states the value used.
+  ``model.oabn_tau`` 0 becomes the form's default (``nn.oabn.DEFAULT_TAU``), so the
+  workdir records and the report state the number. A ``warmup_steps`` of at least
+  ``num_steps`` (a short run of a long recipe, e.g. ``--config.fp.num_steps=50``
+  with the demo's 100 warmup steps) becomes ``num_steps // 10``, with a log line;
+  the report states the value used.
   """
+  from repvgg_jax.nn.oabn import DEFAULT_TAU
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
+  if not cfg.model.oabn_tau:
+    cfg.model.oabn_tau = DEFAULT_TAU[cfg.model.oabn_form]
   for stage in ("fp", "qat"):
     s = cfg[stage]
     if s.warmup_steps >= s.num_steps:

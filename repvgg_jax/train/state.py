@@ -50,7 +50,7 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   merged one with activation fake-quant when ``act_bits``)."""
   dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, block=model_cfg.block,
-            oabn_form=model_cfg.oabn_form, oabn_tau=model_cfg.oabn_tau,
+            oabn_form=model_cfg.oabn_form, oabn_tau=model_cfg.oabn_tau or None,
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
             deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
   if model_cfg.name.lower() == "tiny":

@@ -60,13 +60,23 @@ def fingerprint(cfg: Any, stage: str) -> dict[str, Any]:
           if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)}
 
 
+def _unused(flat: dict) -> set[str]:
+  """The fields of a fingerprint that its other fields make irrelevant: the OABN
+  settings of a model with plain BN."""
+  if flat.get("model.norm") != "bn":
+    return set()
+  return {k for k in flat if k.startswith("model.oabn_")}
+
+
 def _changes(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
   """The fields that differ; a field absent from ``old`` (a record written before
-  the field existed) is unchanged when ``new`` has its default (``defaults``)."""
+  the field existed) is unchanged when ``new`` has its default (``defaults``), and
+  a field irrelevant to both (``_unused``) is unchanged."""
   missing = "(absent)"
   defaults = defaults or {}
+  keys = (set(old) | set(new)) - (_unused(old) & _unused(new))
   return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-          for k in sorted(set(old) | set(new))
+          for k in sorted(keys)
           if old.get(k, missing) != new.get(k, missing)
           and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
@@ -91,6 +101,9 @@ class Stages:
     self.fingerprints = {s: fingerprint(cfg, s) for s in STAGES}
     self._defaults = {s: fingerprint(base_config(), s) for s in STAGES}
     self._running: dict[str, tuple[float, float]] = {}
+    # Stages with checkpoints but no record (an older version's workdir): recorded only
+    # once they finish, so a failed restore does not vouch for checkpoints it never read.
+    self._unverified: set[str] = set()
     stale = self._stale(stages)
     if stale and not discard_stale:
       raise StaleWorkdir(self._refusal(stale))
@@ -163,10 +176,14 @@ class Stages:
 
   def start(self, stage: str) -> None:
     """Records the stage's fingerprint (before its first checkpoint) and starts its clock."""
-    record = self._read(stage) or {}
+    record = self._read(stage)
+    if record is None and os.path.isdir(self.ckpt_dir(stage)):
+      self._unverified.add(stage)
+    record = record or {}
     same = record.get("config") == self.fingerprints[stage]
     self._running[stage] = (record.get("seconds", 0.0) if same else 0.0, time.time())
-    self._save(stage, self._running[stage][0])
+    if stage not in self._unverified:
+      self._save(stage, self._running[stage][0])
 
   def stop(self, stage: str) -> float:
     """Stops the stage's clock; returns its seconds summed over invocations."""
@@ -176,6 +193,10 @@ class Stages:
     return seconds
 
   def close(self) -> None:
-    """Adds the time of a stage that stopped on an error or SIGTERM (a SIGKILL loses it)."""
+    """Adds the time of a stage that stopped on an error or SIGTERM (a SIGKILL loses it);
+    an unverified stage that did not finish stays without a record."""
     for stage in list(self._running):
-      self.stop(stage)
+      if stage in self._unverified:
+        self._running.pop(stage)
+      else:
+        self.stop(stage)
