@@ -15,7 +15,9 @@ Each regime trains FP rows at ``--seeds`` seeds; from each FP checkpoint
 (``init_from``) the quantization rows: W8A8 PTQ (min-max, MSE), W4A8 PTQ,
 LSQ and ClusterQAT at W4A8/W3A8/W2A8, ClusterQAT W4/W2 with float
 activations; stem and head at ``--first_last_bits``. W8A8 min-max PTQ and
-W2A8 ClusterQAT run on every FP seed, the others on seed 0. A regime the
+W2A8 ClusterQAT run on every FP seed, and for ``bn`` and ``oabn_branch`` (the
+goals compare them over seeds) W4A8 PTQ MSE and W4A8/W3A8 ClusterQAT too; the
+other rows on seed 0. A regime the
 installed ``repvgg_jax`` config cannot express is refused, naming its field.
 
 Each row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>``: a row

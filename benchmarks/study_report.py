@@ -173,8 +173,10 @@ def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str
       f"data: {data}",
       f"- Steps: FP {s['fp_steps']} (eval every {s['fp_eval_every']}), QAT {s['qat_steps']}; "
       f"batch {s['batch_size']}; stem/head at {s['first_last_bits']} bits; FP seeds "
-      f"{s['seeds']} (W8A8 min-max PTQ and W2A8 ClusterQAT on each, the other rows on seed 0; "
-      "a quantization row starts from the FP checkpoint of its regime and seed)",
+      f"{s['seeds']} (W8A8 min-max PTQ and W2A8 ClusterQAT on each; for "
+      f"{', '.join(sr.GOAL_REGIMES)} also W4A8 PTQ MSE and W4A8/W3A8 ClusterQAT; the other "
+      "rows on seed 0; a quantization row starts from the FP checkpoint of its regime and "
+      "seed)",
       f"- Regimes (overrides of the base config): {regimes}",
       f"- Rows finished: {done} of {len(rows)} ({sum(diverged.values())} diverged); median "
       "wall seconds per row: " + (", ".join(f"{k} {np.median(v):.0f} (n={len(v)})"

@@ -62,6 +62,10 @@ QUANT_ROWS = {
 }
 # Quantization rows run on every FP seed; the others on seed 0 only.
 EVERY_SEED = ("w8a8_ptq_minmax", "cluster_w2a8")
+# The goals compare the default OABN with BN over seeds on these rows too: they run on
+# every seed for GOAL_REGIMES (after the EVERY_SEED rows).
+GOAL_REGIMES = ("bn", "oabn_branch")
+GOAL_ROWS = ("w4a8_ptq_mse", "cluster_w4a8", "cluster_w3a8")
 # The order rows run in, so that a partial study already compares the regimes.
 SEED0_FIRST = ("w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
                "lsq_w4a8", "cluster_w3a8", "lsq_w3a8")
@@ -100,12 +104,15 @@ class Row:
 def make_rows(seeds: int, regimes=REGIMES) -> list[Row]:
   """Every row, in the order they run: seed 0 of every regime first (FP, then the
   quantization rows in SEED0_FIRST order, each across the regimes), then the FP,
-  W8A8 min-max and W2A8 ClusterQAT rows of the other seeds, then SEED0_LAST."""
+  W8A8 min-max and W2A8 ClusterQAT rows of the other seeds, then their GOAL_ROWS of
+  GOAL_REGIMES, then SEED0_LAST."""
   unknown = [r for r in regimes if r not in REGIMES]
   if unknown:
     raise ValueError(f"regimes {unknown} not in {REGIMES}")
   rows = [Row(g, q, 0) for q in ("fp",) + SEED0_FIRST for g in regimes]
   rows += [Row(g, q, s) for s in range(1, seeds) for q in ("fp",) + EVERY_SEED for g in regimes]
+  rows += [Row(g, q, s) for s in range(1, seeds) for q in GOAL_ROWS for g in regimes
+           if g in GOAL_REGIMES]
   rows += [Row(g, q, 0) for q in SEED0_LAST for g in regimes]
   return rows
 

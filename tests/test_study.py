@@ -21,6 +21,7 @@ def test_row_order_and_names():
   expected = [f"{q}_{g}_s0" for q in SEED0 for g in ("bn", "kure")]
   expected += [f"{q}_{g}_s1" for q in ("fp", "w8a8_ptq_minmax", "cluster_w2a8")
                for g in ("bn", "kure")]
+  expected += [f"{q}_bn_s1" for q in sr.GOAL_ROWS]  # kure is not a goal regime
   expected += [f"{q}_{g}_s0" for q in ("w8a8_ptq_mse", "cluster_w4", "cluster_w2")
                for g in ("bn", "kure")]
   assert names == expected
@@ -28,11 +29,12 @@ def test_row_order_and_names():
 
 def test_every_quant_row_once_per_regime_on_seed_0_and_seeded_rows_on_every_seed():
   rows = sr.make_rows(3)
-  assert len(rows) == len(set(rows)) == 6 * (1 + len(sr.QUANT_ROWS)) + 6 * 2 * 3
+  assert len(rows) == len(set(rows)) == 6 * (1 + len(sr.QUANT_ROWS)) + 6 * 2 * 3 + 2 * 2 * 3
   for g in sr.REGIMES:
-    for q in ("fp",) + sr.EVERY_SEED:
+    seeded = sr.EVERY_SEED + (sr.GOAL_ROWS if g in sr.GOAL_REGIMES else ())
+    for q in ("fp",) + seeded:
       assert [r.seed for r in rows if (r.regime, r.quant) == (g, q)] == [0, 1, 2]
-    for q in set(sr.QUANT_ROWS) - set(sr.EVERY_SEED):
+    for q in set(sr.QUANT_ROWS) - set(seeded):
       assert [r.seed for r in rows if (r.regime, r.quant) == (g, q)] == [0]
   # Every quantization row comes after the FP row it starts from.
   order = {r: i for i, r in enumerate(rows)}
@@ -193,7 +195,7 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   assert "| W2A8 ClusterQAT | oabn_median | 1 | 88.00 | 88.00 | -3.00 | 1 |" in text
   assert "| W2A8: ClusterQAT − LSQ | +12.00 (std 2.83 / n=1) | — |" in text
   assert "| W2A8 ClusterQAT: regime − BN |  | +6.00 (std n=1 / 2.83) |" in text
-  assert "Rows finished: 9 of 30 (1 diverged)" in text
+  assert "Rows finished: 9 of 33 (1 diverged)" in text
   assert "- Command: `python benchmarks/study.py --smoke`" in text
   assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
 
