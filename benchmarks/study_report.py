@@ -93,16 +93,16 @@ def convergence(workdir: str, regime: str, seeds) -> str:
   return text + (f" ({acc[1] - acc[0]:+.2f})" if len(acc) == 2 else "")
 
 
-def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
-  """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
-  finished: a stage in progress has checkpoints of a half-trained model)."""
+def fp_variables(workdir: str, regime: str, s: dict, seed: int = 0) -> dict | None:
+  """Train-form variables of the FP row of ``regime`` at ``seed`` (None before that row
+  has finished: a stage in progress has checkpoints of a half-trained model)."""
   from repvgg_jax import data
   from repvgg_jax.train import pipeline
   from repvgg_jax.train.state import build_model, init_variables
-  path = sr.fp_ckpt_dir(workdir, regime, 0)
-  if sr.status(workdir, sr.Row(regime, "fp", 0)) != "report":
+  path = sr.fp_ckpt_dir(workdir, regime, seed)
+  if sr.status(workdir, sr.Row(regime, "fp", seed)) != "report":
     return None
-  cfg = sr.row_config(sr.Row(regime, "fp", 0), s, workdir)
+  cfg = sr.row_config(sr.Row(regime, "fp", seed), s, workdir)
   loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
   model = build_model(cfg.model, loader.num_classes, deploy=False)
   try:
@@ -206,15 +206,15 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
        "Worst: over all channels and layers, with the branch whose folded contribution is "
        "largest at that weight; 3x3 alone: the same with the identity and 1x1 taps left out. "
        "Per tensor (`analysis.outlier_stats`): max|w - mean|/std and kurtosis, maxima over "
-       "layers.", "",
+       "layers. Every seed: the worst max/rms of each finished FP seed.", "",
        "| regime | worst max/rms | layer | channel | branch | worst 3x3 alone | channels by "
-       "branch of the max (3x3 / 1x1 / identity) | max abs/std | kurtosis |",
-       "|---|---:|---|---:|---|---:|---|---:|---:|"]
+       "branch of the max (3x3 / 1x1 / identity) | max abs/std | kurtosis | every seed |",
+       "|---|---:|---|---:|---|---:|---|---:|---:|---|"]
   figures, tables, dump, zeros = [], [], {}, {}
   for g in s["regimes"]:
     variables = fp_variables(workdir, g, s)
     if variables is None:
-      L.append(f"| {g} | — | | | | | | | |")
+      L.append(f"| {g} | — | | | | | | | | |")
       continue
     per_layer = analysis.channel_outliers(variables)
     c = analysis.channel_outlier_summary(per_layer)
@@ -225,9 +225,14 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
     dump[g] = {"channels": c, "tensors": t, "zero_fraction": zeros[g]}
     counts = " / ".join(str(c["branch_counts"].get(b, 0)) for b in analysis.BRANCHES)
     r3 = "—" if c["worst_ratio_3x3"] is None else f"{c['worst_ratio_3x3']:.2f}"
+    worst = [c["worst_ratio"]] + [
+        analysis.channel_outlier_summary(analysis.channel_outliers(v))["worst_ratio"]
+        for v in (fp_variables(workdir, g, s, seed) for seed in range(1, s["seeds"]))
+        if v is not None]
+    dump[g]["worst_ratio_per_seed"] = worst
     L.append(f"| {g} | {c['worst_ratio']:.2f} | {c['worst_layer']} | {c['worst_channel']} | "
              f"{c['worst_branch']} | {r3} | {counts} | {t['max_over_std']:.1f} | "
-             f"{t['kurtosis']:.1f} |")
+             f"{t['kurtosis']:.1f} | {' / '.join(f'{w:.2f}' for w in worst)} |")
     png = f"{stem}_channels_{g}.png"
     atomic_write(os.path.join(out_dir, png),
                  lambda tmp: analysis.plot_channel_outliers(per_layer, tmp, title=g))
