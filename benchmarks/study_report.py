@@ -274,22 +274,29 @@ def _accuracy_section(s: dict, reports: dict, diverged: dict, fp_merged: dict) -
   return L + [""]
 
 
-def _diff(a: list[float], b: list[float]) -> str:
-  if not a or not b:
+def _diff(a: dict, b: dict) -> str:
+  """Mean of ``a`` minus mean of ``b`` ({seed: accuracy}) over the seeds both ran on,
+  in points, with n and each side's sample std when n > 1."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
     return "—"
-  text = f"{100 * (np.mean(a) - np.mean(b)):+.2f}"
-  stds = [f"{100 * np.std(v, ddof=1):.2f}" if len(v) > 1 else "" for v in (a, b)]
-  if any(stds):
-    text += f" (std {stds[0] or 'n=1'} / {stds[1] or 'n=1'})"
+  x, y = [a[k] for k in seeds], [b[k] for k in seeds]
+  text = f"{100 * (np.mean(x) - np.mean(y)):+.2f}"
+  if len(seeds) > 1:
+    text += (f" (n={len(seeds)}, std {100 * np.std(x, ddof=1):.2f} / "
+             f"{100 * np.std(y, ddof=1):.2f})")
   return text
 
 
 def _comparison_section(s: dict, reports: dict) -> list[str]:
   regimes = s["regimes"]
-  packed = lambda q, g: accuracies(reports.get((q, g), {}), "packed")  # noqa: E731
+  def packed(q: str, g: str) -> dict:
+    return {seed: a for seed, r in reports.get((q, g), {}).items()
+            if (a := accuracy(r, "packed")) is not None}
   L = ["## Comparisons", "",
-       "Differences of mean packed accuracy (points); where a side ran on more than one seed "
-       "its sample std is given beside (first side / second side).", "",
+       "Differences of mean packed accuracy (points) over the seeds both sides ran on; where "
+       "that is more than one seed, n and each side's sample std over them (first side / "
+       "second side).", "",
        "| comparison | " + " | ".join(regimes) + " |", "|---|" + "---:|" * len(regimes)]
   for b in CURVE_BITS:
     L.append(f"| W{b}A8: ClusterQAT − LSQ | " + " | ".join(

@@ -193,8 +193,9 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   assert "| W2A8 ClusterQAT | bn | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | -9.00 | 0 |" in text
   # oabn_median ran seed 0 only (seed 1 diverged): its FP is seed 0's 91.
   assert "| W2A8 ClusterQAT | oabn_median | 1 | 88.00 | 88.00 | -3.00 | 1 |" in text
-  assert "| W2A8: ClusterQAT − LSQ | +12.00 (std 2.83 / n=1) | — |" in text
-  assert "| W2A8 ClusterQAT: regime − BN |  | +6.00 (std n=1 / 2.83) |" in text
+  # Comparisons pair seeds: bn's LSQ ran on seed 0 only, so its ClusterQAT seed 0 (80).
+  assert "| W2A8: ClusterQAT − LSQ | +10.00 | — |" in text
+  assert "| W2A8 ClusterQAT: regime − BN |  | +8.00 |" in text
   assert "Rows finished: 9 of 33 (1 diverged)" in text
   assert "- Command: `python benchmarks/study.py --smoke`" in text
   assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
@@ -213,3 +214,10 @@ def test_an_unfinished_fp_row_has_no_outlier_row(tmp_path):
   s = sr.settings(True, regimes=("bn",))
   os.makedirs(sr.fp_ckpt_dir(workdir, "bn", 0))
   assert study_report.fp_variables(workdir, "bn", s) is None
+
+
+def test_comparisons_pair_the_seeds_both_sides_ran_on():
+  # Seed 1 ran on one side only: it is left out of both means.
+  assert study_report._diff({0: .9, 1: .8, 2: .7}, {0: .5, 2: .6}) == \
+      "+25.00 (n=2, std 14.14 / 7.07)"
+  assert study_report._diff({1: .9}, {0: .5}) == "—"
