@@ -111,6 +111,13 @@ def fp_variables(workdir: str, regime: str, s: dict, seed: int = 0) -> dict | No
     return None
 
 
+def worst_per_seed(reports: dict, regime: str) -> list[float]:
+  """The worst merged-channel max/rms of each finished FP seed of ``regime``, in seed
+  order, from the summary ``pipeline.run`` writes into its report."""
+  return [r["channel_outliers"]["worst_ratio"] for _, r in sorted(
+      reports.get(("fp", regime), {}).items()) if "channel_outliers" in r]
+
+
 def plot_accuracy_vs_bits(reports: dict, fp_acc: dict, regimes, path: str) -> None:
   """Packed accuracy vs weight bits (A8) per regime, ClusterQAT solid and LSQ dashed,
   the regime's merged FP accuracy dotted; error bars: sample std over seeds."""
@@ -198,7 +205,8 @@ def _fp_section(workdir: str, s: dict, reports: dict, diverged: dict) -> list[st
   return L + [""]
 
 
-def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str]:
+def _outlier_section(workdir: str, s: dict, reports: dict, out_dir: str,
+                     stem: str) -> list[str]:
   from repvgg_jax import analysis
   L = ["## Merged-kernel outliers per regime (seed-0 FP checkpoint)", "",
        "Per output channel of every merged block kernel, `max|w| / rms(w)` "
@@ -225,10 +233,7 @@ def _outlier_section(workdir: str, s: dict, out_dir: str, stem: str) -> list[str
     dump[g] = {"channels": c, "tensors": t, "zero_fraction": zeros[g]}
     counts = " / ".join(str(c["branch_counts"].get(b, 0)) for b in analysis.BRANCHES)
     r3 = "—" if c["worst_ratio_3x3"] is None else f"{c['worst_ratio_3x3']:.2f}"
-    worst = [c["worst_ratio"]] + [
-        analysis.channel_outlier_summary(analysis.channel_outliers(v))["worst_ratio"]
-        for v in (fp_variables(workdir, g, s, seed) for seed in range(1, s["seeds"]))
-        if v is not None]
+    worst = worst_per_seed(reports, g)
     dump[g]["worst_ratio_per_seed"] = worst
     L.append(f"| {g} | {c['worst_ratio']:.2f} | {c['worst_layer']} | {c['worst_channel']} | "
              f"{c['worst_branch']} | {r3} | {counts} | {t['max_over_std']:.1f} | "
@@ -326,7 +331,7 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
        "findings marker is kept).", ""]
   L += _setup(study, workdir, reports, diverged)
   L += _fp_section(workdir, s, reports, diverged)
-  L += _outlier_section(workdir, s, out_dir, stem)
+  L += _outlier_section(workdir, s, reports, out_dir, stem)
   L += _accuracy_section(s, reports, diverged, fp_merged)
   L += _comparison_section(s, reports)
   if any(q.startswith(("cluster_w", "lsq_w")) and q.endswith("a8") for q, _ in reports):

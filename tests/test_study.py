@@ -221,3 +221,11 @@ def test_comparisons_pair_the_seeds_both_sides_ran_on():
   assert study_report._diff({0: .9, 1: .8, 2: .7}, {0: .5, 2: .6}) == \
       "+25.00 (n=2, std 14.14 / 7.07)"
   assert study_report._diff({1: .9}, {0: .5}) == "—"
+
+
+def test_worst_channel_per_seed_comes_from_the_fp_reports():
+  reports = {("fp", "bn"): {2: {"channel_outliers": {"worst_ratio": 30.0}},
+                            0: {"channel_outliers": {"worst_ratio": 40.0}},
+                            1: {"forms": {}}}}  # a report from before the summary existed
+  assert study_report.worst_per_seed(reports, "bn") == [40.0, 30.0]
+  assert study_report.worst_per_seed(reports, "kure") == []
