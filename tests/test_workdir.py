@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from repvgg_jax.train import pipeline, sharding, steps, workdir as workdir_lib
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
-from repvgg_jax.train.writers import MetricWriter
+from repvgg_jax.train.writers import MetricWriter, event_files, read_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -250,6 +251,32 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
   fp_steps = [r["step"] for r in rows if "fp/loss" in r]
   assert fp_steps == [1, 2, 3, 4, 5, 6]
   assert [r["step"] for r in rows if "qat/loss" in r] == [5]
+  # TensorBoard's events likewise: every step once per tag, the other stage's kept.
+  events = [(e.step, v.tag) for path in event_files(str(tmp_path)) for e in read_events(path)
+            for v in e.summary.value]
+  assert sorted(s for s, tag in events if tag == "fp/loss") == [1, 2, 3, 4, 5, 6]
+  assert [s for s, tag in events if tag == "qat/loss"] == [5]
+
+
+def test_a_resume_drops_an_event_record_cut_by_a_kill(tmp_path, monkeypatch):
+  # tensorboardX names event files by the second: all of these open in the same one.
+  monkeypatch.setattr(time, "time", lambda: 1.7e9)
+  writer = MetricWriter(str(tmp_path))
+  writer.discard_after("fp", 0)  # A fresh stage.
+  writer.write_scalars(1, {"fp/loss": 1.0})
+  writer.write_scalars(2, {"fp/loss": 0.5})
+  writer.close()
+  (path,) = event_files(str(tmp_path))
+  with open(path, "ab") as f:
+    f.write(b"\x40\x00\x00\x00")  # The start of a record a kill cut short.
+  writer.discard_after("fp", 1)
+  assert [(e.step, [v.tag for v in e.summary.value]) for e in read_events(path)
+          if e.summary.value] == [(1, ["fp/loss"])]
+  assert os.path.getsize(path) == sum(16 + e.ByteSize() for e in read_events(path))
+  writer.write_scalars(2, {"fp/loss": 0.25})  # The resumed stage, into a second file.
+  writer.close()
+  assert [(e.step, v.simple_value) for p in event_files(str(tmp_path)) for e in read_events(p)
+          for v in e.summary.value] == [(1, 1.0), (2, 0.25)]
 
 
 def test_stage_seconds_are_summed_over_invocations(tmp_path, monkeypatch):
