@@ -229,3 +229,53 @@ def test_worst_channel_per_seed_comes_from_the_fp_reports():
                             1: {"forms": {}}}}  # a report from before the summary existed
   assert study_report.worst_per_seed(reports, "bn") == [40.0, 30.0]
   assert study_report.worst_per_seed(reports, "kure") == []
+
+
+def test_sweep_tabulates_seed_0_of_studies_that_differ_in_one_setting(tmp_path):
+  from benchmarks import study_sweep
+  dirs = []
+  for tau, fp, w2 in ((6.0, 0.90, None), (1.5, 0.88, 0.85)):
+    d = str(tmp_path / f"tau{tau}")
+    sr.load_study(d, sr.settings(False, regimes=("oabn_branch",), seeds=1, branch_tau=tau),
+                  f"python benchmarks/study.py --branch_tau {tau}")
+    _report(d, sr.Row("oabn_branch", "fp", 0), fp=fp, merged=fp)
+    if w2 is not None:
+      _report(d, sr.Row("oabn_branch", "cluster_w2a8", 0), qat=w2, packed=w2)
+    dirs.append(d)
+  text = study_sweep.markdown(study_sweep.load(dirs, "branch_tau"), "branch_tau",
+                              command="python benchmarks/study_sweep.py ...")
+  lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+  assert lines[0].endswith("| W2A8 ClusterQAT |")  # the one quantization row either ran
+  # Sorted by the setting; a row the study did not run is a dash.
+  assert lines[1:] == ["| 1.5 | oabn_branch | 88.00 | 88.00 | — | — | — | 85.00 |",
+                       "| 6.0 | oabn_branch | 90.00 | 90.00 | — | — | — | — |"]
+  assert "`python benchmarks/study.py --branch_tau 6.0`" in text
+
+
+def test_sweep_refuses_studies_that_differ_in_another_setting(tmp_path):
+  from benchmarks import study_sweep
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  for d, steps in zip(dirs, (3000, 6000)):
+    sr.load_study(d, sr.settings(False, regimes=("bn",), seeds=1, fp_steps=steps), "")
+  with pytest.raises(ValueError, match="differ in fp_steps .* not only in branch_tau"):
+    study_sweep.load(dirs, "branch_tau")
+  with pytest.raises(ValueError, match="setting='tau'"):
+    study_sweep.load(dirs, "tau")
+  with pytest.raises(ValueError, match="not found"):
+    study_sweep.load([str(tmp_path / "none")], "fp_steps")
+  assert [s["settings"]["fp_steps"] for _, s in study_sweep.load(dirs[::-1], "fp_steps")] == \
+      [3000, 6000]
+
+
+def test_sweep_rows_are_chosen_and_named(tmp_path):
+  from benchmarks import study_sweep
+  d = str(tmp_path / "a")
+  sr.load_study(d, sr.settings(False, regimes=("bn",), seeds=1), "")
+  loaded = study_sweep.load([d], "fp_steps")
+  text = study_sweep.markdown(loaded, "fp_steps", rows=["w4a8_ptq_mse", "cluster_w2a8"])
+  assert "| W4A8 PTQ, MSE | W2A8 ClusterQAT |" in text
+  assert "| 3000 | bn | — | — | — | — | — | — | — |" in text  # its FP row has not run
+  with pytest.raises(ValueError, match="rows \\['w9'\\]"):
+    study_sweep.markdown(loaded, "fp_steps", rows=["w9"])
+  with pytest.raises(ValueError, match="regimes \\['bm'\\]"):
+    study_sweep.markdown(loaded, "fp_steps", regimes=["bm"])
