@@ -69,11 +69,9 @@ def markdown(loaded: list[tuple[str, dict]], setting: str, regimes=None, rows=No
     raise ValueError(f"rows {unknown} not in {list(sr.QUANT_ROWS)}")
   reports = {}  # (workdir, quant, regime) -> seed-0 report
   for d, study in loaded:
-    for q in ("fp", *sr.QUANT_ROWS):
-      for g in regimes:
-        row = sr.Row(g, q, 0)
-        if sr.status(d, row) == "report":
-          reports[d, q, g] = sr.read_json(os.path.join(d, row.name, "report.json"))
+    for (q, g), reps in study_report.collect(d, study["settings"])[0].items():
+      if g in regimes and 0 in reps:
+        reports[d, q, g] = reps[0]
   quants = rows or [q for q in sr.QUANT_ROWS if any(k[1] == q for k in reports)]
   head = [setting, "regime", "FP", "merged FP", "FP curve (last two evals)", "worst max/rms",
           "kurtosis"] + [sr.QUANT_ROWS[q][0] for q in quants]
