@@ -93,20 +93,21 @@ def convergence(workdir: str, regime: str, seeds) -> str:
   return text + (f" ({acc[1] - acc[0]:+.2f})" if len(acc) == 2 else "")
 
 
-def fp_variables(workdir: str, regime: str, s: dict, seed: int = 0) -> dict | None:
-  """Train-form variables of the FP row of ``regime`` at ``seed`` (None before that row
-  has finished: a stage in progress has checkpoints of a half-trained model)."""
+def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
+  """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
+  finished: a stage in progress has checkpoints of a half-trained model)."""
   from repvgg_jax import data
   from repvgg_jax.train import pipeline
   from repvgg_jax.train.state import build_model, init_variables
-  path = sr.fp_ckpt_dir(workdir, regime, seed)
-  if sr.status(workdir, sr.Row(regime, "fp", seed)) != "report":
+  row = sr.Row(regime, "fp", 0)
+  if sr.status(workdir, row) != "report":
     return None
-  cfg = sr.row_config(sr.Row(regime, "fp", seed), s, workdir)
+  cfg = sr.row_config(row, s, workdir)
   loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
   model = build_model(cfg.model, loader.num_classes, deploy=False)
   try:
-    return pipeline.load_variables(path, init_variables(model, loader.image_shape, cfg.seed))
+    return pipeline.load_variables(sr.fp_ckpt_dir(workdir, regime, 0),
+                                   init_variables(model, loader.image_shape, cfg.seed))
   except FileNotFoundError:
     return None
 
