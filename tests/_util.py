@@ -1,9 +1,27 @@
-"""Shared test helpers: variables with random, non-trivial values."""
+"""Shared test helpers: variables with random, non-trivial values; subprocess environments."""
+
+import os
 
 import jax
 import numpy as np
 
 from repvgg_jax.models.settings import expected_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The persistent compilation cache of the suite (conftest.py) and of its subprocesses:
+# a compilation made once is reused by every later test and run.
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+
+
+def subprocess_env(**extra):
+  """The environment of a test's Python subprocess: the repository on PYTHONPATH, the CPU
+  platform, the suite's compilation cache, and no XLA_FLAGS of this process (a test that
+  fakes devices passes its own); ``extra`` is added last."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
 
 
 def random_variables(model, x, seed=0, tiny_var_channels=0):

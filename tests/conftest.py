@@ -1,9 +1,22 @@
-import os
-import pathlib
+import sys
 
 import jax
+import pytest
 
+from _util import CACHE_DIR, ROOT
+
+sys.path.insert(0, ROOT)  # configs/
 # Re-used compilations across tests (and runs) keep the suite fast on 2 cores.
-_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(_CACHE)))
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A finished run of ``configs/tiny.py`` (FP 4 steps, merge, ClusterQAT 4 steps, export,
+  report), once per test process: ``(workdir, report)``. Tests that change the workdir
+  copy it first."""
+  from configs import tiny
+  from repvgg_jax.train import pipeline
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, pipeline.run(tiny.tiny_config(), workdir)

@@ -10,7 +10,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import ROOT, subprocess_env
+
 BLOCKED = ("ml_collections", "tensorflow_datasets", "grain", "tensorflow")
 
 _RUN = """
@@ -31,9 +32,7 @@ runpy.run_path({script!r}, run_name="__main__")
 
 def test_tiny_run_without_ml_collections_tfds_grain(tmp_path):
   out = str(tmp_path / "acc.json")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  env = subprocess_env()
   code = _RUN.format(blocked=BLOCKED, out=out,
                      script=os.path.join(ROOT, "benchmarks", "accelerator.py"))
   r = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path),

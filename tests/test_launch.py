@@ -12,14 +12,12 @@ from PIL import Image
 
 from repvgg_jax.train import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import demo  # noqa: E402
+from _util import ROOT, subprocess_env
+from configs import demo
 
 
 def _main(*args, timeout=120):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run([sys.executable, "launch/main.py", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "launch/main.py", *args], cwd=ROOT, env=subprocess_env(),
                         capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,24 +10,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  env.pop("XLA_FLAGS", None)
-  return env
+from _util import ROOT, subprocess_env
 
 
 def test_imagenet_w4_local_runs_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
                       "--config", os.path.join(ROOT, "configs", "imagenet_w4.py") + ":local",
-                      "--workdir", workdir], env=_env(), cwd=ROOT, capture_output=True,
+                      "--workdir", workdir], env=subprocess_env(), cwd=ROOT, capture_output=True,
                      text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
   report = json.load(open(os.path.join(workdir, "report.json")))
@@ -72,7 +62,7 @@ print("labels", sorted(int(x) for x in b["label"]))
 
 def test_local_dataset_is_written_and_read_without_tensorflow(tmp_path):
   r = subprocess.run([sys.executable, "-c", _WRITE_WITHOUT_TF, str(tmp_path / "tfds")],
-                     env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                     env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   labels = [int(x) for x in r.stdout.split("labels", 1)[1].strip(" []\n").split(",")]
   assert len(labels) == 4 and all(0 <= x < 10 for x in labels)

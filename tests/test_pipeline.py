@@ -1,18 +1,16 @@
 """End to end on tiny synthetic data: FP -> merge -> ClusterQAT -> packed export -> report.
 
-The whole pipeline runs once per module (the ``run`` fixture); its wall time is
+The whole pipeline runs once per test process (``tiny_run`` in conftest.py); its wall time is
 reported by ``pytest --durations`` rather than asserted, since a timed test
 fails on a loaded machine for no fault of the code.
 """
 
 import json
 import os
+import shutil
 import sys
 
-import pytest
-
 import repvgg_jax
-
 from repvgg_jax.train import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,14 +18,8 @@ sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pipeline"))
-  return workdir, pipeline.run(tiny.tiny_config(), workdir)
-
-
-def test_report_json_has_every_form(run):
-  workdir, _ = run
+def test_report_json_has_every_form(tiny_run):
+  workdir, _ = tiny_run
   with open(os.path.join(workdir, "report.json")) as f:
     forms = json.load(f)["forms"]
   for form in ("fp", "merged", "qat", "packed"):
@@ -35,13 +27,13 @@ def test_report_json_has_every_form(run):
   assert 0 < forms["packed"]["size_bytes"] < forms["merged"]["size_bytes"]
 
 
-def test_merge_keeps_train_form_accuracy(run):
-  forms = run[1]["forms"]
+def test_merge_keeps_train_form_accuracy(tiny_run):
+  forms = tiny_run[1]["forms"]
   assert abs(forms["fp"]["accuracy"] - forms["merged"]["accuracy"]) <= 1 / 64
 
 
-def test_workdir_has_report_figures_and_export(run):
-  workdir = run[0]
+def test_workdir_has_report_figures_and_export(tiny_run):
+  workdir = tiny_run[0]
   for name in ("report.md", "weight_histograms.png", "accuracy.png", "model.packed"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   assert "packed export" in open(os.path.join(workdir, "report.md")).read()
@@ -49,8 +41,8 @@ def test_workdir_has_report_figures_and_export(run):
   assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
 
 
-def test_report_has_the_merged_fp_models_channel_outliers(run):
-  workdir = run[0]
+def test_report_has_the_merged_fp_models_channel_outliers(tiny_run):
+  workdir = tiny_run[0]
   s = json.load(open(os.path.join(workdir, "report.json")))["channel_outliers"]
   assert s["worst_ratio"] >= s["worst_ratio_3x3"] > 1
   assert s["worst_branch"] in ("3x3", "1x1", "identity")
@@ -60,8 +52,9 @@ def test_report_has_the_merged_fp_models_channel_outliers(run):
   assert os.path.getsize(os.path.join(workdir, "channel_outliers.png")) > 0
 
 
-def test_rerun_resumes_finished_stages_without_training(run):
-  workdir = run[0]
+def test_rerun_resumes_finished_stages_without_training(tiny_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(tiny_run[0], workdir)
   before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
   cfg.quant.method = "none"
@@ -71,29 +64,29 @@ def test_rerun_resumes_finished_stages_without_training(run):
   assert "fp/loss" not in lines
 
 
-def test_qat_starts_from_an_fp_checkpoint_directory(run, tmp_path):
+def test_qat_starts_from_an_fp_checkpoint_directory(tiny_run, tmp_path):
   cfg = tiny.tiny_config()
-  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   report = pipeline.run(cfg, str(tmp_path))
-  assert report["forms"]["fp"]["accuracy"] == run[1]["forms"]["fp"]["accuracy"]
+  assert report["forms"]["fp"]["accuracy"] == tiny_run[1]["forms"]["fp"]["accuracy"]
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "fp"))
 
 
-def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(run, tmp_path):
+def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(tiny_run, tmp_path):
   cfg = tiny.tiny_config()
-  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.qat.enabled = False
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
   assert "fp" not in forms and "accuracy" not in forms["merged"]
-  assert forms["merged"]["size_bytes"] == run[1]["forms"]["merged"]["size_bytes"]
+  assert forms["merged"]["size_bytes"] == tiny_run[1]["forms"]["merged"]["size_bytes"]
   assert 0.0 <= forms["packed"]["accuracy"] <= 1.0
   assert "| merged FP | W32A32 | not evaluated |" in open(os.path.join(tmp_path, "report.md")).read()
 
 
-def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(run, tmp_path):
+def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(tiny_run, tmp_path):
   cfg = tiny.tiny_config()
-  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.quant.act_bits, cfg.quant.int8_levels = 8, True
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
@@ -107,9 +100,9 @@ def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(run, tmp_path):
   assert "| model.stablehlo | W4A8 |" in open(os.path.join(tmp_path, "report.md")).read()
 
 
-def test_w8a8_ptq_from_the_command_line_config(run, tmp_path):
+def test_w8a8_ptq_from_the_command_line_config(tiny_run, tmp_path):
   cfg = tiny.tiny_config()
-  cfg.init_from = os.path.join(run[0], "checkpoints", "fp")
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms, cfg.qat.enabled = False, False
   cfg.quant.method, cfg.quant.bits, cfg.quant.clipping = "uniform", 8, "mse"
   cfg.quant.act_bits, cfg.quant.act_calibration = 8, "mse"
@@ -119,8 +112,8 @@ def test_w8a8_ptq_from_the_command_line_config(run, tmp_path):
   assert "integer" in forms  # uniform grids are int8 grids
 
 
-def test_the_packed_file_describes_its_model(run):
-  deployed = repvgg_jax.load_packed(os.path.join(run[0], "model.packed"))
+def test_the_packed_file_describes_its_model(tiny_run):
+  deployed = repvgg_jax.load_packed(os.path.join(tiny_run[0], "model.packed"))
   m = deployed.model
   assert m["variant"] == "tiny" and m["num_classes"] == 10 and m["image_size"] == 16
   assert m["cifar_stem"] and m["act_bits"] == 0 and len(m["mean"]) == len(m["std"]) == 3

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import ROOT, subprocess_env
+
 SYNSETS = ("n01440764", "n01443537")  # The first two of tfds' imagenet2012 labels.txt.
 
 needs_tensorflow = pytest.mark.skipif(
@@ -54,8 +55,7 @@ def _archives(manual_dir, per_class=4, val=4):
 
 
 def _run(*args, timeout=600):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
                         text=True, timeout=timeout)
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import ROOT, subprocess_env
 STEPS = 3
 GLOBAL_BATCH = 16
 
@@ -78,18 +78,8 @@ def _multihost_worker(pid, nproc, port, out):
   np.savez(out, losses=np.asarray(losses), *leaves)
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  # The same persistent compilation cache as tests/conftest.py.
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
 def test_one_step_on_8_fake_devices_equals_1_device():
-  env = _env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, __file__, "fake"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
@@ -109,11 +99,11 @@ def _load(path):
 def test_two_processes_agree_with_one(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), "2", str(port),
-                             str(tmp_path / f"p{i}.npz")], env=_env(), cwd=ROOT,
+                             str(tmp_path / f"p{i}.npz")], env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   single = subprocess.run([sys.executable, __file__, "multihost", "0", "1", "0",
-                           str(tmp_path / "single.npz")], env=_env(), cwd=ROOT,
+                           str(tmp_path / "single.npz")], env=subprocess_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   for p in procs:
@@ -200,7 +190,7 @@ def _start_qat(tmp_path, num_steps, progress=""):
   return [subprocess.Popen(
       [sys.executable, __file__, "qat", str(i), "2", str(port), str(tmp_path / "run"),
        str(tmp_path / f"p{i}.npz"), str(num_steps), progress if i == 1 else ""],
-      env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
 
 
@@ -288,8 +278,7 @@ def _resume_worker(workdir, devices, kill_after, out):
 
 
 def _run_resume(workdir, devices, kill_after, out):
-  env = _env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   r = subprocess.run([sys.executable, __file__, "resume", str(workdir), str(devices),
                       str(kill_after), str(out)], env=env, cwd=ROOT, capture_output=True,
                      text=True, timeout=300)

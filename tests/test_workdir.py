@@ -24,49 +24,42 @@ from repvgg_jax.train.writers import MetricWriter, event_files, read_events
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
-from _util import killed_after  # noqa: E402
+from _util import killed_after, subprocess_env  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A finished tiny run (FP 4 steps, QAT 4 steps); tests copy it before changing it."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  return workdir, pipeline.run(tiny.tiny_config(), workdir)
-
-
-def _copy(run, tmp_path):
+def _copy(tiny_run, tmp_path):
   dest = str(tmp_path / "copy")
-  shutil.copytree(run[0], dest)
+  shutil.copytree(tiny_run[0], dest)
   return dest
 
 
 # ----------------------------------------------------------------------------- stale stages
 
-def test_changed_fp_config_is_refused_naming_the_field(run):
+def test_changed_fp_config_is_refused_naming_the_field(tiny_run):
   # The bug: fp.num_steps changed, FP retrained, and the old QAT checkpoint resumed silently.
   cfg = tiny.tiny_config()
   cfg.fp.num_steps = 6
-  before = sorted(glob.glob(os.path.join(run[0], "checkpoints", "*", "*")))
+  before = sorted(glob.glob(os.path.join(tiny_run[0], "checkpoints", "*", "*")))
   with pytest.raises(workdir_lib.StaleWorkdir) as e:
-    pipeline.run(cfg, run[0])
+    pipeline.run(cfg, tiny_run[0])
   msg = str(e.value)
   assert "fp (fp.num_steps: 4 -> 6)" in msg
   assert "qat (trained from that fp stage)" in msg
   assert "--workdir" in msg and "--discard_stale" in msg and "\n" not in msg
-  assert sorted(glob.glob(os.path.join(run[0], "checkpoints", "*", "*"))) == before
+  assert sorted(glob.glob(os.path.join(tiny_run[0], "checkpoints", "*", "*"))) == before
 
 
-def test_changed_qat_config_keeps_fp_and_names_qat_fields(run):
+def test_changed_qat_config_keeps_fp_and_names_qat_fields(tiny_run):
   cfg = tiny.tiny_config()
   cfg.quant.bits = 3
   with pytest.raises(workdir_lib.StaleWorkdir) as e:
-    pipeline.run(cfg, run[0])
+    pipeline.run(cfg, tiny_run[0])
   assert "qat (quant.bits: 4 -> 3)" in str(e.value) and "fp (" not in str(e.value)
 
 
-def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(run, tmp_path):
+def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(tiny_run, tmp_path):
   # A workdir from before a config field existed (its record lacks the field).
-  dest = _copy(run, tmp_path)
+  dest = _copy(tiny_run, tmp_path)
   path = os.path.join(dest, "checkpoints", "fp.json")
   with open(path) as f:
     record = json.load(f)
@@ -79,9 +72,9 @@ def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(run, 
     pipeline.run(cfg, dest)
 
 
-def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(run, tmp_path):
+def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(tiny_run, tmp_path):
   # An older version's workdir has checkpoints but no <stage>.json: the restore finds out.
-  dest = _copy(run, tmp_path)
+  dest = _copy(tiny_run, tmp_path)
   for stage in workdir_lib.STAGES:
     os.remove(os.path.join(dest, "checkpoints", f"{stage}.json"))
   cfg = tiny.tiny_config()
@@ -116,8 +109,8 @@ def test_oabn_settings_do_not_tell_two_bn_runs_apart():
                                 workdir_lib.fingerprint(new, "fp")) == changed
 
 
-def test_discard_stale_moves_stages_aside_and_trains_them_again(run, tmp_path):
-  workdir = _copy(run, tmp_path)
+def test_discard_stale_moves_stages_aside_and_trains_them_again(tiny_run, tmp_path):
+  workdir = _copy(tiny_run, tmp_path)
   old_packed = open(os.path.join(workdir, "model.packed"), "rb").read()
   metrics_before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
@@ -137,12 +130,12 @@ def test_discard_stale_moves_stages_aside_and_trains_them_again(run, tmp_path):
   assert report["config"]["fp"]["num_steps"] == 6
 
 
-def test_other_model_in_the_workdir_is_refused_in_a_few_lines(run):
+def test_other_model_in_the_workdir_is_refused_in_a_few_lines(tiny_run):
   # The bug: up to 542 lines of orbax errors, never saying "another model".
-  env = {**os.environ, "PYTHONPATH": ROOT}
+  env = subprocess_env()
   out = subprocess.run(
       [sys.executable, "launch/main.py", f"--config={ROOT}/configs/tiny.py",
-       f"--workdir={run[0]}", "--config.model.norm=bn"],
+       f"--workdir={tiny_run[0]}", "--config.model.norm=bn"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   lines = out.stderr.strip().splitlines()
@@ -210,12 +203,12 @@ def test_init_from_a_missing_path_creates_nothing(tmp_path, name):
 
 # ----------------------------------------------------------------------------- bookkeeping
 
-def test_output_files_have_the_ordinary_mode(run):
+def test_output_files_have_the_ordinary_mode(tiny_run):
   umask = os.umask(0)
   os.umask(umask)
   for name in ("report.json", "report.md", "model.packed", "accuracy.png",
                "weight_histograms.png", "metrics.jsonl", "checkpoints/fp.json"):
-    mode = stat.S_IMODE(os.stat(os.path.join(run[0], name)).st_mode)
+    mode = stat.S_IMODE(os.stat(os.path.join(tiny_run[0], name)).st_mode)
     assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
@@ -294,8 +287,8 @@ def test_stage_seconds_are_summed_over_invocations(tmp_path, monkeypatch):
   assert stages.stop("fp") == 1.0
 
 
-def test_report_seconds_include_earlier_invocations(run, tmp_path):
-  workdir = _copy(run, tmp_path)
-  first = run[1]["seconds"]
+def test_report_seconds_include_earlier_invocations(tiny_run, tmp_path):
+  workdir = _copy(tiny_run, tmp_path)
+  first = tiny_run[1]["seconds"]
   again = pipeline.run(tiny.tiny_config(), workdir)["seconds"]
   assert again["fp"] > first["fp"] and again["qat"] > first["qat"]
