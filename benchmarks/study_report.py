@@ -61,8 +61,9 @@ def accuracies(reps: dict, form: str, seeds=None) -> list[float]:
           for a in [accuracy(r, form)] if a is not None]
 
 
-def eval_curve(row_dir: str, key: str = "fp/eval_accuracy") -> list[tuple[int, float]]:
-  """``(step, accuracy)`` of the stage's periodic evals in ``metrics.jsonl``."""
+def logged(row_dir: str, key: str = "fp/eval_accuracy") -> list[tuple[int, float]]:
+  """``(step, value)`` of metric ``key`` in the row's ``metrics.jsonl`` (the periodic evals,
+  or with ``key="fp/loss"`` the logged train loss)."""
   path = os.path.join(row_dir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -80,7 +81,7 @@ def eval_curve(row_dir: str, key: str = "fp/eval_accuracy") -> list[tuple[int, f
 
 def convergence(workdir: str, regime: str, seeds) -> str:
   """The FP eval accuracy (mean over ``seeds``) at the last two eval steps they share."""
-  curves = [dict(eval_curve(os.path.join(workdir, sr.Row(regime, "fp", s).name)))
+  curves = [dict(logged(os.path.join(workdir, sr.Row(regime, "fp", s).name)))
             for s in seeds]
   curves = [c for c in curves if c]
   if not curves:
@@ -91,6 +92,18 @@ def convergence(workdir: str, regime: str, seeds) -> str:
   acc = [100 * np.mean([c[t] for c in curves]) for t in steps]
   text = " → ".join(f"{a:.2f} @{t}" for t, a in zip(steps, acc))
   return text + (f" ({acc[1] - acc[0]:+.2f})" if len(acc) == 2 else "")
+
+
+def final_train_loss(workdir: str, regime: str, seeds, share: float = 0.1) -> str:
+  """Mean ± std over ``seeds`` of the FP train loss each seed logged in its last ``share``
+  of steps: whether a longer run fits the training data better, or not."""
+  losses = []
+  for s in seeds:
+    curve = logged(os.path.join(workdir, sr.Row(regime, "fp", s).name), "fp/loss")
+    if curve:
+      end = curve[-1][0]
+      losses.append(np.mean([v for t, v in curve if t > (1 - share) * end]))
+  return mean_std(losses, scale=1.0, digits=3)
 
 
 def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
@@ -195,14 +208,16 @@ def _fp_section(workdir: str, s: dict, reports: dict, diverged: dict) -> list[st
   L = ["## FP accuracy per regime", "",
        "Top-1 test accuracy (%) of the train-form and merged FP networks; ± is the sample "
        "std over seeds. Convergence: the FP eval accuracy (mean over seeds) at the last two "
-       f"evaluations during training (every {s['fp_eval_every']} steps).", "",
-       "| regime | n | train-form FP | merged FP | convergence (last two evals) | diverged |",
-       "|---|---:|---:|---:|---|---:|"]
+       f"evaluations during training (every {s['fp_eval_every']} steps); train loss: the FP "
+       "train loss logged in the last 10% of steps (mean ± std over seeds).", "",
+       "| regime | n | train-form FP | merged FP | convergence (last two evals) | train loss "
+       "(last 10%) | diverged |",
+       "|---|---:|---:|---:|---|---:|---:|"]
   for g in s["regimes"]:
     reps = reports.get(("fp", g), {})
     L.append(f"| {g} | {len(reps)} | {mean_std(accuracies(reps, 'fp'))} | "
              f"{mean_std(accuracies(reps, 'merged'))} | {convergence(workdir, g, sorted(reps))} "
-             f"| {diverged.get(('fp', g), 0)} |")
+             f"| {final_train_loss(workdir, g, sorted(reps))} | {diverged.get(('fp', g), 0)} |")
   return L + [""]
 
 

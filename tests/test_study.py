@@ -143,17 +143,22 @@ def test_time_left_from_median_seconds_per_kind(tmp_path):
   assert sr.estimate(workdir, rows, ptq)[0] == 10.0 * len(ptq)
 
 
-def test_convergence_reads_the_fp_eval_curve(tmp_path):
+def test_convergence_and_final_train_loss_read_the_fp_curves(tmp_path):
   workdir = str(tmp_path)
   for seed, accs in ((0, (0.5, 0.8, 0.9)), (1, (0.5, 0.7, 0.8))):
     d = tmp_path / f"fp_bn_s{seed}"
     d.mkdir()
-    lines = [json.dumps({"step": 50, "fp/loss": 1.0})]
+    # Train loss every 50 steps: 2.0 up to step 1350, then 0.2 + 0.1 * seed (the last 10%).
+    lines = [json.dumps({"step": t, "fp/loss": 2.0 if t <= 1350 else 0.2 + 0.1 * seed})
+             for t in range(50, 1501, 50)]
     lines += [json.dumps({"step": 500 * (i + 1), "fp/eval_accuracy": a})
               for i, a in enumerate(accs)]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 15")  # a cut last line
   assert study_report.convergence(workdir, "bn", [0, 1]) == "75.00 @1000 → 85.00 @1500 (+10.00)"
   assert study_report.convergence(workdir, "kure", [0]) == "—"
+  assert study_report.final_train_loss(workdir, "bn", [0, 1]) == "0.250 ± 0.071"
+  assert study_report.final_train_loss(workdir, "bn", [0]) == "0.200"
+  assert study_report.final_train_loss(workdir, "kure", [0]) == "—"
 
 
 def test_bad_only_regex_is_named():
@@ -188,7 +193,7 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
     f.write(f"old tables\n{study_report.MARKER}\n\nOur findings.\n")
   text = study_report.write_markdown(workdir, out, study)
   assert "old tables" not in text and text.endswith(f"{study_report.MARKER}\n\nOur findings.\n")
-  assert "| bn | 2 | 91.00 ± 1.41 | 91.00 ± 1.41 | — | 0 |" in text
+  assert "| bn | 2 | 91.00 ± 1.41 | 91.00 ± 1.41 | — | — | 0 |" in text
   # Δ FP of bn W2A8: mean packed 82 minus mean merged FP 91 over seeds 0 and 1.
   assert "| W2A8 ClusterQAT | bn | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | -9.00 | 0 |" in text
   # oabn_median ran seed 0 only (seed 1 diverged): its FP is seed 0's 91.
@@ -247,8 +252,8 @@ def test_sweep_tabulates_seed_0_of_studies_that_differ_in_one_setting(tmp_path):
   lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
   assert lines[0].endswith("| W2A8 ClusterQAT |")  # the one quantization row either ran
   # Sorted by the setting; a row the study did not run is a dash.
-  assert lines[1:] == ["| 1.5 | oabn_branch | 88.00 | 88.00 | — | — | — | 85.00 |",
-                       "| 6.0 | oabn_branch | 90.00 | 90.00 | — | — | — | — |"]
+  assert lines[1:] == ["| 1.5 | oabn_branch | 88.00 | 88.00 | — | — | — | — | 85.00 |",
+                       "| 6.0 | oabn_branch | 90.00 | 90.00 | — | — | — | — | — |"]
   assert "`python benchmarks/study.py --branch_tau 6.0`" in text
 
 
