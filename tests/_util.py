@@ -1,6 +1,8 @@
-"""Shared test helpers: variables with random, non-trivial values; subprocess environments."""
+"""Shared test helpers: variables with random, non-trivial values; subprocess environments;
+copies of a finished run."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -22,6 +24,14 @@ def subprocess_env(**extra):
   env.pop("XLA_FLAGS", None)
   env.update(extra)
   return env
+
+
+def copy_run(run, tmp_path):
+  """A copy of the workdir of ``run`` (``(workdir, report)``, conftest's ``tiny_run``) in
+  ``tmp_path``, for a test that changes it."""
+  dest = str(tmp_path / "copy")
+  shutil.copytree(run[0], dest)
+  return dest
 
 
 def random_variables(model, x, seed=0, tiny_var_channels=0):

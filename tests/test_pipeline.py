@@ -7,15 +7,12 @@ fails on a loaded machine for no fault of the code.
 
 import json
 import os
-import shutil
-import sys
 
 import repvgg_jax
 from repvgg_jax.train import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import tiny  # noqa: E402
+from _util import copy_run
+from configs import tiny
 
 
 def test_report_json_has_every_form(tiny_run):
@@ -53,8 +50,7 @@ def test_report_has_the_merged_fp_models_channel_outliers(tiny_run):
 
 
 def test_rerun_resumes_finished_stages_without_training(tiny_run, tmp_path):
-  workdir = str(tmp_path / "copy")
-  shutil.copytree(tiny_run[0], workdir)
+  workdir = copy_run(tiny_run, tmp_path)
   before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
   cfg.quant.method = "none"

@@ -21,16 +21,8 @@ from repvgg_jax.train.loop import train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter, event_files, read_events
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import tiny  # noqa: E402
-from _util import killed_after, subprocess_env  # noqa: E402
-
-
-def _copy(tiny_run, tmp_path):
-  dest = str(tmp_path / "copy")
-  shutil.copytree(tiny_run[0], dest)
-  return dest
+from _util import ROOT, copy_run, killed_after, subprocess_env
+from configs import tiny
 
 
 # ----------------------------------------------------------------------------- stale stages
@@ -59,7 +51,7 @@ def test_changed_qat_config_keeps_fp_and_names_qat_fields(tiny_run):
 
 def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(tiny_run, tmp_path):
   # A workdir from before a config field existed (its record lacks the field).
-  dest = _copy(tiny_run, tmp_path)
+  dest = copy_run(tiny_run, tmp_path)
   path = os.path.join(dest, "checkpoints", "fp.json")
   with open(path) as f:
     record = json.load(f)
@@ -74,7 +66,7 @@ def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(tiny_
 
 def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(tiny_run, tmp_path):
   # An older version's workdir has checkpoints but no <stage>.json: the restore finds out.
-  dest = _copy(tiny_run, tmp_path)
+  dest = copy_run(tiny_run, tmp_path)
   for stage in workdir_lib.STAGES:
     os.remove(os.path.join(dest, "checkpoints", f"{stage}.json"))
   cfg = tiny.tiny_config()
@@ -110,7 +102,7 @@ def test_oabn_settings_do_not_tell_two_bn_runs_apart():
 
 
 def test_discard_stale_moves_stages_aside_and_trains_them_again(tiny_run, tmp_path):
-  workdir = _copy(tiny_run, tmp_path)
+  workdir = copy_run(tiny_run, tmp_path)
   old_packed = open(os.path.join(workdir, "model.packed"), "rb").read()
   metrics_before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
@@ -288,7 +280,7 @@ def test_stage_seconds_are_summed_over_invocations(tmp_path, monkeypatch):
 
 
 def test_report_seconds_include_earlier_invocations(tiny_run, tmp_path):
-  workdir = _copy(tiny_run, tmp_path)
+  workdir = copy_run(tiny_run, tmp_path)
   first = tiny_run[1]["seconds"]
   again = pipeline.run(tiny.tiny_config(), workdir)["seconds"]
   assert again["fp"] > first["fp"] and again["qat"] > first["qat"]
