@@ -231,5 +231,13 @@ def merge(variables: Mapping[str, Any]) -> dict[str, Any]:
   odd = sorted(set(variables) - {"params", "batch_stats"})
   if odd:
     raise ValueError(f"merge: unexpected collection(s) {odd}; expected params, batch_stats")
+  return _merge_jit(dict(variables))
+
+
+@jax.jit
+def _merge_jit(variables: dict[str, Any]) -> dict[str, Any]:
+  # One compiled program per model, called eagerly or traced into the caller's jit: op by
+  # op the merge of A0 is a few hundred tiny compilations in every new process. The
+  # checks of _merge_tree read structure and shapes only, so they raise while tracing.
   return {"params": _merge_tree(variables["params"], variables.get("batch_stats", {}),
                                 ("params",))}
