@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The persistent compilation cache of the suite (conftest.py) and of its subprocesses:
 # a compilation made once is reused by every later test and run.
 CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+MIN_COMPILE_SECONDS = 0  # cache every compilation (conftest.py says why)
 
 
 def subprocess_env(**extra):
@@ -20,7 +21,7 @@ def subprocess_env(**extra):
   platform, the suite's compilation cache, and no XLA_FLAGS of this process (a test that
   fakes devices passes its own); ``extra`` is added last."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(MIN_COMPILE_SECONDS))
   env.pop("XLA_FLAGS", None)
   env.update(extra)
   return env
