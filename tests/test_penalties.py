@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,7 @@ from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import pipeline
 from _util import random_variables
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import tiny  # noqa: E402
+from configs import tiny  # on sys.path from conftest.py
 
 NET = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
 

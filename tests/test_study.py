@@ -2,15 +2,11 @@
 
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks import study_report, study_rows as sr  # noqa: E402
-from repvgg_jax.train import config as config_lib  # noqa: E402
+from benchmarks import study_report, study_rows as sr  # on sys.path from conftest.py
+from repvgg_jax.train import config as config_lib
 
 SEED0 = ("fp", "w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
          "lsq_w4a8", "cluster_w3a8", "lsq_w3a8")

@@ -25,11 +25,10 @@ from repvgg_jax.train.state import (build_model, create_train_state, init_variab
                                     weight_decay_mask)
 from repvgg_jax.train.writers import MetricWriter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import ROOT, WrappedLoader, killed_after
+from configs import tiny  # on sys.path from conftest.py
+
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-sys.path.insert(0, ROOT)
-from configs import tiny  # noqa: E402
-from _util import WrappedLoader, killed_after  # noqa: E402
 
 
 def _parse(monkeypatch, *overrides):
