@@ -7,9 +7,9 @@ from _util import CACHE_DIR, MIN_COMPILE_SECONDS, ROOT
 
 sys.path.insert(0, ROOT)  # configs/
 # Re-used compilations across tests (and runs) keep the suite fast on 2 cores. Every
-# compilation is kept, however quick: the op-by-op calls of a pipeline run (merge, decode,
-# k-means on host arrays) are a few hundred compilations of ~0.1 s each, made again by
-# every subprocess and xdist worker unless cached (about half of a tiny run's time).
+# compilation is kept, however quick: the op-by-op calls of a pipeline run (decode, k-means
+# on host arrays, ...) are a few hundred compilations of ~0.1 s each, made again by every
+# subprocess and xdist worker unless cached (about a third of a tiny run's time, warm).
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
 
