@@ -27,9 +27,16 @@ diverged. Rows run in an order that makes a partial study informative (seed 0
 of every regime first); ``--max_minutes`` stops before the next row once spent,
 and the Markdown is written in every case. ``study.json`` holds the settings (a
 resume with settings that change a row's config is refused) and every run's
-command and machine. The Markdown (``--out``) has the setup, FP, outlier,
-accuracy and comparison tables and the figures saved beside it; everything
-after the line ``<!-- findings: study v2 -->`` of an existing file is kept.
+command and machine.
+
+Each finished row goes at once into the ledger beside the Markdown
+(``<out stem>_rows.json``, ``benchmarks/study_ledger.py``; commit it with the
+Markdown): the report is written from the ledger alone, so it survives the
+workdir, and a study in a new workdir skips the rows the ledger has. The
+Markdown (``--out``) has the setup, FP, outlier, accuracy and comparison tables
+and the figures saved beside it; everything after the line
+``<!-- findings: study v2 -->`` of an existing file is kept. ``--report_only``
+needs only the ledger.
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs.* and benchmarks.* are imported as modules.
 
 from absl import app, flags, logging  # noqa: E402
+from benchmarks import study_ledger  # noqa: E402
 from benchmarks import study_rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
-_REGIMES = flags.DEFINE_list("regimes", list(sr.REGIMES), "Regimes to run and report.")
+_REGIMES = flags.DEFINE_list("regimes", list(sr.REGIMES), "Regimes to run and report (with "
+                             "--report_only: to report).")
 _BLOCKS = flags.DEFINE_list("blocks", ["1", "2", "4", "1"], "Blocks per stage of RepVGG-A0 "
                             "(the demo's shallow A0); empty = A0's own 2,4,14,1.")
 _FP_STEPS = flags.DEFINE_integer("fp_steps", 3000, "FP training steps.")
@@ -97,12 +106,15 @@ def _minutes(seconds: float | None) -> str:
   return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 3600:.1f} h"
 
 
-def run_rows(workdir: str, study: dict, started: float) -> None:
+def run_rows(workdir: str, study: dict, ledger_path: str, started: float) -> None:
+  """Runs the rows that neither the workdir nor the ledger has; the ledger takes each
+  finished row at once."""
   from repvgg_jax.train import pipeline
   from repvgg_jax.train.loop import NonFiniteLoss
   s = study["settings"]
   rows = sr.make_rows(s["seeds"], s["regimes"])
-  todo = [r for r in rows if sr.status(workdir, r) is None]
+  ledger = study_ledger.update(ledger_path, workdir, study)["rows"]
+  todo = study_ledger.pending(workdir, rows, ledger)
   if _ONLY.value:
     try:
       todo = sr.select(todo, _ONLY.value)
@@ -111,7 +123,7 @@ def run_rows(workdir: str, study: dict, started: float) -> None:
   left, medians = sr.estimate(workdir, rows, todo)
   kinds = {k: sum(r.kind == k for r in todo) for k in ("FP", "PTQ", "QAT")}
   print(f"study: {len(rows)} rows ({len(s['regimes'])} regimes, {s['seeds']} FP seeds); "
-        f"{len(rows) - sum(sr.status(workdir, r) is None for r in rows)} done, {len(todo)} to "
+        f"{sum(r.name in ledger for r in rows)} done, {len(todo)} to "
         f"run: {kinds['FP']} FP x {s['fp_steps']} steps, {kinds['QAT']} QAT x "
         f"{s['qat_steps']} steps, {kinds['PTQ']} PTQ", flush=True)
   print("time left: " + _minutes(left) + " (median seconds of finished rows: " + (
@@ -123,10 +135,9 @@ def run_rows(workdir: str, study: dict, started: float) -> None:
             f"({len(todo) - i} rows not run)", flush=True)
       return
     tag = f"[{i + 1}/{len(todo)}] {row.name}"
-    fp_status = sr.status(workdir, sr.Row(row.regime, "fp", row.seed))
-    if row.kind != "FP" and fp_status != "report":
-      print(f"{tag}: skipped, its FP row {'diverged' if fp_status else 'has not finished'}",
-            flush=True)
+    why = study_ledger.why_not(workdir, row, ledger, ledger_path)
+    if why:
+      print(f"{tag}: skipped, {why}", flush=True)
       continue
     print(f"{tag} ...", flush=True)
     t = time.time()
@@ -137,6 +148,7 @@ def run_rows(workdir: str, study: dict, started: float) -> None:
       # A diverged row is a result: record it and go on with the others.
       atomic_write_text(os.path.join(row_dir, sr.DIVERGED), json.dumps({"error": str(e)}))
       print(f"{tag}: diverged: {e}", flush=True)
+      study_ledger.update(ledger_path, workdir, study)
       continue
     seconds = time.time() - t
     atomic_write_text(os.path.join(row_dir, "study_seconds.json"),
@@ -144,6 +156,9 @@ def run_rows(workdir: str, study: dict, started: float) -> None:
     acc = ", ".join(f"{k} {100 * v['accuracy']:.2f}%" for k, v in report["forms"].items()
                     if "accuracy" in v)
     print(f"{tag}: {acc} ({seconds:.0f} s)", flush=True)
+    # Another study process on this workdir may have written the ledger since: update
+    # re-reads it and adds every finished row of the workdir, so none is lost.
+    study_ledger.update(ledger_path, workdir, study)
 
 
 def main(argv):
@@ -159,22 +174,38 @@ def main(argv):
   import jax
   # Rows compile the same eval and train steps again: reuse them across rows and restarts.
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  try:
-    if _REPORT_ONLY.value:
-      study = sr.load_study(workdir, None)
-    else:
-      command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-      study = sr.load_study(workdir, flag_settings(), command)
-  except (FileNotFoundError, sr.SettingsChanged) as e:
-    raise app.UsageError(str(e)) from None
-  if not _REPORT_ONLY.value:
-    run_rows(workdir, study, started)
-  from benchmarks import study_report
-  smoke = study["settings"]["smoke"]
+  stored = sr.read_json(os.path.join(workdir, "study.json")) or {"settings": None}
+  smoke = _SMOKE.value or bool(stored["settings"] and stored["settings"]["smoke"])
   out = _OUT.value or (os.path.join(workdir, "results.md") if smoke
                        else os.path.join(ROOT, "docs", "results.md"))
-  study_report.write_markdown(workdir, out, study)
-  print(f"wrote {out}")
+  ledger_path = study_ledger.path_for(out)
+  try:
+    if _REPORT_ONLY.value:
+      # The workdir's rows join the ledger if it has any; else the ledger alone.
+      has_workdir = stored["settings"] is not None
+      if not has_workdir and not os.path.exists(ledger_path):
+        raise FileNotFoundError(f"neither {workdir}/study.json nor {ledger_path} exists: "
+                                "run the study first")
+      ledger = (study_ledger.update(ledger_path, workdir, sr.load_study(workdir, None))
+                if has_workdir else study_ledger.load(ledger_path))
+      if flags.FLAGS["regimes"].present:  # report these only (the ledger keeps every row)
+        try:
+          sr.make_rows(1, _REGIMES.value)
+        except ValueError as e:
+          raise app.UsageError(f"--regimes: {e}") from None
+        ledger = {**ledger, "settings": {**ledger["settings"], "regimes": _REGIMES.value}}
+    else:
+      command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+      settings = flag_settings()
+      study_ledger.load(ledger_path, settings)  # refuses other settings before any row runs
+      study = sr.load_study(workdir, settings, command)
+      run_rows(workdir, study, ledger_path, started)
+      ledger = study_ledger.update(ledger_path, workdir, study)
+  except (FileNotFoundError, sr.SettingsChanged) as e:
+    raise app.UsageError(str(e)) from None
+  from benchmarks import study_report
+  study_report.write_markdown(ledger, out)
+  print(f"wrote {out} and {ledger_path}")
 
 
 if __name__ == "__main__":

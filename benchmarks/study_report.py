@@ -1,29 +1,25 @@
-"""The Markdown and figures of the study (benchmarks/study.py) from its finished rows.
+"""The Markdown and figures of the study (benchmarks/study.py) from its ledger.
 
-Every number comes from the rows' ``report.json`` and ``metrics.jsonl`` and
-from the seed-0 FP checkpoints; ``±`` is the sample standard deviation over
-seeds (``ddof=1``), shown only where a row ran on more than one seed.
+Every number comes from the ledger's rows (``benchmarks/study_ledger.py``: each
+row's ``report.json``, FP curves and seed-0 outliers); ``±`` is the sample
+standard deviation over seeds (``ddof=1``), shown only where a row ran on more
+than one seed.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 
 import numpy as np
 
+from benchmarks import study_ledger
 from benchmarks import study_rows as sr
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
 MARKER = "<!-- findings: study v2 -->"
 COMPARED_TO_BN = ("cluster_w2a8", "cluster_w3a8", "w4a8_ptq_mse", "w8a8_ptq_minmax")
 CURVE_BITS = (2, 3, 4)
-
-
-# Bits and clippings of the zero-share table (the uniform rows' grids).
-ZERO_BITS = (2, 3, 4)
-ZERO_CLIPS = ("minmax", "mse")
 
 
 def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
@@ -37,16 +33,17 @@ def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
   return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def collect(workdir: str, s: dict) -> tuple[dict, dict]:
-  """``({(quant, regime): {seed: report}}, {(quant, regime): diverged count})``."""
+def collect(rows: dict, s: dict) -> tuple[dict, dict]:
+  """``({(quant, regime): {seed: report}}, {(quant, regime): diverged count})`` of the
+  ledger's ``rows``."""
   reports, diverged = {}, {}
   for row in sr.make_rows(s["seeds"], s["regimes"]):
-    key = (row.quant, row.regime)
-    st = sr.status(workdir, row)
-    if st == "report":
-      reports.setdefault(key, {})[row.seed] = sr.read_json(
-          os.path.join(workdir, row.name, "report.json"))
-    elif st == "diverged":
+    key, e = (row.quant, row.regime), rows.get(row.name)
+    if e is None:
+      continue
+    if e["status"] == "report":
+      reports.setdefault(key, {})[row.seed] = e["report"]
+    else:
       diverged[key] = diverged.get(key, 0) + 1
   return reports, diverged
 
@@ -61,28 +58,16 @@ def accuracies(reps: dict, form: str, seeds=None) -> list[float]:
           for a in [accuracy(r, form)] if a is not None]
 
 
-def logged(row_dir: str, key: str = "fp/eval_accuracy") -> list[tuple[int, float]]:
-  """``(step, value)`` of metric ``key`` in the row's ``metrics.jsonl`` (the periodic evals,
-  or with ``key="fp/loss"`` the logged train loss)."""
-  path = os.path.join(row_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = {}
-  with open(path) as f:
-    for ln in f:
-      try:
-        m = json.loads(ln)
-      except ValueError:  # a line cut by a kill
-        continue
-      if key in m:
-        out[int(m["step"])] = float(m[key])
-  return sorted(out.items())
+def curve(rows: dict, regime: str, seed: int, key: str = "fp/eval_accuracy") -> list:
+  """``[step, value]`` of ``key`` (the periodic evals, or ``"fp/loss"``, the logged
+  train loss) of the FP row of ``regime`` and ``seed`` in the ledger's ``rows``."""
+  e = rows.get(sr.Row(regime, "fp", seed).name) or {}
+  return e.get("curves", {}).get(key, [])
 
 
-def convergence(workdir: str, regime: str, seeds) -> str:
+def convergence(rows: dict, regime: str, seeds) -> str:
   """The FP eval accuracy (mean over ``seeds``) at the last two eval steps they share."""
-  curves = [dict(logged(os.path.join(workdir, sr.Row(regime, "fp", s).name)))
-            for s in seeds]
+  curves = [{int(t): v for t, v in curve(rows, regime, s)} for s in seeds]
   curves = [c for c in curves if c]
   if not curves:
     return "—"
@@ -94,35 +79,16 @@ def convergence(workdir: str, regime: str, seeds) -> str:
   return text + (f" ({acc[1] - acc[0]:+.2f})" if len(acc) == 2 else "")
 
 
-def final_train_loss(workdir: str, regime: str, seeds, share: float = 0.1) -> str:
+def final_train_loss(rows: dict, regime: str, seeds, share: float = 0.1) -> str:
   """Mean ± std over ``seeds`` of the FP train loss each seed logged in its last ``share``
   of steps: whether a longer run fits the training data better, or not."""
   losses = []
   for s in seeds:
-    curve = logged(os.path.join(workdir, sr.Row(regime, "fp", s).name), "fp/loss")
-    if curve:
-      end = curve[-1][0]
-      losses.append(np.mean([v for t, v in curve if t > (1 - share) * end]))
+    c = curve(rows, regime, s, "fp/loss")
+    if c:
+      end = c[-1][0]
+      losses.append(np.mean([v for t, v in c if t > (1 - share) * end]))
   return mean_std(losses, scale=1.0, digits=3)
-
-
-def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
-  """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
-  finished: a stage in progress has checkpoints of a half-trained model)."""
-  from repvgg_jax import data
-  from repvgg_jax.train import pipeline
-  from repvgg_jax.train.state import build_model, init_variables
-  row = sr.Row(regime, "fp", 0)
-  if sr.status(workdir, row) != "report":
-    return None
-  cfg = sr.row_config(row, s, workdir)
-  loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
-  model = build_model(cfg.model, loader.num_classes, deploy=False)
-  try:
-    return pipeline.load_variables(sr.fp_ckpt_dir(workdir, regime, 0),
-                                   init_variables(model, loader.image_shape, cfg.seed))
-  except FileNotFoundError:
-    return None
 
 
 def worst_per_seed(reports: dict, regime: str) -> list[float]:
@@ -163,11 +129,11 @@ def plot_accuracy_vs_bits(reports: dict, fp_acc: dict, regimes, path: str) -> No
   plt.close(fig)
 
 
-def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str]:
-  s = study["settings"]
+def _setup(study: dict, reports: dict, diverged: dict) -> list[str]:
+  s, entries = study["settings"], study["rows"]
   rows = sr.make_rows(s["seeds"], s["regimes"])
   last = study["runs"][-1] if study["runs"] else sr.machine()
-  done = sum(sr.status(workdir, r) is not None for r in rows)
+  done = sum(r.name in entries for r in rows)
   data = ("synthetic" if s["data_source"] == "synthetic" else
           f"Fashion-MNIST ({s['data_source']})") + f", {s['image_size']} px, augment none, " \
       f"train subset {s['train_subset'] or 'all'}"
@@ -177,7 +143,7 @@ def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str
   commands = list(dict.fromkeys(r["command"] for r in study["runs"])) or ["—"]
   kinds = {}
   for r in rows:
-    t = sr.row_seconds(workdir, r) if sr.status(workdir, r) else None
+    t = entries.get(r.name, {}).get("seconds")
     if t is not None:
       kinds.setdefault(r.kind, []).append(t)
   return [
@@ -204,7 +170,7 @@ def _setup(study: dict, workdir: str, reports: dict, diverged: dict) -> list[str
                                             for k, v in kinds.items()) or "—"), ""]
 
 
-def _fp_section(workdir: str, s: dict, reports: dict, diverged: dict) -> list[str]:
+def _fp_section(rows: dict, s: dict, reports: dict, diverged: dict) -> list[str]:
   L = ["## FP accuracy per regime", "",
        "Top-1 test accuracy (%) of the train-form and merged FP networks; ± is the sample "
        "std over seeds. Convergence: the FP eval accuracy (mean over seeds) at the last two "
@@ -216,12 +182,12 @@ def _fp_section(workdir: str, s: dict, reports: dict, diverged: dict) -> list[st
   for g in s["regimes"]:
     reps = reports.get(("fp", g), {})
     L.append(f"| {g} | {len(reps)} | {mean_std(accuracies(reps, 'fp'))} | "
-             f"{mean_std(accuracies(reps, 'merged'))} | {convergence(workdir, g, sorted(reps))} "
-             f"| {final_train_loss(workdir, g, sorted(reps))} | {diverged.get(('fp', g), 0)} |")
+             f"{mean_std(accuracies(reps, 'merged'))} | {convergence(rows, g, sorted(reps))} "
+             f"| {final_train_loss(rows, g, sorted(reps))} | {diverged.get(('fp', g), 0)} |")
   return L + [""]
 
 
-def _outlier_section(workdir: str, s: dict, reports: dict, out_dir: str,
+def _outlier_section(rows: dict, s: dict, reports: dict, out_dir: str,
                      stem: str) -> list[str]:
   from repvgg_jax import analysis
   L = ["## Merged-kernel outliers per regime (seed-0 FP checkpoint)", "",
@@ -234,23 +200,18 @@ def _outlier_section(workdir: str, s: dict, reports: dict, out_dir: str,
        "| regime | worst max/rms | layer | channel | branch | worst 3x3 alone | channels by "
        "branch of the max (3x3 / 1x1 / identity) | max abs/std | kurtosis | every seed |",
        "|---|---:|---|---:|---|---:|---|---:|---:|---|"]
-  figures, tables, dump, zeros = [], [], {}, {}
+  figures, tables, zeros = [], [], {}
   for g in s["regimes"]:
-    variables = fp_variables(workdir, g, s)
-    if variables is None:
+    record = rows.get(sr.Row(g, "fp", 0).name, {}).get("outliers")
+    if record is None:
       L.append(f"| {g} | — | | | | | | | | |")
       continue
-    per_layer = analysis.channel_outliers(variables)
+    per_layer = study_ledger.per_layer_arrays(record)
     c = analysis.channel_outlier_summary(per_layer)
-    t = analysis.outlier_stats(variables)["summary"]
-    # The stem runs at first_last_bits; the zero shares are of the other layers.
-    zeros[g] = {f"{clip} w{b}": float(np.mean([z for k, z in analysis.zero_fraction(
-        variables, b, clip).items() if k != "stem"])) for clip in ZERO_CLIPS for b in ZERO_BITS}
-    dump[g] = {"channels": c, "tensors": t, "zero_fraction": zeros[g]}
+    t, zeros[g] = record["tensors"], record["zero_fraction"]
     counts = " / ".join(str(c["branch_counts"].get(b, 0)) for b in analysis.BRANCHES)
     r3 = "—" if c["worst_ratio_3x3"] is None else f"{c['worst_ratio_3x3']:.2f}"
     worst = worst_per_seed(reports, g)
-    dump[g]["worst_ratio_per_seed"] = worst
     L.append(f"| {g} | {c['worst_ratio']:.2f} | {c['worst_layer']} | {c['worst_channel']} | "
              f"{c['worst_branch']} | {r3} | {counts} | {t['max_over_std']:.1f} | "
              f"{t['kurtosis']:.1f} | {' / '.join(f'{w:.2f}' for w in worst)} |")
@@ -262,8 +223,7 @@ def _outlier_section(workdir: str, s: dict, reports: dict, out_dir: str,
     figures += [f"![per-channel max/rms, {g}]({png})", ""]
     tables += [f"<details><summary>{g}: per layer</summary>", "",
                analysis.channel_outlier_table(per_layer), "</details>", ""]
-  atomic_write_text(os.path.join(workdir, "outliers.json"), json.dumps(dump, indent=2))
-  cols = [f"{clip} w{b}" for clip in ZERO_CLIPS for b in ZERO_BITS]
+  cols = [f"{clip} w{b}" for clip in study_ledger.ZERO_CLIPS for b in study_ledger.ZERO_BITS]
   Z = ["### Weights a uniform grid rounds to zero", "",
        "Share of the merged weights (all block layers but the stem, mean over layers) that a "
        "per-channel signed uniform grid rounds to zero (`repvgg_jax.analysis.zero_fraction`): "
@@ -329,10 +289,11 @@ def _comparison_section(s: dict, reports: dict) -> list[str]:
   return L + [""]
 
 
-def write_markdown(workdir: str, out: str, study: dict) -> str:
-  """Writes the Markdown and its figures; returns the text written."""
-  s = study["settings"]
-  reports, diverged = collect(workdir, s)
+def write_markdown(ledger: dict, out: str) -> str:
+  """Writes the Markdown of ``ledger`` (``study_ledger.load``) and its figures; returns
+  the text written."""
+  s, rows = ledger["settings"], ledger["rows"]
+  reports, diverged = collect(rows, s)
   out_dir = os.path.dirname(os.path.abspath(out))
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(os.path.basename(out))[0]
@@ -345,9 +306,9 @@ def write_markdown(workdir: str, out: str, study: dict) -> str:
        "FP training regimes under deployment quantization", "",
        "Generated by `benchmarks/study.py`; rerun it to update the tables (text after the "
        "findings marker is kept).", ""]
-  L += _setup(study, workdir, reports, diverged)
-  L += _fp_section(workdir, s, reports, diverged)
-  L += _outlier_section(workdir, s, reports, out_dir, stem)
+  L += _setup(ledger, reports, diverged)
+  L += _fp_section(rows, s, reports, diverged)
+  L += _outlier_section(rows, s, reports, out_dir, stem)
   L += _accuracy_section(s, reports, diverged, fp_merged)
   L += _comparison_section(s, reports)
   if any(q.startswith(("cluster_w", "lsq_w")) and q.endswith("a8") for q, _ in reports):

@@ -267,6 +267,15 @@ def read_json(path: str):
     return json.load(f)
 
 
+def check_fixed(old: dict, new: dict, where: str) -> None:
+  """``SettingsChanged`` naming each FIXED field of ``new`` that differs from ``old``
+  (the settings stored at ``where``, a workdir or a ledger)."""
+  diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in FIXED if old.get(k) != new[k]]
+  if diff:
+    raise SettingsChanged(f"{where} holds a study with other settings ({'; '.join(diff)}); "
+                          "pass the same flags or another --workdir / --out")
+
+
 def load_study(workdir: str, new: dict | None, command: str = "") -> dict:
   """study.json of ``workdir``. With ``new`` settings: checked against the stored ones
   (``SettingsChanged`` naming each FIXED field that differs), then stored with a run
@@ -277,12 +286,8 @@ def load_study(workdir: str, new: dict | None, command: str = "") -> dict:
     if study["settings"] is None:
       raise FileNotFoundError(f"{path} not found: run the study first")
     return study
-  old = study["settings"]
-  if old is not None:
-    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in FIXED if old.get(k) != new[k]]
-    if diff:
-      raise SettingsChanged(f"{workdir} holds a study with other settings ({'; '.join(diff)}); "
-                            "pass the same flags or another --workdir")
+  if study["settings"] is not None:
+    check_fixed(study["settings"], new, workdir)
   study["settings"] = new
   study["runs"].append({"command": command, **machine()})
   os.makedirs(workdir, exist_ok=True)

@@ -2,10 +2,11 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
-from benchmarks import study_report, study_rows as sr  # on sys.path from conftest.py
+from benchmarks import study_ledger, study_report, study_rows as sr  # on sys.path from conftest.py
 from repvgg_jax.train import config as config_lib
 
 SEED0 = ("fp", "w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
@@ -150,11 +151,14 @@ def test_convergence_and_final_train_loss_read_the_fp_curves(tmp_path):
     lines += [json.dumps({"step": 500 * (i + 1), "fp/eval_accuracy": a})
               for i, a in enumerate(accs)]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 15")  # a cut last line
-  assert study_report.convergence(workdir, "bn", [0, 1]) == "75.00 @1000 → 85.00 @1500 (+10.00)"
-  assert study_report.convergence(workdir, "kure", [0]) == "—"
-  assert study_report.final_train_loss(workdir, "bn", [0, 1]) == "0.250 ± 0.071"
-  assert study_report.final_train_loss(workdir, "bn", [0]) == "0.200"
-  assert study_report.final_train_loss(workdir, "kure", [0]) == "—"
+  rows = {f"fp_bn_s{seed}": {"curves": {k: study_ledger.logged(str(tmp_path / f"fp_bn_s{seed}"), k)
+                                        for k in study_ledger.CURVES}} for seed in (0, 1)}
+  assert rows["fp_bn_s0"]["curves"]["fp/eval_accuracy"] == [[500, 0.5], [1000, 0.8], [1500, 0.9]]
+  assert study_report.convergence(rows, "bn", [0, 1]) == "75.00 @1000 → 85.00 @1500 (+10.00)"
+  assert study_report.convergence(rows, "kure", [0]) == "—"
+  assert study_report.final_train_loss(rows, "bn", [0, 1]) == "0.250 ± 0.071"
+  assert study_report.final_train_loss(rows, "bn", [0]) == "0.200"
+  assert study_report.final_train_loss(rows, "kure", [0]) == "—"
 
 
 def test_bad_only_regex_is_named():
@@ -187,7 +191,8 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   os.makedirs(os.path.dirname(out))
   with open(out, "w") as f:
     f.write(f"old tables\n{study_report.MARKER}\n\nOur findings.\n")
-  text = study_report.write_markdown(workdir, out, study)
+  ledger = study_ledger.update(study_ledger.path_for(out), workdir, study)
+  text = study_report.write_markdown(ledger, out)
   assert "old tables" not in text and text.endswith(f"{study_report.MARKER}\n\nOur findings.\n")
   assert "| bn | 2 | 91.00 ± 1.41 | 91.00 ± 1.41 | — | — | 0 |" in text
   # Δ FP of bn W2A8: mean packed 82 minus mean merged FP 91 over seeds 0 and 1.
@@ -200,6 +205,43 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   assert "Rows finished: 9 of 33 (1 diverged)" in text
   assert "- Command: `python benchmarks/study.py --smoke`" in text
   assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
+  # The ledger alone (the workdir lost) gives the same Markdown but the report date.
+  shutil.rmtree(workdir)
+  again = study_report.write_markdown(study_ledger.load(str(tmp_path / "docs" / "results_rows.json")),
+                                      out)
+  assert _undated(again) == _undated(text)
+
+
+def _undated(text):
+  return [ln for ln in text.splitlines() if not ln.startswith("- Dates:")]
+
+
+def test_the_ledger_keeps_rows_across_workdirs_and_refuses_other_settings(tmp_path):
+  s = sr.settings(True, regimes=("bn",), seeds=2)
+  path = str(tmp_path / "results_rows.json")
+  first, second = str(tmp_path / "a"), str(tmp_path / "b")
+  _report(first, sr.Row("bn", "fp", 1), fp=0.9, merged=0.9)
+  study_ledger.update(path, first, sr.load_study(first, s, "first"))
+  # A new workdir: its rows join those of the first, and the study runs neither.
+  _report(second, sr.Row("bn", "fp", 0), fp=0.8, merged=0.8)
+  ledger = study_ledger.update(path, second, sr.load_study(second, s, "second"))
+  assert set(ledger["rows"]) == {"fp_bn_s0", "fp_bn_s1"}
+  assert [r["command"] for r in ledger["runs"]] == ["first", "second"]
+  rows = sr.make_rows(2, ("bn",))
+  todo = study_ledger.pending(second, rows, ledger["rows"])
+  assert sr.Row("bn", "fp", 1) not in todo and sr.Row("bn", "cluster_w2a8", 1) in todo
+  # Seed 1's FP checkpoint is in the lost workdir only: its rows cannot run here.
+  assert "checkpoint is not in this workdir" in study_ledger.why_not(
+      second, sr.Row("bn", "cluster_w2a8", 1), ledger["rows"], path)
+  assert study_ledger.why_not(second, sr.Row("bn", "cluster_w2a8", 0), ledger["rows"],
+                              path) is None
+  # A row another process's write dropped comes back from the workdir at the next update.
+  with open(path, "w") as f:
+    f.write(study_ledger.dumps({**ledger, "rows": {}}))
+  assert set(study_ledger.update(path, second, sr.load_study(second, None))["rows"]) == \
+      {"fp_bn_s0"}
+  with pytest.raises(sr.SettingsChanged, match=r"results_rows.json holds .*qat_steps: 4 -> 5"):
+    study_ledger.load(path, dict(s, qat_steps=5))
 
 
 @pytest.mark.parametrize("blocks", [["1", "2", "x", "1"], [1, 2, 0, 1], [1, 2]])
@@ -214,7 +256,27 @@ def test_an_unfinished_fp_row_has_no_outlier_row(tmp_path):
   workdir = str(tmp_path)
   s = sr.settings(True, regimes=("bn",))
   os.makedirs(sr.fp_ckpt_dir(workdir, "bn", 0))
-  assert study_report.fp_variables(workdir, "bn", s) is None
+  assert study_ledger.fp_variables(workdir, "bn", s) is None
+
+
+def test_the_ledgers_outlier_record_gives_the_checkpoints_tables():
+  import jax.numpy as jnp
+  from repvgg_jax import analysis
+  from repvgg_jax.models.repvgg import RepVGG, Variant
+  from _util import random_variables
+  v = random_variables(RepVGG(Variant((1, 1, 2, 1), (0.25,) * 4), num_classes=3),
+                       jnp.zeros((1, 32, 32, 3)), tiny_var_channels=1)
+  record = json.loads(json.dumps(study_ledger.outliers(v)))  # as stored and read back
+  per_layer = analysis.channel_outliers(v)
+  stored = study_ledger.per_layer_arrays(record)
+  assert analysis.channel_outlier_table(stored) == analysis.channel_outlier_table(per_layer)
+  want, got = (analysis.channel_outlier_summary(p) for p in (per_layer, stored))
+  assert got["worst_ratio"] == pytest.approx(want["worst_ratio"], rel=1e-5)
+  assert {k: got[k] for k in ("worst_layer", "worst_channel", "worst_branch", "branch_counts")} \
+      == {k: want[k] for k in ("worst_layer", "worst_channel", "worst_branch", "branch_counts")}
+  assert record["tensors"] == pytest.approx(analysis.outlier_stats(v)["summary"])
+  assert set(record["zero_fraction"]) == {"minmax w2", "minmax w3", "minmax w4", "mse w2",
+                                          "mse w3", "mse w4"}
 
 
 def test_comparisons_pair_the_seeds_both_sides_ran_on():
@@ -242,6 +304,11 @@ def test_sweep_tabulates_seed_0_of_studies_that_differ_in_one_setting(tmp_path):
     _report(d, sr.Row("oabn_branch", "fp", 0), fp=fp, merged=fp)
     if w2 is not None:
       _report(d, sr.Row("oabn_branch", "cluster_w2a8", 0), qat=w2, packed=w2)
+      # This study is passed as its ledger (its workdir gone).
+      ledger = str(tmp_path / f"results_tau{tau}_rows.json")
+      study_ledger.update(ledger, d, sr.load_study(d, None))
+      shutil.rmtree(d)
+      d = ledger
     dirs.append(d)
   text = study_sweep.markdown(study_sweep.load(dirs, "branch_tau"), "branch_tau",
                               command="python benchmarks/study_sweep.py ...")

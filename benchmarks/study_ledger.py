@@ -1,0 +1,184 @@
+"""The study's ledger: what each finished row gives the report, in one committed file.
+
+A study's workdir holds the checkpoints (tens of MB per row) and is not committed;
+a row known only to its workdir is lost with it. The ledger (``<out stem>_rows.json``
+beside the Markdown, committed with it) keeps, for every finished row, what the
+report reads: its ``report.json``, its wall seconds, whether it diverged, the FP eval
+accuracy and train-loss curves, and for the seed-0 FP rows the per-channel outliers
+of the merged kernels. The Markdown is written from the ledger alone, and a study
+resumed in a new workdir skips the rows the ledger has. A quantization row whose FP
+row is in the ledger but whose FP checkpoint is not in the workdir cannot run (the
+study says so); delete that FP row's entry to train it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from benchmarks import study_rows as sr
+from repvgg_jax.fileio import atomic_write_text
+
+CURVES = ("fp/eval_accuracy", "fp/loss")  # the metrics.jsonl keys the report reads
+ZERO_BITS = (2, 3, 4)  # bits and clippings of the zero-share table
+ZERO_CLIPS = ("minmax", "mse")
+_DIGITS = 6  # significant digits of the stored per-channel ratios
+
+
+def path_for(out: str) -> str:
+  """The ledger of the Markdown file ``out``."""
+  return os.path.splitext(out)[0] + "_rows.json"
+
+
+def load(path: str, settings: dict | None = None) -> dict:
+  """``{"settings", "runs", "rows": {row name: entry}}`` of ``path`` (empty if there is
+  none); with ``settings``, checked against the stored ones (``sr.SettingsChanged``)."""
+  ledger = sr.read_json(path) or {"settings": None, "runs": [], "rows": {}}
+  if settings is not None and ledger["settings"] is not None:
+    sr.check_fixed(ledger["settings"], settings, path)
+  return ledger
+
+
+def logged(row_dir: str, key: str) -> list[list]:
+  """``[step, value]`` of metric ``key`` in the row's ``metrics.jsonl``, by step."""
+  path = os.path.join(row_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = {}
+  with open(path) as f:
+    for ln in f:
+      try:
+        m = json.loads(ln)
+      except ValueError:  # a line cut by a kill
+        continue
+      if key in m:
+        out[int(m["step"])] = float(m[key])
+  return [[t, v] for t, v in sorted(out.items())]
+
+
+def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
+  """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
+  finished: a stage in progress has checkpoints of a half-trained model)."""
+  from repvgg_jax import data
+  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.state import build_model, init_variables
+  row = sr.Row(regime, "fp", 0)
+  if sr.status(workdir, row) != "report":
+    return None
+  cfg = sr.row_config(row, s, workdir)
+  loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
+  model = build_model(cfg.model, loader.num_classes, deploy=False)
+  try:
+    return pipeline.load_variables(sr.fp_ckpt_dir(workdir, regime, 0),
+                                   init_variables(model, loader.image_shape, cfg.seed))
+  except FileNotFoundError:
+    return None
+
+
+def outliers(variables: dict) -> dict:
+  """The outlier record of a seed-0 FP checkpoint: per layer the per-channel
+  ``ratio``, ``branch`` and ``ratio_3x3`` of ``analysis.channel_outliers`` (lists), the
+  per-tensor summary of ``analysis.outlier_stats`` and the zero shares of
+  ``analysis.zero_fraction`` (mean over the block layers; the stem runs at
+  first_last_bits)."""
+  from repvgg_jax import analysis
+  per_layer = analysis.channel_outliers(variables)
+  keep = {}
+  for layer, r in per_layer.items():
+    keep[layer] = {"ratio": [float(f"{x:.{_DIGITS}g}") for x in r["ratio"]],
+                   "branch": [str(b) for b in r["branch"]]}
+    if "ratio_3x3" in r:
+      keep[layer]["ratio_3x3"] = [float(f"{x:.{_DIGITS}g}") for x in r["ratio_3x3"]]
+  zeros = {f"{clip} w{b}": float(np.mean([z for k, z in analysis.zero_fraction(
+      variables, b, clip).items() if k != "stem"])) for clip in ZERO_CLIPS for b in ZERO_BITS}
+  return {"per_layer": keep, "tensors": analysis.outlier_stats(variables)["summary"],
+          "zero_fraction": zeros}
+
+
+def per_layer_arrays(record: dict) -> dict:
+  """``record["per_layer"]`` with numpy arrays, as ``analysis.channel_outliers`` returns."""
+  return {layer: {k: np.asarray(v, dtype=object if k == "branch" else np.float64)
+                  for k, v in r.items()} for layer, r in record["per_layer"].items()}
+
+
+def entry(workdir: str, row: sr.Row, s: dict, with_outliers: bool = True) -> dict | None:
+  """The ledger entry of ``row`` from its workdir files (None if it has not finished);
+  ``with_outliers=False`` leaves out the seed-0 FP outliers (they read the checkpoint)."""
+  st = sr.status(workdir, row)
+  if st is None:
+    return None
+  d = os.path.join(workdir, row.name)
+  if st == "diverged":
+    return {"status": st, "error": (sr.read_json(os.path.join(d, sr.DIVERGED)) or {})
+            .get("error", "")}
+  e = {"status": st, "report": sr.read_json(os.path.join(d, "report.json")),
+       "seconds": sr.row_seconds(workdir, row)}
+  if row.kind == "FP":
+    e["curves"] = {k: logged(d, k) for k in CURVES}
+    if row.seed == 0 and with_outliers:
+      variables = fp_variables(workdir, row.regime, s)
+      if variables is not None:
+        e["outliers"] = outliers(variables)
+  return e
+
+
+def workdir_rows(workdir: str, s: dict, with_outliers: bool = True) -> dict:
+  """``{row name: entry}`` of the finished rows of ``workdir`` (settings ``s``)."""
+  return {r.name: e for r in sr.make_rows(s["seeds"], s["regimes"])
+          if (e := entry(workdir, r, s, with_outliers)) is not None}
+
+
+def pending(workdir: str, rows: list[sr.Row], ledger_rows: dict) -> list[sr.Row]:
+  """The ``rows`` that neither ``workdir`` nor the ledger's rows have finished."""
+  return [r for r in rows if sr.status(workdir, r) is None and r.name not in ledger_rows]
+
+
+def why_not(workdir: str, row: sr.Row, ledger_rows: dict, ledger_path: str) -> str | None:
+  """Why quantization ``row`` cannot run now (its FP checkpoint is missing), or None."""
+  fp_row = sr.Row(row.regime, "fp", row.seed)
+  fp_status = sr.status(workdir, fp_row)
+  if row.kind == "FP" or fp_status == "report":
+    return None
+  if fp_status == "diverged":
+    return "its FP row diverged"
+  if fp_row.name in ledger_rows:
+    return (f"its FP row is in {ledger_path} but its checkpoint is not in this workdir "
+            "(delete that row's entry to train it again)")
+  return "its FP row has not finished"
+
+
+def update(path: str, workdir: str, study: dict) -> dict:
+  """Adds the finished rows of ``workdir`` (and its runs) to the ledger at ``path``,
+  writes it (atomically) and returns it. A row in both is taken from the workdir when
+  its report differs (it ran again), else kept (its outliers are not recomputed)."""
+  s = study["settings"]
+  ledger = load(path, s)
+  rows = ledger["rows"]
+  for row in sr.make_rows(s["seeds"], s["regimes"]):
+    old = rows.get(row.name)
+    st = sr.status(workdir, row)
+    if st is None or (old is not None and old["status"] == st and old.get("report") ==
+                      sr.read_json(os.path.join(workdir, row.name, "report.json"))):
+      continue
+    rows[row.name] = entry(workdir, row, s)
+  known = {(r["date"], r["command"]) for r in ledger["runs"]}
+  ledger["runs"] += [r for r in study["runs"] if (r["date"], r["command"]) not in known]
+  ledger["runs"].sort(key=lambda r: r["date"])
+  if ledger["settings"] is not None:  # seeds and regimes may grow; the rows stay
+    s = dict(s, seeds=max(s["seeds"], ledger["settings"]["seeds"]),
+             regimes=list(dict.fromkeys(ledger["settings"]["regimes"] + s["regimes"])))
+  ledger["settings"] = s
+  ledger["rows"] = dict(sorted(rows.items()))
+  atomic_write_text(path, dumps(ledger))
+  return ledger
+
+
+def dumps(ledger: dict) -> str:
+  """JSON with one line per row (the per-channel lists make an indented file long), so
+  that a diff of the ledger shows the rows that changed."""
+  head = {k: v for k, v in ledger.items() if k != "rows"}
+  rows = "".join(f"{',' if i else ''}\n  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                for i, (k, v) in enumerate(ledger["rows"].items()))
+  return json.dumps(head, indent=1)[:-2] + ',\n "rows": {' + rows + "\n }\n}\n"
