@@ -240,6 +240,8 @@ def test_tfds_source_with_mock_data(name):
 
 def test_tfds_imagenet_test_split_reads_validation():
   tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("tensorflow", reason="tfds mock_data encodes the mock images with "
+                      "TensorFlow")
   cfg = _cfg(source="tfds", name="imagenet2012", data_dir="", image_size=16, augment="rrc_flip")
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     src, stats = data.make_source(cfg, "test")
