@@ -103,6 +103,26 @@ def per_layer_arrays(record: dict) -> dict:
                   for k, v in r.items()} for layer, r in record["per_layer"].items()}
 
 
+def portable(value, workdir: str):
+  """``value`` (a report) with every string path under ``workdir`` made relative to it
+  (the FP checkpoint of ``init_from``, say): the ledger is committed, and the directory
+  a study ran in is no part of its result."""
+  if isinstance(value, dict):
+    return {k: portable(v, workdir) for k, v in value.items()}
+  if isinstance(value, list):
+    return [portable(v, workdir) for v in value]
+  root = os.path.abspath(workdir)
+  if isinstance(value, str) and os.path.isabs(value) and (
+      value == root or value.startswith(root + os.sep)):
+    return os.path.relpath(value, root)
+  return value
+
+
+def report_of(workdir: str, row: sr.Row) -> dict | None:
+  """The row's ``report.json`` as the ledger keeps it (:func:`portable`)."""
+  return portable(sr.read_json(os.path.join(workdir, row.name, "report.json")), workdir)
+
+
 def entry(workdir: str, row: sr.Row, s: dict, with_outliers: bool = True) -> dict | None:
   """The ledger entry of ``row`` from its workdir files (None if it has not finished);
   ``with_outliers=False`` leaves out the seed-0 FP outliers (they read the checkpoint)."""
@@ -113,7 +133,7 @@ def entry(workdir: str, row: sr.Row, s: dict, with_outliers: bool = True) -> dic
   if st == "diverged":
     return {"status": st, "error": (sr.read_json(os.path.join(d, sr.DIVERGED)) or {})
             .get("error", "")}
-  e = {"status": st, "report": sr.read_json(os.path.join(d, "report.json")),
+  e = {"status": st, "report": report_of(workdir, row),
        "seconds": sr.row_seconds(workdir, row)}
   if row.kind == "FP":
     e["curves"] = {k: logged(d, k) for k in CURVES}
@@ -159,8 +179,8 @@ def update(path: str, workdir: str, study: dict) -> dict:
   for row in sr.make_rows(s["seeds"], s["regimes"]):
     old = rows.get(row.name)
     st = sr.status(workdir, row)
-    if st is None or (old is not None and old["status"] == st and old.get("report") ==
-                      sr.read_json(os.path.join(workdir, row.name, "report.json"))):
+    if st is None or (old is not None and old["status"] == st and
+                      old.get("report") == report_of(workdir, row)):
       continue
     rows[row.name] = entry(workdir, row, s)
   known = {(r["date"], r["command"]) for r in ledger["runs"]}

@@ -226,6 +226,10 @@ def test_the_ledger_keeps_rows_across_workdirs_and_refuses_other_settings(tmp_pa
   _report(second, sr.Row("bn", "fp", 0), fp=0.8, merged=0.8)
   ledger = study_ledger.update(path, second, sr.load_study(second, s, "second"))
   assert set(ledger["rows"]) == {"fp_bn_s0", "fp_bn_s1"}
+  # Paths under the workdir are kept relative to it: the ledger is committed.
+  assert study_ledger.portable({"init_from": os.path.join(second, "fp_bn_s0", "ckpt"),
+                                "data": ["/elsewhere"]}, second) == \
+      {"init_from": os.path.join("fp_bn_s0", "ckpt"), "data": ["/elsewhere"]}
   assert [r["command"] for r in ledger["runs"]] == ["first", "second"]
   rows = sr.make_rows(2, ("bn",))
   todo = study_ledger.pending(second, rows, ledger["rows"])
