@@ -199,6 +199,6 @@ def dumps(ledger: dict) -> str:
   """JSON with one line per row (the per-channel lists make an indented file long), so
   that a diff of the ledger shows the rows that changed."""
   head = {k: v for k, v in ledger.items() if k != "rows"}
-  rows = "".join(f"{',' if i else ''}\n  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
-                for i, (k, v) in enumerate(ledger["rows"].items()))
+  rows = ",".join(f"\n  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                 for k, v in ledger["rows"].items())
   return json.dumps(head, indent=1)[:-2] + ',\n "rows": {' + rows + "\n }\n}\n"

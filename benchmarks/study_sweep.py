@@ -4,13 +4,14 @@
       --studies runs/study_tau1.5,runs/study2,runs/study_tau6 --out docs/sweep_branch_tau.md
 
 Each ``--studies`` entry is a ``benchmarks/study.py`` workdir or the ledger of one
-(``<out stem>_rows.json``, beside its Markdown). Their settings must agree on every field that fixes a row's config (``study_rows.FIXED``)
-but ``--setting``, so that a row of the table differs from the next in that one
-setting only. A row per study and regime: the seed-0 FP accuracy (train form and
-merged), the last two evals of its FP curve, its merged kernels' worst per-channel
-max/rms and per-tensor kurtosis (from the FP report), and the packed accuracy of
-the quantization rows ``--rows`` (default: every one a study finished on seed 0). No training here:
-run the studies first (their commands are listed in the Markdown).
+(``<out stem>_rows.json``, beside its Markdown). Their settings must agree on every
+field that fixes a row's config (``study_rows.FIXED``) but ``--setting``, so that a
+row of the table differs from the next in that one setting only. A row per study and
+regime: the seed-0 FP accuracy (train form and merged), the last two evals of its FP
+curve, its merged kernels' worst per-channel max/rms and per-tensor kurtosis (from the
+FP report), and the packed accuracy of the quantization rows ``--rows`` (default: every
+one a study finished on seed 0). No training here: run the studies first (their
+commands are listed in the Markdown).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ flags.mark_flags_as_required(["studies", "setting", "out"])
 
 
 def load(studies: list[str], setting: str) -> list[tuple[str, dict]]:
-  """``(workdir or ledger, {"settings", "runs", "rows"})`` of each study, sorted by ``setting``; ValueError naming
-  the field (and the two studies) where they differ in anything else that fixes a row."""
+  """``(workdir or ledger, {"settings", "runs", "rows"})`` of each study, sorted by
+  ``setting``; ValueError naming the field (and the two studies) where they differ in
+  anything else that fixes a row."""
   if setting not in sr.FIXED:
     raise ValueError(f"setting={setting!r} is not a study setting; one of {', '.join(sr.FIXED)}")
   loaded = []
