@@ -157,7 +157,7 @@ def run_rows(workdir: str, study: dict, ledger_path: str, started: float) -> Non
                     if "accuracy" in v)
     print(f"{tag}: {acc} ({seconds:.0f} s)", flush=True)
     # Another study process on this workdir may have written the ledger since: update
-    # re-reads it and adds every finished row of the workdir, so none is lost.
+    # (under the workdir's lock) re-reads it and adds every finished row of the workdir.
     study_ledger.update(ledger_path, workdir, study)
 
 

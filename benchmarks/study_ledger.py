@@ -13,6 +13,7 @@ study says so); delete that FP row's entry to train it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -169,10 +170,34 @@ def why_not(workdir: str, row: sr.Row, ledger_rows: dict, ledger_path: str) -> s
   return "its FP row has not finished"
 
 
+@contextlib.contextmanager
+def _locked(workdir: str):
+  """An exclusive lock on ``<workdir>/ledger.lock`` (POSIX ``flock``): two study
+  processes on one workdir update the ledger one after the other."""
+  try:
+    import fcntl
+  except ImportError:  # not POSIX: no lock; a lost update is redone by the next one
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "ledger.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def update(path: str, workdir: str, study: dict) -> dict:
   """Adds the finished rows of ``workdir`` (and its runs) to the ledger at ``path``,
-  writes it (atomically) and returns it. A row in both is taken from the workdir when
-  its report differs (it ran again), else kept (its outliers are not recomputed)."""
+  writes it (atomically, under the workdir's lock) and returns it. A row in both is
+  taken from the workdir when its report differs (it ran again), else kept (its
+  outliers are not recomputed)."""
+  with _locked(workdir):
+    return _update(path, workdir, study)
+
+
+def _update(path: str, workdir: str, study: dict) -> dict:
   s = study["settings"]
   ledger = load(path, s)
   rows = ledger["rows"]

@@ -248,6 +248,30 @@ def test_the_ledger_keeps_rows_across_workdirs_and_refuses_other_settings(tmp_pa
     study_ledger.load(path, dict(s, qat_steps=5))
 
 
+def test_a_ledger_update_waits_for_the_workdirs_lock(tmp_path):
+  import fcntl
+  import threading
+  workdir, path = str(tmp_path / "w"), str(tmp_path / "results_rows.json")
+  study = sr.load_study(workdir, sr.settings(True, regimes=("bn",), seeds=2), "x")
+  _report(workdir, sr.Row("bn", "fp", 1), fp=0.9, merged=0.9)
+  calling = threading.Event()
+
+  def other_process():
+    calling.set()
+    study_ledger.update(path, workdir, study)
+
+  with open(os.path.join(workdir, "ledger.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # another study process is updating the ledger
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    calling.wait()
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and not os.path.exists(path)
+    fcntl.flock(f, fcntl.LOCK_UN)
+  thread.join(timeout=30)
+  assert not thread.is_alive() and set(study_ledger.load(path)["rows"]) == {"fp_bn_s1"}
+
+
 @pytest.mark.parametrize("blocks", [["1", "2", "x", "1"], [1, 2, 0, 1], [1, 2]])
 def test_bad_blocks_are_named(blocks):
   with pytest.raises(ValueError, match="blocks="):
