@@ -186,8 +186,8 @@ def main(argv):
       if not has_workdir and not os.path.exists(ledger_path):
         raise FileNotFoundError(f"neither {workdir}/study.json nor {ledger_path} exists: "
                                 "run the study first")
-      ledger = (study_ledger.update(ledger_path, workdir, sr.load_study(workdir, None))
-                if has_workdir else study_ledger.load(ledger_path))
+      ledger = (study_ledger.update(ledger_path, workdir, stored) if has_workdir
+                else study_ledger.load(ledger_path))
       if flags.FLAGS["regimes"].present:  # report these only (the ledger keeps every row)
         try:
           sr.make_rows(1, _REGIMES.value)

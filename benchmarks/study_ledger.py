@@ -42,21 +42,22 @@ def load(path: str, settings: dict | None = None) -> dict:
   return ledger
 
 
-def logged(row_dir: str, key: str) -> list[list]:
-  """``[step, value]`` of metric ``key`` in the row's ``metrics.jsonl``, by step."""
+def logged(row_dir: str) -> dict[str, list[list]]:
+  """``{key: [[step, value], ...]}`` of each metric in CURVES in the row's
+  ``metrics.jsonl`` (one pass over the file), by step."""
+  out = {k: {} for k in CURVES}
   path = os.path.join(row_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = {}
-  with open(path) as f:
-    for ln in f:
-      try:
-        m = json.loads(ln)
-      except ValueError:  # a line cut by a kill
-        continue
-      if key in m:
-        out[int(m["step"])] = float(m[key])
-  return [[t, v] for t, v in sorted(out.items())]
+  if os.path.exists(path):
+    with open(path) as f:
+      for ln in f:
+        try:
+          m = json.loads(ln)
+        except ValueError:  # a line cut by a kill
+          continue
+        for k in CURVES:
+          if k in m:
+            out[k][int(m["step"])] = float(m[k])
+  return {k: [[t, v] for t, v in sorted(c.items())] for k, c in out.items()}
 
 
 def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
@@ -85,13 +86,15 @@ def outliers(variables: dict) -> dict:
   ``analysis.zero_fraction`` (mean over the block layers; the stem runs at
   first_last_bits)."""
   from repvgg_jax import analysis
+  def rounded(values) -> list[float]:
+    return [float(f"{x:.{_DIGITS}g}") for x in values]
+
   per_layer = analysis.channel_outliers(variables)
   keep = {}
   for layer, r in per_layer.items():
-    keep[layer] = {"ratio": [float(f"{x:.{_DIGITS}g}") for x in r["ratio"]],
-                   "branch": [str(b) for b in r["branch"]]}
+    keep[layer] = {"ratio": rounded(r["ratio"]), "branch": [str(b) for b in r["branch"]]}
     if "ratio_3x3" in r:
-      keep[layer]["ratio_3x3"] = [float(f"{x:.{_DIGITS}g}") for x in r["ratio_3x3"]]
+      keep[layer]["ratio_3x3"] = rounded(r["ratio_3x3"])
   zeros = {f"{clip} w{b}": float(np.mean([z for k, z in analysis.zero_fraction(
       variables, b, clip).items() if k != "stem"])) for clip in ZERO_CLIPS for b in ZERO_BITS}
   return {"per_layer": keep, "tensors": analysis.outlier_stats(variables)["summary"],
@@ -137,7 +140,7 @@ def entry(workdir: str, row: sr.Row, s: dict, with_outliers: bool = True) -> dic
   e = {"status": st, "report": report_of(workdir, row),
        "seconds": sr.row_seconds(workdir, row)}
   if row.kind == "FP":
-    e["curves"] = {k: logged(d, k) for k in CURVES}
+    e["curves"] = logged(d)
     if row.seed == 0 and with_outliers:
       variables = fp_variables(workdir, row.regime, s)
       if variables is not None:
