@@ -33,9 +33,14 @@ def _umask() -> int:
   return mask
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """:func:`atomic_write` of ``data``."""
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      f.write(data)
+  atomic_write(path, write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """:func:`atomic_write` of ``text``."""
-  def write(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      f.write(text)
-  atomic_write(path, write)
+  atomic_write_bytes(path, text.encode())

@@ -23,7 +23,7 @@ import numpy as np
 
 from flax import traverse_util
 
-from repvgg_jax.fileio import atomic_write
+from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant.cluster import check_codebook
 from repvgg_jax.quant.levels import decode
 
@@ -70,13 +70,15 @@ class PackedModel:
     l = self.layers[path]
     return unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"]))).reshape(l["shape"])
 
-  def to_variables(self) -> dict[str, Any]:
+  def to_variables(self, xp: Any = np) -> dict[str, Any]:
     """``{"params": ..., "quant": ...}`` with decoded kernels (levels gathered
-    from the codebooks); ``quant`` holds the activation steps, if any."""
-    flat = {tuple(p.split("/")): v for p, v in self.floats.items()}
+    from the codebooks); ``quant`` holds the activation steps, if any.
+    ``xp=jax.numpy`` decodes with jnp ops (traced, inside the program)."""
+    flat = {tuple(p.split("/")): xp.asarray(v) for p, v in self.floats.items()}
     for p, l in self.layers.items():
-      flat[("params",) + tuple(p.split("/"))] = np.asarray(
-          decode(self.indices(p), l["codebook"]))
+      idx = unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"])), xp=xp)
+      flat[("params",) + tuple(p.split("/"))] = xp.asarray(
+          decode(idx.reshape(l["shape"]), xp.asarray(l["codebook"])))
     return traverse_util.unflatten_dict(flat)
 
   def _arrays(self) -> dict[str, np.ndarray]:
@@ -102,12 +104,7 @@ class PackedModel:
 
   def save(self, path) -> None:
     """Writes one file atomically (temp file in the same folder + os.replace)."""
-    data = self.to_bytes()
-
-    def write(tmp: str) -> None:
-      with open(tmp, "wb") as f:
-        f.write(data)
-    atomic_write(path, write)
+    atomic_write_bytes(path, self.to_bytes())
 
   def size_bytes(self) -> int:
     """Bytes of the saved file."""

@@ -1,0 +1,21 @@
+"""Deployment of the packed model: calibration, its runtime in JAX, and exporters.
+
+* ``calibration``: :func:`calibrate`, activation steps of a deploy model with ``act_bits``
+  from a few batches (min-max, percentile or MSE).
+* ``runtime``: :func:`describe` (what the packed file records about its network, so that
+  :func:`load_packed` needs no config), :func:`normalize_images` and :func:`forward_fn`
+  (uint8 NHWC images -> float32 logits: decode, normalize, deploy forward).
+* ``model``: :func:`load_packed` -> :class:`DeployedModel`, callable on uint8 images.
+* ``integer``: :func:`integer_forward_fn`, the same network as int8 x int8 -> int32
+  convolutions and a float requantization (every codebook on a per-channel int8 grid).
+* ``stablehlo``: :func:`export_stablehlo`, the forward serialized with ``jax.export``.
+"""
+
+from repvgg_jax.deploy.calibration import calibrate
+from repvgg_jax.deploy.integer import integer_forward_fn
+from repvgg_jax.deploy.model import DeployedModel, load_packed
+from repvgg_jax.deploy.runtime import describe, forward_fn, normalize_images
+from repvgg_jax.deploy.stablehlo import export_stablehlo
+
+__all__ = ["DeployedModel", "calibrate", "describe", "export_stablehlo", "forward_fn",
+           "integer_forward_fn", "load_packed", "normalize_images"]

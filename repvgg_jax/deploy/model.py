@@ -1,0 +1,64 @@
+"""A packed file loaded and ready to run: :func:`load_packed` -> :class:`DeployedModel`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from repvgg_jax.deploy.integer import integer_forward_fn
+from repvgg_jax.deploy.runtime import forward_fn, model_from
+from repvgg_jax.quant.export import PackedModel, read_packed
+
+
+@dataclasses.dataclass
+class DeployedModel:
+  """A packed model ready to run: ``model(images)`` on uint8 NHWC images of
+  ``image_size`` (1 or 3 channels) returns float32 logits ``(N, num_classes)``."""
+  packed: PackedModel
+
+  def __post_init__(self):
+    self._forward = jax.jit(forward_fn(self.packed))  # validates the model description
+    self._integer = None
+
+  @property
+  def model(self) -> dict[str, Any]:
+    return self.packed.model
+
+  def _check(self, images) -> jax.Array:
+    images = jnp.asarray(images)
+    size = self.packed.model["image_size"]
+    if (images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[1:3] != (size, size)
+        or images.shape[3] not in (1, 3)):
+      raise ValueError(f"expected uint8 images of shape (N, {size}, {size}, 1 or 3), got "
+                       f"{images.dtype} {tuple(images.shape)}")
+    return images
+
+  def __call__(self, images) -> jax.Array:
+    """Logits of the fake-quant deploy forward (float arithmetic on the quantized values)."""
+    return self._forward(self._check(images))
+
+  def integer(self, images) -> jax.Array:
+    """Logits of the integer forward (:func:`integer_forward_fn`)."""
+    if self._integer is None:
+      self._integer = jax.jit(integer_forward_fn(self.packed))
+    return self._integer(self._check(images))
+
+  def to_variables(self) -> dict[str, Any]:
+    return self.packed.to_variables()
+
+  def size_bytes(self) -> int:
+    return self.packed.size_bytes()
+
+  def save(self, path) -> None:
+    self.packed.save(path)
+
+
+def load_packed(path) -> DeployedModel:
+  """Reads a packed file (validated: format, version, sizes) into a callable model."""
+  packed = read_packed(path)
+  model_from(packed.model, os.fspath(path))
+  return DeployedModel(packed)
