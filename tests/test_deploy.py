@@ -13,6 +13,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import deploy
+from repvgg_jax.deploy import integer
 from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.nn.act_quant import ActQuant
 from repvgg_jax.quant import activation, uniform
@@ -38,12 +39,12 @@ def _merged():
   return jax.device_get(rv.merge(v)["params"])
 
 
-def _calibrated(method="cluster", calibration="minmax", **opts):
+def _calibrated(method="cluster", calibration="minmax", act_bits=8, **opts):
   """(model, quantizer, quant state with activation steps) for the tiny model."""
   params = _merged()
   q = rv.make_quantizer(method, bits=4, **opts)
   state = q.init(params)
-  model = _deploy_model()
+  model = _deploy_model(act_bits)
   batches = [deploy.normalize_images(_images(8, s), MEAN, STD) for s in range(2)]
   quant = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches,
                        method=calibration)
@@ -97,8 +98,8 @@ def test_create_model_names_bad_act_bits():
     rv.create_model("A0", act_bits=8)  # the train form has no activation quantizers
 
 
-def _packed(tmp_path, method="cluster", **opts):
-  model, q, state = _calibrated(method, **opts)
+def _packed(tmp_path, method="cluster", act_bits=8, **opts):
+  model, q, state = _calibrated(method, act_bits=act_bits, **opts)
   desc = rv.describe(model, image_size=SIZE, mean=MEAN, std=STD, dataset="test")
   packed = rv.export(_merged(), q, state, desc)
   path = tmp_path / "model.packed"
@@ -178,6 +179,20 @@ def test_integer_forward_gives_the_fake_quant_predictions(tmp_path, method, opts
     k = np.asarray(deployed.packed.layers["/".join(p)]["codebook"]) / np.asarray(
         deployed.packed.layers["/".join(p)]["int_scale"])[..., None]
     np.testing.assert_allclose(k, np.round(k), atol=1e-4)  # levels = scale x int8
+
+
+@pytest.mark.parametrize("act_bits", [8, 7, 5])
+def test_integer_forward_compiled_is_the_integer_chain_eager(tmp_path, act_bits):
+  # The last stage runs on 2x2 maps: where XLA CPU once folded the zero pad of 7-bit
+  # (zero-point 0) activations into the int8 conv and summed garbage under jit.
+  _, _, _, path = _packed(tmp_path, "cluster", act_bits=act_bits, int8_levels=True)
+  deployed = rv.load_packed(path)
+  images = _images(16, 12)
+  compiled = np.asarray(deployed.integer(images))
+  with jax.disable_jit():
+    eager = np.asarray(integer.integer_forward_fn(deployed.packed)(images))
+  # Float rounding of the requantization only (XLA fuses it differently under jit).
+  np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-4 * np.abs(eager).max())
 
 
 def test_integer_forward_refuses_codebooks_off_the_int8_grid(tmp_path):

@@ -15,7 +15,7 @@ from repvgg_jax.quant.export import PackedModel
 from repvgg_jax.quant.levels import decode
 
 
-def _int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray]:
+def int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray]:
   """(int8 kernel, float32 per-channel scale) of a layer whose levels are ``scale x int8``."""
   l = packed.layers.get(path)
   if l is None or "int_scale" not in l:
@@ -24,16 +24,28 @@ def _int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarra
   w = np.asarray(decode(packed.indices(path), l["codebook"]), np.float64)
   scale = np.broadcast_to(np.asarray(l["int_scale"], np.float64), w.shape[-1:])
   k = np.rint(w / scale)
-  if np.abs(k).max() > 128 or np.abs(k * scale - w).max() > 1e-5 * np.abs(w).max():
+  if k.min() < -128 or k.max() > 127 or np.abs(k * scale - w).max() > 1e-5 * np.abs(w).max():
     raise ValueError(f"integer inference: the levels of {path} are not scale x int8")
   return k.astype(np.int8), scale.astype(np.float32)
+
+
+def int32_bias(bias, act_step: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(int32 bias, its float32 scale ``act_step * w_scale[o]``): the bias on the grid of
+  the conv's int32 accumulator, as int8 runtimes (ONNX Runtime, TensorRT, TFLite) add it."""
+  scale = (np.float32(act_step) * np.asarray(w_scale, np.float32)).astype(np.float32)
+  q = np.rint(np.asarray(bias, np.float64) / scale)
+  if np.abs(q).max() >= 2 ** 31:
+    raise ValueError(f"integer inference: a bias of {np.abs(bias).max():g} does not fit int32 "
+                     f"at scale {scale.min():g} (activation step x weight scale)")
+  return q.astype(np.int32), scale
 
 
 def integer_forward_fn(packed: PackedModel):
   """``f(images uint8 NHWC) -> logits``: every conv and the head as int8 x int8
   -> int32 (``lax.conv_general_dilated`` / ``lax.dot_general`` with
-  ``preferred_element_type=int32``), requantized in float32:
-  ``acc * (act_step * weight_scale[o]) + bias``, then ReLU. Unsigned 8-bit
+  ``preferred_element_type=int32``) plus the int32 bias (:func:`int32_bias`),
+  requantized in float32: ``acc * (act_step * weight_scale[o])``, then ReLU; the
+  head's float bias is added to its dequantized output. Unsigned 8-bit
   activations are shifted by 128 into int8 and the shift is added back as
   ``128 * sum(w)`` per output channel (padding uses the shifted zero)."""
   desc = packed.model
@@ -47,10 +59,10 @@ def integer_forward_fn(packed: PackedModel):
   p, quant = variables["params"], variables["quant"]
   layers = []
   for b in model.blocks():
-    k, scale = _int8_weights(packed, f"{b.name}/reparam_conv/kernel")
-    layers.append((b, k, scale, p[b.name]["reparam_conv"]["bias"],
-                   float(uniform.learned_step(quant[b.name]["act"]["step"]))))
-  head_k, head_scale = _int8_weights(packed, "head/kernel")
+    k, scale = int8_weights(packed, f"{b.name}/reparam_conv/kernel")
+    step = float(uniform.learned_step(quant[b.name]["act"]["step"]))
+    layers.append((b, k, *int32_bias(p[b.name]["reparam_conv"]["bias"], step, scale), step))
+  head_k, head_scale = int8_weights(packed, "head/kernel")
   head_step = float(uniform.learned_step(quant["head_act"]["step"]))
 
   def to_int8(x, step, signed):
@@ -60,16 +72,19 @@ def integer_forward_fn(packed: PackedModel):
 
   def forward(images):
     x = normalize_images(images, desc["mean"], desc["std"])
-    for b, k, scale, bias, step in layers:
+    for b, k, bias, acc_scale, step in layers:
       xi, zp = to_int8(x, step, b.name == SIGNED_INPUT_LAYER)
-      xi = jnp.pad(xi, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-zp)
+      # The barrier keeps XLA from folding a zero pad into the int8 convolution: XLA CPU
+      # (jaxlib 0.10) then sums garbage on maps of 2x2 and smaller (tests/test_deploy.py).
+      xi = jax.lax.optimization_barrier(
+          jnp.pad(xi, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-zp))
       acc = jax.lax.conv_general_dilated(
           xi, jnp.asarray(k), (b.strides, b.strides), "VALID",
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=b.groups,
           preferred_element_type=jnp.int32)
       if zp:
         acc = acc + zp * jnp.asarray(k.astype(np.int32).sum(axis=(0, 1, 2)))
-      x = jax.nn.relu(acc.astype(jnp.float32) * (step * scale) + bias)
+      x = jax.nn.relu((acc + jnp.asarray(bias)).astype(jnp.float32) * acc_scale)
     pooled = jnp.mean(x, axis=(1, 2))
     xi, zp = to_int8(pooled, head_step, False)
     acc = jax.lax.dot_general(xi, jnp.asarray(head_k), (((1,), (0,)), ((), ())),
