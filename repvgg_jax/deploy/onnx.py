@@ -1,0 +1,238 @@
+"""ONNX export of the packed model with explicit QuantizeLinear/DequantizeLinear (QDQ).
+
+:func:`export_onnx` writes the network that :func:`repvgg_jax.load_packed` runs, as
+an ONNX graph that ONNX Runtime and TensorRT read: uint8 NHWC images in (1 or 3
+channels), float32 logits out, the input normalization inside the graph.
+
+* Activations: the input of every conv and of the head goes through a
+  ``QuantizeLinear -> DequantizeLinear`` pair at *our* calibrated or learned step
+  (zero-point 0; the stem's signed input at zero-point 128 in ``uint8`` mode), so the
+  graph rounds where the fake-quant forward rounds. ``activations="uint8"`` is the
+  form ONNX Runtime fuses on x86 (``QLinearConv``); ``"int8"`` is TensorRT's explicit
+  quantization (signed, zero-point 0), which cannot hold an unsigned 8-bit grid
+  ``[0, 255]``: such a model is refused (train with ``quant.act_bits=7``, whose
+  ``[0, 127]`` fits int8 exactly). Below 8 bits a ``Clip`` to the grid's range comes
+  first (QuantizeLinear saturates only at the type's range).
+* Weights on an int8 grid (``int8_levels=True``, uniform, LSQ): int8 initializers with
+  per-output-channel scales (``DequantizeLinear`` axis 0) and an int32 bias at scale
+  ``s_in * s_w[o]``: integer convolutions in the runtime. ``"int8"`` mode needs the
+  narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
+* Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
+  codebook, decoded in the graph by one ``Gather`` to the exact float kernel. The
+  runtime folds it into a float initializer at load and runs a float conv on the
+  quantized activations: the same network as ``load_packed``, a smaller file than
+  float32 (one byte per weight, not ``b`` bits), no integer kernels.
+* SE layers (D2se) stay float (pool, 1x1 convs, sigmoid, multiply).
+
+Every export passes ``onnx.checker.check_model(..., full_check=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from repvgg_jax.deploy.integer import int32_bias, int8_weights
+from repvgg_jax.deploy.runtime import model_from
+from repvgg_jax.fileio import atomic_write_bytes
+from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
+from repvgg_jax.quant import uniform
+from repvgg_jax.quant.export import PackedModel
+
+ACTIVATIONS = ("uint8", "int8")
+# QuantizeLinear/DequantizeLinear with per-axis scales (13+); TensorRT 10 and ONNX
+# Runtime both read 17.
+OPSET = 17
+
+
+def _import_onnx():
+  try:
+    import onnx
+  except ImportError as e:
+    raise ImportError("export_onnx needs the onnx package: pip install 'repvgg-jax[onnx]' "
+                      "(or pip install onnx onnxruntime)") from e
+  return onnx
+
+
+class _Graph:
+  """Nodes and initializers under construction, with unique names."""
+
+  def __init__(self, onnx):
+    self.onnx, self.nodes, self.inits = onnx, [], []
+
+  def const(self, name: str, value: np.ndarray) -> str:
+    self.inits.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+  def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+    self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [name], name=name, **attrs))
+    return name
+
+
+def _act_grid(bits: int, signed: bool, activations: str, layer: str):
+  """(ONNX zero point as a numpy scalar, clip range of the integers or None) of a
+  layer's activation grid; ValueError where ``activations`` cannot hold it exactly."""
+  qmin, qmax = uniform.int_range(bits, signed)
+  if activations == "uint8":
+    zp = np.uint8(128 if signed else 0)
+    lo, hi = -int(zp), 255 - int(zp)
+  else:
+    if qmax > 127:
+      raise ValueError(
+          f"export_onnx(activations='int8'): layer {layer} has unsigned {bits}-bit activations "
+          f"[0, {qmax}], which signed int8 with zero-point 0 cannot hold; export "
+          "activations='uint8', or train with quant.act_bits=7 ([0, 127] fits int8)")
+    zp, lo, hi = np.int8(0), -128, 127
+  return zp, (None if (qmin, qmax) == (lo, hi) else (qmin, qmax))
+
+
+def _quant_act(g: _Graph, x: str, layer: str, step: float, bits: int, signed: bool,
+               activations: str, qdq: bool) -> str:
+  """The layer's activation fake-quant: ``DequantizeLinear(QuantizeLinear(x))``
+  (``qdq``), or the same grid in float ops, ``Round(Clip(x / step)) * step``, for a
+  layer whose weights are no int8 grid: ONNX Runtime's default optimizations turn a
+  QDQ activation feeding a float-weight conv into an int8 conv with weights
+  quantized by the runtime (``WeightBiasQuantization``), which changes the numbers."""
+  scale = g.const(f"{layer}/act/scale", np.float32(step))
+  if not qdq:
+    qmin, qmax = uniform.int_range(bits, signed)
+    v = g.op("Div", [x, scale], f"{layer}/act/scaled")
+    v = g.op("Clip", [v, g.const(f"{layer}/act/qmin", np.float32(qmin)),
+                      g.const(f"{layer}/act/qmax", np.float32(qmax))], f"{layer}/act/clipped")
+    return g.op("Mul", [g.op("Round", [v], f"{layer}/act/rounded"), scale],
+                f"{layer}/act/dequantized")
+  zp, clip = _act_grid(bits, signed, activations, layer)
+  zero = g.const(f"{layer}/act/zero_point", zp)
+  if clip is not None:
+    x = g.op("Clip", [x, g.const(f"{layer}/act/min", np.float32(clip[0] * step)),
+                      g.const(f"{layer}/act/max", np.float32(clip[1] * step))],
+             f"{layer}/act/clip")
+  q = g.op("QuantizeLinear", [x, scale, zero], f"{layer}/act/quantized")
+  return g.op("DequantizeLinear", [q, scale, zero], f"{layer}/act/dequantized")
+
+
+def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
+            activations: str) -> tuple[str, np.ndarray | None]:
+  """The float weight tensor of kernel ``path`` (transposed by ``layout`` into ONNX's
+  layout, output channels first): ``(name, per-channel int8 scale or None)``."""
+  name, layer = path, packed.layers.get(path)
+  if layer is not None and "int_scale" in layer:
+    k, scale = int8_weights(packed, path)
+    if activations == "int8" and k.min() == -128:
+      raise ValueError(f"export_onnx(activations='int8'): {path} has an int8 level at -128; "
+                       "TensorRT's explicit quantization wants [-127, 127] (quantize with "
+                       "cluster int8_levels=True, whose grid is narrow, or export "
+                       "activations='uint8')")
+    w = g.const(f"{name}/int8", k.transpose(layout))
+    s = g.const(f"{name}/scale", scale)
+    zero = g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int8))
+    return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
+  if layer is not None:
+    idx = packed.indices(path).transpose(layout)
+    c = np.asarray(layer["codebook"], np.float32)
+    if c.ndim == 2:  # per output channel: row o of the flat codebook starts at o * K
+      offsets = (np.arange(c.shape[0], dtype=np.int64) * c.shape[1]).reshape(
+          (-1,) + (1,) * (idx.ndim - 1))
+      flat = g.op("Add", [g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
+                               f"{name}/indices_int64", to=g.onnx.TensorProto.INT64),
+                          g.const(f"{name}/row_offsets", offsets)], f"{name}/flat_indices")
+      c = c.reshape(-1)
+    else:
+      flat = g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
+                  f"{name}/indices_int64", to=g.onnx.TensorProto.INT64)
+    return g.op("Gather", [g.const(f"{name}/codebook", c), flat], f"{name}/decoded",
+                axis=0), None
+  return g.const(name, np.asarray(packed.floats[f"params/{path}"]).transpose(layout)), None
+
+
+def _bias(g: _Graph, name: str, bias: np.ndarray, act_step: float | None,
+          w_scale: np.ndarray | None) -> str:
+  """The int32 bias of the integer forward (:func:`int32_bias`) behind a
+  DequantizeLinear where activations and weights are both quantized (what ONNX
+  Runtime's QDQ conv fusion and TensorRT expect), else float."""
+  if act_step is None or w_scale is None:
+    return g.const(name, bias.astype(np.float32))
+  q, scale = int32_bias(bias, act_step, w_scale)
+  return g.op("DequantizeLinear", [g.const(f"{name}/int32", q),
+                                   g.const(f"{name}/scale", scale),
+                                   g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int32))],
+              f"{name}/dequantized", axis=0)
+
+
+def _squeeze_excite(g: _Graph, x: str, p: dict, name: str) -> str:
+  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  s = g.op("GlobalAveragePool", [x], f"{name}/pool")
+  for part, act in (("down", "Relu"), ("up", "Sigmoid")):
+    k = np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None]
+    s = g.op("Conv", [s, g.const(f"{name}/{part}/kernel", k),
+                      g.const(f"{name}/{part}/bias", np.asarray(p[part]["bias"], np.float32))],
+             f"{name}/{part}")
+    s = g.op(act, [s], f"{name}/{part}/{act.lower()}")
+  return g.op("Mul", [x, s], f"{name}/scaled")
+
+
+def export_onnx(packed: PackedModel, path=None, *, activations: str = "uint8",
+                opset: int = OPSET):
+  """The packed model as an ONNX ``ModelProto`` (see the module doc); written
+  atomically to ``path`` when given. Input ``images``: uint8 ``(N, H, W, 1 or 3)``;
+  output ``logits``: float32 ``(N, num_classes)``."""
+  onnx = _import_onnx()
+  if activations not in ACTIVATIONS:
+    raise ValueError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
+  desc = packed.model
+  model = model_from(desc, "packed model")
+  bits = desc["act_bits"]
+  variables = packed.to_variables()
+  p, quant = variables["params"], variables.get("quant", {})
+
+  def step(layer_quant) -> float | None:
+    return float(uniform.learned_step(layer_quant["step"])) if bits else None
+
+  g = _Graph(onnx)
+  x = g.op("Cast", ["images"], "images_float", to=onnx.TensorProto.FLOAT)
+  x = g.op("Expand", [x, g.const("rgb_shape", np.array([1, 1, 1, 3], np.int64))], "images_rgb")
+  x = g.op("Transpose", [x], "images_nchw", perm=[0, 3, 1, 2])
+  x = g.op("Mul", [x, g.const("inv_255", np.float32(1 / 255))], "images_01")
+  stats = {k: np.asarray(desc[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std")}
+  x = g.op("Sub", [x, g.const("mean", stats["mean"])], "images_centred")
+  x = g.op("Div", [x, g.const("std", stats["std"])], "images_normalized")
+  def int8_grid(path: str) -> bool:
+    return "int_scale" in packed.layers.get(path, {})
+
+  for b in model.blocks():
+    s = step(quant[b.name]["act"]) if bits else None
+    kernel = f"{b.name}/reparam_conv/kernel"
+    if bits:
+      x = _quant_act(g, x, b.name, s, bits, b.name == SIGNED_INPUT_LAYER, activations,
+                     int8_grid(kernel))
+    w, w_scale = _weight(g, packed, kernel, (3, 2, 0, 1), activations)
+    bias = _bias(g, f"{b.name}/reparam_conv/bias", np.asarray(p[b.name]["reparam_conv"]["bias"]),
+                 s, w_scale)
+    x = g.op("Conv", [x, w, bias], f"{b.name}/conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+             strides=[b.strides, b.strides], group=b.groups)
+    if desc["se"]:
+      x = _squeeze_excite(g, x, p[b.name]["se"], f"{b.name}/se")
+    x = g.op("Relu", [x], f"{b.name}/relu")
+  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "pooled")
+  if bits:
+    x = _quant_act(g, x, "head", step(quant["head_act"]), bits, False, activations,
+                   int8_grid("head/kernel"))
+  w, _ = _weight(g, packed, "head/kernel", (1, 0), activations)
+  g.op("Gemm", [x, w, g.const("head/bias", np.asarray(p["head"]["bias"], np.float32))],
+       "logits", transB=1)
+
+  size, classes = desc["image_size"], desc["num_classes"]
+  graph = onnx.helper.make_graph(
+      g.nodes, "repvgg_jax", [onnx.helper.make_tensor_value_info(
+          "images", onnx.TensorProto.UINT8, ["N", size, size, "C"])],
+      [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", classes])],
+      g.inits)
+  proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
+                                 producer_name="repvgg-jax")
+  # The oldest IR version of the opset: runtimes older than this onnx package read it.
+  proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+  onnx.checker.check_model(proto, full_check=True)
+  if path is not None:
+    atomic_write_bytes(path, proto.SerializeToString())
+  return proto

@@ -1,0 +1,211 @@
+"""ONNX QDQ export, checked by ONNX Runtime: the int8-grid graph against the integer
+forward, the codebook graph against load_packed, the fused kernels, the refusals."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import repvgg_jax as rv  # noqa: E402
+from repvgg_jax import deploy  # noqa: E402
+from repvgg_jax.deploy.onnx import export_onnx  # noqa: E402
+from repvgg_jax.models.repvgg import RepVGG, Variant  # noqa: E402
+from _util import random_variables  # noqa: E402
+
+# Standard strides at 32 px: stride-2 convs on even maps down to 1x1, as the demo has.
+TINY = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+SIZE = 32
+MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.3, 0.2)
+
+
+def _images(n, seed=0, channels=3):
+  return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, channels), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _merged(variant=TINY):
+  x = jnp.zeros((1, SIZE, SIZE, 3))
+  v = random_variables(RepVGG(variant, num_classes=5), x)
+  return jax.device_get(rv.merge(v)["params"])
+
+
+def _packed(method="cluster", act_bits=8, variant=TINY, bits=4, **opts):
+  params = _merged(variant)
+  q = rv.make_quantizer(method, bits=bits, **opts)
+  state = q.init(params)
+  model = RepVGG(variant, num_classes=5, deploy=True, act_bits=act_bits)
+  if act_bits:
+    batches = [deploy.normalize_images(_images(8, s), MEAN, STD) for s in range(2)]
+    state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
+  return rv.export(params, q, state, rv.describe(model, image_size=SIZE, mean=MEAN, std=STD))
+
+
+def _session(proto_or_path, level=None, optimized_path=None):
+  so = ort.SessionOptions()
+  so.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  if optimized_path:
+    so.optimized_model_filepath = str(optimized_path)
+  model = proto_or_path.SerializeToString() if hasattr(proto_or_path, "SerializeToString") \
+      else str(proto_or_path)
+  return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _run(proto, images, **kw):
+  return _session(proto, **kw).run(["logits"], {"images": images})[0]
+
+
+def _assert_same_logits(got, want):
+  """The same network: float32 rounding of the sums only (different orders), on every
+  image. One activation moved by one step, anywhere, is far above this."""
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("method, opts", [
+    ("cluster", dict(int8_levels=True)), ("lsq", {}), ("uniform", dict(clipping="mse"))])
+def test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime(method, opts):
+  packed = _packed(method, **opts)
+  proto = export_onnx(packed)
+  onnx.checker.check_model(proto, full_check=True)
+  images = _images(48, 11)
+  want = np.asarray(rv.DeployedModel(packed).integer(images))
+  _assert_same_logits(_run(proto, images), want)
+  # Without graph optimizations (QDQ run as written, float convs): the same numbers.
+  _assert_same_logits(_run(proto, images, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL), want)
+  _assert_same_logits(_run(proto, images[..., :1]),
+                      np.asarray(rv.DeployedModel(packed).integer(images[..., :1])))
+
+
+def test_codebook_export_runs_load_packed_in_onnx_runtime():
+  packed = _packed("cluster")
+  proto = export_onnx(packed)
+  images = _images(48, 12)
+  want = np.asarray(rv.DeployedModel(packed)(images))
+  _assert_same_logits(_run(proto, images), want)  # default optimizations, as a user runs it
+  ops = {n.op_type for n in proto.graph.node}
+  assert "Gather" in ops and "QuantizeLinear" not in ops
+  idx = {i.name: i for i in proto.graph.initializer}["stages_1_0/reparam_conv/kernel/indices"]
+  assert idx.data_type == onnx.TensorProto.UINT8
+
+
+def test_float_activation_export_matches_load_packed():
+  packed = _packed("cluster", act_bits=0, int8_levels=True)
+  images = _images(16, 13)
+  _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
+
+
+def test_onnx_runtime_fuses_every_conv_with_a_quantized_output(tmp_path):
+  packed = _packed("cluster", int8_levels=True)
+  _session(export_onnx(packed), level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+           optimized_path=tmp_path / "optimized.onnx")
+  nodes = onnx.load(tmp_path / "optimized.onnx").graph.node
+  fused = [n.name for n in nodes if n.op_type == "QLinearConv"]
+  convs = len(RepVGG(TINY, deploy=True).blocks())
+  # The last conv's float output feeds the pooling (the network quantizes the pooled
+  # vector, not the map), so it has no QuantizeLinear to fuse with.
+  assert len(fused) == convs - 1, [n.op_type for n in nodes]
+  assert not any(n.op_type == "Conv" and not n.name.startswith("stages_3_0") for n in nodes)
+
+
+def _mutated(proto, name, change):
+  """A copy of ``proto`` with initializer ``name`` replaced by ``change(array)``."""
+  out = onnx.ModelProto()
+  out.CopyFrom(proto)
+  for init in out.graph.initializer:
+    if init.name == name:
+      init.CopyFrom(onnx.numpy_helper.from_array(change(onnx.numpy_helper.to_array(init)), name))
+      return out
+  raise KeyError(name)
+
+
+@pytest.mark.parametrize("name, change", [
+    ("stages_1_0/act/scale", lambda s: (s * (1 + 2.0 ** -7)).astype(np.float32)),
+    ("stages_1_0/reparam_conv/kernel/scale", lambda s: (s * (1 + 2.0 ** -7)).astype(np.float32)),
+    ("stem/act/zero_point", lambda z: np.uint8(z + 1)),
+    ("stages_0_0/reparam_conv/bias/int32", lambda b: b + 1),
+    ("stages_2_0/reparam_conv/kernel/int8", lambda k: np.where(k == k.max(), k - 1, k).astype(
+        np.int8)),
+])
+def test_a_wrong_scale_zero_point_or_bias_fails_the_comparison(name, change):
+  packed = _packed("cluster", int8_levels=True)
+  proto = export_onnx(packed)
+  images = _images(48, 11)
+  want = np.asarray(rv.DeployedModel(packed).integer(images))
+  _assert_same_logits(_run(proto, images), want)
+  with pytest.raises(AssertionError):
+    _assert_same_logits(_run(_mutated(proto, name, change), images), want)
+
+
+def test_signed_int8_export_needs_activations_int8_can_hold():
+  with pytest.raises(ValueError, match=r"layer stages_0_0 has unsigned 8-bit activations "
+                                       r"\[0, 255\].*quant.act_bits=7"):
+    export_onnx(_packed("cluster", int8_levels=True), activations="int8")
+  packed = _packed("cluster", act_bits=7, int8_levels=True)
+  proto = export_onnx(packed, activations="int8")
+  zps = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+         if i.name.endswith("act/zero_point")]
+  assert zps and all(z.dtype == np.int8 and z == 0 for z in zps)
+  images = _images(32, 14)
+  _assert_same_logits(_run(proto, images), np.asarray(rv.DeployedModel(packed).integer(images)))
+
+
+def test_int8_export_refuses_a_weight_level_at_minus_128():
+  packed = _packed("uniform", act_bits=7, bits=8)  # levels k * step, k in [-128, 127]
+  path = "stages_1_0/reparam_conv/kernel"
+  idx = packed.indices(path)
+  idx.flat[0] = 0  # level -128 * step
+  packed.layers[path]["packed"] = rv.quant.pack_bits(idx, 8)
+  with pytest.raises(ValueError, match=f"{path} has an int8 level at -128"):
+    export_onnx(packed, activations="int8")
+  images = _images(8, 17)  # uint8 activations: ONNX Runtime's x86 path takes the full range
+  _assert_same_logits(_run(export_onnx(packed), images),
+                      np.asarray(rv.DeployedModel(packed).integer(images)))
+
+
+@pytest.mark.parametrize("variant", [Variant((1, 2, 1, 1), (0.5, 0.5, 0.5, 0.5), groups=2),
+                                     Variant((1, 2, 1, 1), (1, 1, 1, 1), se=True)],
+                         ids=["groups2", "se"])
+def test_grouped_and_se_variants_export(variant):
+  packed = _packed("cluster", variant=variant)
+  images = _images(8, 15)
+  _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
+  if not variant.se:
+    packed = _packed("cluster", variant=variant, int8_levels=True)
+    _assert_same_logits(_run(export_onnx(packed), images),
+                        np.asarray(rv.DeployedModel(packed).integer(images)))
+
+
+def test_bad_activations_value_is_named():
+  with pytest.raises(ValueError, match="activations='int4'"):
+    export_onnx(_packed("cluster"), activations="int4")
+
+
+_STANDALONE = textwrap.dedent("""
+    import sys
+    for name in ("repvgg_jax", "jax", "jaxlib", "onnx"):
+      sys.modules[name] = None              # importing them now fails
+    import numpy as np, onnxruntime as ort
+    sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    np.save(sys.argv[3], sess.run(["logits"], {"images": np.load(sys.argv[2])})[0])
+""")
+
+
+def test_model_onnx_runs_with_only_onnxruntime_and_numpy(tmp_path):
+  packed = _packed("cluster", int8_levels=True)
+  path = tmp_path / "model.onnx"
+  export_onnx(packed, path)
+  images = _images(8, 16)
+  np.save(tmp_path / "images.npy", images)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  subprocess.run([sys.executable, "-c", _STANDALONE, str(path), str(tmp_path / "images.npy"),
+                  str(tmp_path / "out.npy")], check=True, env=env, cwd=tmp_path)
+  _assert_same_logits(np.load(tmp_path / "out.npy"),
+                      np.asarray(rv.DeployedModel(packed).integer(images)))
