@@ -1,5 +1,7 @@
 """Matmul conv for tiny maps (``repvgg_jax.nn.conv``) == ``lax.conv_general_dilated``."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +171,106 @@ def test_default_conv_impl_and_bad_value():
   assert rv.create_model("RepVGG-A0").conv_impl == "auto"
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     rv.create_model("RepVGG-A0", conv_impl="cudnn")
+
+
+def test_read_padding_trims_the_high_padding_no_window_reads():
+  # (size, kernel, stride, pad) -> trimmed: RepVGG's 3x3 pad-1 and 1x1 pad-0 convs.
+  for args, want in (((2, 3, 2, (1, 1)), (1, 0)), ((4, 3, 2, (1, 1)), (1, 0)),
+                     ((3, 3, 2, (1, 1)), (1, 1)), ((5, 3, 2, (1, 1)), (1, 1)),
+                     ((1, 3, 2, (1, 1)), (1, 1)), ((4, 3, 1, (1, 1)), (1, 1)),
+                     ((4, 1, 2, (0, 0)), (0, 0)), ((5, 3, 3, (1, 2)), (1, 0)),
+                     ((2, 3, 2, (-1, 1)), (-1, 1)), ((1, 5, 1, (1, 1)), (1, 1))):
+    assert conv_lib.read_padding(*args) == want, args
+  for size in range(1, 9):
+    for kernel in (1, 2, 3, 5):
+      for stride in (1, 2, 3):
+        for pad in ((0, 0), (1, 1), (2, 2), (1, 0), (0, 3)):
+          lo, hi = conv_lib.read_padding(size, kernel, stride, pad)
+          assert lo == pad[0] and 0 <= hi <= pad[1]
+          assert (conv_lib._out_size(size, kernel, stride, (lo, hi))
+                  == conv_lib._out_size(size, kernel, stride, pad))
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_trimmed_padding_gives_the_same_outputs_bit_for_bit(size, stride, monkeypatch):
+  monkeypatch.setattr(conv_lib, "MAX_OUT_PIXELS", 0)  # conv_general_dilated: its lax form
+  rng = np.random.default_rng(size * 10 + stride)
+  x = rng.standard_normal((2, size, size, 8), np.float32)
+  for k, pad, groups in CASES.get((size, stride), ((3, PAD1, 2), (1, PAD0, 1))):
+    w = rng.standard_normal((k, k, 8 // groups, 12), np.float32)
+    trimmed = [conv_lib.read_padding(size, k, stride, p) for p in pad]
+    if stride == 2 and size % 2 == 0 and k == 3:
+      assert trimmed == [(1, 0), (1, 0)]
+    conv = jax.jit(lambda x, w, pad, fn=lax.conv_general_dilated: fn(  # noqa: E731
+        x, w, (stride, stride), pad, dimension_numbers=NHWC, feature_group_count=groups),
+        static_argnums=(2, 3))
+    want = conv(x, w, pad)
+    np.testing.assert_array_equal(conv(x, w, tuple(trimmed)), want)
+    np.testing.assert_array_equal(conv(x, w, pad, conv_lib.lax_conv_general_dilated), want)
+    np.testing.assert_array_equal(conv(x, w, pad, conv_lib.conv_general_dilated), want)
+
+
+def test_read_paddings_resolves_strings_and_dilations():
+  x, w = (2, 8, 8, 4), (3, 3, 4, 6)
+  # SAME at stride 2 on 8 px pads (0, 1) and reads the high row; VALID is (0, 0).
+  assert conv_lib.read_paddings(x, w, (2, 2), "SAME", dimension_numbers=NHWC) == [(0, 1)] * 2
+  assert conv_lib.read_paddings(x, w, (2, 2), "VALID", dimension_numbers=NHWC) == [(0, 0)] * 2
+  # A 2-dilated 3x3 kernel spans 5 rows: 8 px padded by (1, 1) at stride 2 gives 3 rows,
+  # whose windows start at 0, 2, 4 and end at padded row 8 (the last input row).
+  assert conv_lib.read_paddings(x, w, (2, 2), PAD1, rhs_dilation=(2, 2),
+                                dimension_numbers=NHWC) == [(1, 0)] * 2
+  assert conv_lib.read_paddings(x, w, (2, 4), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                dimension_numbers=NHWC) == [(2, 1), (2, 0)]
+  batch, = jax.export.symbolic_shape("batch")  # only the spatial sizes matter
+  assert conv_lib.read_paddings((batch, 8, 8, 4), w, (2, 2), PAD1,
+                                dimension_numbers=NHWC) == [(1, 0)] * 2
+
+
+def _conv_windows(text):
+  """(input HW, kernel HW, stride, pads, output HW) of each convolution in ``text``."""
+  out = []
+  for m in re.finditer(r"stablehlo\.convolution.*?window = \{(.*?)\}.*?: \(tensor<(\w+)>, "
+                       r"tensor<(\w+)>\) -> tensor<(\w+)>", text):
+    window, lhs, rhs, res = m.groups()
+    dims = [s.split("x")[:-1] for s in (lhs, rhs, res)]
+    stride = re.search(r"stride = \[(\d+), (\d+)\]", window)
+    pad = re.search(r"pad = \[\[(\d+), (\d+)\], \[(\d+), (\d+)\]\]", window)
+    out.append(([int(d) for d in dims[0][1:3]], [int(d) for d in dims[1][:2]],
+                [int(s) for s in stride.groups()] if stride else [1, 1],
+                [int(p) for p in pad.groups()] if pad else [0, 0, 0, 0],
+                [int(d) for d in dims[2][1:3]]))
+  return out
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "auto"])
+def test_repvgg_convs_pad_only_what_they_read_with_the_same_outputs(conv_impl, monkeypatch):
+  # ImageNet stem at 16 px: stride-2 convs on maps 16, 8, 4, 2 (even) and 1.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3), np.float32))
+  model = RepVGG(TINY, num_classes=10, conv_impl=conv_impl)
+  variables = random_variables(model, x)
+  merged = jax.jit(rv.merge)(variables)
+  deploy = model.clone(deploy=True)
+  programs = [(model, variables), (deploy, merged)]
+  def run(m, v):  # a new function each time: traced again after the monkeypatch
+    return jax.jit(lambda v, x: m.apply(v, x))(v, x)
+
+  def lowered():
+    return jax.jit(lambda v, x: deploy.apply(v, x)).lower(merged, x).as_text()
+  got = [run(m, v) for m, v in programs]
+  text = lowered()
+  windows = _conv_windows(text)
+  assert len(windows) == text.count("stablehlo.convolution") >= 2
+  for (h, w), (kh, kw), (sh, sw), (plh, phh, plw, phw), (ho, wo) in windows:
+    # The padded input ends where the last window does.
+    assert (h + plh + phh, w + plw + phw) == ((ho - 1) * sh + kh, (wo - 1) * sw + kw)
+  assert any(s == [2, 2] and hw[0] % 2 == 0 and p[1] == 0 for hw, _, s, p, _ in windows)
+  # The untrimmed padding: same parameters, and the same outputs bit for bit.
+  monkeypatch.setattr(conv_lib, "read_paddings", lambda lhs, rhs, strides, padding, *a: padding)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, variables)
+  text = lowered()
+  assert any(p[1] == 1 and s == [2, 2] and hw[0] % 2 == 0
+             for hw, _, s, p, _ in _conv_windows(text))
+  for (m, v), y in zip(programs, got):
+    np.testing.assert_array_equal(run(m, v), y)

@@ -79,8 +79,11 @@ def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
           dtype: Any, name: str, conv_impl: str = "auto") -> nn.Conv:
   # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
   # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
+  # Both impls trim the high padding no window reads (conv_lib.read_padding):
+  # the same outputs, and a program IREE compiles.
   pad = kernel // 2
-  impl = conv_lib.ConvGeneralDilated if conv_impl == "auto" else None
+  impl = (conv_lib.ConvGeneralDilated if conv_impl == "auto"
+          else conv_lib.LaxConvGeneralDilated)
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,

@@ -19,7 +19,16 @@ when the computation runs on a CPU, it computes the conv with matmuls instead:
 Grouped convs become matmuls batched over groups. Gradients come from
 autodiff of these ops (forward and backward are matmuls too). Everything
 else (larger outputs, dilations, ``batch_group_count > 1``, other platforms)
-calls ``lax.conv_general_dilated`` unchanged.
+calls ``lax.conv_general_dilated``.
+
+Either way the high padding is first trimmed to what the last window reads
+(:func:`read_padding`; :func:`lax_conv_general_dilated` is that trim plus
+``lax.conv_general_dilated``): the same output, bit for bit, but a program
+every compiler takes. RepVGG pads 3x3 convs by (1, 1); at stride 2 on an even
+map the high row is never read, and IREE (3.13, llvm-cpu) rejects such a conv
+when its output is one pixel wide (``'linalg.generic' op inferred input/output
+operand #1 has shape's dimension #0 to be 4, but found 3`` for 2x2 -> 1x1);
+``(1, 0)`` compiles.
 
 The platform is the one the computation is lowered for, not
 ``jax.default_backend()`` at trace time: ``lax.platform_dependent`` keeps both
@@ -47,6 +56,56 @@ PLATFORMS = ("cpu",)
 
 def _out_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
   return max((size + pad[0] + pad[1] - kernel) // stride + 1, 0)
+
+
+def read_padding(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> tuple[int, int]:
+  """``pad`` (low, high) along one axis with the high padding trimmed to what the
+  last window reads: the same output size and values. ``lo`` is kept; ``hi`` only
+  shrinks (never below 0, so nothing of the input is cropped). ``size`` and
+  ``kernel`` are the (dilated) input and kernel extents."""
+  lo, hi = (int(p) for p in pad)
+  out = (size + lo + hi - kernel) // stride + 1
+  if lo < 0 or hi <= 0 or out <= 0:
+    return lo, hi
+  # The last window covers padded rows [(out - 1) * stride, (out - 1) * stride + kernel).
+  reach = (out - 1) * stride + kernel - lo - size
+  return lo, min(hi, max(reach, 0))
+
+
+def read_paddings(lhs_shape: Sequence[Any], rhs_shape: Sequence[Any],
+                  window_strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
+                  lhs_dilation: Sequence[int] | None = None,
+                  rhs_dilation: Sequence[int] | None = None,
+                  dimension_numbers: Any = None) -> str | list[tuple[int, int]]:
+  """``lax.conv_general_dilated``'s ``padding`` as explicit (low, high) pairs, each
+  trimmed by :func:`read_padding`; unchanged when a spatial size is symbolic."""
+  dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  sizes = [lhs_shape[i] for i in dn.lhs_spec[2:]]
+  kernels = [rhs_shape[i] for i in dn.rhs_spec[2:]]
+  if not all(isinstance(d, (int, np.integer)) for d in (*sizes, *kernels)):
+    return padding
+  ones = (1,) * len(sizes)
+  lhs_dilation, rhs_dilation = tuple(lhs_dilation or ones), tuple(rhs_dilation or ones)
+  kernels = [(k - 1) * r + 1 if k else 0 for k, r in zip(kernels, rhs_dilation)]
+  if isinstance(padding, str):  # as lax resolves it: from the undilated input
+    padding = lax.padtype_to_pads(sizes, kernels, window_strides, padding)
+  sizes = [(s - 1) * d + 1 if s else 0 for s, d in zip(sizes, lhs_dilation)]
+  return [read_padding(s, k, t, p) for s, k, t, p in zip(sizes, kernels, window_strides, padding)]
+
+
+def lax_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                             padding: str | Sequence[tuple[int, int]],
+                             lhs_dilation: Sequence[int] | None = None,
+                             rhs_dilation: Sequence[int] | None = None,
+                             dimension_numbers: Any = None, feature_group_count: int = 1,
+                             batch_group_count: int = 1, precision: Any = None,
+                             preferred_element_type: Any = None) -> jax.Array:
+  """``lax.conv_general_dilated`` with the padding trimmed by :func:`read_paddings`."""
+  padding = read_paddings(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                          rhs_dilation, dimension_numbers)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type)
 
 
 def live_taps(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> list[int]:
@@ -161,7 +220,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None) -> jax.Array:
-  """Drop-in ``lax.conv_general_dilated``; matmuls for tiny 2-D outputs on CPU devices."""
+  """Drop-in ``lax.conv_general_dilated``; matmuls for tiny 2-D outputs on CPU devices.
+  The padding is trimmed by :func:`read_paddings` for both forms."""
+  padding = read_paddings(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                          rhs_dilation, dimension_numbers)
+
   def xla(lhs, rhs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -205,3 +268,11 @@ class ConvGeneralDilated:
 
   def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
     return conv_general_dilated(*args, **kwargs)
+
+
+class LaxConvGeneralDilated:
+  """:func:`lax_conv_general_dilated` for ``flax.linen.Conv(conv_general_dilated_cls=...)``:
+  XLA's conv, with the padding every compiler takes."""
+
+  def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+    return lax_conv_general_dilated(*args, **kwargs)
