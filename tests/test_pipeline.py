@@ -8,6 +8,9 @@ fails on a loaded machine for no fault of the code.
 import json
 import os
 
+import jax
+import pytest
+
 import repvgg_jax
 from repvgg_jax.train import pipeline
 
@@ -113,3 +116,25 @@ def test_the_packed_file_describes_its_model(tiny_run):
   m = deployed.model
   assert m["variant"] == "tiny" and m["num_classes"] == 10 and m["image_size"] == 16
   assert m["cifar_stem"] and m["act_bits"] == 0 and len(m["mean"]) == len(m["std"]) == 3
+
+
+def test_onnx_and_static_batch_stablehlo_exports_are_evaluated(tiny_run, tmp_path):
+  pytest.importorskip("onnxruntime")
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
+  cfg.eval_fp_forms = False
+  cfg.quant.act_bits, cfg.quant.int8_levels = 7, True
+  cfg.export.onnx, cfg.export.onnx_activations, cfg.export.stablehlo_batch = "on", "int8", 5
+  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  onnx_path = os.path.join(tmp_path, "model.onnx")
+  assert forms["onnx"]["size_bytes"] == os.path.getsize(onnx_path)
+  assert forms["onnx"]["agreement"] >= 0.99  # ONNX Runtime vs the integer forward
+  assert abs(forms["onnx"]["accuracy"] - forms["integer"]["accuracy"]) <= 0.01
+  assert forms["stablehlo"]["accuracy"] == forms["packed"]["accuracy"]  # in batches of 5
+  exported = jax.export.deserialize(open(os.path.join(tmp_path, "model.stablehlo"), "rb").read())
+  assert exported.in_avals[0].shape[0] == 5
+  assert "model.onnx in ONNX Runtime | W4A7 |" in open(os.path.join(tmp_path, "report.md")).read()
+  # The same workdir without ONNX: nothing retrains, and the earlier model.onnx goes.
+  cfg.export.onnx = "off"
+  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  assert "onnx" not in forms and not os.path.exists(onnx_path)

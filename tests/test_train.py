@@ -120,6 +120,33 @@ def test_validate_names_bad_quantization_fields(field, value, needle):
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize("changes,needle", [
+    (dict(onnx="yes"), "export.onnx='yes' not in ('auto', 'on', 'off')"),
+    (dict(onnx_activations="int4"), "activations='int4'"),
+    (dict(onnx_activations="int8"), "cannot hold unsigned 8-bit activations"),
+    (dict(stablehlo_batch=-1), "export.stablehlo_batch=-1"),
+])
+def test_validate_names_bad_export_fields(changes, needle):
+  cfg = tiny.tiny_config()
+  cfg.quant.act_bits = 8
+  cfg.export.update(changes)
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config_lib.validate(cfg)
+  cfg.quant.act_bits = 7  # [0, 127] fits int8: only the other fields stay wrong
+  if changes == dict(onnx_activations="int8"):
+    config_lib.validate(cfg)
+
+
+def test_validate_onnx_on_needs_onnxruntime(monkeypatch):
+  cfg = tiny.tiny_config()
+  cfg.export.onnx = "on"
+  monkeypatch.setattr(config_lib, "onnx_available", lambda: False)
+  with pytest.raises(ValueError, match=re.escape("export.onnx='on' needs onnx and onnxruntime")):
+    config_lib.validate(cfg)
+  cfg.export.onnx = "auto"
+  config_lib.validate(cfg)
+
+
 def test_validate_uniform_and_lsq_need_two_bits():
   cfg = tiny.tiny_config()
   cfg.quant.method, cfg.quant.bits = "lsq", 1

@@ -9,13 +9,16 @@
 * ``integer``: :func:`integer_forward_fn`, the same network as int8 x int8 -> int32
   convolutions and a float requantization (every codebook on a per-channel int8 grid).
 * ``stablehlo``: :func:`export_stablehlo`, the forward serialized with ``jax.export``.
+* ``onnx``: :func:`export_onnx`, an ONNX QDQ graph for ONNX Runtime and TensorRT
+  (needs the ``[onnx]`` extra; imported when called).
 """
 
 from repvgg_jax.deploy.calibration import calibrate
 from repvgg_jax.deploy.integer import integer_forward_fn
 from repvgg_jax.deploy.model import DeployedModel, load_packed
+from repvgg_jax.deploy.onnx import export_onnx
 from repvgg_jax.deploy.runtime import describe, forward_fn, normalize_images
 from repvgg_jax.deploy.stablehlo import export_stablehlo
 
-__all__ = ["DeployedModel", "calibrate", "describe", "export_stablehlo", "forward_fn",
-           "integer_forward_fn", "load_packed", "normalize_images"]
+__all__ = ["DeployedModel", "calibrate", "describe", "export_onnx", "export_stablehlo",
+           "forward_fn", "integer_forward_fn", "load_packed", "normalize_images"]

@@ -46,6 +46,17 @@ ACTIVATIONS = ("uint8", "int8")
 OPSET = 17
 
 
+def check_activations(activations: str, act_bits: int) -> None:
+  """ValueError where ``activations`` cannot hold a model's ``act_bits`` activations
+  exactly: the unsigned 8-bit grid [0, 255] does not fit signed int8."""
+  if activations not in ACTIVATIONS:
+    raise ValueError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
+  if activations == "int8" and act_bits == 8:
+    raise ValueError("activations='int8' (signed, zero-point 0) cannot hold unsigned 8-bit "
+                     "activations [0, 255]; use 'uint8', or train with quant.act_bits=7 "
+                     "([0, 127] fits int8)")
+
+
 def _import_onnx():
   try:
     import onnx
@@ -178,8 +189,7 @@ def export_onnx(packed: PackedModel, path=None, *, activations: str = "uint8",
   atomically to ``path`` when given. Input ``images``: uint8 ``(N, H, W, 1 or 3)``;
   output ``logits``: float32 ``(N, num_classes)``."""
   onnx = _import_onnx()
-  if activations not in ACTIVATIONS:
-    raise ValueError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
+  check_activations(activations, 0)
   desc = packed.model
   model = model_from(desc, "packed model")
   bits = desc["act_bits"]

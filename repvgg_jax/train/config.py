@@ -8,6 +8,7 @@ checks enums and ranges that a lock cannot.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from typing import Any
 
 import ml_collections
@@ -94,6 +95,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.act_calibration = "minmax"  # "minmax" | "percentile" | "mse" (then LSQ in QAT)
   c.quant.act_percentile = 99.99
   c.quant.calib_batches = 16          # training batches (qat.batch_size) to calibrate on
+
+  # Deployment files beside model.packed (docs/deploy.md); not part of any stage's
+  # fingerprint: changing them re-exports without retraining.
+  c.export = ml_collections.ConfigDict()
+  # model.onnx (QDQ: ONNX Runtime, TensorRT), evaluated with ONNX Runtime: "auto" (when
+  # onnx and onnxruntime are installed, pip install 'repvgg-jax[onnx]') | "on" | "off".
+  c.export.onnx = "auto"
+  # "uint8" (what ONNX Runtime fuses on x86) | "int8" (TensorRT; needs quant.act_bits <= 7).
+  c.export.onnx_activations = "uint8"
+  # model.stablehlo's batch: 0 = any (a symbolic dimension; jax.export runs it),
+  # N = N images per call (static shapes: what IREE compiles).
+  c.export.stablehlo_batch = 0
 
   # Start QAT from these train-form variables instead of the FP stage: an orbax
   # checkpoint directory of a previous run's FP stage, or a .npz/.msgpack of
@@ -245,6 +258,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"quant.act_percentile={cfg.quant.act_percentile!r} must be in (50, 100]")
   if not (isinstance(cfg.quant.calib_batches, int) and cfg.quant.calib_batches > 0):
     problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
+  _check_export(cfg, problems, enum)
   for stage in ("fp", "qat"):
     s = cfg[stage]
     for f in ("num_steps", "batch_size", "checkpoint_every", "keep"):
@@ -270,6 +284,31 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             and s.warmup_steps >= 0):
       problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be an int >= 0")
   _fail(problems)
+
+
+EXPORT_SWITCHES = ("auto", "on", "off")
+
+
+def onnx_available() -> bool:
+  """Whether model.onnx can be written and evaluated (onnx and onnxruntime import)."""
+  return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def _check_export(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:
+  from repvgg_jax.deploy.onnx import check_activations
+  e = cfg.export
+  enum("export.onnx", e.onnx, EXPORT_SWITCHES)
+  if e.onnx == "on" and not onnx_available():
+    problems.append("export.onnx='on' needs onnx and onnxruntime: pip install "
+                    "'repvgg-jax[onnx]' (or export.onnx='auto' to skip it without them)")
+  if e.onnx != "off":
+    try:
+      check_activations(e.onnx_activations, cfg.quant.act_bits)
+    except ValueError as err:
+      problems.append(f"export.onnx_activations: {err}")
+  b = e.stablehlo_batch
+  if not (isinstance(b, int) and not isinstance(b, bool) and b >= 0):
+    problems.append(f"export.stablehlo_batch={b!r} must be 0 (any batch) or a positive int")
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -3,7 +3,8 @@
 Every training stage checkpoints under ``<workdir>/checkpoints/<stage>`` and
 resumes from there, so the same command continues a killed run. Outputs of
 process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.png``,
-``channel_outliers.png``, ``accuracy.png``, ``model.packed`` (when quantized) and metrics.
+``channel_outliers.png``, ``accuracy.png``, metrics, and when quantized ``model.packed``,
+``model.stablehlo`` and ``model.onnx`` (``cfg.export``).
 """
 
 from __future__ import annotations
@@ -134,19 +135,75 @@ def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
   return sharding.broadcast_from_primary(jax.device_get(quant))
 
 
-def evaluate_deployed(fns: dict[str, Callable], loader: Any) -> dict[str, dict[str, float]]:
+def evaluate_deployed(fns: dict[str, Callable], loader: Any,
+                      references: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
   """Top-1 of each ``fn(uint8 images) -> logits`` over one pass of ``loader`` (each
-  process its shard, summed), and the fraction of predictions equal to the first fn's."""
+  process its shard, summed), and the fraction of predictions equal to those of its
+  reference (``references[name]``; the first fn's by default)."""
+  names = list(fns)
+  ref = [names.index((references or {}).get(n, names[0])) for n in names]
   totals = np.zeros((len(fns), 3), np.int64)  # correct, count, agree
   for batch in loader:
     mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
     preds = [np.asarray(fn(batch["image"])).argmax(-1) for fn in fns.values()]
     for i, pred in enumerate(preds):
-      totals[i] += [((pred == labels) & mask).sum(), mask.sum(), ((pred == preds[0]) & mask).sum()]
+      totals[i] += [((pred == labels) & mask).sum(), mask.sum(),
+                    ((pred == preds[ref[i]]) & mask).sum()]
   if jax.process_count() > 1:
     totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
   return {name: {"accuracy": t[0] / max(t[1], 1), "agreement": t[2] / max(t[1], 1)}
           for name, t in zip(fns, totals)}
+
+
+def in_batches_of(fn: Callable, n: int) -> Callable:
+  """``fn`` of a static batch of ``n`` images applied to any batch: in chunks of ``n``,
+  the last one padded by repeating its last image (the padding's outputs dropped)."""
+  def call(images):
+    images, out = np.asarray(images), []
+    for i in range(0, len(images), n):
+      chunk = images[i:i + n]
+      fill = n - len(chunk)
+      if fill:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
+      out.append(np.asarray(fn(chunk))[:n - fill])
+    return np.concatenate(out)
+  return call
+
+
+def onnx_runtime_fn(model: bytes) -> Callable:
+  """``f(uint8 images) -> logits`` of an ONNX model run by ONNX Runtime (CPU)."""
+  import onnxruntime
+  session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+  return lambda images: session.run(["logits"], {"images": np.asarray(images)})[0]
+
+
+def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
+                     primary: bool) -> tuple[Callable | None, dict[str, Any] | None]:
+  """``(ONNX Runtime fn, report entry)`` of ``model.onnx`` as ``ec`` (``cfg.export``)
+  asks, or ``(None, None)`` when skipped; a model the export refuses gets an entry
+  with the reason and no file (the run's other files stand). Process 0 writes the
+  file and evaluates what it reads back."""
+  path = os.path.join(workdir, "model.onnx")
+  entry, fn = None, None
+  if ec.onnx == "auto" and not config_lib.onnx_available():
+    logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
+                 "(pip install 'repvgg-jax[onnx]')")
+  elif ec.onnx != "off":
+    logging.info("exporting model.onnx (activations=%s)", ec.onnx_activations)
+    try:
+      proto = repvgg_jax.export_onnx(packed, path if primary else None,
+                                     activations=ec.onnx_activations)
+    except ValueError as e:
+      logging.warning("model.onnx not written: %s", e)
+      entry = {"error": str(e)}
+    else:
+      data = _read(path) if primary else proto.SerializeToString()
+      fn, entry = onnx_runtime_fn(data), {"size_bytes": len(data),
+                                          "activations": ec.onnx_activations}
+  if fn is None and primary and os.path.exists(path):
+    os.remove(path)  # an earlier run's file would not match this model.packed
+    logging.info("removed the earlier run's model.onnx")
+  return fn, entry
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
@@ -278,23 +335,35 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
         qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
         variant=cfg.model.name, dataset=eval_loader.dataset))
     path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
-    hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None)
+    hlo_batch = cfg.export.stablehlo_batch or None
+    logging.info("exporting model.packed and model.stablehlo (batch %s)", hlo_batch or "any")
+    hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None,
+                                      batch_size=hlo_batch)
     if primary:
       packed.save(path)
     # Every process evaluates the files' contents (process 0's disk may not be
     # visible to the others, which use the same objects in memory).
     deployed = repvgg_jax.load_packed(path) if primary else repvgg_jax.DeployedModel(packed)
     exported = jax.export.deserialize(_read(hlo_path) if primary else hlo)
-    fns = {"packed": deployed, "stablehlo": jax.jit(exported.call)}
+    hlo_fn = jax.jit(exported.call)
+    fns = {"packed": deployed,
+           "stablehlo": in_batches_of(hlo_fn, hlo_batch) if hlo_batch else hlo_fn}
     if qc.act_bits and q.int_scales(params, quant) is not None and not qmodel.variant.se:
       fns["integer"] = deployed.integer
-    measured = evaluate_deployed(fns, eval_loader)
+    onnx_fn, onnx_entry = export_onnx_form(cfg.export, packed, workdir, primary)
+    if onnx_fn is not None:
+      fns["onnx"] = onnx_fn
+    logging.info("evaluating %s on the test split", ", ".join(fns))
+    measured = evaluate_deployed(fns, eval_loader, {"onnx": "integer" if "integer" in fns
+                                                    else "packed"})
     forms["packed"] = {"accuracy": measured["packed"]["accuracy"],
                        "size_bytes": int(deployed.size_bytes()), **bits}
     forms["stablehlo"] = {"accuracy": measured["stablehlo"]["accuracy"],
                           "size_bytes": len(hlo), **bits}
     if "integer" in measured:
       forms["integer"] = {**measured["integer"], **bits}
+    if onnx_entry is not None:
+      forms["onnx"] = {**measured.get("onnx", {}), **onnx_entry, **bits}
     histograms[f"{qc.method} {qc.bits}-bit"] = {
         "params": jax.device_get(deployed.to_variables()["params"])}
 

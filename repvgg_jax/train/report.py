@@ -11,10 +11,11 @@ import numpy as np
 from repvgg_jax import analysis
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
-FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer")
+FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
           "packed": "packed export", "stablehlo": "model.stablehlo",
-          "integer": "integer forward (int8 x int8 -> int32)"}
+          "integer": "integer forward (int8 x int8 -> int32)",
+          "onnx": "model.onnx in ONNX Runtime"}
 
 
 def _bits(r: Mapping[str, Any]) -> str:
@@ -88,6 +89,13 @@ def markdown(report: Mapping[str, Any]) -> str:
   if "integer" in report["forms"]:
     out += (f"\nThe integer forward predicts as the packed model on "
             f"{100 * report['forms']['integer']['agreement']:.2f}% of the test images.\n")
+  onnx = report["forms"].get("onnx", {})
+  if "agreement" in onnx:
+    ref = "the integer forward" if "integer" in report["forms"] else "the packed model"
+    out += (f"\nONNX Runtime runs model.onnx (activations {onnx['activations']}) and predicts "
+            f"as {ref} on {100 * onnx['agreement']:.2f}% of the test images.\n")
+  elif "error" in onnx:
+    out += f"\nmodel.onnx was not written: {onnx['error']}\n"
   if "outliers" in report:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
     for label, s in report["outliers"].items():
