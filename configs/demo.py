@@ -48,4 +48,7 @@ def get_config():
   c.quant.refit_every = 50
   c.quant.act_bits = 8
   c.quant.act_calibration = "mse"
+  # model.stablehlo for one image per call: static shapes, what IREE compiles
+  # (docs/deploy.md); 0 = any batch, for JAX only.
+  c.export.stablehlo_batch = 1
   return finalize(c)
