@@ -1,4 +1,4 @@
-"""Shared helpers of ``speed.py`` and ``memory.py``: machine header, fast init, interleaved timing."""
+"""Shared helpers of the benchmarks: machine header, fast init, interleaved timing, IREE."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import statistics
 import sys
 import time
 from typing import Any, Callable
+
+import numpy as np
 
 THREAD_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
               "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_AFFINITY")
@@ -162,3 +164,21 @@ def fmt_ms(t: dict[str, float]) -> str:
 
 def ratio(a: float | None, b: float | None) -> str:
   return "n/a" if not a or not b else f"{a / b:.2f}x"
+
+
+def iree_fn(exported: Any, threads: int | None = None) -> Callable | None:
+  """``f(uint8 images) -> logits`` of a ``jax.export.Exported`` of static shapes,
+  compiled by IREE for llvm-cpu (host CPU) and run by its local-task driver (on
+  ``threads`` worker groups when given); None when IREE is not installed."""
+  try:
+    from iree import compiler, runtime
+  except ImportError:
+    return None
+  vmfb = compiler.compile_str(exported.mlir_module(), input_type="stablehlo",
+                              target_backends=["llvm-cpu"],
+                              extra_args=["--iree-llvmcpu-target-cpu=host"])
+  if threads:
+    runtime.flags.parse_flags(f"--task_topology_max_group_count={threads}")
+  module = runtime.load_vm_flatbuffer(vmfb, driver="local-task")
+  # to_host() can be a view of a buffer the runtime reuses: copy it out.
+  return lambda images: np.array(module.main(images).to_host())

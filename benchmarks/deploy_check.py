@@ -28,7 +28,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs.* and benchmarks.* import as modules.
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import bench_common  # noqa: E402
+from repvgg_jax.train import pipeline  # noqa: E402
 
 
 def _test_split(config: str):
@@ -44,33 +48,8 @@ def _test_split(config: str):
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _batched(fn, images, n):
-  out = []
-  for i in range(0, len(images), n):
-    chunk = images[i:i + n]
-    fill = n - len(chunk)
-    if fill:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
-    out.append(np.asarray(fn(chunk))[:n - fill].argmax(-1))
-  return np.concatenate(out)
-
-
-def _iree(hlo: bytes):
-  """(argmax fn, static batch) of model.stablehlo compiled by IREE, or (None, reason)."""
-  import jax
-  try:
-    from iree import compiler, runtime
-  except ImportError:
-    return None, "iree-base-compiler / iree-base-runtime not installed"
-  exported = jax.export.deserialize(hlo)
-  batch = exported.in_avals[0].shape[0]
-  if not isinstance(batch, int):
-    return None, f"symbolic batch {batch}: set export.stablehlo_batch"
-  vmfb = compiler.compile_str(exported.mlir_module(), input_type="stablehlo",
-                              target_backends=["llvm-cpu"],
-                              extra_args=["--iree-llvmcpu-target-cpu=host"])
-  module = runtime.load_vm_flatbuffer(vmfb, driver="local-task")
-  return (lambda x: module.main(x).to_host()), batch
+def _predictions(fn, images, batch=500):
+  return pipeline.in_batches_of(fn, batch)(images).argmax(-1)
 
 
 def main() -> None:
@@ -79,32 +58,34 @@ def main() -> None:
   ap.add_argument("--config", default="configs/demo.py")
   args = ap.parse_args()
   import repvgg_jax
-  from benchmarks import bench_common
   images, labels = _test_split(args.config)
   path = lambda name: os.path.join(args.workdir, name)  # noqa: E731
   deployed = repvgg_jax.load_packed(path("model.packed"))
-  preds, notes = {"load_packed": _batched(deployed, images, 500)}, []
+  preds, notes = {"load_packed": _predictions(deployed, images)}, []
   try:
-    preds["integer forward"] = _batched(deployed.integer, images, 500)
+    preds["integer forward"] = _predictions(deployed.integer, images)
   except ValueError as e:
     notes.append(f"integer forward: {e}")
   if os.path.exists(path("model.onnx")):
     try:
-      import onnxruntime
+      with open(path("model.onnx"), "rb") as f:
+        ort = pipeline.onnx_runtime_fn(f.read())
     except ImportError:
       notes.append("model.onnx: onnxruntime not installed")
     else:
-      s = onnxruntime.InferenceSession(path("model.onnx"), providers=["CPUExecutionProvider"])
-      preds["ONNX Runtime (model.onnx)"] = _batched(
-          lambda x: s.run(["logits"], {"images": x})[0], images, 500)
+      preds["ONNX Runtime (model.onnx)"] = _predictions(ort, images)
   else:
     notes.append("model.onnx: not in the workdir")
   with open(path("model.stablehlo"), "rb") as f:
-    fn, batch = _iree(f.read())
-  if fn is None:
-    notes.append(f"IREE: {batch}")
+    exported = jax.export.deserialize(f.read())
+  batch = exported.in_avals[0].shape[0]
+  fn = bench_common.iree_fn(exported) if isinstance(batch, int) else None
+  if not isinstance(batch, int):
+    notes.append(f"IREE: symbolic batch {batch}: set export.stablehlo_batch")
+  elif fn is None:
+    notes.append("IREE: iree-base-compiler / iree-base-runtime not installed")
   else:
-    preds[f"IREE llvm-cpu (model.stablehlo, batch {batch})"] = _batched(fn, images, batch)
+    preds[f"IREE llvm-cpu (model.stablehlo, batch {batch})"] = _predictions(fn, images, batch)
 
   print(bench_common.header(f"Deployment files of {os.path.basename(os.path.normpath(args.workdir))}"
                             f" in their runtimes, {len(images):,} test images"))

@@ -31,6 +31,7 @@ import numpy as np
 import bench_common as bc
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, Variant
+from repvgg_jax.train.pipeline import onnx_runtime_fn
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 
@@ -47,29 +48,6 @@ def _packed(variant: Variant, size: int, classes: int, act_bits: int, int8_level
         rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8), MEAN, STD)]
     state = rv.calibrate(deploy, {"params": q.apply(merged, state), "quant": state}, batches)
   return rv.export(merged, q, state, rv.describe(deploy, image_size=size, mean=MEAN, std=STD))
-
-
-def _ort(proto, threads: int):
-  import onnxruntime
-  opts = onnxruntime.SessionOptions()
-  opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-  s = onnxruntime.InferenceSession(proto.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
-  return lambda images: s.run(["logits"], {"images": images})[0]
-
-
-def _iree(packed, batch: int, threads: int):
-  try:
-    from iree import compiler, runtime
-  except ImportError:
-    return None
-  exported = jax.export.deserialize(rv.export_stablehlo(packed, batch_size=batch))
-  vmfb = compiler.compile_str(exported.mlir_module(), input_type="stablehlo",
-                              target_backends=["llvm-cpu"],
-                              extra_args=["--iree-llvmcpu-target-cpu=host"])
-  runtime.flags.parse_flags(f"--task_topology_max_group_count={threads}")
-  module = runtime.load_vm_flatbuffer(vmfb, driver="local-task")
-  return lambda images: module.main(images).to_host()
 
 
 NETS = {"demo": ("shallow RepVGG-A0 (1, 2, 4, 1 blocks), 32 px, 10 classes",
@@ -91,13 +69,15 @@ def _table(net: str, batch: int, args) -> str:
   fns = {JAX_ROW: lambda x: deployed(x),
          "JAX integer (int8 convs)": lambda x: deployed.integer(x)}
   try:
-    fns[ORT_INT8] = _ort(rv.export_onnx(grid), args.threads)
-    fns["ONNX Runtime codebook graph (float convs)"] = _ort(rv.export_onnx(codebook),
-                                                            args.threads)
-    fns[ORT_FLOAT] = _ort(rv.export_onnx(float_act), args.threads)
+    ort = lambda p: onnx_runtime_fn(rv.export_onnx(p).SerializeToString(),  # noqa: E731
+                                    args.threads)
+    fns[ORT_INT8] = ort(grid)
+    fns["ONNX Runtime codebook graph (float convs)"] = ort(codebook)
+    fns[ORT_FLOAT] = ort(float_act)
   except ImportError as e:
     print(f"ONNX rows skipped: {e}")
-  iree = _iree(grid, batch, args.threads)
+  iree = bc.iree_fn(jax.export.deserialize(rv.export_stablehlo(grid, batch_size=batch)),
+                    args.threads)
   if iree is not None:
     fns["IREE llvm-cpu (model.stablehlo)"] = iree
   timed = {k: (lambda f=f: jax.block_until_ready(jnp.asarray(f(images)))) for k, f in fns.items()}

@@ -170,14 +170,16 @@ def in_batches_of(fn: Callable, n: int) -> Callable:
   return call
 
 
-def onnx_runtime_fn(model: bytes) -> Callable:
-  """``f(uint8 images) -> logits`` of an ONNX model run by ONNX Runtime (CPU)."""
+def onnx_runtime_fn(model: bytes, threads: int | None = None) -> Callable:
+  """``f(uint8 images) -> logits`` of an ONNX model run by ONNX Runtime (CPU) on
+  ``threads`` intra-op threads (default: the cores of the process's CPU set)."""
   import onnxruntime
   opts = onnxruntime.SessionOptions()
   # ONNX Runtime sizes its pool by the machine's cores, not the process's CPU set:
   # more spinning threads than cores (under taskset, in a container) slow it down.
-  opts.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(
-      os, "sched_getaffinity") else 0
+  if threads is None and hasattr(os, "sched_getaffinity"):
+    threads = len(os.sched_getaffinity(0))
+  opts.intra_op_num_threads = threads or 0
   session = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
   return lambda images: session.run(["logits"], {"images": np.asarray(images)})[0]
 
