@@ -58,6 +58,9 @@ from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
 _REGIMES = flags.DEFINE_list("regimes", list(sr.REGIMES), "Regimes to run and report (with "
                              "--report_only: to report).")
+_GOAL_REGIMES = flags.DEFINE_list(
+    "goal_regimes", list(sr.GOAL_REGIMES), "Regimes whose W4A8 PTQ MSE and W4A8/W3A8 "
+    "ClusterQAT rows run on every seed (the others' on seed 0).")
 _BLOCKS = flags.DEFINE_list("blocks", ["1", "2", "4", "1"], "Blocks per stage of RepVGG-A0 "
                             "(the demo's shallow A0); empty = A0's own 2,4,14,1.")
 _FP_STEPS = flags.DEFINE_integer("fp_steps", 3000, "FP training steps.")
@@ -94,6 +97,7 @@ def flag_settings() -> dict:
         _SMOKE.value, blocks=_BLOCKS.value, fp_steps=_FP_STEPS.value, qat_steps=_QAT_STEPS.value,
         batch_size=_BATCH.value, train_subset=_SUBSET.value, data_dir=_DATA_DIR.value,
         first_last_bits=_FIRST_LAST.value, seeds=_SEEDS.value, regimes=_REGIMES.value,
+        goal_regimes=_GOAL_REGIMES.value,
         branch_tau=_BRANCH_TAU.value, merged_weight=_MERGED_W.value,
         merged_target=_MERGED_T.value, kure_weight=_KURE_W.value)
   except ValueError as e:
@@ -112,7 +116,7 @@ def run_rows(workdir: str, study: dict, ledger_path: str, started: float) -> Non
   from repvgg_jax.train import pipeline
   from repvgg_jax.train.loop import NonFiniteLoss
   s = study["settings"]
-  rows = sr.make_rows(s["seeds"], s["regimes"])
+  rows = sr.rows_of(s)
   ledger = study_ledger.update(ledger_path, workdir, study)["rows"]
   todo = study_ledger.pending(workdir, rows, ledger)
   if _ONLY.value:

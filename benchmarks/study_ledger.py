@@ -150,7 +150,7 @@ def entry(workdir: str, row: sr.Row, s: dict, with_outliers: bool = True) -> dic
 
 def workdir_rows(workdir: str, s: dict, with_outliers: bool = True) -> dict:
   """``{row name: entry}`` of the finished rows of ``workdir`` (settings ``s``)."""
-  return {r.name: e for r in sr.make_rows(s["seeds"], s["regimes"])
+  return {r.name: e for r in sr.rows_of(s)
           if (e := entry(workdir, r, s, with_outliers)) is not None}
 
 
@@ -204,7 +204,7 @@ def _update(path: str, workdir: str, study: dict) -> dict:
   s = study["settings"]
   ledger = load(path, s)
   rows = ledger["rows"]
-  for row in sr.make_rows(s["seeds"], s["regimes"]):
+  for row in sr.rows_of(s):
     old = rows.get(row.name)
     st = sr.status(workdir, row)
     if st is None or (old is not None and old["status"] == st and

@@ -37,7 +37,7 @@ def collect(rows: dict, s: dict) -> tuple[dict, dict]:
   """``({(quant, regime): {seed: report}}, {(quant, regime): diverged count})`` of the
   ledger's ``rows``."""
   reports, diverged = {}, {}
-  for row in sr.make_rows(s["seeds"], s["regimes"]):
+  for row in sr.rows_of(s):
     key, e = (row.quant, row.regime), rows.get(row.name)
     if e is None:
       continue
@@ -131,7 +131,7 @@ def plot_accuracy_vs_bits(reports: dict, fp_acc: dict, regimes, path: str) -> No
 
 def _setup(study: dict, reports: dict, diverged: dict) -> list[str]:
   s, entries = study["settings"], study["rows"]
-  rows = sr.make_rows(s["seeds"], s["regimes"])
+  rows, goal = sr.rows_of(s), s.get("goal_regimes", sr.GOAL_REGIMES)
   last = study["runs"][-1] if study["runs"] else sr.machine()
   done = sum(r.name in entries for r in rows)
   data = ("synthetic" if s["data_source"] == "synthetic" else
@@ -161,7 +161,7 @@ def _setup(study: dict, reports: dict, diverged: dict) -> list[str]:
       f"- Steps: FP {s['fp_steps']} (eval every {s['fp_eval_every']}), QAT {s['qat_steps']}; "
       f"batch {s['batch_size']}; stem/head at {s['first_last_bits']} bits; FP seeds "
       f"{s['seeds']} (W8A8 min-max PTQ and W2A8 ClusterQAT on each; for "
-      f"{', '.join(sr.GOAL_REGIMES)} also W4A8 PTQ MSE and W4A8/W3A8 ClusterQAT; the other "
+      f"{', '.join(goal)} also W4A8 PTQ MSE and W4A8/W3A8 ClusterQAT; the other "
       "rows on seed 0; a quantization row starts from the FP checkpoint of its regime and "
       "seed)",
       f"- Regimes (overrides of the base config): {regimes}",

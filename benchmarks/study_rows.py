@@ -63,7 +63,8 @@ QUANT_ROWS = {
 # Quantization rows run on every FP seed; the others on seed 0 only.
 EVERY_SEED = ("w8a8_ptq_minmax", "cluster_w2a8")
 # The goals compare the default OABN with BN over seeds on these rows too: they run on
-# every seed for GOAL_REGIMES (after the EVERY_SEED rows).
+# every seed for the goal regimes (the setting ``goal_regimes``, GOAL_REGIMES unless
+# given; after the EVERY_SEED rows).
 GOAL_REGIMES = ("bn", "oabn_branch")
 GOAL_ROWS = ("w4a8_ptq_mse", "cluster_w4a8", "cluster_w3a8")
 # The order rows run in, so that a partial study already compares the regimes.
@@ -101,20 +102,26 @@ class Row:
     return "FP" if self.quant == "fp" else QUANT_ROWS[self.quant][1]
 
 
-def make_rows(seeds: int, regimes=REGIMES) -> list[Row]:
+def make_rows(seeds: int, regimes=REGIMES, goal_regimes=GOAL_REGIMES) -> list[Row]:
   """Every row, in the order they run: seed 0 of every regime first (FP, then the
   quantization rows in SEED0_FIRST order, each across the regimes), then the FP,
   W8A8 min-max and W2A8 ClusterQAT rows of the other seeds, then their GOAL_ROWS of
-  GOAL_REGIMES, then SEED0_LAST."""
-  unknown = [r for r in regimes if r not in REGIMES]
+  ``goal_regimes``, then SEED0_LAST."""
+  unknown = [r for r in (*regimes, *goal_regimes) if r not in REGIMES]
   if unknown:
     raise ValueError(f"regimes {unknown} not in {REGIMES}")
   rows = [Row(g, q, 0) for q in ("fp",) + SEED0_FIRST for g in regimes]
   rows += [Row(g, q, s) for s in range(1, seeds) for q in ("fp",) + EVERY_SEED for g in regimes]
   rows += [Row(g, q, s) for s in range(1, seeds) for q in GOAL_ROWS for g in regimes
-           if g in GOAL_REGIMES]
+           if g in goal_regimes]
   rows += [Row(g, q, 0) for q in SEED0_LAST for g in regimes]
   return rows
+
+
+def rows_of(s: dict) -> list[Row]:
+  """The rows of the study settings ``s`` (settings stored before ``goal_regimes``
+  existed have GOAL_REGIMES)."""
+  return make_rows(s["seeds"], s["regimes"], s.get("goal_regimes", GOAL_REGIMES))
 
 
 def regime_overrides(regime: str, s: dict) -> dict:
@@ -174,7 +181,7 @@ def base_config(smoke: bool):
 def settings(smoke: bool, blocks=None, fp_steps: int = 3000, qat_steps: int = 200,
              batch_size: int = 64, train_subset: int = 0, data_dir: str = "",
              first_last_bits: int = 8, seeds: int | None = None,
-             regimes=REGIMES, **regime_settings) -> dict:
+             regimes=REGIMES, goal_regimes=GOAL_REGIMES, **regime_settings) -> dict:
   """The study settings (study.json ``settings``). ``smoke``: the tiny config on
   synthetic data with its own few steps, one seed; the size arguments are then ignored."""
   cfg = base_config(smoke)
@@ -195,14 +202,15 @@ def settings(smoke: bool, blocks=None, fp_steps: int = 3000, qat_steps: int = 20
   seeds = (1 if smoke else 3) if seeds is None else seeds
   if seeds < 1:
     raise ValueError(f"seeds={seeds} must be >= 1")
-  make_rows(1, regimes)  # names an unknown regime
+  make_rows(1, regimes, goal_regimes)  # names an unknown regime
   check_regimes(regimes)
   return {"smoke": smoke, "model": cfg.model.name, "blocks": blocks,
           "cifar_stem": cfg.model.cifar_stem, "image_size": cfg.data.image_size,
           "data_source": cfg.data.source, "data_dir": data_dir, "train_subset": train_subset,
           "fp_steps": fp_steps, "qat_steps": qat_steps, "batch_size": batch_size,
           "first_last_bits": first_last_bits, "fp_eval_every": fp_eval_every,
-          **REGIME_DEFAULTS, **regime_settings, "seeds": seeds, "regimes": list(regimes)}
+          **REGIME_DEFAULTS, **regime_settings, "seeds": seeds, "regimes": list(regimes),
+          "goal_regimes": list(goal_regimes)}
 
 
 def fp_ckpt_dir(workdir: str, regime: str, seed: int) -> str:

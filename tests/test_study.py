@@ -38,9 +38,21 @@ def test_every_quant_row_once_per_regime_on_seed_0_and_seeded_rows_on_every_seed
   assert all(order[r] > order[sr.Row(r.regime, "fp", r.seed)] for r in rows if r.kind != "FP")
 
 
+def test_goal_regimes_setting_runs_their_goal_rows_on_every_seed():
+  s = sr.settings(False, seeds=2, regimes=("bn", "qarepvgg"), goal_regimes=("qarepvgg",))
+  seeded = {(r.regime, r.quant) for r in sr.rows_of(s) if r.seed == 1}
+  assert {("qarepvgg", q) for q in sr.GOAL_ROWS} <= seeded
+  assert not {("bn", q) for q in sr.GOAL_ROWS} & seeded
+  # Settings stored before the field existed keep the rows they had.
+  old = {k: v for k, v in s.items() if k != "goal_regimes"}
+  assert sr.rows_of(old) == sr.make_rows(2, ("bn", "qarepvgg"))
+
+
 def test_unknown_regime_is_named():
   with pytest.raises(ValueError, match="'batchnorm'"):
     sr.make_rows(1, ("bn", "batchnorm"))
+  with pytest.raises(ValueError, match="'qa'"):
+    sr.make_rows(1, ("bn",), goal_regimes=("qa",))
 
 
 @pytest.mark.parametrize("smoke", [True, False])
