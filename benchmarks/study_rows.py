@@ -234,6 +234,8 @@ def row_config(row: Row, s: dict, workdir: str):
   cfg.data.train_subset, cfg.data.data_dir = s["train_subset"], s["data_dir"]
   cfg.seed = row.seed
   cfg.quant.first_last_bits = s["first_last_bits"]
+  if has_field(cfg, "export.coreml"):
+    cfg.export.coreml = "off"  # not evaluated (Core ML predicts only on Apple platforms)
   overrides = regime_overrides(row.regime, s)
   missing = missing_fields(row.regime, cfg)
   if missing:

@@ -21,6 +21,7 @@ def tiny_config():
     s.keep = 2
   c.quant.method = "cluster"
   c.quant.refit_every = 2
+  c.export.coreml = "off"  # seconds per run; tests/test_pipeline.py turns it on once
   return c
 
 

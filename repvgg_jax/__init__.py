@@ -4,8 +4,8 @@ from repvgg_jax.models.repvgg import RepVGG, VARIANTS, create_model, list_models
 from repvgg_jax.nn.oabn import OABN, bound
 from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 from repvgg_jax.quant import export, make_quantizer, quantize
-from repvgg_jax.deploy import (DeployedModel, calibrate, describe, export_onnx, export_stablehlo,
-                               load_packed)
+from repvgg_jax.deploy import (DeployedModel, calibrate, describe, export_coreml, export_onnx,
+                               export_stablehlo, load_packed)
 from repvgg_jax import convert  # PyTorch checkpoints; torch is imported lazily
 
 __version__ = "0.1.0"
@@ -14,5 +14,5 @@ __all__ = [
     "OABN", "RepVGG", "VARIANTS", "bound", "create_model", "fold_bn", "identity_kernel",
     "list_models", "merge", "merge_block",
 ]
-__all__ += ["DeployedModel", "calibrate", "describe", "export", "export_onnx", "export_stablehlo",
-            "load_packed", "make_quantizer", "quantize"]
+__all__ += ["DeployedModel", "calibrate", "describe", "export", "export_coreml", "export_onnx",
+            "export_stablehlo", "load_packed", "make_quantizer", "quantize"]

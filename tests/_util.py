@@ -1,12 +1,17 @@
-"""Shared test helpers: variables with random, non-trivial values; subprocess environments;
-copies of a finished run."""
+"""Shared test helpers: variables with random, non-trivial values; a small packed model;
+subprocess environments; copies of a finished run."""
 
+import functools
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+import repvgg_jax as rv
+from repvgg_jax import deploy
+from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.models.settings import expected_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +71,39 @@ def random_variables(model, x, seed=0, tiny_var_channels=0):
     raise AssertionError(f"random_variables: no rule for {'/'.join(names)}")
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# The exporters' tiny model: standard strides at 32 px, stride-2 convs on even maps down
+# to 1x1, as the demo has.
+TINY_DEPLOY = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+IMAGE_SIZE = 32
+MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.3, 0.2)
+
+
+def uint8_images(n, seed=0, channels=3, size=IMAGE_SIZE):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _merged_params(variant):
+  x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  return jax.device_get(rv.merge(random_variables(RepVGG(variant, num_classes=5), x))["params"])
+
+
+def tiny_packed(method="cluster", act_bits=8, variant=None, bits=4, **opts):
+  """The packed model of a random 5-class ``variant`` (default TINY_DEPLOY) quantized by
+  ``method`` at ``bits`` (``opts``: the quantizer's), activations calibrated (min-max
+  on random images) at ``act_bits`` (0: float)."""
+  variant = variant or TINY_DEPLOY
+  params = _merged_params(variant)
+  q = rv.make_quantizer(method, bits=bits, **opts)
+  state = q.init(params)
+  model = RepVGG(variant, num_classes=5, deploy=True, act_bits=act_bits)
+  if act_bits:
+    batches = [deploy.normalize_images(uint8_images(8, s), MEAN, STD) for s in range(2)]
+    state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
+  return rv.export(params, q, state, rv.describe(model, image_size=IMAGE_SIZE, mean=MEAN,
+                                                 std=STD))
 
 
 def rel_err(a, b):

@@ -1,14 +1,11 @@
 """ONNX QDQ export, checked by ONNX Runtime: the int8-grid graph against the integer
 forward, the codebook graph against load_packed, the fused kernels, the refusals."""
 
-import functools
 import os
 import subprocess
 import sys
 import textwrap
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,38 +13,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import repvgg_jax as rv  # noqa: E402
-from repvgg_jax import deploy  # noqa: E402
 from repvgg_jax.deploy.onnx import export_onnx  # noqa: E402
 from repvgg_jax.models.repvgg import RepVGG, Variant  # noqa: E402
-from _util import random_variables  # noqa: E402
-
-# Standard strides at 32 px: stride-2 convs on even maps down to 1x1, as the demo has.
-TINY = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
-SIZE = 32
-MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.3, 0.2)
-
-
-def _images(n, seed=0, channels=3):
-  return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, channels), dtype=np.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def _merged(variant=TINY):
-  x = jnp.zeros((1, SIZE, SIZE, 3))
-  v = random_variables(RepVGG(variant, num_classes=5), x)
-  return jax.device_get(rv.merge(v)["params"])
-
-
-def _packed(method="cluster", act_bits=8, variant=TINY, bits=4, **opts):
-  params = _merged(variant)
-  q = rv.make_quantizer(method, bits=bits, **opts)
-  state = q.init(params)
-  model = RepVGG(variant, num_classes=5, deploy=True, act_bits=act_bits)
-  if act_bits:
-    batches = [deploy.normalize_images(_images(8, s), MEAN, STD) for s in range(2)]
-    state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
-  return rv.export(params, q, state, rv.describe(model, image_size=SIZE, mean=MEAN, std=STD))
-
+from _util import TINY_DEPLOY, tiny_packed, uint8_images  # noqa: E402
 
 def _session(proto_or_path, level=None, optimized_path=None):
   so = ort.SessionOptions()
@@ -72,10 +40,10 @@ def _assert_same_logits(got, want):
 @pytest.mark.parametrize("method, opts", [
     ("cluster", dict(int8_levels=True)), ("lsq", {}), ("uniform", dict(clipping="mse"))])
 def test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime(method, opts):
-  packed = _packed(method, **opts)
+  packed = tiny_packed(method, **opts)
   proto = export_onnx(packed)
   onnx.checker.check_model(proto, full_check=True)
-  images = _images(48, 11)
+  images = uint8_images(48, 11)
   want = np.asarray(rv.DeployedModel(packed).integer(images))
   _assert_same_logits(_run(proto, images), want)
   # Without graph optimizations (QDQ run as written, float convs): the same numbers.
@@ -85,9 +53,9 @@ def test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime(method, opts)
 
 
 def test_codebook_export_runs_load_packed_in_onnx_runtime():
-  packed = _packed("cluster")
+  packed = tiny_packed("cluster")
   proto = export_onnx(packed)
-  images = _images(48, 12)
+  images = uint8_images(48, 12)
   want = np.asarray(rv.DeployedModel(packed)(images))
   _assert_same_logits(_run(proto, images), want)  # default optimizations, as a user runs it
   ops = {n.op_type for n in proto.graph.node}
@@ -97,18 +65,18 @@ def test_codebook_export_runs_load_packed_in_onnx_runtime():
 
 
 def test_float_activation_export_matches_load_packed():
-  packed = _packed("cluster", act_bits=0, int8_levels=True)
-  images = _images(16, 13)
+  packed = tiny_packed("cluster", act_bits=0, int8_levels=True)
+  images = uint8_images(16, 13)
   _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
 
 
 def test_onnx_runtime_fuses_every_conv_with_a_quantized_output(tmp_path):
-  packed = _packed("cluster", int8_levels=True)
+  packed = tiny_packed("cluster", int8_levels=True)
   _session(export_onnx(packed), level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
            optimized_path=tmp_path / "optimized.onnx")
   nodes = onnx.load(tmp_path / "optimized.onnx").graph.node
   fused = [n.name for n in nodes if n.op_type == "QLinearConv"]
-  convs = len(RepVGG(TINY, deploy=True).blocks())
+  convs = len(RepVGG(TINY_DEPLOY, deploy=True).blocks())
   # The last conv's float output feeds the pooling (the network quantizes the pooled
   # vector, not the map), so it has no QuantizeLinear to fuse with.
   assert len(fused) == convs - 1, [n.op_type for n in nodes]
@@ -135,9 +103,9 @@ def _mutated(proto, name, change):
         np.int8)),
 ])
 def test_a_wrong_scale_zero_point_or_bias_fails_the_comparison(name, change):
-  packed = _packed("cluster", int8_levels=True)
+  packed = tiny_packed("cluster", int8_levels=True)
   proto = export_onnx(packed)
-  images = _images(48, 11)
+  images = uint8_images(48, 11)
   want = np.asarray(rv.DeployedModel(packed).integer(images))
   _assert_same_logits(_run(proto, images), want)
   with pytest.raises(AssertionError):
@@ -147,25 +115,25 @@ def test_a_wrong_scale_zero_point_or_bias_fails_the_comparison(name, change):
 def test_signed_int8_export_needs_activations_int8_can_hold():
   with pytest.raises(ValueError, match=r"layer stages_0_0 has unsigned 8-bit activations "
                                        r"\[0, 255\].*quant.act_bits=7"):
-    export_onnx(_packed("cluster", int8_levels=True), activations="int8")
-  packed = _packed("cluster", act_bits=7, int8_levels=True)
+    export_onnx(tiny_packed("cluster", int8_levels=True), activations="int8")
+  packed = tiny_packed("cluster", act_bits=7, int8_levels=True)
   proto = export_onnx(packed, activations="int8")
   zps = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
          if i.name.endswith("act/zero_point")]
   assert zps and all(z.dtype == np.int8 and z == 0 for z in zps)
-  images = _images(32, 14)
+  images = uint8_images(32, 14)
   _assert_same_logits(_run(proto, images), np.asarray(rv.DeployedModel(packed).integer(images)))
 
 
 def test_int8_export_refuses_a_weight_level_at_minus_128():
-  packed = _packed("uniform", act_bits=7, bits=8)  # levels k * step, k in [-128, 127]
+  packed = tiny_packed("uniform", act_bits=7, bits=8)  # levels k * step, k in [-128, 127]
   path = "stages_1_0/reparam_conv/kernel"
   idx = packed.indices(path)
   idx.flat[0] = 0  # level -128 * step
   packed.layers[path]["packed"] = rv.quant.pack_bits(idx, 8)
   with pytest.raises(ValueError, match=f"{path} has an int8 level at -128"):
     export_onnx(packed, activations="int8")
-  images = _images(8, 17)  # uint8 activations: ONNX Runtime's x86 path takes the full range
+  images = uint8_images(8, 17)  # uint8 activations: ONNX Runtime's x86 path takes the full range
   _assert_same_logits(_run(export_onnx(packed), images),
                       np.asarray(rv.DeployedModel(packed).integer(images)))
 
@@ -174,18 +142,18 @@ def test_int8_export_refuses_a_weight_level_at_minus_128():
                                      Variant((1, 2, 1, 1), (1, 1, 1, 1), se=True)],
                          ids=["groups2", "se"])
 def test_grouped_and_se_variants_export(variant):
-  packed = _packed("cluster", variant=variant)
-  images = _images(8, 15)
+  packed = tiny_packed("cluster", variant=variant)
+  images = uint8_images(8, 15)
   _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
   if not variant.se:
-    packed = _packed("cluster", variant=variant, int8_levels=True)
+    packed = tiny_packed("cluster", variant=variant, int8_levels=True)
     _assert_same_logits(_run(export_onnx(packed), images),
                         np.asarray(rv.DeployedModel(packed).integer(images)))
 
 
 def test_bad_activations_value_is_named():
   with pytest.raises(ValueError, match="activations='int4'"):
-    export_onnx(_packed("cluster"), activations="int4")
+    export_onnx(tiny_packed("cluster"), activations="int4")
 
 
 _STANDALONE = textwrap.dedent("""
@@ -199,10 +167,10 @@ _STANDALONE = textwrap.dedent("""
 
 
 def test_model_onnx_runs_with_only_onnxruntime_and_numpy(tmp_path):
-  packed = _packed("cluster", int8_levels=True)
+  packed = tiny_packed("cluster", int8_levels=True)
   path = tmp_path / "model.onnx"
   export_onnx(packed, path)
-  images = _images(8, 16)
+  images = uint8_images(8, 16)
   np.save(tmp_path / "images.npy", images)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   subprocess.run([sys.executable, "-c", _STANDALONE, str(path), str(tmp_path / "images.npy"),

@@ -118,14 +118,20 @@ def test_the_packed_file_describes_its_model(tiny_run):
   assert m["cifar_stem"] and m["act_bits"] == 0 and len(m["mean"]) == len(m["std"]) == 3
 
 
-def test_onnx_and_static_batch_stablehlo_exports_are_evaluated(tiny_run, tmp_path):
+def test_onnx_coreml_and_static_batch_stablehlo_exports(tiny_run, tmp_path):
   pytest.importorskip("onnxruntime")
+  pytest.importorskip("coremltools")
   cfg = tiny.tiny_config()
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.quant.act_bits, cfg.quant.int8_levels = 7, True
   cfg.export.onnx, cfg.export.onnx_activations, cfg.export.stablehlo_batch = "on", "int8", 5
+  cfg.export.coreml = "on"
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  package = os.path.join(tmp_path, "model.mlpackage")
+  assert forms["coreml"]["size_bytes"] == sum(
+      os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(package) for f in fs) > 0
+  assert "accuracy" not in forms["coreml"]
   onnx_path = os.path.join(tmp_path, "model.onnx")
   assert forms["onnx"]["size_bytes"] == os.path.getsize(onnx_path)
   assert forms["onnx"]["agreement"] >= 0.99  # ONNX Runtime vs the integer forward
@@ -133,8 +139,11 @@ def test_onnx_and_static_batch_stablehlo_exports_are_evaluated(tiny_run, tmp_pat
   assert forms["stablehlo"]["accuracy"] == forms["packed"]["accuracy"]  # in batches of 5
   exported = jax.export.deserialize(open(os.path.join(tmp_path, "model.stablehlo"), "rb").read())
   assert exported.in_avals[0].shape[0] == 5
-  assert "model.onnx in ONNX Runtime | W4A7 |" in open(os.path.join(tmp_path, "report.md")).read()
-  # The same workdir without ONNX: nothing retrains, and the earlier model.onnx goes.
-  cfg.export.onnx = "off"
+  report_md = open(os.path.join(tmp_path, "report.md")).read()
+  assert "model.onnx in ONNX Runtime | W4A7 |" in report_md
+  assert "model.mlpackage (Core ML) | W4A7 | not evaluated |" in report_md
+  # The same workdir without ONNX and Core ML: nothing retrains, and the earlier files go.
+  cfg.export.onnx = cfg.export.coreml = "off"
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
   assert "onnx" not in forms and not os.path.exists(onnx_path)
+  assert "coreml" not in forms and not os.path.exists(package)

@@ -125,6 +125,7 @@ def test_validate_names_bad_quantization_fields(field, value, needle):
     (dict(onnx_activations="int4"), "activations='int4'"),
     (dict(onnx_activations="int8"), "cannot hold unsigned 8-bit activations"),
     (dict(stablehlo_batch=-1), "export.stablehlo_batch=-1"),
+    (dict(coreml="true"), "export.coreml='true' not in ('auto', 'on', 'off')"),
 ])
 def test_validate_names_bad_export_fields(changes, needle):
   cfg = tiny.tiny_config()
@@ -144,6 +145,16 @@ def test_validate_onnx_on_needs_onnxruntime(monkeypatch):
   with pytest.raises(ValueError, match=re.escape("export.onnx='on' needs onnx and onnxruntime")):
     config_lib.validate(cfg)
   cfg.export.onnx = "auto"
+  config_lib.validate(cfg)
+
+
+def test_validate_coreml_on_needs_coremltools(monkeypatch):
+  cfg = tiny.tiny_config()
+  cfg.export.coreml = "on"
+  monkeypatch.setattr(config_lib, "coreml_available", lambda: False)
+  with pytest.raises(ValueError, match=re.escape("export.coreml='on' needs coremltools")):
+    config_lib.validate(cfg)
+  cfg.export.coreml = "auto"
   config_lib.validate(cfg)
 
 

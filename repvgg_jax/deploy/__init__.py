@@ -11,14 +11,17 @@
 * ``stablehlo``: :func:`export_stablehlo`, the forward serialized with ``jax.export``.
 * ``onnx``: :func:`export_onnx`, an ONNX QDQ graph for ONNX Runtime and TensorRT
   (needs the ``[onnx]`` extra; imported when called).
+* ``coreml``: :func:`export_coreml`, a Core ML ML program whose weights are the packed
+  codebooks as LUTs (needs the ``[coreml]`` extra; imported when called).
 """
 
 from repvgg_jax.deploy.calibration import calibrate
+from repvgg_jax.deploy.coreml import export_coreml
 from repvgg_jax.deploy.integer import integer_forward_fn
 from repvgg_jax.deploy.model import DeployedModel, load_packed
 from repvgg_jax.deploy.onnx import export_onnx
 from repvgg_jax.deploy.runtime import describe, forward_fn, normalize_images
 from repvgg_jax.deploy.stablehlo import export_stablehlo
 
-__all__ = ["DeployedModel", "calibrate", "describe", "export_onnx", "export_stablehlo",
+__all__ = ["DeployedModel", "calibrate", "describe", "export_coreml", "export_onnx", "export_stablehlo",
            "forward_fn", "integer_forward_fn", "load_packed", "normalize_images"]

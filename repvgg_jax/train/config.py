@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.onnx = "auto"
   # "uint8" (what ONNX Runtime fuses on x86) | "int8" (TensorRT; needs quant.act_bits <= 7).
   c.export.onnx_activations = "uint8"
+  # model.mlpackage (Core ML ML program, iOS 18 / macOS 15: the codebooks as LUTs), not
+  # evaluated (Core ML predicts only on Apple platforms): "auto" (when coremltools is
+  # installed, pip install 'repvgg-jax[coreml]') | "on" | "off".
+  c.export.coreml = "auto"
   # model.stablehlo's batch: 0 = any (a symbolic dimension; jax.export runs it),
   # N = N images per call (static shapes: what IREE compiles).
   c.export.stablehlo_batch = 0
@@ -294,9 +298,18 @@ def onnx_available() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
+def coreml_available() -> bool:
+  """Whether model.mlpackage can be written (coremltools imports)."""
+  return importlib.util.find_spec("coremltools") is not None
+
+
 def _check_export(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:
   from repvgg_jax.deploy.onnx import check_activations
   e = cfg.export
+  enum("export.coreml", e.coreml, EXPORT_SWITCHES)
+  if e.coreml == "on" and not coreml_available():
+    problems.append("export.coreml='on' needs coremltools: pip install 'repvgg-jax[coreml]' "
+                    "(or export.coreml='auto' to skip it without it)")
   enum("export.onnx", e.onnx, EXPORT_SWITCHES)
   if e.onnx == "on" and not onnx_available():
     problems.append("export.onnx='on' needs onnx and onnxruntime: pip install "

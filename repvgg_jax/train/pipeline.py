@@ -4,7 +4,7 @@ Every training stage checkpoints under ``<workdir>/checkpoints/<stage>`` and
 resumes from there, so the same command continues a killed run. Outputs of
 process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.png``,
 ``channel_outliers.png``, ``accuracy.png``, metrics, and when quantized ``model.packed``,
-``model.stablehlo`` and ``model.onnx`` (``cfg.export``).
+``model.stablehlo``, ``model.onnx`` and ``model.mlpackage`` (``cfg.export``).
 """
 
 from __future__ import annotations
@@ -182,6 +182,33 @@ def onnx_runtime_fn(model: bytes, threads: int | None = None) -> Callable:
   opts.intra_op_num_threads = threads or 0
   session = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
   return lambda images: session.run(["logits"], {"images": np.asarray(images)})[0]
+
+
+def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
+                       channels: int) -> dict[str, Any] | None:
+  """The report entry of ``model.mlpackage`` as ``ec`` (``cfg.export``) asks (process 0
+  only), or None when skipped; a model the export refuses gets an entry with the reason
+  and no package. Not evaluated: Core ML predicts only on Apple platforms."""
+  import shutil
+  path = os.path.join(workdir, "model.mlpackage")
+  entry = None
+  if ec.coreml == "auto" and not config_lib.coreml_available():
+    logging.info("model.mlpackage skipped: coremltools is not installed "
+                 "(pip install 'repvgg-jax[coreml]')")
+  elif ec.coreml != "off":
+    logging.info("exporting model.mlpackage (Core ML, iOS 18 / macOS 15)")
+    try:
+      repvgg_jax.export_coreml(packed, path, channels=channels)
+    except ValueError as e:
+      logging.warning("model.mlpackage not written: %s", e)
+      entry = {"error": str(e)}
+    else:
+      entry = {"size_bytes": sum(os.path.getsize(os.path.join(d, f))
+                                 for d, _, files in os.walk(path) for f in files)}
+  if (entry is None or "error" in entry) and os.path.exists(path):
+    shutil.rmtree(path)  # an earlier run's package would not match this model.packed
+    logging.info("removed the earlier run's model.mlpackage")
+  return entry
 
 
 def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
@@ -371,6 +398,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
       forms["integer"] = {**measured["integer"], **bits}
     if onnx_entry is not None:
       forms["onnx"] = {**measured.get("onnx", {}), **onnx_entry, **bits}
+    coreml_entry = (export_coreml_form(cfg.export, packed, workdir, image_shape[-1])
+                    if primary else None)
+    if coreml_entry is not None:
+      forms["coreml"] = {**coreml_entry, **bits}
     histograms[f"{qc.method} {qc.bits}-bit"] = {
         "params": jax.device_get(deployed.to_variables()["params"])}
 

@@ -11,11 +11,12 @@ import numpy as np
 from repvgg_jax import analysis
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
-FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx")
+FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx", "coreml")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
           "packed": "packed export", "stablehlo": "model.stablehlo",
           "integer": "integer forward (int8 x int8 -> int32)",
-          "onnx": "model.onnx in ONNX Runtime"}
+          "onnx": "model.onnx in ONNX Runtime",
+          "coreml": "model.mlpackage (Core ML)"}
 
 
 def _bits(r: Mapping[str, Any]) -> str:
@@ -96,6 +97,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"as {ref} on {100 * onnx['agreement']:.2f}% of the test images.\n")
   elif "error" in onnx:
     out += f"\nmodel.onnx was not written: {onnx['error']}\n"
+  coreml = report["forms"].get("coreml", {})
+  if "error" in coreml:
+    out += f"\nmodel.mlpackage was not written: {coreml['error']}\n"
+  elif coreml:
+    out += ("\nmodel.mlpackage holds the packed codebooks and indices as Core ML LUTs; Core ML "
+            "predicts only on Apple platforms, so it was not evaluated here.\n")
   if "outliers" in report:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
     for label, s in report["outliers"].items():

@@ -1,0 +1,238 @@
+"""Core ML export of the packed model: an ML program (``.mlpackage``) for iOS 18 / macOS 15.
+
+:func:`export_coreml` writes the network that :func:`repvgg_jax.load_packed` runs,
+built op by op with the coremltools MIL builder (no tracing, no torch): images in,
+NHWC ``(batch_size, H, W, channels)`` with pixel values 0..255, float32 ``logits``
+out; the transpose to Core ML's NCHW, the cast and the input normalization are
+inside the program. Core ML's multi-array inputs have no uint8 type (float32,
+float16, double, int32; int8 from iOS 26 on), so the input ``images`` is int32
+holding the uint8 pixels; a gray image (``channels=1``) is tiled to RGB as
+``load_packed`` repeats it.
+
+* Weights: every quantized kernel (stem, blocks, head) is one iOS 18
+  ``constexpr_lut_to_dense`` of *our* per-output-channel codebook (float32 LUT)
+  and *our* indices from the packed file: nothing re-clustered or re-quantized, the
+  decoded kernel is the packed file's, bit for bit. Core ML's LUTs have 2^n entries
+  for n in {1, 2, 3, 4, 6, 8}; our ``b``-bit codebooks map to the smallest that
+  holds them: b in {1, 2, 3, 4, 6, 8} as is, 5 -> a 6-bit LUT, 7 -> an 8-bit LUT,
+  the table padded with copies of the last level that no index selects. A
+  per-output-channel codebook is a LUT of shape ``(O, 1, 1, 1, 2^n, 1)`` against
+  the ``(O, I / groups, 3, 3)`` conv weight (grouped convs: the same rule, the
+  palette per output channel), ``(O, 1, 2^n, 1)`` against the head's ``(O, I)``;
+  a per-tensor codebook has ones in place of ``O``. The stem and head, stored at
+  ``first_last_bits`` (8) like every other layer (indices + codebook), are 8-bit
+  LUTs; a kernel the packed file keeps as float is a plain float32 const.
+* Activations (``act_bits``): the input of every conv and of the head goes through
+  ``quantize -> dequantize`` at *our* step (zero-point 0): ``uint8`` for the
+  unsigned post-ReLU inputs, ``int8`` for the stem's signed input (Core ML's
+  quantize takes int8 with zero-point 0, which holds the signed 8-bit grid
+  [-128, 127] exactly). Below 8 bits a ``clip`` to the grid's range comes first
+  (quantize saturates only at the type's range).
+* Bias, SE (D2se: pool, 1x1 convs, sigmoid, multiply), ReLU, pooling and the head
+  stay float32; the program is converted at ``compute_precision=FLOAT32`` (no
+  float16 casts of the LUTs or activations) and with coremltools' graph passes off
+  (``PassPipeline.EMPTY``): the package holds the ops written here (the default passes
+  would, for one, turn the division by ``std`` into a multiplication by its inverse).
+
+Core ML's runtime (``MLModel.predict``) exists only on macOS, so no predictions of
+the exported package are run on Linux. What the tests verify instead, reading the
+saved package back: every conv and the head carry one LUT op whose LUT and indices,
+decoded with numpy, equal the packed file's decoded kernel bit for bit; 5-bit LUTs
+are 64 long and never indexed past 31; every quantize op's scale is the layer's
+activation step (float32, bit for bit); SE and grouped variants export; the write
+is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from repvgg_jax.deploy.runtime import model_from
+from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
+from repvgg_jax.quant import uniform
+from repvgg_jax.quant.export import PackedModel
+
+SUFFIX = ".mlpackage"
+# Our codebook bits -> the bits of the Core ML LUT that holds them (2^n entries).
+LUT_BITS = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 6, 7: 8, 8: 8}
+
+
+def _import_coremltools():
+  try:
+    import coremltools as ct
+  except ImportError as e:
+    raise ImportError("export_coreml needs coremltools: pip install 'repvgg-jax[coreml]'") from e
+  return ct
+
+
+def lut_table(codebook: np.ndarray, bits: int) -> np.ndarray:
+  """``(..., 2^bits)`` float32 codebook -> ``(..., 2^LUT_BITS[bits])``: padded with
+  copies of the last level (entries no ``bits``-bit index reaches)."""
+  c = np.asarray(codebook, np.float32)
+  pad = 2 ** LUT_BITS[bits] - c.shape[-1]
+  if pad:
+    c = np.concatenate([c, np.repeat(c[..., -1:], pad, axis=-1)], axis=-1)
+  return c
+
+
+def _index_array(idx: np.ndarray, bits: int) -> np.ndarray:
+  """Our ``bits``-bit indices as the index array of a ``LUT_BITS[bits]``-bit LUT
+  (coremltools' sub-byte dtypes below 8 bits: the package stores them packed)."""
+  from coremltools.converters.mil.mil import types
+  n = LUT_BITS[bits]
+  dtype = np.uint8 if n == 8 else getattr(types, f"np_uint{n}_dtype")
+  return np.ascontiguousarray(idx).astype(dtype)
+
+
+def _weight(mb, packed: PackedModel, path: str, layout: tuple[int, ...], name: str):
+  """The weight of kernel ``path`` in Core ML's layout (``layout`` transposes ours,
+  output channels last, to output channels first): a LUT op of our codebook and
+  indices, or a float32 const for a float kernel."""
+  layer = packed.layers.get(path)
+  if layer is None:
+    key = f"params/{path}"
+    if key not in packed.floats:
+      raise ValueError(f"export_coreml: the packed model has no kernel {path}")
+    return np.ascontiguousarray(np.asarray(packed.floats[key], np.float32).transpose(layout))
+  bits = int(layer["bits"])
+  if bits not in LUT_BITS:
+    raise ValueError(f"export_coreml: layer {path} has {bits}-bit indices; Core ML LUTs hold "
+                     "at most 8 bits")
+  idx = packed.indices(path).transpose(layout)
+  c = np.asarray(layer["codebook"], np.float32)
+  if c.ndim == 2:  # per output channel: one palette per row of the weight
+    if c.shape[0] != idx.shape[0]:
+      raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape} for "
+                       f"{idx.shape[0]} output channels")
+    lut = lut_table(c, bits).reshape((c.shape[0],) + (1,) * (idx.ndim - 1) + (-1, 1))
+  elif c.ndim == 1:
+    lut = lut_table(c, bits).reshape((1,) * idx.ndim + (-1, 1))
+  else:
+    raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape}; "
+                     "expected (K,) or (Cout, K)")
+  return mb.constexpr_lut_to_dense(indices=_index_array(idx, bits), lut=lut, name=name)
+
+
+def _quant_act(mb, x, layer: str, step: np.float32, bits: int, signed: bool):
+  """``dequantize(quantize(x))`` at ``step``, zero-point 0: int8 for a signed grid,
+  uint8 for an unsigned one; clipped to the grid first below 8 bits."""
+  qmin, qmax = uniform.int_range(bits, signed)
+  if bits < 8:
+    x = mb.clip(x=x, alpha=np.float32(qmin * step), beta=np.float32(qmax * step),
+                name=f"{layer}_act_clip")
+  dtype = "int8" if signed else "uint8"
+  zero = np.int8(0) if signed else np.uint8(0)
+  q = mb.quantize(input=x, scale=step, zero_point=zero, output_dtype=dtype,
+                  name=f"{layer}_act_quantized")
+  return mb.dequantize(input=q, scale=step, zero_point=zero, name=f"{layer}_act_dequantized")
+
+
+def _squeeze_excite(mb, x, p: dict, name: str):
+  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  s = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True, name=f"{name}_pool")
+  for part, act in (("down", mb.relu), ("up", mb.sigmoid)):
+    k = np.ascontiguousarray(np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None])
+    s = mb.conv(x=s, weight=k, bias=np.asarray(p[part]["bias"], np.float32),
+                name=f"{name}_{part}")
+    s = act(x=s, name=f"{name}_{part}_act")
+  return mb.mul(x=x, y=s, name=f"{name}_scaled")
+
+
+def _step(quant_layer: Any) -> np.float32:
+  """The float32 step of an activation quantizer, as the forward uses it."""
+  return np.float32(np.asarray(uniform.learned_step(np.asarray(quant_layer["step"], np.float32))))
+
+
+def _atomic_save(model, path: str) -> None:
+  """``model.save`` to a sibling temporary package, then swapped in for ``path`` (the
+  old package renamed aside and deleted after): ``path`` is never half-written."""
+  parent = os.path.dirname(os.path.abspath(path))
+  stem = os.path.basename(path)[:-len(SUFFIX)]
+  tmp = os.path.join(parent, f"{stem}.tmp-{os.getpid()}{SUFFIX}")
+  old = os.path.join(parent, f"{stem}.old-{os.getpid()}{SUFFIX}")
+  for p in (tmp, old):
+    if os.path.lexists(p):
+      shutil.rmtree(p)
+  try:
+    model.save(tmp)
+    if os.path.lexists(path):
+      os.rename(path, old)
+      try:
+        os.rename(tmp, path)
+      except BaseException:
+        os.rename(old, path)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_coreml(packed: PackedModel, path, *, batch_size: int = 1, channels: int = 3):
+  """The packed model as a Core ML ML program (see the module doc), written atomically to
+  ``path`` (a ``.mlpackage`` directory); returns the coremltools ``MLModel`` (not loaded:
+  Core ML's runtime is macOS-only). Input ``images``: int32 ``(batch_size, H, W,
+  channels)`` pixel values 0..255, ``channels`` 1 or 3; output ``logits``: float32
+  ``(batch_size, num_classes)``."""
+  path = os.fspath(path)
+  if not path.endswith(SUFFIX):
+    raise ValueError(f"export_coreml: path {path!r} must end in {SUFFIX!r} (an ML program "
+                     "package)")
+  if channels not in (1, 3):
+    raise ValueError(f"export_coreml: channels={channels!r}: expected 1 or 3")
+  if not (isinstance(batch_size, int) and batch_size >= 1):
+    raise ValueError(f"export_coreml: batch_size={batch_size!r}: expected an int >= 1")
+  ct = _import_coremltools()
+  from coremltools.converters.mil import Builder as mb
+  from coremltools.converters.mil.mil import types
+
+  desc = packed.model
+  model = model_from(desc, "packed model")
+  bits = desc["act_bits"]
+  variables = packed.to_variables()
+  p, quant = variables["params"], variables.get("quant", {})
+  size = desc["image_size"]
+  mean = np.asarray(desc["mean"], np.float32).reshape(1, 3, 1, 1)
+  std = np.asarray(desc["std"], np.float32).reshape(1, 3, 1, 1)
+
+  @mb.program(input_specs=[mb.TensorSpec(shape=(batch_size, size, size, channels),
+                                         dtype=types.int32)],
+              opset_version=ct.target.iOS18)
+  def prog(images):
+    x = mb.cast(x=images, dtype="fp32", name="images_float")
+    if channels == 1:
+      x = mb.tile(x=x, reps=[1, 1, 1, 3], name="images_rgb")
+    x = mb.transpose(x=x, perm=[0, 3, 1, 2], name="images_nchw")
+    x = mb.mul(x=x, y=np.float32(1 / 255), name="images_01")
+    x = mb.sub(x=x, y=mean, name="images_centred")
+    x = mb.real_div(x=x, y=std, name="images_normalized")
+    for b in model.blocks():
+      if bits:
+        x = _quant_act(mb, x, b.name, _step(quant[b.name]["act"]), bits,
+                       b.name == SIGNED_INPUT_LAYER)
+      w = _weight(mb, packed, f"{b.name}/reparam_conv/kernel", (3, 2, 0, 1),
+                  f"{b.name}_reparam_conv_kernel")
+      x = mb.conv(x=x, weight=w, bias=np.asarray(p[b.name]["reparam_conv"]["bias"], np.float32),
+                  strides=[b.strides, b.strides], pad_type="custom", pad=[1, 1, 1, 1],
+                  groups=b.groups, name=f"{b.name}_conv")
+      if desc["se"]:
+        x = _squeeze_excite(mb, x, p[b.name]["se"], f"{b.name}_se")
+      x = mb.relu(x=x, name=f"{b.name}_relu")
+    x = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=False, name="pooled")
+    if bits:
+      x = _quant_act(mb, x, "head", _step(quant["head_act"]), bits, False)
+    w = _weight(mb, packed, "head/kernel", (1, 0), "head_kernel")
+    return mb.linear(x=x, weight=w, bias=np.asarray(p["head"]["bias"], np.float32),
+                     name="logits")
+
+  mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT32, skip_model_load=True,
+                       pass_pipeline=ct.PassPipeline.EMPTY)
+  _atomic_save(mlmodel, path)
+  return mlmodel
