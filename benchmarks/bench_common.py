@@ -166,17 +166,26 @@ def ratio(a: float | None, b: float | None) -> str:
   return "n/a" if not a or not b else f"{a / b:.2f}x"
 
 
-def iree_fn(exported: Any, threads: int | None = None) -> Callable | None:
+# IREE hoists a constant expression (the codebook decode of model.stablehlo) into a
+# load-time global only below a size increase (the decoded float kernels are ~8x the
+# packed bytes); above it, the decode runs in every call. This lifts the limit.
+IREE_FOLD_DECODE = "--iree-opt-const-expr-max-size-increase-threshold=1000000000000"
+
+
+def iree_fn(exported: Any, threads: int | None = None,
+            fold_decode: bool = False) -> Callable | None:
   """``f(uint8 images) -> logits`` of a ``jax.export.Exported`` of static shapes,
   compiled by IREE for llvm-cpu (host CPU) and run by its local-task driver (on
-  ``threads`` worker groups when given); None when IREE is not installed."""
+  ``threads`` worker groups when given); ``fold_decode``: with IREE_FOLD_DECODE. None
+  when IREE is not installed."""
   try:
     from iree import compiler, runtime
   except ImportError:
     return None
   vmfb = compiler.compile_str(exported.mlir_module(), input_type="stablehlo",
                               target_backends=["llvm-cpu"],
-                              extra_args=["--iree-llvmcpu-target-cpu=host"])
+                              extra_args=["--iree-llvmcpu-target-cpu=host"]
+                              + ([IREE_FOLD_DECODE] if fold_decode else []))
   if threads:
     runtime.flags.parse_flags(f"--task_topology_max_group_count={threads}")
   module = runtime.load_vm_flatbuffer(vmfb, driver="local-task")

@@ -7,12 +7,14 @@ blocks, 32 px) and RepVGG-A0 (2, 4, 14, 1 blocks, 224 px, ImageNet stem, 1000
 classes). Each at batch 1 and 32; rows of one (network, batch) timed interleaved in
 one process (``bench_common.time_interleaved``), each runtime on ``--threads``:
 
-- JAX ``load_packed`` (float convs of the decoded kernels, fake-quantized activations)
+- JAX ``load_packed`` (float convs of the kernels decoded at load, fake-quantized activations)
 - JAX ``DeployedModel.integer`` (int8 x int8 -> int32 convs)
 - ONNX Runtime, ``export_onnx`` of int8-grid codebooks, uint8 activations (``QLinearConv``)
 - ONNX Runtime, the same model exported as codebooks (``Gather`` decode, float convs)
 - ONNX Runtime, float activations (``act_bits=0``): the float32 graph without QDQ
-- IREE (llvm-cpu, host CPU) running ``export_stablehlo(batch_size=B)``, when installed
+- IREE (llvm-cpu, host CPU) running ``export_stablehlo(batch_size=B)``, when installed:
+  as compiled by default (the codebook decode runs in every call) and with
+  ``bench_common.IREE_FOLD_DECODE`` (decoded once, into a larger module)
 
 JAX's thread count is XLA's (all cores of the process's CPU set): run the script under
 ``taskset -c 0-<threads-1>`` so that every runtime sees the same cores.
@@ -76,10 +78,12 @@ def _table(net: str, batch: int, args) -> str:
     fns[ORT_FLOAT] = ort(float_act)
   except ImportError as e:
     print(f"ONNX rows skipped: {e}")
-  iree = bc.iree_fn(jax.export.deserialize(rv.export_stablehlo(grid, batch_size=batch)),
-                    args.threads)
+  exported = jax.export.deserialize(rv.export_stablehlo(grid, batch_size=batch))
+  iree = bc.iree_fn(exported, args.threads)
   if iree is not None:
     fns["IREE llvm-cpu (model.stablehlo)"] = iree
+    fns["IREE llvm-cpu, decode folded at compile"] = bc.iree_fn(exported, args.threads,
+                                                                fold_decode=True)
   timed = {k: (lambda f=f: jax.block_until_ready(jnp.asarray(f(images)))) for k, f in fns.items()}
   t = bc.time_interleaved(timed, args.repeats, min_sample_s=0.5)
   ort_float = t.get(ORT_FLOAT, {}).get("ms")

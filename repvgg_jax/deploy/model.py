@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from repvgg_jax.deploy.integer import integer_forward_fn
-from repvgg_jax.deploy.runtime import forward_fn, model_from
+from repvgg_jax.deploy.runtime import apply_fn, model_from
 from repvgg_jax.quant.export import PackedModel, read_packed
 
 
@@ -21,7 +21,9 @@ class DeployedModel:
   packed: PackedModel
 
   def __post_init__(self):
-    self._forward = jax.jit(forward_fn(self.packed))  # validates the model description
+    # Decoded once here, not in every call (what export_stablehlo's program does).
+    self._forward = jax.jit(apply_fn(self.packed.model))  # validates the description
+    self._variables = None
     self._integer = None
 
   @property
@@ -39,7 +41,10 @@ class DeployedModel:
 
   def __call__(self, images) -> jax.Array:
     """Logits of the fake-quant deploy forward (float arithmetic on the quantized values)."""
-    return self._forward(self._check(images))
+    images = self._check(images)
+    if self._variables is None:
+      self._variables = jax.device_put(self.packed.to_variables())
+    return self._forward(self._variables, images)
 
   def integer(self, images) -> jax.Array:
     """Logits of the integer forward (:func:`integer_forward_fn`)."""

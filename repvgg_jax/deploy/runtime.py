@@ -1,6 +1,7 @@
 """The packed model's network: its description (:func:`describe`), the deploy model
-rebuilt from it, and the float forward on uint8 images (:func:`forward_fn`), which
-every runtime of the packed file reproduces."""
+rebuilt from it, and the float forward on uint8 images (:func:`apply_fn` on decoded
+variables, :func:`forward_fn` with the decode inside), which every runtime of the packed
+file reproduces."""
 
 from __future__ import annotations
 
@@ -48,13 +49,19 @@ def model_from(desc: Mapping[str, Any], path: str) -> RepVGG:
                 cifar_stem=desc["cifar_stem"], act_bits=desc["act_bits"], conv_impl="xla")
 
 
-def forward_fn(packed: PackedModel):
-  """``f(images uint8 NHWC) -> logits float32``: decode, normalize, deploy forward. Traced,
-  the packed bytes stay constants of the program and are decoded inside it."""
-  desc = packed.model
+def apply_fn(desc: Mapping[str, Any]):
+  """``f(variables, images uint8 NHWC) -> logits float32`` of the deploy network that
+  ``desc`` (a packed file's ``model``) describes: normalize, deploy forward."""
   model = model_from(desc, "packed model")
 
-  def forward(images):
-    x = normalize_images(images, desc["mean"], desc["std"])
-    return model.apply(packed.to_variables(xp=jnp), x)
-  return forward
+  def apply(variables, images):
+    return model.apply(variables, normalize_images(images, desc["mean"], desc["std"]))
+  return apply
+
+
+def forward_fn(packed: PackedModel):
+  """``f(images uint8 NHWC) -> logits float32``: decode, normalize, deploy forward. Traced,
+  the packed bytes stay constants of the program and are decoded inside it (on every
+  call, unless the compiler folds the decode: :class:`DeployedModel` decodes once)."""
+  apply = apply_fn(packed.model)
+  return lambda images: apply(packed.to_variables(xp=jnp), images)
