@@ -1,6 +1,7 @@
-"""Study v2 on Fashion-MNIST: FP training regimes under deployment quantization.
+"""The study on Fashion-MNIST: FP training regimes under deployment quantization.
 
   python benchmarks/study.py --workdir runs/study
+  python benchmarks/study.py --recipe full_a0 --workdir runs/study_full_a0
   python benchmarks/study.py --workdir runs/study --max_minutes 170
   python benchmarks/study.py --workdir runs/study --report_only
   python benchmarks/study.py --smoke --workdir /tmp/study_smoke
@@ -15,10 +16,16 @@ Each regime trains FP rows at ``--seeds`` seeds; from each FP checkpoint
 (``init_from``) the quantization rows: W8A8 PTQ (min-max, MSE), W4A8 PTQ,
 LSQ and ClusterQAT at W4A8/W3A8/W2A8, ClusterQAT W4/W2 with float
 activations; stem and head at ``--first_last_bits``. W8A8 min-max PTQ and
-W2A8 ClusterQAT run on every FP seed, and for ``bn`` and ``oabn_branch`` (the
-goals compare them over seeds) W4A8 PTQ MSE and W4A8/W3A8 ClusterQAT too; the
-other rows on seed 0. A regime the
-installed ``repvgg_jax`` config cannot express is refused, naming its field.
+W2A8 ClusterQAT run on every FP seed, and for the ``--goal_regimes`` (default
+``bn`` and ``oabn_branch``: the goals compare them over seeds) W4A8 PTQ MSE and
+W4A8/W3A8 ClusterQAT too; the other rows on seed 0. A regime the installed
+``repvgg_jax`` config cannot express is refused, naming its field.
+
+``--recipe`` names a study (``study_rows.RECIPES``): ``demo`` (default: the demo's
+shallow A0, 3000 FP steps, docs/results.md) and ``full_a0`` (A0's own 2, 4, 14, 1
+blocks, 6000 FP steps, BN, OABN median and branch, KURE and QARepVGG, the goal rows
+of BN, branch and QARepVGG on every seed, docs/results_full_a0.md); a flag given on
+the command line wins over its recipe.
 
 Each row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>``: a row
 with a ``report.json`` is skipped, any other resumes from its checkpoints; a row
@@ -56,6 +63,8 @@ from benchmarks import study_rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
+_RECIPE = flags.DEFINE_enum("recipe", "demo", list(sr.RECIPES), "A named study: the values "
+                            "of the flags it sets (study_rows.RECIPES) unless given.")
 _REGIMES = flags.DEFINE_list("regimes", list(sr.REGIMES), "Regimes to run and report (with "
                              "--report_only: to report).")
 _GOAL_REGIMES = flags.DEFINE_list(
@@ -80,7 +89,7 @@ _KURE_W = flags.DEFINE_float("kure_weight", sr.REGIME_DEFAULTS["kure_weight"],
                              "kure: fp.penalty_weight.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, synthetic 16 px data, 4 steps, 1 seed: "
                            "checks the script (every row, short).")
-_OUT = flags.DEFINE_string("out", None, "Markdown file (default docs/results.md; smoke: "
+_OUT = flags.DEFINE_string("out", None, "Markdown file (default: the recipe's; smoke: "
                            "<workdir>/results.md).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only regenerate the Markdown.")
 _ONLY = flags.DEFINE_string("only", "", "Run only the rows whose name matches this regex "
@@ -88,6 +97,13 @@ _ONLY = flags.DEFINE_string("only", "", "Run only the rows whose name matches th
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", 0.0, "Start no row after this many minutes "
                                   "of this run (0 = no limit); the Markdown is still written.")
 flags.mark_flags_as_required(["workdir"])
+
+
+def apply_recipe() -> None:
+  """Sets each flag of ``--recipe`` that the command line did not give."""
+  for name, value in sr.RECIPES[_RECIPE.value].items():
+    if not flags.FLAGS[name].present:
+      flags.FLAGS[name].value = value
 
 
 def flag_settings() -> dict:
@@ -169,6 +185,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   started = time.time()
+  apply_recipe()
   workdir = os.path.abspath(_WORKDIR.value)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -180,8 +197,10 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   stored = sr.read_json(os.path.join(workdir, "study.json")) or {"settings": None}
   smoke = _SMOKE.value or bool(stored["settings"] and stored["settings"]["smoke"])
-  out = _OUT.value or (os.path.join(workdir, "results.md") if smoke
-                       else os.path.join(ROOT, "docs", "results.md"))
+  if flags.FLAGS["out"].present:
+    out = _OUT.value
+  else:  # the recipe's, in the repository
+    out = os.path.join(workdir, "results.md") if smoke else os.path.join(ROOT, _OUT.value)
   ledger_path = study_ledger.path_for(out)
   try:
     if _REPORT_ONLY.value:

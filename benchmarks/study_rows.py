@@ -73,6 +73,18 @@ SEED0_FIRST = ("w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8"
 SEED0_LAST = ("w8a8_ptq_mse", "cluster_w4", "cluster_w2")
 assert sorted(SEED0_FIRST + SEED0_LAST) == sorted(QUANT_ROWS)
 
+# Named studies (``--recipe``): the flags each sets unless given on the command line.
+# full_a0: the paper's network, A0's own 2, 4, 14, 1 blocks at the demo's 32 px; 6000 FP
+# steps (the demo's 3000 left the deep network still climbing on seed 0: the report's
+# convergence column shows the last two evals of every seed).
+RECIPES = {
+    "demo": {"blocks": ["1", "2", "4", "1"], "fp_steps": 3000, "out": "docs/results.md"},
+    "full_a0": {"blocks": [], "fp_steps": 6000, "seeds": 3,
+                "regimes": ["bn", "oabn_median", "oabn_branch", "kure", "qarepvgg"],
+                "goal_regimes": ["bn", "oabn_branch", "qarepvgg"],
+                "out": "docs/results_full_a0.md"},
+}
+
 # Fields of study.json that fix every row's config: a resumed study must keep them.
 # (The seeds and regimes may change: more seeds or regimes add rows.)
 FIXED = ("smoke", "model", "blocks", "cifar_stem", "image_size", "data_source", "data_dir",

@@ -387,3 +387,31 @@ def test_sweep_rows_are_chosen_and_named(tmp_path):
     study_sweep.markdown(loaded, "fp_steps", rows=["w9"])
   with pytest.raises(ValueError, match="regimes \\['bm'\\]"):
     study_sweep.markdown(loaded, "fp_steps", regimes=["bm"])
+
+
+def test_recipes_set_study_flags_and_make_valid_settings():
+  import re
+  # The flags study.py defines (importing it would define them twice beside study_sweep's).
+  src = open(os.path.join(os.path.dirname(sr.__file__), "study.py")).read()
+  defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', src))
+  assert {"blocks", "fp_steps", "out", "recipe"} <= defined
+  for name, recipe in sr.RECIPES.items():
+    unknown = [k for k in recipe if k not in defined]
+    assert not unknown, f"recipe {name}: {unknown} are not flags of benchmarks/study.py"
+    s = sr.settings(False, **{k: v for k, v in recipe.items() if k != "out"})
+    assert s["blocks"] == [int(b) for b in recipe["blocks"]]
+  full = sr.settings(False, **{k: v for k, v in sr.RECIPES["full_a0"].items() if k != "out"})
+  assert study_report.title(full).endswith("RepVGG-A0 at full depth (2, 4, 14, 1 blocks)")
+  # Its QARepVGG goal rows run on every seed.
+  assert sr.Row("qarepvgg", "cluster_w3a8", 2) in sr.rows_of(full)
+
+
+def test_fp_curves_figure_is_drawn_from_the_ledger_curves(tmp_path):
+  rows = {sr.Row(g, "fp", s).name: {"curves": {"fp/loss": [[1, 2.0], [10, 0.5]],
+                                               "fp/eval_accuracy": [[5, 0.5], [10, 0.8]]}}
+          for g in ("bn", "oabn_branch") for s in range(2)}
+  path = str(tmp_path / "curves.png")
+  assert study_report.plot_fp_curves(rows, ("bn", "oabn_branch"), 2, path)
+  assert os.path.getsize(path) > 0
+  assert not study_report.plot_fp_curves({}, ("bn",), 1, str(tmp_path / "none.png"))
+  assert not os.path.exists(tmp_path / "none.png")
