@@ -112,6 +112,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
           traceback_hint=False)
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl prints the help of --help/-h/--helpfull and exits 1; asking for help is no error.
+    if e.code == 1 and any(a.split("=")[0] in ("--help", "-h", "-?", "--helpshort", "--helpfull",
+                                                "--helpxml") for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:  # Unknown flag, a value of the wrong type, a missing flag.
     if verbose:
       raise

@@ -126,8 +126,9 @@ def test_load_packed_names_truncated_and_other_version_files(tmp_path):
   _, _, _, path = _packed(tmp_path)
   data = path.read_bytes()
   (tmp_path / "cut.packed").write_bytes(data[: len(data) // 2])
-  with pytest.raises(ValueError, match="cut.packed is not a readable packed model"):
+  with pytest.raises(ValueError, match="cut.packed is not a packed model") as e:
     rv.load_packed(tmp_path / "cut.packed")
+  assert "pickle" not in str(e.value)
   packed = rv.quant.read_packed(path)
   old = dict(packed._arrays())
   import json

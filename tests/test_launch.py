@@ -52,8 +52,18 @@ def test_missing_config_file_is_named_as_such(tmp_path):
   assert "configs/demo.py" in out.stderr and "config_config" not in out.stderr
 
 
+def test_a_missing_data_dir_is_named_and_leaves_no_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  out = _main("--config=configs/folder.py", f"--config.data.data_dir={tmp_path / 'nope'}",
+              f"--workdir={workdir}")
+  assert out.returncode != 0
+  assert f"error: folder: data_dir '{tmp_path / 'nope'}' is not a directory" in out.stderr
+  assert not workdir.exists()
+
+
 def test_help_lists_the_configs_and_how_to_override_fields():
   out = _main("--help")
+  assert out.returncode == 0, out.stderr  # asking for help is no error (absl exits 1)
   for name in os.listdir(os.path.join(ROOT, "configs")):
     if name.endswith(".py"):
       assert f"configs/{name}" in out.stdout

@@ -48,5 +48,9 @@ def test_qat_forward_equals_packed_forward_bit_for_bit(tmp_path, method, granula
 def test_read_packed_names_corrupt_file(tmp_path):
   path = tmp_path / "bad.npz"
   path.write_bytes(b"not a zip")
-  with pytest.raises(ValueError, match="not a readable packed model"):
+  with pytest.raises(ValueError, match="bad.npz is not a packed model") as e:
     read_packed(path)
+  # numpy's message for a non-.npz file advises loading pickled data unsafely: not ours.
+  assert "pickle" not in str(e.value)
+  with pytest.raises(FileNotFoundError):
+    read_packed(tmp_path / "missing.packed")

@@ -159,8 +159,13 @@ def read_packed(path) -> PackedModel:
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
+  except FileNotFoundError:
+    raise
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise ValueError(f"read_packed: {path} is not a readable packed model ({e})") from e
+    # numpy's own words here can advise loading pickled data unsafely: say only what
+    # the file is not.
+    raise ValueError(f"read_packed: {path} is not a packed model (not a readable .npz "
+                     "archive of arrays; PackedModel.save writes one)") from e
   if "__meta__" not in arrays:
     raise ValueError(f"read_packed: {path} has no __meta__ entry; not a packed model")
   try:

@@ -256,12 +256,20 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
   primary = jax.process_index() == 0
   trained = ("fp",) * (cfg.fp.enabled and not cfg.init_from) + \
       ("qat",) * (cfg.quant.method != "none" and cfg.qat.enabled)
-  # Before anything is restored: orbax must never see another config's tree.
-  stages = Stages(workdir, cfg, trained, discard_stale=discard_stale, write=primary)
+  new_workdir = not os.path.exists(workdir)
   try:
-    return _run(cfg, workdir, stages, mesh, primary)
-  finally:
-    stages.close()
+    # Before anything is restored: orbax must never see another config's tree.
+    stages = Stages(workdir, cfg, trained, discard_stale=discard_stale, write=primary)
+    try:
+      return _run(cfg, workdir, stages, mesh, primary)
+    finally:
+      stages.close()
+  except BaseException:
+    # A run that stops before writing anything (bad data_dir, say) leaves no empty
+    # workdir behind it.
+    if primary and new_workdir and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
 
 
 def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any,
