@@ -8,6 +8,7 @@ grids, activation fake-quant, the packed export.
 * ``uniform``: integer grids, min-max and MSE steps, LSQ fake-quant.
 * ``activation``: activation calibration (min-max, percentile, MSE).
 * ``export``: bit packing and the packed file.
+* ``mixed``: per-layer bits under a size budget (sensitivities, exact allocation).
 """
 
 from repvgg_jax.quant.activation import CALIBRATIONS, calibrated_step

@@ -19,7 +19,9 @@
 
 Quantized leaves: every ``kernel`` whose path has no component in ``skip``
 (default: SE layers stay float); paths starting with a name in
-``first_last`` use ``first_last_bits``. Other entries of ``state`` (the
+``first_last`` use ``first_last_bits``; ``layer_bits_of`` (pairs of a kernel path,
+``"stages_2_0/reparam_conv/kernel"``, and its bits: a mixed-precision allocation,
+:mod:`repvgg_jax.quant.mixed`) overrides both for the layers it names. Other entries of ``state`` (the
 activation steps the deploy model keeps in ``quant``) pass through untouched.
 """
 
@@ -65,6 +67,7 @@ class Quantizer:
   # so a layer runs as an int8 x int8 -> int32 conv.
   int8_levels: bool = False
   first_last: tuple[str, ...] = ("stem", "head")
+  layer_bits_of: tuple[tuple[str, int], ...] = ()
   skip: tuple[str, ...] = ("se",)
   mask_outside: bool = False
   iters: int = 300
@@ -75,6 +78,9 @@ class Quantizer:
     return self.granularity == "channel"
 
   def layer_bits(self, path: Path) -> int:
+    for name, bits in self.layer_bits_of:
+      if name == "/".join(path):
+        return bits
     if self.first_last_bits is not None and path and path[0] in self.first_last:
       return self.first_last_bits
     return self.bits
@@ -194,6 +200,12 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
   check(bits)
   if first_last_bits is not None:
     check(first_last_bits, "first_last_bits")
+  opts = dict(opts)
+  if "layer_bits_of" in opts:
+    pairs = tuple(sorted(dict(opts["layer_bits_of"]).items()))
+    for name, b in pairs:
+      check(b, f"layer_bits_of[{name!r}]")
+    opts["layer_bits_of"] = tuple((name, int(b)) for name, b in pairs)
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
   fields = {f.name for f in dataclasses.fields(Quantizer)} - {"method", "bits", "granularity",

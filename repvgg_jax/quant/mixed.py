@@ -1,0 +1,155 @@
+"""Bits where they matter: per-layer weight bits chosen under a size budget.
+
+The pieces, each usable alone (the trainer does not call them yet: docs/quantization.md):
+
+* :func:`layer_bytes`: what the packed file stores for one kernel at ``b`` bits (bit-packed
+  indices, the codebook, the int8-grid scale when there is one): the accounting of
+  :meth:`repvgg_jax.quant.PackedModel.report`, so a byte budget is the file's own.
+* :func:`loss_sensitivity`: per layer and bit width, the loss increase when that layer
+  alone is quantized (the others float), measured on the batches ``loss_fn`` closes over.
+* :func:`hessian_sensitivity`: HAWQ-v2's second-order estimate,
+  ``tr(H_l) / n_l * ||Q_b(w_l) - w_l||^2``, the trace by Hutchinson's estimator
+  (Rademacher probes, ``jax.jvp`` over ``jax.grad``, vectorized over the probes).
+* :func:`allocate`: the bits per layer that minimize the summed sensitivity under the
+  budget, solved exactly as an integer program (``scipy.optimize.milp``, HiGHS): a
+  multiple-choice knapsack, one bit width per layer.
+
+Quantizing a layer "at b bits" is what the given quantizer does with that layer at b
+bits (``Quantizer.layer_bits_of``): ClusterQAT's optimal codebook, a uniform or LSQ grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+DEFAULT_BIT_CHOICES = (1, 2, 3, 4, 6, 8)
+
+Path = tuple[str, ...]
+
+
+def check_bit_choices(choices: Sequence[int], method: str = "cluster") -> tuple[int, ...]:
+  """Sorted distinct bit widths, each valid for ``method`` (1..8 for ``cluster``, 2..8
+  for uniform grids); ValueError naming a bad one or an empty set."""
+  from repvgg_jax.quant.kmeans import check_bits
+  from repvgg_jax.quant.uniform import check_uniform_bits
+  check = check_bits if method == "cluster" else check_uniform_bits
+  choices = tuple(choices)
+  if not choices:
+    raise ValueError("bit choices: empty; expected bit widths such as (1, 2, 3, 4, 6, 8)")
+  return tuple(sorted({check(b, f"bit choice {b!r}") for b in choices}))
+
+
+def layer_bytes(shape: Sequence[int], bits: int, *, per_channel: bool = True,
+                int8_levels: bool = False) -> int:
+  """Bytes the packed file stores for a kernel of ``shape`` (output channels last) at
+  ``bits``: indices bit-packed (``ceil(n * bits / 8)``), float32 codebooks of ``2^bits``
+  levels (one per output channel, or one), and a float32 scale per row when the levels
+  lie on an int8 grid."""
+  n, rows = math.prod(shape), (shape[-1] if per_channel else 1)
+  return -(-n * bits // 8) + 4 * rows * 2 ** bits + (4 * rows if int8_levels else 0)
+
+
+def _flat(tree) -> dict[Path, Any]:
+  return traverse_util.flatten_dict(dict(tree))
+
+
+def _set(params, path: Path, value):
+  flat = _flat(params)
+  flat[path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def quantized_kernel(quantizer, path: Path, w, bits: int):
+  """Kernel ``w`` at ``path`` as ``quantizer`` quantizes it at ``bits``."""
+  q = dataclasses.replace(quantizer, layer_bits_of=(("/".join(path), int(bits)),))
+  one = traverse_util.unflatten_dict({path: jnp.asarray(w)})
+  return _flat(q.apply(one, q.init(one)))[path]
+
+
+def loss_sensitivity(loss_fn: Callable[[Any], jax.Array], params, quantizer,
+                     bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES,
+                     layers: Sequence[Path] | None = None) -> dict[Path, dict[int, float]]:
+  """``{layer: {bits: loss(that layer at bits, others float) - loss(float)}}`` for every
+  quantized kernel of ``quantizer`` in ``params`` (or ``layers``). ``loss_fn(params)``
+  is jitted once; it closes over the batches it measures on."""
+  f = jax.jit(loss_fn)
+  base = float(f(params))
+  flat = _flat(params)
+  layers = list(quantizer.kernels(params)) if layers is None else [tuple(p) for p in layers]
+  return {p: {b: float(f(_set(params, p, quantized_kernel(quantizer, p, flat[p], b)))) - base
+              for b in bit_choices}
+          for p in layers}
+
+
+def hutchinson_trace(f: Callable[[jax.Array], jax.Array], w: jax.Array, key: jax.Array,
+                     samples: int = 64) -> jax.Array:
+  """Hutchinson's estimate of ``tr(d^2 f / dw^2)``: the mean of ``v . H v`` over
+  ``samples`` Rademacher probes ``v``, ``H v`` by forward-over-reverse
+  (``jax.jvp`` of ``jax.grad``), the probes vectorized."""
+  grad = jax.grad(f)
+
+  def probe(k):
+    v = jax.random.rademacher(k, w.shape, w.dtype)
+    return jnp.vdot(v, jax.jvp(grad, (w,), (v,))[1])
+  return jnp.mean(jax.vmap(probe)(jax.random.split(key, samples)))
+
+
+def hessian_sensitivity(loss_fn: Callable[[Any], jax.Array], params, quantizer,
+                        bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES,
+                        layers: Sequence[Path] | None = None, *, samples: int = 64,
+                        seed: int = 0) -> dict[Path, dict[int, float]]:
+  """``{layer: {bits: tr(H) / n * ||Q_bits(w) - w||^2}}`` (HAWQ-v2), ``tr(H)`` of the
+  loss with respect to that layer's kernel by :func:`hutchinson_trace`."""
+  flat = _flat(params)
+  layers = list(quantizer.kernels(params)) if layers is None else [tuple(p) for p in layers]
+  key = jax.random.key(seed)
+  out = {}
+  for i, p in enumerate(layers):
+    w = jnp.asarray(flat[p])
+    trace = jax.jit(lambda w, k, p=p: hutchinson_trace(
+        lambda x: loss_fn(_set(params, p, x)), w, k, samples))(w, jax.random.fold_in(key, i))
+    out[p] = {b: float(trace) / w.size * float(jnp.sum(jnp.square(
+        quantized_kernel(quantizer, p, w, b) - w))) for b in bit_choices}
+  return out
+
+
+def allocate(costs: Mapping[Any, Mapping[int, float]], sizes: Mapping[Any, Mapping[int, float]],
+             budget: float) -> dict[Any, int]:
+  """The bits per layer minimizing ``sum costs[layer][bits]`` subject to
+  ``sum sizes[layer][bits] <= budget``, one choice per layer (``costs`` and ``sizes``:
+  the same layers and bit widths). Exact: a 0-1 integer program solved by HiGHS
+  (``scipy.optimize.milp``). A budget below the smallest achievable size is a
+  ValueError naming that size."""
+  from scipy.optimize import Bounds, LinearConstraint, milp
+  layers = list(costs)
+  if set(layers) != set(sizes):
+    raise ValueError(f"allocate: costs and sizes name different layers "
+                     f"({sorted(map(str, set(layers) ^ set(sizes)))})")
+  choices = [(layer, b) for layer in layers for b in sorted(costs[layer])]
+  for layer, b in choices:
+    if b not in sizes[layer]:
+      raise ValueError(f"allocate: no size for {layer} at {b} bits")
+  smallest = sum(min(sizes[layer][b] for b in costs[layer]) for layer in layers)
+  if budget < smallest:
+    raise ValueError(f"budget {budget:,.0f} is below the smallest achievable size "
+                     f"{smallest:,.0f} (every layer at its fewest bits)")
+  c = np.array([costs[layer][b] for layer, b in choices], np.float64)
+  size = np.array([sizes[layer][b] for layer, b in choices], np.float64)
+  one_each = np.array([[layer == l2 for l2, _ in choices] for layer in layers], np.float64)
+  # Costs shifted to >= 0 per layer (the same optimum): HiGHS's tolerances are relative.
+  c -= np.repeat([min(costs[layer].values()) for layer in layers],
+                 [len(costs[layer]) for layer in layers])
+  res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1),
+             constraints=[LinearConstraint(one_each, 1, 1),
+                          LinearConstraint(size[None], -np.inf, budget)])
+  if not res.success:
+    raise RuntimeError(f"allocate: the integer program was not solved ({res.message})")
+  picked = res.x > 0.5
+  return {layer: b for (layer, b), on in zip(choices, picked) if on}

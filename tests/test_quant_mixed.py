@@ -1,0 +1,137 @@
+"""Mixed precision: size accounting against the packed file, the knapsack against brute
+force, Hutchinson against the exact Hessian trace, the per-layer loss sensitivity."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import repvgg_jax as rv
+from repvgg_jax.quant import mixed
+from repvgg_jax.models.repvgg import RepVGG, Variant
+from _util import random_variables
+
+TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def merged():
+  x = jnp.zeros((1, 16, 16, 3))
+  v = random_variables(RepVGG(TINY, num_classes=4, cifar_stem=True), x)
+  return jax.device_get(rv.merge(v)["params"])
+
+
+def _loss_fn(merged):
+  model = RepVGG(TINY, num_classes=4, deploy=True, cifar_stem=True)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((8, 16, 16, 3)), jnp.float32)
+  # Labels: the float network's own predictions, so quantizing can only move away.
+  y = jnp.argmax(model.apply({"params": merged}, x), -1)
+
+  def loss(params):
+    logits = model.apply({"params": params}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+  return loss
+
+
+@pytest.mark.parametrize("opts", [{}, {"granularity": "tensor"}, {"int8_levels": True}],
+                         ids=["channel", "tensor", "int8_grid"])
+def test_layer_bytes_is_the_packed_files_accounting(merged, opts):
+  bits_of = {"stages_0_0/reparam_conv/kernel": 1, "stages_1_0/reparam_conv/kernel": 6,
+             "stages_2_0/reparam_conv/kernel": 3}
+  q = rv.make_quantizer("cluster", bits=2, layer_bits_of=bits_of, **opts)
+  packed = rv.export(merged, q, q.init(merged))
+  rows = {r["path"]: r for r in packed.report()}
+  for path, layer in packed.layers.items():
+    assert layer["bits"] == bits_of.get(path, 8 if path.startswith(("stem", "head")) else 2)
+    assert rows[path]["packed_bytes"] == mixed.layer_bytes(
+        layer["shape"], layer["bits"], per_channel=opts.get("granularity") != "tensor",
+        int8_levels=opts.get("int8_levels", False)), path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_finds_the_brute_force_optimum(seed):
+  rng = np.random.default_rng(seed)
+  layers, bits = [f"l{i}" for i in range(5)], (1, 2, 4, 8)
+  sizes = {l: {b: float(b * rng.integers(10, 100)) for b in bits} for l in layers}
+  # Sensitivities fall with bits, as they do (not required by the solver).
+  costs = {l: dict(zip(bits, np.sort(rng.exponential(1.0, len(bits)))[::-1])) for l in layers}
+  lo = sum(min(s.values()) for s in sizes.values())
+  hi = sum(max(s.values()) for s in sizes.values())
+  for budget in np.linspace(lo, hi, 5):
+    got = mixed.allocate(costs, sizes, budget)
+    assert sum(sizes[l][b] for l, b in got.items()) <= budget + 1e-9
+    best = min(sum(costs[l][b] for l, b in zip(layers, pick))
+               for pick in itertools.product(bits, repeat=len(layers))
+               if sum(sizes[l][b] for l, b in zip(layers, pick)) <= budget + 1e-9)
+    assert sum(costs[l][b] for l, b in got.items()) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_a_budget_below_the_smallest_size_names_it():
+  sizes = {"a": {1: 10.0, 2: 20.0}, "b": {1: 5.0, 2: 9.0}}
+  costs = {"a": {1: 1.0, 2: 0.5}, "b": {1: 1.0, 2: 0.2}}
+  with pytest.raises(ValueError, match="budget 14 is below the smallest achievable size 15"):
+    mixed.allocate(costs, sizes, 14)
+  assert mixed.allocate(costs, sizes, 15) == {"a": 1, "b": 1}
+  assert mixed.allocate(costs, sizes, 19) == {"a": 1, "b": 2}
+
+
+def test_bad_bit_choices_are_named():
+  with pytest.raises(ValueError, match="bit choice 9"):
+    mixed.check_bit_choices((2, 9))
+  with pytest.raises(ValueError, match="bit choice 1"):
+    mixed.check_bit_choices((1, 2), method="uniform")
+  with pytest.raises(ValueError, match="empty"):
+    mixed.check_bit_choices(())
+  with pytest.raises(ValueError, match=r"layer_bits_of\['stem/kernel'\]=0"):
+    rv.make_quantizer("cluster", layer_bits_of={"stem/kernel": 0})
+  assert mixed.check_bit_choices((4, 2, 2)) == (2, 4)
+
+
+def test_hutchinson_trace_matches_the_exact_hessian_trace():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 16))
+  w = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+
+  def f(w):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x @ w), y[:, None], 1))
+  exact = float(jnp.trace(jax.hessian(lambda v: f(v.reshape(6, 3)))(w.ravel())))
+  got = float(mixed.hutchinson_trace(f, w, jax.random.key(0), samples=4096))
+  assert exact > 0 and got == pytest.approx(exact, rel=0.05), (got, exact)
+
+
+def test_loss_sensitivity_is_the_loss_with_that_layer_alone_quantized(merged):
+  loss = _loss_fn(merged)
+  q = rv.make_quantizer("cluster", bits=4)
+  table = mixed.loss_sensitivity(loss, merged, q, bit_choices=(1, 8))
+  assert set(table) == set(q.kernels(merged))
+  path = ("stages_1_0", "reparam_conv", "kernel")
+  q1 = rv.make_quantizer("cluster", bits=4, layer_bits_of={"/".join(path): 1})
+  only = q1.apply(merged, q1.init(merged))
+  params = jax.tree_util.tree_map(lambda a: a, merged)
+  params["stages_1_0"]["reparam_conv"]["kernel"] = only["stages_1_0"]["reparam_conv"]["kernel"]
+  assert table[path][1] == pytest.approx(float(loss(params)) - float(loss(merged)), abs=1e-6)
+  # One bit moves the loss more than eight on every layer.
+  assert all(abs(t[1]) > abs(t[8]) for t in table.values()), table
+
+
+def test_hessian_sensitivity_is_trace_per_weight_times_quantization_error(merged):
+  loss = _loss_fn(merged)
+  q = rv.make_quantizer("cluster", bits=4)
+  path = ("head", "kernel")
+  table = mixed.hessian_sensitivity(loss, merged, q, bit_choices=(2, 4), layers=[path],
+                                    samples=2048)
+  w = merged["head"]["kernel"]
+
+  def f(v):
+    p = jax.tree_util.tree_map(lambda a: a, merged)
+    p["head"]["kernel"] = v.reshape(w.shape)
+    return loss(p)
+  exact = float(jnp.trace(jax.hessian(f)(jnp.asarray(w).ravel())))
+  for b in (2, 4):
+    err = float(jnp.sum(jnp.square(mixed.quantized_kernel(q, path, w, b) - w)))
+    assert table[path][b] == pytest.approx(exact / w.size * err, rel=0.1), b
+  assert table[path][2] > table[path][4]
