@@ -147,3 +147,32 @@ def test_onnx_coreml_and_static_batch_stablehlo_exports(tiny_run, tmp_path):
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
   assert "onnx" not in forms and not os.path.exists(onnx_path)
   assert "coreml" not in forms and not os.path.exists(package)
+
+
+def test_a_size_budget_allocates_bits_per_layer_and_the_files_keep_them(tiny_run, tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
+  cfg.eval_fp_forms = False
+  cfg.quant.budget.avg_bits, cfg.quant.budget.batches = 2.5, 2
+  report = pipeline.run(cfg, str(tmp_path))
+  a = json.load(open(os.path.join(tmp_path, "report.json")))["bit_allocation"]
+  assert a["kernel_bytes"] <= a["budget_bytes"]
+  assert len({l["bits"] for l in a["layers"].values()}) >= 2, a["layers"]
+  packed = repvgg_jax.load_packed(os.path.join(tmp_path, "model.packed"))
+  rows = {r["path"]: r for r in packed.packed.report()}
+  for path, l in a["layers"].items():
+    assert packed.packed.layers[path]["bits"] == l["bits"] and rows[path]["packed_bytes"] == l["bytes"]
+  assert sum(r["packed_bytes"] for p, r in rows.items() if p != "total") == a["kernel_bytes"]
+  forms = report["forms"]
+  assert forms["packed"]["accuracy"] == forms["stablehlo"]["accuracy"] == forms["qat"]["accuracy"]
+  assert os.path.getsize(os.path.join(tmp_path, "bits_by_layer.png")) > 0
+  assert "| layer | weights | bits | packed bytes |" in open(os.path.join(tmp_path, "report.md")).read()
+
+
+def test_an_unmeetable_budget_is_refused_before_training(tmp_path):
+  cfg = tiny.tiny_config()
+  cfg.quant.budget.bytes = 100
+  with pytest.raises(ValueError, match=r"quant\.budget\.bytes=100 is below the smallest "
+                                       r"achievable size [\d,]+ \(every block layer at 1 bits\)"):
+    pipeline.run(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

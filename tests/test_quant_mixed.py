@@ -135,3 +135,22 @@ def test_hessian_sensitivity_is_trace_per_weight_times_quantization_error(merged
     err = float(jnp.sum(jnp.square(mixed.quantized_kernel(q, path, w, b) - w)))
     assert table[path][b] == pytest.approx(exact / w.size * err, rel=0.1), b
   assert table[path][2] > table[path][4]
+
+
+def test_plan_budget_avg_bits_is_the_uniform_models_bytes(merged):
+  q = rv.make_quantizer("cluster", bits=2)
+  shapes = {p: np.shape(w) for p, w in q.kernels(merged).items()}
+  plan = mixed.plan_budget(shapes, q, avg_bits=2)
+  uniform2 = rv.export(merged, q, q.init(merged))
+  kernel_bytes = sum(r["packed_bytes"] for r in uniform2.report() if r["path"] != "total")
+  assert plan.total({p: 2 for p in plan.free}) == kernel_bytes == plan.budget + plan.fixed_bytes
+  assert all(p[0] not in ("stem", "head") for p in plan.free)
+  half = mixed.plan_budget(shapes, q, avg_bits=2.5)
+  three = mixed.plan_budget(shapes, q, avg_bits=3)
+  assert half.budget == pytest.approx((plan.budget + three.budget) / 2)
+  # A byte budget counts the stem and head too.
+  assert mixed.plan_budget(shapes, q, total_bytes=kernel_bytes).budget == plan.budget
+  with pytest.raises(ValueError, match="bytes=10 is below the smallest achievable size"):
+    mixed.plan_budget(shapes, q, total_bytes=10)
+  with pytest.raises(ValueError, match="one budget"):
+    mixed.plan_budget(shapes, q, avg_bits=2, total_bytes=10)

@@ -379,3 +379,18 @@ def test_remote_workdir_is_refused_by_name():
   from repvgg_jax.train import pipeline
   with pytest.raises(ValueError, match="workdir='gs://bucket/run'"):
     pipeline.run(tiny.tiny_config(), "gs://bucket/run")
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(avg_bits=2.0, bytes=1000), "quant.budget.avg_bits=2.0 and quant.budget.bytes=1000"),
+    (dict(avg_bits=0.5), "quant.budget.avg_bits=0.5 must be in 1..8"),
+    (dict(bytes=-3), "quant.budget.bytes=-3 must be a positive int"),
+    (dict(avg_bits=2.0, bit_choices=(2, 9)), "quant.budget.bit_choices=(2, 9): bit choice 9"),
+    (dict(avg_bits=2.0, sensitivity="fisher"), "quant.budget.sensitivity='fisher' not in"),
+    (dict(avg_bits=2.0, batches=0), "quant.budget.batches=0 must be a positive int"),
+])
+def test_validate_names_bad_budget_fields(changes, needle):
+  cfg = tiny.tiny_config()
+  cfg.quant.budget.update(changes)
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config_lib.validate(cfg)

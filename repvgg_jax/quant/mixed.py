@@ -1,6 +1,7 @@
 """Bits where they matter: per-layer weight bits chosen under a size budget.
 
-The pieces, each usable alone (the trainer does not call them yet: docs/quantization.md):
+The pieces, each usable alone; the trainer's ``quant.budget`` uses them
+(``pipeline.plan_budget``, ``pipeline.allocate_bits``; docs/quantization.md):
 
 * :func:`layer_bytes`: what the packed file stores for one kernel at ``b`` bits (bit-packed
   indices, the codebook, the int8-grid scale when there is one): the accounting of
@@ -153,3 +154,61 @@ def allocate(costs: Mapping[Any, Mapping[int, float]], sizes: Mapping[Any, Mappi
     raise RuntimeError(f"allocate: the integer program was not solved ({res.message})")
   picked = res.x > 0.5
   return {layer: b for (layer, b), on in zip(choices, picked) if on}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What :func:`allocate` is given for a model: the layers whose bits it chooses
+  (``free``: every quantized kernel but the stem and head, which keep
+  ``first_last_bits``), their packed bytes at each bit choice, and the bytes left for
+  them under the budget."""
+  free: tuple[Path, ...]
+  sizes: dict[Path, dict[int, int]]
+  budget: float
+  fixed_bytes: int
+
+  def total(self, bits_of: Mapping[Path, int]) -> int:
+    """Packed bytes of every quantized kernel with the free layers at ``bits_of``."""
+    return self.fixed_bytes + sum(self.sizes[p][bits_of[p]] for p in self.free)
+
+
+def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
+                avg_bits: float = 0.0, total_bytes: int = 0,
+                bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES) -> Budget:
+  """The :class:`Budget` of the kernels ``kernel_shapes`` (the quantized ones of the
+  merged network) under one of two budgets:
+
+  * ``total_bytes``: the packed bytes of every quantized kernel (indices, codebooks,
+    scales: :func:`layer_bytes`), the stem and head included at their bits;
+  * ``avg_bits``: the free layers get at most the bytes they take all at ``avg_bits``
+    uniformly, interpolated between the integer widths around it (``avg_bits=2``:
+    exactly a uniform 2-bit model's bytes, so the two compare at equal size).
+
+  ValueError naming the budget and the smallest achievable size when it cannot be met."""
+  choices = check_bit_choices(bit_choices, quantizer.method)
+  if (avg_bits > 0) == (total_bytes > 0):
+    raise ValueError("give one budget: avg_bits > 0 or total_bytes > 0")
+  opts = dict(per_channel=quantizer.per_channel,
+              int8_levels=quantizer.method != "cluster" or quantizer.int8_levels)
+  fixed = {p: s for p, s in kernel_shapes.items()
+           if quantizer.first_last_bits is not None and p[0] in quantizer.first_last}
+  free = tuple(p for p in kernel_shapes if p not in fixed)
+  if not free:
+    raise ValueError("no layer to allocate bits to (every quantized kernel is a stem or head)")
+  sizes = {p: {b: layer_bytes(kernel_shapes[p], b, **opts) for b in choices} for p in free}
+  fixed_bytes = sum(layer_bytes(s, quantizer.first_last_bits, **opts) for s in fixed.values())
+  smallest = sum(min(s.values()) for s in sizes.values())
+  if total_bytes > 0:
+    budget, what = total_bytes - fixed_bytes, f"bytes={total_bytes:,}"
+    floor = smallest + fixed_bytes
+  else:
+    if not 1 <= avg_bits <= 8:
+      raise ValueError(f"avg_bits={avg_bits!r}: expected a number in 1..8")
+    lo, hi = math.floor(avg_bits), math.ceil(avg_bits)
+    at = lambda b: sum(layer_bytes(kernel_shapes[p], b, **opts) for p in free)  # noqa: E731
+    budget = at(lo) + (avg_bits - lo) * (at(hi) - at(lo))
+    what, floor = f"avg_bits={avg_bits!r} ({budget:,.0f} bytes of the block layers)", smallest
+  if budget < smallest:
+    raise ValueError(f"{what} is below the smallest achievable size {floor:,} (every block "
+                     f"layer at {choices[0]} bits)")
+  return Budget(free, sizes, float(budget), fixed_bytes)

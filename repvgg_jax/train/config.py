@@ -95,6 +95,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.act_calibration = "minmax"  # "minmax" | "percentile" | "mse" (then LSQ in QAT)
   c.quant.act_percentile = 99.99
   c.quant.calib_batches = 16          # training batches (qat.batch_size) to calibrate on
+  # Per-layer weight bits under a size budget (docs/quantization.md, "Mixed precision"):
+  # one of avg_bits > 0 (the block layers' bytes of a uniform avg_bits model) or
+  # bytes > 0 (packed bytes of every quantized kernel); 0 and 0: every layer at bits.
+  c.quant.budget = ml_collections.ConfigDict()
+  c.quant.budget.avg_bits = 0.0
+  c.quant.budget.bytes = 0
+  c.quant.budget.bit_choices = (1, 2, 3, 4, 6, 8)
+  c.quant.budget.sensitivity = "loss"  # "loss" (one layer quantized) | "hessian" (HAWQ-v2)
+  c.quant.budget.batches = 4           # training batches (qat.batch_size) it is measured on
 
   # Deployment files beside model.packed (docs/deploy.md); not part of any stage's
   # fingerprint: changing them re-exports without retraining.
@@ -262,6 +271,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"quant.act_percentile={cfg.quant.act_percentile!r} must be in (50, 100]")
   if not (isinstance(cfg.quant.calib_batches, int) and cfg.quant.calib_batches > 0):
     problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
+  _check_budget(cfg, problems, enum)
   _check_export(cfg, problems, enum)
   for stage in ("fp", "qat"):
     s = cfg[stage]
@@ -301,6 +311,34 @@ def onnx_available() -> bool:
 def coreml_available() -> bool:
   """Whether model.mlpackage can be written (coremltools imports)."""
   return importlib.util.find_spec("coremltools") is not None
+
+
+SENSITIVITIES = ("loss", "hessian")
+
+
+def _check_budget(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:
+  """The budget's own fields; whether the model can meet it is checked once its shapes
+  are known (pipeline.run, before training)."""
+  from repvgg_jax.quant.mixed import check_bit_choices
+  b = cfg.quant.budget
+  if not b.avg_bits and not b.bytes:
+    return
+  if b.avg_bits and b.bytes:
+    problems.append(f"quant.budget.avg_bits={b.avg_bits!r} and quant.budget.bytes={b.bytes!r}: "
+                    "give one budget")
+  if b.avg_bits and not 1 <= b.avg_bits <= 8:
+    problems.append(f"quant.budget.avg_bits={b.avg_bits!r} must be in 1..8")
+  if b.bytes and not (isinstance(b.bytes, int) and b.bytes > 0):
+    problems.append(f"quant.budget.bytes={b.bytes!r} must be a positive int")
+  try:
+    check_bit_choices(b.bit_choices, cfg.quant.method)
+  except (ValueError, TypeError) as e:
+    problems.append(f"quant.budget.bit_choices={tuple(b.bit_choices)!r}: {e}")
+  enum("quant.budget.sensitivity", b.sensitivity, SENSITIVITIES)
+  if not (isinstance(b.batches, int) and b.batches > 0):
+    problems.append(f"quant.budget.batches={b.batches!r} must be a positive int")
+  if cfg.quant.method == "none":
+    problems.append("quant.budget needs quant.method other than 'none'")
 
 
 def _check_export(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:

@@ -106,6 +106,73 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
+def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> Any:
+  """The weight quantizer of ``cfg.quant`` (``layer_bits_of``: a bit allocation)."""
+  return make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
+                        first_last_bits=qc.first_last_bits, clipping=qc.clipping,
+                        int8_levels=qc.int8_levels, layer_bits_of=dict(layer_bits_of))
+
+
+def plan_budget(cfg: ml_collections.ConfigDict, deploy_model: Any, image_shape: Any) -> Any:
+  """The ``quant.budget`` plan (:func:`repvgg_jax.quant.mixed.plan_budget`) of the
+  merged network's kernel shapes, or None without a budget; an unmeetable budget is a
+  ValueError naming the field and the smallest size, before any training."""
+  from repvgg_jax.quant import mixed
+  b = cfg.quant.budget
+  if not (b.avg_bits or b.bytes):
+    return None
+  shapes = jax.eval_shape(lambda: deploy_model.init(
+      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
+  q = weight_quantizer(cfg.quant)
+  kernels = {p: tuple(s.shape) for p, s in q.kernels(shapes).items()}
+  try:
+    return mixed.plan_budget(kernels, q, avg_bits=float(b.avg_bits), total_bytes=int(b.bytes),
+                             bit_choices=b.bit_choices)
+  except ValueError as e:
+    raise ValueError(f"quant.budget.{e}") from None
+
+
+def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_classes: int,
+                  loader: Any) -> dict[str, Any]:
+  """The bits per block layer under ``plan`` (process 0 measures, every process gets
+  them): sensitivities (``quant.budget.sensitivity``) of the float merged network on
+  ``quant.budget.batches`` unaugmented training batches, then the exact allocation.
+  Returns the report entry: ``layers`` {path: {bits, weights, bytes, sensitivity}},
+  the budget, the packed bytes of the quantized kernels and the block layers' mean bits."""
+  from repvgg_jax.quant import mixed
+  b = cfg.quant.budget
+  entry = None
+  if jax.process_index() == 0:
+    logging.info("measuring %s sensitivities of %d layers at bits %s", b.sensitivity,
+                 len(plan.free), tuple(b.bit_choices))
+    fmodel = build_model(cfg.model, num_classes, deploy=True)
+    one_pass = loader("train", cfg.qat.batch_size, False)
+    batches = [(steps.model_input(jax.numpy.asarray(x["image"]), one_pass.pixel_stats),
+                jax.numpy.asarray(x["label"])) for x in itertools.islice(one_pass, b.batches)]
+
+    def loss_fn(p):
+      losses = [jax.numpy.mean(-jax.numpy.take_along_axis(jax.nn.log_softmax(
+          fmodel.apply({"params": p}, x)), y[:, None], 1)) for x, y in batches]
+      return sum(losses) / len(losses)
+    measure = (mixed.loss_sensitivity if b.sensitivity == "loss"
+               else mixed.hessian_sensitivity)
+    q = weight_quantizer(cfg.quant)
+    costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
+    bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
+    flat = {p: w for p, w in q.kernels(params).items()}
+    n = {p: int(np.prod(np.shape(flat[p]))) for p in plan.free}
+    entry = {"sensitivity": b.sensitivity, "budget_bytes": plan.budget + plan.fixed_bytes,
+             "kernel_bytes": plan.total(bits_of),
+             # The block layers' mean index bits per weight.
+             "mean_bits": round(sum(bits_of[p] * n[p] for p in plan.free) / sum(n.values()), 2),
+             "layers": {"/".join(p): {"bits": bits_of[p], "weights": n[p],
+                                      "bytes": plan.sizes[p][bits_of[p]],
+                                      "costs": {str(k): v for k, v in costs[p].items()}}
+                        for p in plan.free}}
+    logging.info("bits per layer: %s", {k: v["bits"] for k, v in entry["layers"].items()})
+  return sharding.broadcast_from_primary(entry)
+
+
 def init_codebooks(quantizer: Any, params: Any) -> Any:
   """The quantizer's initial state, fitted on process 0 (NumPy DP) and sent to every process."""
   quant = quantizer.init(params) if jax.process_index() == 0 else None
@@ -300,6 +367,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   eval_plain = steps.make_eval_step(mesh, pixel_stats=pixels)
   evaluate_with = lambda step_fn: lambda s: steps.evaluate(step_fn, s, eval_loader, mesh)  # noqa: E731
 
+  budget = plan_budget(cfg, deploy_model, image_shape) if cfg.quant.method != "none" else None
+
   # Stage 1: FP training of the multi-branch network (or import).
   stages.start("fp")
   template = init_variables(model, image_shape, cfg.seed)
@@ -339,12 +408,14 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   histograms = {"merged FP": merged}
 
   # Stage 3: QAT of the merged network, then the packed export.
+  allocation = None  # the report entry of a quant.budget allocation
   if cfg.quant.method != "none":
     stages.start("qat")
     qc = cfg.quant
-    q = make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
-                       first_last_bits=qc.first_last_bits, clipping=qc.clipping,
-                       int8_levels=qc.int8_levels)
+    if budget is not None:
+      allocation = allocate_bits(cfg, budget, merged["params"], num_classes, loader)
+    q = weight_quantizer(qc, {p: l["bits"] for p, l in (allocation or {"layers": {}})["layers"]
+                              .items()})
     qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
     quant = init_codebooks(q, merged["params"])
     if qc.act_bits:
@@ -368,6 +439,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     else:
       state = sharding.replicate(state, mesh)
     bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
+    if allocation is not None:
+      bits["weight_bits"] = allocation["mean_bits"]
     forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh), **bits}
     timings["qat"] = stages.stop("qat")
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
@@ -417,7 +490,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   if primary:
     result = report_lib.write_report(workdir, forms, cfg, histograms, timings,
                                      dataset=report_lib.dataset_info(eval_loader),
-                                     fp_variables=variables)
+                                     fp_variables=variables,
+                                     bit_allocation=allocation)
     logging.info("report:\n%s", report_lib.markdown(result))
   writer.close()
   return result

@@ -39,9 +39,10 @@ def dataset_info(loader: Any) -> dict:
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
                  histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
                  dataset: Mapping[str, Any] | None = None,
-                 fp_variables: Mapping[str, Any] | None = None) -> dict:
+                 fp_variables: Mapping[str, Any] | None = None,
+                 bit_allocation: Mapping[str, Any] | None = None) -> dict:
   """Writes report.json, report.md, weight_histograms.png and accuracy.png (and
-  channel_outliers.png); returns the report.
+  channel_outliers.png, bits_by_layer.png); returns the report.
 
   Args:
     forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out, forms
@@ -52,6 +53,8 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     fp_variables: the train-form FP variables; if given, the per-channel
       outliers of their merge (:func:`analysis.channel_outliers`) go into the
       report as ``channel_outliers`` and channel_outliers.png.
+    bit_allocation: the ``quant.budget`` allocation (``pipeline.allocate_bits``), if any:
+      ``bit_allocation`` in the report, its table and bits_by_layer.png.
   """
   report = {"forms": {k: dict(v) for k, v in forms.items()},
             "config": json.loads(config.to_json_best_effort()),
@@ -65,6 +68,10 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
                  lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
   if fp_variables is not None:
     report["channel_outliers"] = _channel_outliers(workdir, fp_variables)
+  if bit_allocation is not None:
+    report["bit_allocation"] = dict(bit_allocation)
+    atomic_write(os.path.join(workdir, "bits_by_layer.png"),
+                 lambda tmp: _plot_bits(bit_allocation, tmp))
   atomic_write(os.path.join(workdir, "accuracy.png"), lambda tmp: _plot_accuracy(forms, tmp))
   atomic_write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   atomic_write_text(os.path.join(workdir, "report.md"), markdown(report))
@@ -103,6 +110,14 @@ def markdown(report: Mapping[str, Any]) -> str:
   elif coreml:
     out += ("\nmodel.mlpackage holds the packed codebooks and indices as Core ML LUTs; Core ML "
             "predicts only on Apple platforms, so it was not evaluated here.\n")
+  if "bit_allocation" in report:
+    a = report["bit_allocation"]
+    out += (f"\nBits per block layer under the budget ({a['budget_bytes']:,.0f} bytes of "
+            f"quantized kernels; chosen: {a['kernel_bytes']:,}; sensitivity: "
+            f"{a['sensitivity']}; stem and head at their own bits):\n\n"
+            "| layer | weights | bits | packed bytes |\n|---|---:|---:|---:|\n")
+    for path, l in a["layers"].items():
+      out += f"| {path} | {l['weights']:,} | {l['bits']} | {l['bytes']:,} |\n"
   if "outliers" in report:
     out += "\n| merged weights | max abs/std | kurtosis |\n|---|---:|---:|\n"
     for label, s in report["outliers"].items():
@@ -138,6 +153,27 @@ def _channel_outliers_markdown(s: Mapping[str, Any]) -> str:
     out += (f" The 3x3 branch alone: worst {s['worst_ratio_3x3']:.1f} "
             f"({s['worst_3x3_layer']} channel {s['worst_3x3_channel']}).")
   return out + "\n"
+
+
+def _plot_bits(allocation: Mapping[str, Any], path: str) -> None:
+  """Bits per block layer (bars) beside each layer's weight count (line, log scale)."""
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+  layers = list(allocation["layers"])
+  fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers)), 3.6))
+  ax.bar(range(len(layers)), [allocation["layers"][p]["bits"] for p in layers], color="C0")
+  ax.set_ylabel("weight bits", color="C0")
+  ax.set_xticks(range(len(layers)), [p.split("/")[0] for p in layers], rotation=60,
+                fontsize=7)
+  size = ax.twinx()
+  size.plot(range(len(layers)), [allocation["layers"][p]["weights"] for p in layers],
+            "o-", color="C1")
+  size.set_yscale("log")
+  size.set_ylabel("weights in the layer", color="C1")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _plot_accuracy(forms: Mapping[str, Mapping[str, Any]], path: str) -> None:
