@@ -483,7 +483,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
                     if primary else None)
     if coreml_entry is not None:
       forms["coreml"] = {**coreml_entry, **bits}
-    histograms[f"{qc.method} {qc.bits}-bit"] = {
+    histograms[f"{qc.method} {bits['weight_bits']}-bit"] = {
         "params": jax.device_get(deployed.to_variables()["params"])}
 
   result = {"forms": forms}
