@@ -12,7 +12,8 @@ Any config field can be set on the command line, --config.<group>.<field>=VALUE
 (e.g. --config.fp.num_steps=100 --config.quant.bits=3 --config.model.blocks='(1,2,4,1)');
 every field and its default: repvgg_jax/train/config.py (base_config), docs/training.md.
 
-Running the same command again resumes every stage from its latest checkpoint.
+Running the same command again resumes every stage from its latest checkpoint; on a
+finished run it prints the run's report and stops.
 A workdir holding checkpoints of another config is refused, naming the changed
 fields; --discard_stale moves those stages aside (to WORKDIR/stale/) and trains
 them again. Errors are printed as one message; --verbose prints tracebacks,

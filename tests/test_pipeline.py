@@ -12,7 +12,7 @@ import jax
 import pytest
 
 import repvgg_jax
-from repvgg_jax.train import pipeline
+from repvgg_jax.train import config as config_lib, pipeline
 
 from _util import copy_run
 from configs import tiny
@@ -176,3 +176,22 @@ def test_an_unmeetable_budget_is_refused_before_training(tmp_path):
                                        r"achievable size [\d,]+ \(every block layer at 1 bits\)"):
     pipeline.run(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_finished_run_returns_its_report_without_training_or_evaluating(tiny_run, tmp_path,
+                                                                          monkeypatch):
+  workdir = copy_run(tiny_run, tmp_path)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished run trained, evaluated or exported again")
+  for name in ("train_stage", "evaluate_deployed", "create_train_state"):
+    monkeypatch.setattr(pipeline, name, refuse)
+  monkeypatch.setattr(repvgg_jax, "export_stablehlo", refuse)
+  again = pipeline.run(tiny.tiny_config(), workdir)
+  assert again == json.load(open(os.path.join(workdir, "report.json")))
+  assert again["forms"] == tiny_run[1]["forms"]
+  # A file the report names gone, or another config: the run's end runs again.
+  os.remove(os.path.join(workdir, "model.stablehlo"))
+  with pytest.raises(AssertionError, match="again"):
+    pipeline.run(tiny.tiny_config(), workdir)
+  assert pipeline.finished_report(config_lib.resolve(tiny.tiny_config()), workdir) is None

@@ -307,6 +307,37 @@ def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
   return fn, entry
 
 
+def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The report of ``workdir`` when it holds a finished run of ``cfg`` (resolved): the
+  same config in report.json, and every file that report and the installed exporters
+  call for present; else None."""
+  import json
+  path = os.path.join(workdir, "report.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      report = json.load(f)
+  except ValueError:
+    return None
+  if report.get("config") != json.loads(cfg.to_json_best_effort()):
+    return None
+  forms, ec = report.get("forms", {}), cfg.export
+  files = []
+  if cfg.quant.method != "none":
+    files += ["model.packed", "model.stablehlo"]
+    for form, switch, available in (("onnx", ec.onnx, config_lib.onnx_available),
+                                    ("coreml", ec.coreml, config_lib.coreml_available)):
+      wanted = switch == "on" or (switch == "auto" and available())
+      if wanted != (form in forms):
+        return None  # an exporter installed or removed since: export again
+      if form in forms and "error" not in forms[form]:
+        files.append("model.onnx" if form == "onnx" else "model.mlpackage")
+  if not all(os.path.exists(os.path.join(workdir, f)) for f in files):
+    return None
+  return report
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
         discard_stale: bool = False) -> dict:
   """Runs every enabled stage and returns the report dict (all processes; process 0 writes).
@@ -321,6 +352,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: Any = None,
     raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
                      "are supported for the workdir")
   primary = jax.process_index() == 0
+  done = finished_report(cfg, workdir) if jax.process_count() == 1 else None
+  if done is not None:
+    logging.info("%s holds a finished run of this config; its report (nothing trained, "
+                 "evaluated or exported again; delete report.json to redo the run's end):\n%s",
+                 workdir, report_lib.markdown(done))
+    return done
   trained = ("fp",) * (cfg.fp.enabled and not cfg.init_from) + \
       ("qat",) * (cfg.quant.method != "none" and cfg.qat.enabled)
   new_workdir = not os.path.exists(workdir)
