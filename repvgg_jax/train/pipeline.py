@@ -431,14 +431,17 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
       variables = template
     state = sharding.replicate(create_train_state(model, variables, cfg.fp), mesh)
   if cfg.eval_fp_forms:
+    logging.info("evaluating the train-form FP network on the test split")
     forms["fp"] = {"accuracy": steps.evaluate(eval_plain, state, eval_loader, mesh)}
   timings["fp"] = stages.stop("fp")
   del state
 
   # Stage 2: merge (pure) and evaluate the single-conv network.
+  logging.info("merging the branches into one 3x3 conv per block")
   merged = jax.device_get(repvgg_jax.merge(variables))
   forms["merged"] = {"size_bytes": report_lib._param_bytes(merged["params"])}
   if cfg.eval_fp_forms:
+    logging.info("evaluating the merged FP network on the test split")
     merged_state = sharding.replicate(create_train_state(deploy_model, merged, cfg.qat), mesh)
     forms["merged"]["accuracy"] = steps.evaluate(eval_plain, merged_state, eval_loader, mesh)
     del merged_state
@@ -454,8 +457,13 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     q = weight_quantizer(qc, {p: l["bits"] for p, l in (allocation or {"layers": {}})["layers"]
                               .items()})
     qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
+    logging.info("fitting the %s %s-bit weight quantizer of %d kernels", qc.method,
+                 qc.bits if allocation is None else allocation["mean_bits"],
+                 len(q.kernels(merged["params"])))
     quant = init_codebooks(q, merged["params"])
     if qc.act_bits:
+      logging.info("calibrating %d-bit activation steps (%s) on %d training batches",
+                   qc.act_bits, qc.act_calibration, qc.calib_batches)
       quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
     state = create_train_state(qmodel, merged, cfg.qat, quant=quant)
     eval_qat = steps.make_eval_step(mesh, q, pixel_stats=pixels)
@@ -478,6 +486,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
     if allocation is not None:
       bits["weight_bits"] = allocation["mean_bits"]
+    logging.info("evaluating the fake-quant network on the test split")
     forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh), **bits}
     timings["qat"] = stages.stop("qat")
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
