@@ -162,6 +162,17 @@ def test_a_failed_write_leaves_the_old_package_whole(tmp_path, monkeypatch):
   _assert_luts_decode_to_the_packed_kernels(new, path)
 
 
+def test_gray_batch_input_is_tiled_to_rgb_inside(tmp_path):
+  packed = tiny_packed("cluster", bits=4)
+  path = tmp_path / "model.mlpackage"
+  export_coreml(packed, path, batch_size=4, channels=1)
+  spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+  (inp,) = spec.description.input
+  assert list(inp.type.multiArrayType.shape) == [4, 32, 32, 1]
+  ops, _ = _read_back(path)
+  assert [int(r) for r in ops["images_rgb"].reps.val] == [1, 1, 1, 3]
+
+
 def test_bad_arguments_are_named(tmp_path):
   packed = tiny_packed("cluster", bits=4)
   with pytest.raises(ValueError, match="model.onnx' must end in '.mlpackage'"):

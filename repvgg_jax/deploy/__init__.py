@@ -3,7 +3,8 @@
 * ``calibration``: :func:`calibrate`, activation steps of a deploy model with ``act_bits``
   from a few batches (min-max, percentile or MSE).
 * ``runtime``: :func:`describe` (what the packed file records about its network, so that
-  :func:`load_packed` needs no config), :func:`normalize_images` and :func:`forward_fn`
+  :func:`load_packed` needs no config), :func:`normalize_images`, :func:`apply_fn` (on
+  decoded variables) and :func:`forward_fn`
   (uint8 NHWC images -> float32 logits: decode, normalize, deploy forward).
 * ``model``: :func:`load_packed` -> :class:`DeployedModel`, callable on uint8 images.
 * ``integer``: :func:`integer_forward_fn`, the same network as int8 x int8 -> int32
