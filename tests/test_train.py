@@ -138,23 +138,17 @@ def test_validate_names_bad_export_fields(changes, needle):
     config_lib.validate(cfg)
 
 
-def test_validate_onnx_on_needs_onnxruntime(monkeypatch):
+@pytest.mark.parametrize("field,probe,needle", [
+    ("onnx", "onnx_available", "export.onnx='on' needs onnx and onnxruntime"),
+    ("coreml", "coreml_available", "export.coreml='on' needs coremltools"),
+])
+def test_validate_export_on_needs_its_packages(monkeypatch, field, probe, needle):
   cfg = tiny.tiny_config()
-  cfg.export.onnx = "on"
-  monkeypatch.setattr(config_lib, "onnx_available", lambda: False)
-  with pytest.raises(ValueError, match=re.escape("export.onnx='on' needs onnx and onnxruntime")):
+  cfg.export[field] = "on"
+  monkeypatch.setattr(config_lib, probe, lambda: False)
+  with pytest.raises(ValueError, match=re.escape(needle)):
     config_lib.validate(cfg)
-  cfg.export.onnx = "auto"
-  config_lib.validate(cfg)
-
-
-def test_validate_coreml_on_needs_coremltools(monkeypatch):
-  cfg = tiny.tiny_config()
-  cfg.export.coreml = "on"
-  monkeypatch.setattr(config_lib, "coreml_available", lambda: False)
-  with pytest.raises(ValueError, match=re.escape("export.coreml='on' needs coremltools")):
-    config_lib.validate(cfg)
-  cfg.export.coreml = "auto"
+  cfg.export[field] = "auto"
   config_lib.validate(cfg)
 
 

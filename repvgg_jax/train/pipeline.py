@@ -159,8 +159,8 @@ def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_cl
     q = weight_quantizer(cfg.quant)
     costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
     bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
-    flat = {p: w for p, w in q.kernels(params).items()}
-    n = {p: int(np.prod(np.shape(flat[p]))) for p in plan.free}
+    kernels = q.kernels(params)
+    n = {p: int(np.prod(np.shape(kernels[p]))) for p in plan.free}
     entry = {"sensitivity": b.sensitivity, "budget_bytes": plan.budget + plan.fixed_bytes,
              "kernel_bytes": plan.total(bits_of),
              # The block layers' mean index bits per weight.
