@@ -106,6 +106,15 @@ def apply_recipe() -> None:
       flags.FLAGS[name].value = value
 
 
+def _in_repo(arg: str) -> str:
+  """A command-line argument as the ledger records it: a path (or ``--flag=path``) inside
+  the repository relative to it, so the committed commands name no machine's folders."""
+  flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+  if os.path.isabs(value) and not os.path.relpath(value, ROOT).startswith(".."):
+    value = os.path.relpath(value, ROOT)
+  return flag + eq + value
+
+
 def flag_settings() -> dict:
   """The study settings of this invocation's flags."""
   try:
@@ -218,7 +227,8 @@ def main(argv):
           raise app.UsageError(f"--regimes: {e}") from None
         ledger = {**ledger, "settings": {**ledger["settings"], "regimes": _REGIMES.value}}
     else:
-      command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+      command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
+                                       + [_in_repo(a) for a in sys.argv[1:]])
       settings = flag_settings()
       study_ledger.load(ledger_path, settings)  # refuses other settings before any row runs
       study = sr.load_study(workdir, settings, command)

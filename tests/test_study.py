@@ -153,7 +153,6 @@ def test_time_left_from_median_seconds_per_kind(tmp_path):
 
 
 def test_convergence_and_final_train_loss_read_the_fp_curves(tmp_path):
-  workdir = str(tmp_path)
   for seed, accs in ((0, (0.5, 0.8, 0.9)), (1, (0.5, 0.7, 0.8))):
     d = tmp_path / f"fp_bn_s{seed}"
     d.mkdir()
@@ -415,3 +414,12 @@ def test_fp_curves_figure_is_drawn_from_the_ledger_curves(tmp_path):
   assert os.path.getsize(path) > 0
   assert not study_report.plot_fp_curves({}, ("bn",), 1, str(tmp_path / "none.png"))
   assert not os.path.exists(tmp_path / "none.png")
+
+
+def test_recorded_commands_name_repository_paths_relative_to_it():
+  from benchmarks import study
+  inside = os.path.join(study.ROOT, "runs", "study_x")
+  assert study._in_repo(inside) == os.path.join("runs", "study_x")
+  assert study._in_repo(f"--workdir={inside}") == "--workdir=" + os.path.join("runs", "study_x")
+  outside = os.path.join(os.path.dirname(study.ROOT), "elsewhere")
+  assert study._in_repo(outside) == outside and study._in_repo("--seeds=3") == "--seeds=3"
