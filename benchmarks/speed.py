@@ -212,7 +212,7 @@ def calibrate_bn(model, variables: dict, images: jax.Array, passes: int = 50) ->
   diverges within a step; calibrated, it starts like a trained one.
   """
   def body(_, stats):
-    _, upd = model.apply({"params": variables["params"], "batch_stats": stats}, images,
+    _, upd = model.apply({**variables, "batch_stats": stats}, images,
                          train=True, mutable=["batch_stats"])
     return upd["batch_stats"]
   stats = jax.jit(lambda s: jax.lax.fori_loop(0, passes, body, s))(variables["batch_stats"])

@@ -6,7 +6,7 @@ from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 from repvgg_jax.quant import export, make_quantizer, quantize
 from repvgg_jax.deploy import (DeployedModel, calibrate, describe, export_coreml, export_onnx,
                                export_stablehlo, load_packed)
-from repvgg_jax import convert  # PyTorch checkpoints; torch is imported lazily
+from repvgg_jax import convert  # noqa: F401  (PyTorch checkpoints; torch is imported lazily)
 
 __version__ = "0.1.0"
 

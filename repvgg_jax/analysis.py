@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax import reparam
-from repvgg_jax.reparam import BRANCHES, block_branches, merge
+from repvgg_jax.reparam import BRANCHES, block_branches, merge, norm_state
 
 STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
@@ -166,7 +166,7 @@ def channel_outliers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.nda
   at most ``sqrt(9 * Cin/groups)`` (one non-zero weight).
 
   Args:
-    variables: train-form ``{"params", "batch_stats"}`` (BN or OABN) or
+    variables: train-form ``{"params", "batch_stats", "settings"}`` (BN or OABN) or
       deploy-form ``{"params"}`` variables of a RepVGG.
   Returns:
     ``{layer: {...}}`` with layer names as in :func:`merged_kernels`:
@@ -203,7 +203,7 @@ def channel_outliers(variables: Mapping[str, Any]) -> dict[str, dict[str, np.nda
       else:
         walk(sub, sub_stats, path + (name,))
 
-  walk(variables["params"], variables["batch_stats"], ("params",))
+  walk(variables["params"], norm_state(variables), ("params",))
   return {k: out[k] for k in sorted(out, key=_layer_order)}
 
 

@@ -27,16 +27,18 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS, branch_bound, scale_shift
+from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS, branch_bound, scale_shift
 
 # Same as PyTorch's BatchNorm2d default; the models are built with it.
 BN_EPSILON = 1e-5
 BLOCK_KEYS = frozenset({"conv_kxk", "conv_1x1", "identity", "post_bn", "se"})
 _STATS_KEYS = frozenset({"mean", "var", *BOUND_KEYS})
-# A QARepVGG block's identity branch: a constant gain, recorded in its batch_stats.
+# A QARepVGG block's identity branch: a constant gain, recorded in its settings.
 IDENTITY_GAIN = "identity_gain"
-# Block-level batch_stats entries that are settings, not a sub-layer's statistics.
+# Block-level entries that are settings, not a sub-layer's statistics.
 _BLOCK_RECORDS = frozenset({*BRANCH_KEYS, IDENTITY_GAIN})
+# Every entry name of the settings collection.
+SETTING_KEYS = frozenset({*BOUND_KEYS, *_BLOCK_RECORDS})
 BRANCHES = ("3x3", "1x1", "identity")
 
 
@@ -114,7 +116,8 @@ def block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
     params: the block's params (RepVGG: ``conv_kxk``, ``conv_1x1``, optional
       ``identity``; QARepVGG: ``conv_kxk``, ``conv_1x1`` (a bare conv),
       ``post_bn``; ``se`` is ignored here).
-    stats: the block's ``batch_stats``.
+    stats: the block's ``batch_stats`` with its ``settings`` laid over them
+      (:func:`norm_state`).
     path: where the block sits, for error messages.
   Returns:
     ``{"3x3": (kernel, bias), "1x1": ..., "identity": ...}`` (no ``identity``
@@ -212,12 +215,27 @@ def _merge_tree(params: Mapping[str, Any], stats: Mapping[str, Any],
   return out
 
 
+def _overlay(stats: Any, settings: Any) -> Any:
+  if not isinstance(settings, Mapping):
+    return settings
+  stats = stats if isinstance(stats, Mapping) else {}
+  return {**stats, **{k: _overlay(stats.get(k), v) for k, v in settings.items()}}
+
+
+def norm_state(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """What the merge reads besides ``params``: ``batch_stats`` (running means and
+  variances) with the ``settings`` collection (OABN bounds, QARepVGG identity gains)
+  laid over it, one tree. Variables saved before the settings had a collection of
+  their own hold them inside ``batch_stats``, and read the same."""
+  return _overlay(dict(variables.get("batch_stats", {})), dict(variables.get(SETTINGS, {})))
+
+
 def merge(variables: Mapping[str, Any]) -> dict[str, Any]:
   """Train-form variables -> deploy-form variables (pure, jit-able).
 
   Args:
-    variables: ``{"params": ..., "batch_stats": ...}`` of a train-form
-      RepVGG (BN or OABN).
+    variables: ``{"params": ..., "batch_stats": ..., "settings": ...}`` of a
+      train-form RepVGG (BN or OABN; ``settings`` where the model records any).
   Returns:
     ``{"params": ...}`` for ``create_model(name, deploy=True)`` with the same
     name and options. Deploy-form input passes through unchanged.
@@ -228,10 +246,11 @@ def merge(variables: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError("merge: expected a variables dict with a 'params' collection, got "
                      f"{type(variables).__name__} with keys "
                      f"{sorted(variables) if isinstance(variables, Mapping) else None}")
-  odd = sorted(set(variables) - {"params", "batch_stats"})
+  odd = sorted(set(variables) - {"params", "batch_stats", SETTINGS})
   if odd:
-    raise ValueError(f"merge: unexpected collection(s) {odd}; expected params, batch_stats")
-  return _merge_jit(dict(variables))
+    raise ValueError(f"merge: unexpected collection(s) {odd}; expected params, batch_stats, "
+                     f"{SETTINGS}")
+  return _merge_jit({"params": variables["params"], "stats": norm_state(variables)})
 
 
 @jax.jit
@@ -239,5 +258,4 @@ def _merge_jit(variables: dict[str, Any]) -> dict[str, Any]:
   # One compiled program per model, called eagerly or traced into the caller's jit: op by
   # op the merge of A0 is a few hundred tiny compilations in every new process. The
   # checks of _merge_tree read structure and shapes only, so they raise while tracing.
-  return {"params": _merge_tree(variables["params"], variables.get("batch_stats", {}),
-                                ("params",))}
+  return {"params": _merge_tree(variables["params"], variables["stats"], ("params",))}

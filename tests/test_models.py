@@ -151,9 +151,10 @@ def test_qarepvgg_blocks_have_one_bn_after_the_sum(cifar_stem):
   model = rv.create_model("RepVGG-A0", num_classes=10, block="qarepvgg", cifar_stem=cifar_stem)
   v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   for name in ("stem", "stages_0_0", "stages_0_1"):
-    p, s = v["params"][name], v["batch_stats"][name]
+    p, s = v["params"][name], v.get("settings", {}).get(name, {})
     assert set(p) == {"conv_kxk", "conv_1x1", "post_bn"}, name
     assert set(p["conv_1x1"]) == {"kernel"} and set(p["conv_kxk"]) == {"conv", "bn"}
+    assert "identity_gain" not in v["batch_stats"][name]
     assert ("identity_gain" in s) == (name == "stages_0_1" or (cifar_stem and name == "stages_0_0"))
   deploy = rv.create_model("RepVGG-A0", num_classes=10, block="qarepvgg", deploy=True)
   plain = rv.create_model("RepVGG-A0", num_classes=10, deploy=True)

@@ -60,8 +60,7 @@ def test_bound_holds_in_train_and_eval(mode, relative, tau):
   layer = OABN(bound=mode, tau=tau, relative=relative)
   v = layer.init(jax.random.key(0), x, use_running_average=True)
   # Running stats that mirror a batch: two channels of tiny variance.
-  v = {"params": v["params"],
-       "batch_stats": {**v["batch_stats"], "mean": x.mean((0, 1, 2)), "var": x.var((0, 1, 2))}}
+  v = {**v, "batch_stats": {"mean": x.mean((0, 1, 2)), "var": x.var((0, 1, 2))}}
   raw = 1.0 / np.sqrt(np.asarray(x.var((0, 1, 2))) + 1e-5)
   limit = tau * np.median(raw) if relative else tau
   for train in (True, False):
@@ -86,15 +85,15 @@ def test_oabn_equals_flax_batchnorm_when_bound_is_inactive():
     chex.assert_trees_all_close(so["batch_stats"]["mean"], sb["batch_stats"]["mean"], atol=1e-6)
 
 
-def test_attributes_drive_the_forward_and_batch_stats_record_them():
+def test_attributes_drive_the_forward_and_settings_record_them():
   x = _inputs_with_dead_channels()
   layer = OABN(bound="clip", tau=1.0, relative=False)
   v = layer.init(jax.random.key(0), x, use_running_average=False)
-  assert set(v["batch_stats"]) == {"mean", "var", "tau", "relative", "smooth"}
-  assert (float(v["batch_stats"]["tau"]), bool(v["batch_stats"]["relative"]),
-          bool(v["batch_stats"]["smooth"])) == (1.0, False, False)
+  assert set(v["batch_stats"]) == {"mean", "var"}  # running statistics only
+  assert (float(v["settings"]["tau"]), bool(v["settings"]["relative"]),
+          bool(v["settings"]["smooth"])) == (1.0, False, False)
   y, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
-  v["batch_stats"]["tau"] = jnp.float32(1e6)  # an edited record does not loosen the bound
+  v["settings"]["tau"] = jnp.float32(1e6)  # an edited record does not loosen the bound
   y_edited, _ = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   chex.assert_trees_all_equal(y, y_edited)
   assert float(jnp.abs(y[..., 0]).max()) < 1.0 + 1e-6  # |s| <= 1 on a ~constant channel
@@ -104,7 +103,7 @@ def test_branch_form_layer_records_nothing_and_hands_out_raw_scales():
   x = _inputs_with_dead_channels()
   layer = OABN(form="branch", tau=1.0)
   v = layer.init(jax.random.key(0), x, use_running_average=True)
-  assert set(v["batch_stats"]) == {"mean", "var"}
+  assert set(v) == {"params", "batch_stats"} and set(v["batch_stats"]) == {"mean", "var"}
   centred, s, beta = layer.apply(v, x, use_running_average=True, raw=True)
   chex.assert_trees_all_close(s, v["params"]["scale"] / jnp.sqrt(v["batch_stats"]["var"] + 1e-5))
   chex.assert_trees_all_close(centred, x - v["batch_stats"]["mean"])
@@ -173,13 +172,13 @@ def test_branch_form_bounds_every_merged_channel_and_merges_exactly():
   model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="branch", oabn_tau=tau)
   v = random_variables(model, x, tiny_var_channels=2)
   _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])  # the train-form forward runs
-  v = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+  v = {**v, "batch_stats": upd["batch_stats"]}
   deploy = RepVGG(net, num_classes=5, deploy=True)
   assert rel_err(model.apply(v, x), deploy.apply(rv.merge(v), x)) <= 1e-5
   for name, p in v["params"].items():
     if "conv_kxk" not in p:
       continue
-    parts = rv.reparam.block_branches(p, v["batch_stats"][name])
+    parts = rv.reparam.block_branches(p, rv.reparam.norm_state(v)[name])
     extra = parts["1x1"][0] + (parts["identity"][0] if "identity" in parts else 0.0)
     k3 = parts["3x3"][0].reshape(-1, extra.shape[-1])
     r3 = np.sqrt(np.mean(np.asarray(k3) ** 2, axis=0))
@@ -204,7 +203,7 @@ def test_check_settings_names_the_stored_and_the_configured_value():
     check_settings(RepVGG(net, num_classes=3), v)
   branch = RepVGG(net, num_classes=3, norm="oabn", oabn_form="branch", oabn_tau=3.0)
   with pytest.raises(ValueError, match=r"records \['bound_smooth', 'bound_tau'\] in "
-                                       r"batch_stats but the variables have none"):
+                                       r"settings but the variables have none"):
     check_settings(branch, v)
   vb = random_variables(branch, x)
   check_settings(branch, vb)
@@ -223,7 +222,7 @@ def test_gradients_flow_through_the_bound(mode):
   target = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
 
   def loss(params):
-    y, _ = layer.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+    y, _ = layer.apply({**v, "params": params}, x,
                        use_running_average=False, mutable=["batch_stats"])
     return jnp.mean((y - target) ** 2)
 

@@ -52,11 +52,11 @@ def test_a_gradient_step_on_the_penalty_reduces_the_outliers(name):
   v = _variables()
   f = jax.jit(penalties.make_penalty(name))  # jitted, as in the train step
   before = f(v)
-  g = jax.jit(jax.grad(lambda p: f({"params": p, "batch_stats": v["batch_stats"]})))(v["params"])
+  g = jax.jit(jax.grad(lambda p: f({**v, "params": p})))(v["params"])
   norm = float(optax.tree_utils.tree_norm(g))
   assert np.isfinite(norm) and norm > 0
   params = jax.tree.map(lambda p, d: p - 1e-2 * d / norm, v["params"], g)
-  after = f({"params": params, "batch_stats": v["batch_stats"]})
+  after = f({**v, "params": params})
   assert float(after) < float(before)
 
 

@@ -365,7 +365,7 @@ def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
     load_variables(path, other)
   bn = cfg.model.copy_and_resolve_references()
   bn.norm = "bn"
-  with pytest.raises(ValueError, match="unexpected batch_stats/stem/bound_tau"):
+  with pytest.raises(ValueError, match="unexpected settings/stem/bound_tau"):
     load_variables(path, shapes(build_model(bn, 10, deploy=False)))
 
 

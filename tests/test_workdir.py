@@ -73,7 +73,7 @@ def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(ti
   cfg = tiny.tiny_config()
   cfg.model.norm = "bn"
   with pytest.raises(ValueError, match=r"checkpoints in .*/fp are of another model than the "
-                                       r"configured one \(10 keys differ: unexpected batch_stats/"
+                                       r"configured one \(10 keys differ: unexpected settings/"
                                        r"stages_0_0/bound_smooth; .*\(and 8 more\)\); pass a new "
                                        r"--workdir"):
     pipeline.run(cfg, dest)

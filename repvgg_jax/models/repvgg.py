@@ -12,7 +12,7 @@ Layout: inputs NHWC, kernels HWIO. Parameter tree (train form)::
 
 QARepVGG blocks (``block="qarepvgg"``) hold ``conv_kxk/{conv,bn}``,
 ``conv_1x1/kernel`` (a bare conv) and ``post_bn`` (the BN after the sum), and
-record ``batch_stats/<block>/identity_gain`` where the block has an identity.
+record ``settings/<block>/identity_gain`` where the block has an identity.
 
 Deploy form: each block is ``reparam_conv/{kernel,bias}`` (+ ``se``); see
 :func:`repvgg_jax.merge`. Names follow timm's roles (``conv_kxk``,
@@ -31,7 +31,8 @@ import flax.linen as nn
 
 from repvgg_jax.nn import conv as conv_lib
 from repvgg_jax.nn.act_quant import ActQuant
-from repvgg_jax.nn.oabn import BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, branch_bound
+from repvgg_jax.nn.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
+                                branch_bound)
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
@@ -174,7 +175,7 @@ class RepVGGBlock(nn.Module):
           self.conv_impl)(x)
       if has_id:
         # The identity's gain, recorded for merge (which cannot see strides).
-        self.variable("batch_stats", IDENTITY_GAIN, lambda: jnp.float32(1.0))
+        self.variable(SETTINGS, IDENTITY_GAIN, lambda: jnp.float32(1.0))
         y = y + x
       return self.norm(name="post_bn")(y, use_running_average=not train)
     if self.branch_bound is None:
@@ -184,7 +185,7 @@ class RepVGGBlock(nn.Module):
       return y
     tau, smooth = self.branch_bound
     for k, v in zip(BRANCH_KEYS, (jnp.float32(tau), jnp.bool_(smooth))):
-      self.variable("batch_stats", k, lambda v=v: v)
+      self.variable(SETTINGS, k, lambda v=v: v)
     z3, s3, b3, k3 = branch(3, name="conv_kxk")(x, train, raw=True)
     z1, s1, b1, k1 = branch(1, name="conv_1x1")(x, train, raw=True)
     zi = si = bi = None

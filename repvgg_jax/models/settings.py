@@ -1,5 +1,6 @@
-"""The settings a train-form RepVGG records in its ``batch_stats`` (OABN bounds,
-QARepVGG identity gains), and the check that variables agree with a model's.
+"""The settings a train-form RepVGG records in its ``settings`` collection (OABN
+bounds, QARepVGG identity gains), the check that variables agree with a model's, and
+the reading of variables saved before the settings had a collection of their own.
 
 The forward pass uses the model's attributes (the config); :func:`repvgg_jax.merge`
 reads the recorded copy, so the two must agree for a checkpoint to merge into the
@@ -13,12 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS
-from repvgg_jax.reparam import IDENTITY_GAIN
+from repvgg_jax.nn.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS
+from repvgg_jax.reparam import IDENTITY_GAIN, SETTING_KEYS, norm_state
 
 
 def expected_records(model: RepVGG) -> dict[str, Any]:
-  """The settings a train-form ``model`` records in its ``batch_stats`` (OABN
+  """The settings a train-form ``model`` records in its ``settings`` (OABN
   bounds, QARepVGG identity gains), per entry name, as :func:`check_settings` compares them."""
   out = {}
   if model.norm == "oabn" and model.oabn_form == "median":
@@ -35,7 +36,8 @@ def check_settings(model: RepVGG, variables: Any) -> None:
   by a model whose norm/bound settings differ from ``model``'s.
 
   The forward pass uses ``model``'s attributes while :func:`repvgg_jax.merge`
-  reads the settings recorded in ``batch_stats``: they must agree. The error
+  reads the settings recorded in ``settings`` (or, in variables saved before that
+  collection, in ``batch_stats``): they must agree. The error
   names each disagreeing entry with the stored and the configured value.
   Deploy-form ``model``s (no ``batch_stats``) pass.
   """
@@ -49,13 +51,15 @@ def check_settings(model: RepVGG, variables: Any) -> None:
     for k, v in tree.items():
       if isinstance(v, Mapping):
         walk(v, path + (k,))
-      elif k in (*BOUND_KEYS, *BRANCH_KEYS, IDENTITY_GAIN):
+      elif k in SETTING_KEYS:
         found.add(k)
         stored = np.asarray(v).item()
         if k not in want or not np.isclose(stored, want[k]):
-          bad.setdefault((k, stored), []).append("/".join(("batch_stats",) + path + (k,)))
+          bad.setdefault((k, stored), []).append("/".join(path + (k,)))
 
-  walk(variables.get("batch_stats", {}) if isinstance(variables, Mapping) else {}, ())
+  if isinstance(variables, Mapping):
+    for collection in ("batch_stats", SETTINGS):
+      walk(variables.get(collection, {}), (collection,))
   problems = []
   for (k, stored), paths in bad.items():
     where = f"{paths[0]}={stored!r}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1
@@ -64,11 +68,50 @@ def check_settings(model: RepVGG, variables: Any) -> None:
                     else f"{where} but the model ({_describe(model)}) has no such setting")
   missing = sorted(set(want) - found)
   if missing:
-    problems.append(f"the model ({_describe(model)}) records {missing} in batch_stats but the "
+    problems.append(f"the model ({_describe(model)}) records {missing} in {SETTINGS} but the "
                     "variables have none")
   if problems:
     raise ValueError("variables made with other norm settings than the model's: "
                      + "; ".join(problems))
+
+
+def split_settings(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """``variables`` with every setting (:data:`repvgg_jax.reparam.SETTING_KEYS`) found in
+  ``batch_stats`` moved to the ``settings`` collection, at the same path: the layout of
+  variables saved before the settings had a collection of their own, read as today's.
+  Variables in today's layout come back as they are (as plain dicts)."""
+  def split(tree: Mapping[str, Any]) -> tuple[dict, dict]:
+    stats, found = {}, {}
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        sub_stats, sub_found = split(v)
+        stats[k] = sub_stats
+        if sub_found:
+          found[k] = sub_found
+      elif k in SETTING_KEYS:
+        found[k] = v
+      else:
+        stats[k] = v
+    return stats, found
+
+  out = dict(variables)
+  if "batch_stats" in out:
+    out["batch_stats"], found = split(out["batch_stats"])
+    if found and out.get(SETTINGS):
+      raise ValueError(f"variables hold settings both in batch_stats and in {SETTINGS}")
+    if found:
+      out[SETTINGS] = found
+  return out
+
+
+def join_settings(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of :func:`split_settings`: ``settings`` laid back into
+  ``batch_stats`` (the old layout; how a checkpoint written before the change is
+  matched against today's state)."""
+  out = {k: v for k, v in variables.items() if k != SETTINGS}
+  if variables.get(SETTINGS):
+    out["batch_stats"] = norm_state(variables)
+  return out
 
 
 def _describe(model: RepVGG) -> str:

@@ -25,11 +25,13 @@ Thresholds are taken under ``stop_gradient``: they are set by the weights,
 not trained. The same functions run in the training forward pass (batch
 statistics), in eval and in :func:`repvgg_jax.merge` (running statistics), so
 the merge is exact. The settings come from the module's attributes (the model
-config); a copy is stored in ``batch_stats`` (``tau``, ``relative``,
+config); a copy is stored in the ``settings`` collection (``tau``, ``relative``,
 ``smooth`` per BN for ``median``; ``bound_tau``, ``bound_smooth`` per block for
 ``branch``) so that a checkpoint alone merges, and
 :func:`repvgg_jax.models.settings.check_settings` refuses variables whose copy
-disagrees with the model.
+disagrees with the model. They are constants, not statistics: ``batch_stats``
+holds only the running means and variances, so nothing that averages, EMAs or
+syncs statistics touches them.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ BOUNDS = ("clip", "tanh")
 FORMS = ("median", "branch")
 # The tau a model uses when none is given, per form (docs/oabn.md: the study's choices).
 DEFAULT_TAU = {"median": 4.0, "branch": 3.0}
-# Keys OABN adds to flax.linen.BatchNorm's batch_stats ("mean", "var") with form="median".
+# The collection of constants a train-form model records for merge (never trained, never
+# averaged): the bounds' settings, the QARepVGG identity gain.
+SETTINGS = "settings"
+# Keys an OABN with form="median" keeps in its settings.
 BOUND_KEYS = ("tau", "relative", "smooth")
-# Keys a block with form="branch" keeps in its own batch_stats.
+# Keys a block with form="branch" keeps in its own settings.
 BRANCH_KEYS = ("bound_tau", "bound_smooth")
 
 
@@ -143,7 +148,7 @@ class OABN(nn.Module):
 
   Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}`` as in
   :class:`flax.linen.BatchNorm`; with ``form="median"`` also
-  ``batch_stats/{tau,relative,smooth}``, scalars recording the bound's
+  ``settings/{tau,relative,smooth}``, scalars recording the bound's
   settings for :func:`repvgg_jax.merge` (the forward pass uses the attributes).
 
   Attributes:
@@ -204,7 +209,7 @@ class OABN(nn.Module):
     if self.form == "median":
       settings = self.settings()
       for k, v in settings.items():
-        self.variable("batch_stats", k, lambda v=v: v)
+        self.variable(SETTINGS, k, lambda v=v: v)
 
     x32 = x.astype(jnp.float32)
     if use_running_average:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax.quant.levels import decode, nearest_index, nearest_level
+from repvgg_jax.quant.levels import decode, nearest_index, nearest_level  # noqa: F401 (decode: re-exported)
 
 
 def check_codebook(w, codebook) -> int:

@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from repvgg_jax.models.settings import join_settings, split_settings
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -35,6 +37,12 @@ def _registry() -> Any:
     registry.add(name, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
     registry.add(name, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
   return registry
+
+
+def _keys(tree: Any) -> set[str]:
+  """The ``a/b/c`` paths of a state dict's leaves (or of orbax's metadata tree)."""
+  return {"/".join(map(str, k)) for k in flax.traverse_util.flatten_dict(
+      tree, is_leaf=lambda _, v: not isinstance(v, dict))}
 
 
 def _abstract(x: Any) -> Any:
@@ -84,6 +92,13 @@ class StageCheckpoints:
     shardings; numpy leaves are restored as numpy.
     """
     target = jax.tree_util.tree_map(_abstract, flax.serialization.to_state_dict(state))
+    # A checkpoint written before the settings had a collection of their own holds them
+    # in batch_stats: read it in that layout, then move them (models/settings.py).
+    legacy = join_settings(target)
+    legacy = legacy if _keys(legacy) != _keys(target) and self._saved_keys() == _keys(
+        legacy) else None
+    if legacy is not None:
+      target = legacy
 
     def args(step: int) -> Any:
       items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
@@ -99,20 +114,22 @@ class StageCheckpoints:
         raise ValueError(mismatch) from e
       raise
     meta = out["meta"] if self._has_item(step, "meta") else {}
-    return flax.serialization.from_state_dict(state, out["state"]), out["data"], meta or {}
+    restored = split_settings(out["state"]) if legacy is not None else out["state"]
+    return flax.serialization.from_state_dict(state, restored), out["data"], meta or {}
+
+  def _saved_keys(self) -> set[str] | None:
+    """The leaf paths of the latest checkpoint's state, or None when unreadable."""
+    try:
+      return _keys(self.manager.item_metadata(self.latest_step())["state"].tree)
+    except Exception:  # damaged metadata, or none: the restore error says more
+      return None
 
   def _tree_mismatch(self, target: Any) -> str | None:
     """A short message naming the keys by which the latest checkpoint's state differs
     from ``target`` (another model's checkpoint), or None when they agree or the
     checkpoint's metadata cannot be read."""
-    try:
-      saved = self.manager.item_metadata(self.latest_step())["state"].tree
-    except Exception:  # damaged metadata: the restore error says more
-      return None
-    keys = lambda tree: {"/".join(map(str, k)) for k in flax.traverse_util.flatten_dict(
-        tree, is_leaf=lambda _, v: not isinstance(v, dict))}
-    have, want = keys(saved), keys(target)
-    if have == want:
+    have, want = self._saved_keys(), _keys(target)
+    if have is None or have == want:
       return None
     missing = [f"missing {k}" for k in sorted(want - have)]
     unexpected = [f"unexpected {k}" for k in sorted(have - want)]

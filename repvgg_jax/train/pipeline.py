@@ -27,7 +27,8 @@ from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
-from repvgg_jax.models.settings import check_settings
+from repvgg_jax.models.settings import check_settings, split_settings
+from repvgg_jax.nn.oabn import SETTINGS
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
 from repvgg_jax.train.writers import create_writer
@@ -80,7 +81,8 @@ def load_variables(path: str, template: dict) -> dict:
       raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
     state_dict = ckpt.restore_host()
     ckpt.close()
-    loaded = {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
+    loaded = {k: state_dict[k] for k in ("params", "batch_stats", SETTINGS) if k in state_dict}
+  loaded = split_settings(loaded)  # files saved before settings had their own collection
   want = traverse_util.flatten_dict(template, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
@@ -418,7 +420,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
         log_every=cfg.log_every, evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
-                 "batch_stats": sharding.to_host(state.batch_stats)}
+                 "batch_stats": sharding.to_host(state.batch_stats),
+                 SETTINGS: sharding.to_host(state.settings)}
   else:
     if cfg.init_from:
       variables = load_variables(cfg.init_from, template)

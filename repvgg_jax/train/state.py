@@ -12,19 +12,24 @@ import optax
 from flax.training import train_state
 
 from repvgg_jax.models.repvgg import RepVGG, Variant, create_model
+from repvgg_jax.nn.oabn import SETTINGS
 
 TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
 
 
 class TrainState(train_state.TrainState):
-  """Adds BN running statistics (FP stage) and the quantizer state (QAT stage).
+  """Adds BN running statistics and the model's recorded settings (FP stage) and the
+  quantizer state (QAT stage).
 
-  Either may be ``{}``: the merged network has no BN, the FP network no quantizer.
+  Any may be ``{}``: the merged network has no BN, the FP network no quantizer, a
+  plain-BN RepVGG no settings. ``settings`` are constants (OABN bounds, QARepVGG
+  identity gains): carried and checkpointed so a checkpoint alone merges, never updated.
   The optimizer updates ``{"params": params, "quant": quant}``: the learned
   steps in ``quant`` (LSQ weight steps, activation steps) train with the
   weights; codebooks get zero gradients (they are refitted by k-means).
   """
   batch_stats: Any = flax.core.FrozenDict()
+  settings: Any = flax.core.FrozenDict()
   quant: Any = flax.core.FrozenDict()
 
   @classmethod
@@ -121,4 +126,5 @@ def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: A
   quant = quant if quant is not None else {}
   return TrainState.create(apply_fn=model.apply, params=params,
                            tx=make_optimizer(stage_cfg, params, quant),
-                           batch_stats=dict(variables.get("batch_stats", {})), quant=quant)
+                           batch_stats=dict(variables.get("batch_stats", {})),
+                           settings=dict(variables.get(SETTINGS, {})), quant=quant)

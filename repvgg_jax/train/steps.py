@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from repvgg_jax.data.transforms import normalize
+from repvgg_jax.nn.oabn import SETTINGS
 from repvgg_jax.train import sharding
 from repvgg_jax.train.state import TrainState
 
@@ -40,7 +41,8 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
   and hands the model its activation steps (the ``quant`` collection)."""
   if quantizer is not None:
     params = quantizer.apply(params, quant)
-  variables = {"params": params, **({"quant": quant} if quant else {})}
+  variables = {"params": params, **({"quant": quant} if quant else {}),
+               **({SETTINGS: state.settings} if state.settings else {})}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
     if train:
@@ -59,7 +61,7 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   and BN batch statistics are over the global batch (cross-device BN for free).
   ``pixel_stats=(mean, std)`` (the loader's ``mean``/``std``): the batch holds uint8
   images, normalized inside the step. ``penalty=(f, weight)``: ``weight *
-  f({"params", "batch_stats"})`` is added to the loss (``repvgg_jax.penalties``; the
+  f({"params", "batch_stats", "settings"})`` is added to the loss (``repvgg_jax.penalties``; the
   latent params, before any quantizer). Metrics: ``loss`` (with the penalty) and
   ``accuracy`` (means over the batch), ``grad_norm``, ``penalty`` (unweighted, when
   there is one), all scalars, left on device.
@@ -72,7 +74,8 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       extra = {}
       if penalty is not None:
-        extra["penalty"] = penalty[0]({"params": params, "batch_stats": state.batch_stats})
+        extra["penalty"] = penalty[0]({"params": params, "batch_stats": state.batch_stats,
+                                       SETTINGS: state.settings})
         loss = loss + penalty[1] * extra["penalty"]
       return loss, (logits, new_stats, extra)
     (loss, (logits, new_stats, extra)), (grads, quant_grads) = jax.value_and_grad(
