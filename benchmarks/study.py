@@ -109,7 +109,8 @@ def apply_recipe() -> None:
 def _in_repo(arg: str) -> str:
   """A command-line argument as the ledger records it: a path (or ``--flag=path``) inside
   the repository relative to it, so the committed commands name no machine's folders."""
-  flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+  flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else (
+      "", "", arg)
   if os.path.isabs(value) and not os.path.relpath(value, ROOT).startswith(".."):
     value = os.path.relpath(value, ROOT)
   return flag + eq + value

@@ -95,9 +95,7 @@ class StageCheckpoints:
     # A checkpoint written before the settings had a collection of their own holds them
     # in batch_stats: read it in that layout, then move them (models/settings.py).
     legacy = join_settings(target)
-    legacy = legacy if _keys(legacy) != _keys(target) and self._saved_keys() == _keys(
-        legacy) else None
-    if legacy is not None:
+    if _keys(legacy) != _keys(target) and self._saved_keys() == _keys(legacy):
       target = legacy
 
     def args(step: int) -> Any:
@@ -114,8 +112,9 @@ class StageCheckpoints:
         raise ValueError(mismatch) from e
       raise
     meta = out["meta"] if self._has_item(step, "meta") else {}
-    restored = split_settings(out["state"]) if legacy is not None else out["state"]
-    return flax.serialization.from_state_dict(state, restored), out["data"], meta or {}
+    # split_settings leaves a state of today's layout as it is.
+    return (flax.serialization.from_state_dict(state, split_settings(out["state"])),
+            out["data"], meta or {})
 
   def _saved_keys(self) -> set[str] | None:
     """The leaf paths of the latest checkpoint's state, or None when unreadable."""
