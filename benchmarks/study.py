@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -104,16 +103,6 @@ def apply_recipe() -> None:
   for name, value in sr.RECIPES[_RECIPE.value].items():
     if not flags.FLAGS[name].present:
       flags.FLAGS[name].value = value
-
-
-def _in_repo(arg: str) -> str:
-  """A command-line argument as the ledger records it: a path (or ``--flag=path``) inside
-  the repository relative to it, so the committed commands name no machine's folders."""
-  flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else (
-      "", "", arg)
-  if os.path.isabs(value) and not os.path.relpath(value, ROOT).startswith(".."):
-    value = os.path.relpath(value, ROOT)
-  return flag + eq + value
 
 
 def flag_settings() -> dict:
@@ -228,8 +217,7 @@ def main(argv):
           raise app.UsageError(f"--regimes: {e}") from None
         ledger = {**ledger, "settings": {**ledger["settings"], "regimes": _REGIMES.value}}
     else:
-      command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
-                                       + [_in_repo(a) for a in sys.argv[1:]])
+      command = study_ledger.command(sys.argv)
       settings = flag_settings()
       study_ledger.load(ledger_path, settings)  # refuses other settings before any row runs
       study = sr.load_study(workdir, settings, command)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 
 import numpy as np
 
@@ -26,6 +27,23 @@ CURVES = ("fp/eval_accuracy", "fp/loss")  # the metrics.jsonl keys the report re
 ZERO_BITS = (2, 3, 4)  # bits and clippings of the zero-share table
 ZERO_CLIPS = ("minmax", "mse")
 _DIGITS = 6  # significant digits of the stored per-channel ratios
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def _in_repo(arg: str) -> str:
+  """A command-line argument as the ledger records it: a path (or ``--flag=path``) inside
+  the repository relative to it, so the committed commands name no machine's folders."""
+  flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else (
+      "", "", arg)
+  if os.path.isabs(value) and not os.path.relpath(value, ROOT).startswith(".."):
+    value = os.path.relpath(value, ROOT)
+  return flag + eq + value
+
+
+def command(argv: list[str]) -> str:
+  """The study's command line ``argv`` as the ledger records it (see ``_in_repo``)."""
+  return "python " + shlex.join([_in_repo(os.path.abspath(argv[0]))]
+                                + [_in_repo(a) for a in argv[1:]])
 
 
 def path_for(out: str) -> str:

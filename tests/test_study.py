@@ -417,9 +417,11 @@ def test_fp_curves_figure_is_drawn_from_the_ledger_curves(tmp_path):
 
 
 def test_recorded_commands_name_repository_paths_relative_to_it():
-  from benchmarks import study
-  inside = os.path.join(study.ROOT, "runs", "study_x")
-  assert study._in_repo(inside) == os.path.join("runs", "study_x")
-  assert study._in_repo(f"--workdir={inside}") == "--workdir=" + os.path.join("runs", "study_x")
-  outside = os.path.join(os.path.dirname(study.ROOT), "elsewhere")
-  assert study._in_repo(outside) == outside and study._in_repo("--seeds=3") == "--seeds=3"
+  root = study_ledger.ROOT
+  inside = os.path.join(root, "runs", "study_x")
+  outside = os.path.join(os.path.dirname(root), "elsewhere")
+  argv = [os.path.join(root, "benchmarks", "study.py"), inside, f"--workdir={inside}",
+          f"--out={outside}", "--seeds=3"]
+  assert study_ledger.command(argv) == (
+      f"python benchmarks/study.py runs/study_x --workdir=runs/study_x --out={outside} "
+      "--seeds=3")
