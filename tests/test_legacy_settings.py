@@ -74,24 +74,26 @@ def test_a_changed_setting_changes_the_merge():
   assert any(not np.allclose(got[k], want[k], rtol=1e-4) for k in want)
 
 
-def test_old_fp_checkpoint_resumes_and_initialises_qat(tmp_path):
+@pytest.mark.parametrize("form", ["oabn_branch", "bn"])  # bn: no settings at all then or now
+def test_old_fp_checkpoint_resumes_and_initialises_qat(tmp_path, form):
   ckpt_dir = str(tmp_path / "fp")
-  shutil.copytree(os.path.join(DATA, "oabn_branch_fp"), ckpt_dir)
-  model = RepVGG(NET, num_classes=10, **FORMS["oabn_branch"])
+  shutil.copytree(os.path.join(DATA, f"{form}_fp"), ckpt_dir)
+  model = RepVGG(NET, num_classes=10, **FORMS.get(form, {}))
   stage = ml_collections.ConfigDict(dict(
       base_lr=0.1, batch_size=4, warmup_steps=0, num_steps=10, momentum=0.9,
       nesterov=False, weight_decay=1e-4, grad_clip_norm=0.0))
   template = init_variables(model, (32, 32, 3), 0)
-  want = _npz("oabn_branch_merged.npz")
+  want = _npz(f"{form}_merged.npz")
 
   # A resume of the stage: the checkpoint is read into today's TrainState.
   ckpt = StageCheckpoints(ckpt_dir, every=1, keep=1, create=False)
   state, data_state, _ = ckpt.restore(create_train_state(model, template, stage))
   ckpt.close()
   assert data_state == {"epoch": 0}
-  old = _npz("oabn_branch_variables.npz")  # what make.py saved in that checkpoint
+  old = _npz(f"{form}_variables.npz")  # what make.py saved in that checkpoint
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params), old["params"])
-  assert not _leaves(state.batch_stats, SETTING_KEYS) and _leaves(state.settings, SETTING_KEYS)
+  assert not _leaves(state.batch_stats, SETTING_KEYS)
+  assert bool(_leaves(state.settings, SETTING_KEYS)) == (form != "bn")
   chex.assert_trees_all_close(
       rv.merge({"params": state.params, "batch_stats": state.batch_stats,
                 "settings": state.settings}), want, rtol=1e-6, atol=1e-7)

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from repvgg_jax.models.settings import join_settings, split_settings
+from repvgg_jax.nn.oabn import SETTINGS
 
 ITEMS = ("state", "data", "meta")
 
@@ -92,11 +93,12 @@ class StageCheckpoints:
     shardings; numpy leaves are restored as numpy.
     """
     target = jax.tree_util.tree_map(_abstract, flax.serialization.to_state_dict(state))
-    # A checkpoint written before the settings had a collection of their own holds them
-    # in batch_stats: read it in that layout, then move them (models/settings.py).
-    legacy = join_settings(target)
-    if _keys(legacy) != _keys(target) and self._saved_keys() == _keys(legacy):
-      target = legacy
+    # A checkpoint written before the settings had a collection of their own has no
+    # settings node (a model with settings holds them in batch_stats): read it in that
+    # layout, then move them (models/settings.py).
+    has_settings, saved = SETTINGS in target, self._saved_tree()
+    if saved is not None and has_settings and SETTINGS not in saved:
+      target = join_settings(target)
 
     def args(step: int) -> Any:
       items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
@@ -112,16 +114,24 @@ class StageCheckpoints:
         raise ValueError(mismatch) from e
       raise
     meta = out["meta"] if self._has_item(step, "meta") else {}
-    # split_settings leaves a state of today's layout as it is.
-    return (flax.serialization.from_state_dict(state, split_settings(out["state"])),
-            out["data"], meta or {})
+    # split_settings leaves a state of today's layout as it is; an old one of a model
+    # without settings gets the empty collection today's state holds.
+    restored = split_settings(out["state"])
+    if has_settings:
+      restored.setdefault(SETTINGS, {})
+    return (flax.serialization.from_state_dict(state, restored), out["data"], meta or {})
+
+  def _saved_tree(self) -> dict | None:
+    """The metadata tree of the latest checkpoint's state, or None when unreadable."""
+    try:
+      return self.manager.item_metadata(self.latest_step())["state"].tree
+    except Exception:  # damaged metadata, or none: the restore error says more
+      return None
 
   def _saved_keys(self) -> set[str] | None:
     """The leaf paths of the latest checkpoint's state, or None when unreadable."""
-    try:
-      return _keys(self.manager.item_metadata(self.latest_step())["state"].tree)
-    except Exception:  # damaged metadata, or none: the restore error says more
-      return None
+    tree = self._saved_tree()
+    return None if tree is None else _keys(tree)
 
   def _tree_mismatch(self, target: Any) -> str | None:
     """A short message naming the keys by which the latest checkpoint's state differs
