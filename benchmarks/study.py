@@ -221,10 +221,11 @@ def main(argv):
       settings = flag_settings()
       study_ledger.load(ledger_path, settings)  # refuses other settings before any row runs
       study = sr.load_study(workdir, settings, command)
-      run_rows(workdir, study, ledger_path, started)
-      ledger = study_ledger.update(ledger_path, workdir, study)
-  except (FileNotFoundError, sr.SettingsChanged) as e:
+  except (FileNotFoundError, sr.SettingsChanged) as e:  # a bad invocation: show the usage
     raise app.UsageError(str(e)) from None
+  if not _REPORT_ONLY.value:  # an error in a row is the row's, with its traceback
+    run_rows(workdir, study, ledger_path, started)
+    ledger = study_ledger.update(ledger_path, workdir, study)
   from benchmarks import study_report
   study_report.write_markdown(ledger, out)
   print(f"wrote {out} and {ledger_path}")
