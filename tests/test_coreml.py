@@ -68,7 +68,8 @@ def _assert_luts_decode_to_the_packed_kernels(packed, path):
 @pytest.mark.parametrize("method,bits,opts", [
     ("cluster", 4, {}), ("cluster", 3, {}), ("cluster", 5, {}), ("cluster", 2, {}),
     ("cluster", 4, {"int8_levels": True}), ("cluster", 4, {"granularity": "tensor"}),
-    ("lsq", 4, {})], ids=["w4", "w3", "w5", "w2", "w4_int8_grid", "w4_per_tensor", "lsq_w4"])
+    ("cluster", 2, {"granularity": "group", "group_size": 4}), ("lsq", 4, {})],
+    ids=["w4", "w3", "w5", "w2", "w4_int8_grid", "w4_per_tensor", "w2_grouped", "lsq_w4"])
 def test_every_lut_decodes_to_the_packed_kernel_bit_for_bit(tmp_path, method, bits, opts):
   packed = tiny_packed(method, bits=bits, **opts)
   path = tmp_path / "model.mlpackage"

@@ -104,10 +104,13 @@ def _weight(mb, packed: PackedModel, path: str, layout: tuple[int, ...], name: s
                      "at most 8 bits")
   idx = packed.indices(path).transpose(layout)
   c = np.asarray(layer["codebook"], np.float32)
-  if c.ndim == 2:  # per output channel: one palette per row of the weight
-    if c.shape[0] != idx.shape[0]:
-      raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape} for "
-                       f"{idx.shape[0]} output channels")
+  if c.ndim == 2:  # per group of output channels (a group of 1: per channel): one palette
+    # per group of rows of the weight (Core ML's per_grouped_channel LUT: each LUT
+    # dimension divides the weight's)
+    if c.shape[0] * layer.get("group_size", 1) != idx.shape[0]:
+      raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape} "
+                       f"(group size {layer.get('group_size', 1)}) for {idx.shape[0]} output "
+                       "channels")
     lut = lut_table(c, bits).reshape((c.shape[0],) + (1,) * (idx.ndim - 1) + (-1, 1))
   elif c.ndim == 1:
     lut = lut_table(c, bits).reshape((1,) * idx.ndim + (-1, 1))

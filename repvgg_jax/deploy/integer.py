@@ -21,8 +21,8 @@ def int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray
   if l is None or "int_scale" not in l:
     raise ValueError(f"integer inference: layer {path} has no int8 grid (quantize it with "
                      "quant.int8_levels=True, or a uniform or lsq quantizer, at <= 8 bits)")
-  w = np.asarray(decode(packed.indices(path), l["codebook"]), np.float64)
-  scale = np.broadcast_to(np.asarray(l["int_scale"], np.float64), w.shape[-1:])
+  w = np.asarray(decode(packed.indices(path), packed.codebook(path)), np.float64)
+  scale = np.broadcast_to(np.asarray(packed.int_scale(path), np.float64), w.shape[-1:])
   k = np.rint(w / scale)
   if k.min() < -128 or k.max() > 127 or np.abs(k * scale - w).max() > 1e-5 * np.abs(w).max():
     raise ValueError(f"integer inference: the levels of {path} are not scale x int8")

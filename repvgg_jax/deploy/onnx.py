@@ -141,7 +141,7 @@ def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
     return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
   if layer is not None:
     idx = packed.indices(path).transpose(layout)
-    c = np.asarray(layer["codebook"], np.float32)
+    c = np.asarray(packed.codebook(path), np.float32)
     if c.ndim == 2:  # per output channel: row o of the flat codebook starts at o * K
       offsets = (np.arange(c.shape[0], dtype=np.int64) * c.shape[1]).reshape(
           (-1,) + (1,) * (idx.ndim - 1))

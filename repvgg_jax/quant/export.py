@@ -1,6 +1,8 @@
 """Packed deploy model: per quantized kernel, indices bit-packed at b bits +
 codebook + shape (+ the scale of its int8 grid, when it has one); every other
-leaf (biases, SE, activation steps) stored as float32.
+leaf (biases, SE, activation steps) stored as float32. A grouped codebook
+(``group_size`` output channels per row) is stored once per group, its scale too;
+:meth:`PackedModel.codebook` gives the per-channel rows every reader uses.
 
 File: one uncompressed ``.npz`` with a JSON metadata entry: format name and
 version, per layer path/bits/shape, and a free ``model`` dict (what the
@@ -28,7 +30,8 @@ from repvgg_jax.quant.cluster import check_codebook
 from repvgg_jax.quant.levels import decode
 
 FORMAT = "repvgg-jax-packed"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)  # 3 added group_size; a version 2 file is read as group_size 1
 
 
 def pack_bits(indices, bits: int) -> np.ndarray:
@@ -58,9 +61,10 @@ def _key(path) -> str:
 
 @dataclasses.dataclass
 class PackedModel:
-  """``layers``: kernel path in ``params`` -> ``{bits, shape, packed, codebook}``
-  (+ ``int_scale``); ``floats``: variable path (``params/...``, ``quant/...``)
-  -> float32 array; ``model``: JSON-able description of the network."""
+  """``layers``: kernel path in ``params`` -> ``{bits, shape, packed, codebook,
+  group_size}`` (+ ``int_scale``), the codebook and scale with one row per group;
+  ``floats``: variable path (``params/...``, ``quant/...``) -> float32 array;
+  ``model``: JSON-able description of the network."""
   layers: dict[str, dict[str, Any]]
   floats: dict[str, np.ndarray]
   model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -70,6 +74,19 @@ class PackedModel:
     l = self.layers[path]
     return unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"]))).reshape(l["shape"])
 
+  def _per_channel(self, path: str, part: str, xp: Any = np):
+    l = self.layers[path]
+    a, g = xp.asarray(l[part]), l.get("group_size", 1)
+    return xp.repeat(a, g, axis=0) if g > 1 and a.ndim else a
+
+  def codebook(self, path: str, xp: Any = np):
+    """Layer ``path``'s codebook, ``(K,)`` or one row per output channel ``(Cout, K)``."""
+    return self._per_channel(path, "codebook", xp)
+
+  def int_scale(self, path: str):
+    """Layer ``path``'s int8-grid scale, ``()`` or one per output channel ``(Cout,)``."""
+    return self._per_channel(path, "int_scale")
+
   def to_variables(self, xp: Any = np) -> dict[str, Any]:
     """``{"params": ..., "quant": ...}`` with decoded kernels (levels gathered
     from the codebooks); ``quant`` holds the activation steps, if any.
@@ -78,12 +95,13 @@ class PackedModel:
     for p, l in self.layers.items():
       idx = unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"])), xp=xp)
       flat[("params",) + tuple(p.split("/"))] = xp.asarray(
-          decode(idx.reshape(l["shape"]), xp.asarray(l["codebook"])))
+          decode(idx.reshape(l["shape"]), self.codebook(p, xp)))
     return traverse_util.unflatten_dict(flat)
 
   def _arrays(self) -> dict[str, np.ndarray]:
     meta = {"format": FORMAT, "version": VERSION, "model": self.model,
             "layers": {p: {"bits": l["bits"], "shape": list(l["shape"]),
+                           "group_size": l.get("group_size", 1),
                            "int_scale": "int_scale" in l}
                        for p, l in self.layers.items()},
             "floats": sorted(self.floats)}
@@ -136,13 +154,15 @@ def export(params: Mapping[str, Any], quantizer, state,
   layers, floats = {}, {}
   for path, v in traverse_util.flatten_dict(dict(params)).items():
     if path in kernels:
+      g = quantizer.group_of(path) if quantizer.per_channel else 1
       idx, c = (np.asarray(a) for a in kernels[path])
       c = c.astype(np.float32)
       bits = check_codebook(v, c)
       layers[_key(path)] = dict(bits=bits, shape=tuple(np.shape(v)), packed=pack_bits(idx, bits),
-                                codebook=c)
+                                codebook=c[::g], group_size=g)  # rows repeat within a group
       if path in scales:
-        layers[_key(path)]["int_scale"] = np.asarray(scales[path], np.float32)
+        scale = np.asarray(scales[path], np.float32)
+        layers[_key(path)]["int_scale"] = scale[::g] if scale.ndim else scale
     else:
       floats[_key(("params",) + path)] = np.asarray(v, np.float32)
   for path, v in traverse_util.flatten_dict(dict(state) if state else {}).items():
@@ -172,24 +192,27 @@ def read_packed(path) -> PackedModel:
     meta = json.loads(arrays["__meta__"].tobytes().decode())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"read_packed: {path} has corrupt metadata ({e})") from e
-  if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+  if meta.get("format") != FORMAT or meta.get("version") not in READS:
     raise ValueError(f"read_packed: {path} has format {meta.get('format')!r} version "
-                     f"{meta.get('version')!r}; this repvgg-jax reads {FORMAT!r} version "
-                     f"{VERSION} (re-export it from its checkpoint)")
+                     f"{meta.get('version')!r}; this repvgg-jax reads {FORMAT!r} versions "
+                     f"{', '.join(map(str, READS))} (re-export it from its checkpoint)")
   layers, floats = {}, {}
   for p, l in meta["layers"].items():
     parts = ("packed", "codebook") + (("int_scale",) if l.get("int_scale") else ())
     for part in parts:
       if f"q/{p}/{part}" not in arrays:
         raise ValueError(f"read_packed: {path} is missing q/{p}/{part}")
-    shape, bits = tuple(l["shape"]), l["bits"]
+    shape, bits, g = tuple(l["shape"]), l["bits"], l.get("group_size", 1)
     packed, c = arrays[f"q/{p}/packed"], arrays[f"q/{p}/codebook"]
+    if not (isinstance(g, int) and g >= 1 and shape[-1] % g == 0):
+      raise ValueError(f"read_packed: {p} has group_size {g!r}, which does not divide its "
+                       f"{shape[-1]} output channels")
     if packed.size != -(-int(np.prod(shape)) * bits // 8):
       raise ValueError(f"read_packed: {p} has {packed.size} packed bytes, expected "
                        f"{-(-int(np.prod(shape)) * bits // 8)} for shape {shape} at {bits} bits")
-    if check_codebook(np.zeros(shape[-1:]), c) != bits:
+    if check_codebook(np.zeros(shape[-1] // g), c) != bits:
       raise ValueError(f"read_packed: {p} codebook shape {c.shape} does not match bits={bits}")
-    layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c)
+    layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c, group_size=g)
     if l.get("int_scale"):
       layers[p]["int_scale"] = arrays[f"q/{p}/int_scale"]
   for p in meta["floats"]:

@@ -48,12 +48,12 @@ def check_bit_choices(choices: Sequence[int], method: str = "cluster") -> tuple[
 
 
 def layer_bytes(shape: Sequence[int], bits: int, *, per_channel: bool = True,
-                int8_levels: bool = False) -> int:
+                group_size: int = 1, int8_levels: bool = False) -> int:
   """Bytes the packed file stores for a kernel of ``shape`` (output channels last) at
   ``bits``: indices bit-packed (``ceil(n * bits / 8)``), float32 codebooks of ``2^bits``
-  levels (one per output channel, or one), and a float32 scale per row when the levels
-  lie on an int8 grid."""
-  n, rows = math.prod(shape), (shape[-1] if per_channel else 1)
+  levels (one per ``group_size`` output channels, or one), and a float32 scale per
+  codebook when the levels lie on an int8 grid."""
+  n, rows = math.prod(shape), (shape[-1] // group_size if per_channel else 1)
   return -(-n * bits // 8) + 4 * rows * 2 ** bits + (4 * rows if int8_levels else 0)
 
 
@@ -188,15 +188,19 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
   choices = check_bit_choices(bit_choices, quantizer.method)
   if (avg_bits > 0) == (total_bytes > 0):
     raise ValueError("give one budget: avg_bits > 0 or total_bytes > 0")
-  opts = dict(per_channel=quantizer.per_channel,
-              int8_levels=quantizer.method != "cluster" or quantizer.int8_levels)
+  int8 = quantizer.method != "cluster" or quantizer.int8_levels
+
+  def size(p: Path, bits: int) -> int:
+    return layer_bytes(kernel_shapes[p], bits, per_channel=quantizer.per_channel,
+                       group_size=quantizer.group_of(p), int8_levels=int8)
+
   fixed = {p: s for p, s in kernel_shapes.items()
            if quantizer.first_last_bits is not None and p[0] in quantizer.first_last}
   free = tuple(p for p in kernel_shapes if p not in fixed)
   if not free:
     raise ValueError("no layer to allocate bits to (every quantized kernel is a stem or head)")
-  sizes = {p: {b: layer_bytes(kernel_shapes[p], b, **opts) for b in choices} for p in free}
-  fixed_bytes = sum(layer_bytes(s, quantizer.first_last_bits, **opts) for s in fixed.values())
+  sizes = {p: {b: size(p, b) for b in choices} for p in free}
+  fixed_bytes = sum(size(p, quantizer.first_last_bits) for p in fixed)
   smallest = sum(min(s.values()) for s in sizes.values())
   if total_bytes > 0:
     budget, what = total_bytes - fixed_bytes, f"bytes={total_bytes:,}"
@@ -205,7 +209,7 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
     if not 1 <= avg_bits <= 8:
       raise ValueError(f"avg_bits={avg_bits!r}: expected a number in 1..8")
     lo, hi = math.floor(avg_bits), math.ceil(avg_bits)
-    at = lambda b: sum(layer_bytes(kernel_shapes[p], b, **opts) for p in free)  # noqa: E731
+    at = lambda b: sum(size(p, b) for p in free)  # noqa: E731
     budget = at(lo) + (avg_bits - lo) * (at(hi) - at(lo))
     what, floor = f"avg_bits={avg_bits!r} ({budget:,.0f} bytes of the block layers)", smallest
   if budget < smallest:

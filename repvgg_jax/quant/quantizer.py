@@ -5,8 +5,9 @@
 
 * ``init(params) -> state``: the weight part of the ``quant`` collection, one
   leaf per quantized kernel at the kernel's path: a codebook ``(K,)`` /
-  ``(Cout, K)`` (``cluster``), or a step ``()`` / ``(Cout,)`` (``uniform``
-  with ``clipping="mse"``, ``lsq``). ``uniform`` with ``clipping="minmax"``
+  ``(Cout, K)`` / ``(Cout / group_size, K)`` (``cluster`` per tensor, channel,
+  group), or a step ``()`` / ``(Cout,)`` (``uniform`` with ``clipping="mse"``,
+  ``lsq``). ``uniform`` with ``clipping="minmax"``
   has no state: its step follows ``max|w|`` at every ``apply``.
 * ``apply(params, state)``: params with every quantized kernel replaced by its
   quantized value; the gradient passes straight through to the kernel, and
@@ -41,7 +42,8 @@ from repvgg_jax.quant.kmeans import check_bits, fit_codebook
 from repvgg_jax.quant.optimal import optimal_codebook
 
 METHODS = ("cluster", "uniform", "lsq")
-GRANULARITIES = ("tensor", "channel")
+# "group": ``group_size`` consecutive output channels share one codebook (cluster only).
+GRANULARITIES = ("tensor", "channel", "group")
 
 Path = tuple[str, ...]
 
@@ -54,12 +56,29 @@ def _tree(flat: Mapping[Path, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat))
 
 
+def by_group(w: jax.Array, group_size: int) -> jax.Array:
+  """``(..., Cout) -> (n * group_size, Cout / group_size)``: column ``i`` holds every
+  weight of output channels ``[i * g, (i + 1) * g)``, so a per-channel fit of the
+  result is the per-group fit of ``w`` (``g = 1``: the channels themselves)."""
+  cout = w.shape[-1]
+  g = w.reshape(-1, cout // group_size, group_size)
+  return jnp.swapaxes(g, 1, 2).reshape(-1, cout // group_size)
+
+
+def check_group_size(shape: tuple[int, ...], group_size: int, what: str) -> None:
+  """ValueError naming ``what`` unless ``group_size`` divides the output channels."""
+  if shape[-1] % group_size:
+    raise ValueError(f"quant.group_size={group_size} does not divide the {shape[-1]} output "
+                     f"channels of {what} (shape {tuple(shape)})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantizer:
   method: str = "cluster"
   bits: int = 4
   granularity: str = "channel"
   first_last_bits: int | None = 8
+  group_size: int = 1  # granularity "group": output channels per codebook
   # uniform: the step from max|w| ("minmax", recomputed at every apply) or the
   # least-squared-error clip ("mse", fixed at init); lsq: how the learned step starts.
   clipping: str = "minmax"
@@ -75,7 +94,15 @@ class Quantizer:
 
   @property
   def per_channel(self) -> bool:
-    return self.granularity == "channel"
+    """One codebook (or step) per row of output channels: per channel or per group."""
+    return self.granularity != "tensor"
+
+  def group_of(self, path: Path) -> int:
+    """Output channels of kernel ``path`` sharing a codebook row: ``group_size`` with
+    granularity ``"group"``, except for the stem and head at ``first_last_bits`` (per
+    channel, as they are kept precise: a head of 10 classes has no groups of 4); else 1."""
+    fixed = self.first_last_bits is not None and path and path[0] in self.first_last
+    return self.group_size if self.granularity == "group" and not fixed else 1
 
   def layer_bits(self, path: Path) -> int:
     for name, bits in self.layer_bits_of:
@@ -87,6 +114,13 @@ class Quantizer:
 
   def quantized(self, path: Path) -> bool:
     return path[-1] == "kernel" and not set(path) & set(self.skip)
+
+  def check_shapes(self, shapes: Mapping[Path, tuple[int, ...]]) -> None:
+    """ValueError naming the field and the first layer whose kernel shape the layout
+    does not fit (``group_size`` not dividing its output channels)."""
+    if self.method == "cluster":
+      for p, shape in shapes.items():
+        check_group_size(shape, self.group_of(p), "/".join(p))
 
   def kernels(self, params: Mapping[str, Any]) -> dict[Path, Any]:
     """``{path: kernel}`` of every quantized kernel of ``params``."""
@@ -101,7 +135,9 @@ class Quantizer:
     for p, w in self.kernels(params).items():
       bits = self.layer_bits(p)
       if self.method == "cluster":
-        out[p] = jnp.asarray(optimal_codebook(w, bits, per_channel=self.per_channel,
+        check_group_size(w.shape, self.group_of(p), "/".join(p))
+        out[p] = jnp.asarray(optimal_codebook(by_group(w, self.group_of(p)),
+                                              bits, per_channel=self.per_channel,
                                               polish_iters=self.iters))
       elif self.method == "lsq" or self.clipping == "mse":
         out[p] = uniform.mse_step(w, bits, self.per_channel)
@@ -114,8 +150,9 @@ class Quantizer:
       return state
     flat = _flat(state)
     for p, w in self.kernels(params).items():
-      flat[p] = fit_codebook(w, self.layer_bits(p), per_channel=self.per_channel,
-                             init_codebook=flat[p], iters=self.refit_iters)
+      flat[p] = fit_codebook(by_group(w, self.group_of(p)), self.layer_bits(p),
+                             per_channel=self.per_channel, init_codebook=flat[p],
+                             iters=self.refit_iters)
     return _tree(flat)
 
   def _leaf(self, state: dict[Path, Any], p: Path) -> Any:
@@ -131,9 +168,14 @@ class Quantizer:
       return jax.lax.stop_gradient(self._leaf(state, p))
     return jax.lax.stop_gradient(uniform.minmax_step(w, self.layer_bits(p), self.per_channel))
 
+  def _rows(self, p: Path, state: dict[Path, Any]) -> jax.Array:
+    """Codebook ``p`` with one row per output channel (group rows repeated)."""
+    g = self.group_of(p)
+    return jnp.repeat(self._leaf(state, p), g, axis=0) if g > 1 else self._leaf(state, p)
+
   def _codebook(self, p: Path, w: jax.Array, state: dict[Path, Any]) -> jax.Array:
     if self.method == "cluster":
-      c = self._leaf(state, p)
+      c = self._rows(p, state)
       return snap_to_int8(c) if self.int8_levels else c
     return uniform.grid(self._step(p, w, state), self.layer_bits(p))
 
@@ -183,7 +225,7 @@ class Quantizer:
     if self.method == "cluster" and not self.int8_levels:
       return None
     st = _flat(state)
-    return {p: (int8_scale(self._leaf(st, p)) if self.method == "cluster"
+    return {p: (int8_scale(self._rows(p, st)) if self.method == "cluster"
                 else self._step(p, w, st))
             for p, w in self.kernels(params).items()}
 
@@ -208,6 +250,14 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
     opts["layer_bits_of"] = tuple((name, int(b)) for name, b in pairs)
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
+  if granularity == "group" and method != "cluster":
+    raise ValueError(f"granularity='group' is for codebooks (method='cluster'), not "
+                     f"method={method!r}")
+  g = opts.get("group_size", 1)
+  if isinstance(g, bool) or not isinstance(g, int) or g < 1 or (
+      g > 1 and granularity != "group"):
+    raise ValueError(f"group_size={g!r}: expected a positive int, above 1 only with "
+                     "granularity='group'")
   fields = {f.name for f in dataclasses.fields(Quantizer)} - {"method", "bits", "granularity",
                                                              "first_last_bits"}
   bad = sorted(set(opts) - fields)

@@ -15,14 +15,8 @@ import ml_collections
 from absl import logging
 
 MODEL_NAMES_EXTRA = ("tiny",)
-NORMS = ("bn", "oabn")
 DTYPES = ("float32", "bfloat16")
-QUANT_METHODS = ("cluster", "uniform", "lsq", "none")
-CLIPPINGS = ("minmax", "mse")
-CALIBRATIONS = ("minmax", "percentile", "mse")
-GRANULARITIES = ("channel", "tensor")
-SOURCES = ("idx", "folder", "tfds", "synthetic")
-AUGMENTS = ("none", "pad_crop_flip", "rrc_flip")
+# The other enums are their components' own (imported in validate): one list each.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   # | "none" (no QAT, no export).
   c.quant.method = "cluster"
   c.quant.bits = 4                    # weights: 1..8 for cluster, 2..8 for uniform/lsq
+  # Weight codebooks or steps: "tensor" | "channel" | "group" (cluster: quant.group_size
+  # consecutive output channels share one codebook; it must divide every layer's).
   c.quant.granularity = "channel"
+  c.quant.group_size = 1
   c.quant.first_last_bits = 8
   c.quant.refit_every = 100
   c.quant.clipping = "minmax"         # uniform/lsq weight step: "minmax" | "mse"
@@ -198,9 +195,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       problems.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
-  from repvgg_jax.models.repvgg import STYLES, check_options, list_models, _canonical
+  from repvgg_jax.data.sources import SOURCES
+  from repvgg_jax.data.transforms import AUGMENTS
+  from repvgg_jax.models.repvgg import NORMS, STYLES, check_options, list_models, _canonical
   from repvgg_jax.nn.oabn import BOUNDS, FORMS
   from repvgg_jax.penalties import PENALTIES
+  from repvgg_jax.quant.activation import CALIBRATIONS
+  from repvgg_jax.quant.quantizer import GRANULARITIES, METHODS
+  from repvgg_jax.quant.uniform import CLIPPINGS
+  QUANT_METHODS = METHODS + ("none",)  # "none": no QAT, no export
   names = {_canonical(n) for n in list_models()} | set(MODEL_NAMES_EXTRA)
   if _canonical(cfg.model.name) not in names:
     problems.append(f"model.name={cfg.model.name!r} not in {list_models() + ['tiny']}")
@@ -259,6 +262,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not (isinstance(v, int) and low <= v <= 8):
       problems.append(f"quant.{f}={v!r} must be an int in [{low}, 8] for "
                       f"quant.method={cfg.quant.method!r}")
+  g = cfg.quant.group_size
+  if not (isinstance(g, int) and not isinstance(g, bool) and g >= 1):
+    problems.append(f"quant.group_size={g!r} must be a positive int")
+  elif g > 1 and cfg.quant.granularity != "group":
+    problems.append(f"quant.group_size={g!r} needs quant.granularity='group' (it is "
+                    f"{cfg.quant.granularity!r})")
+  if cfg.quant.granularity == "group" and cfg.quant.method not in ("cluster", "none"):
+    problems.append(f"quant.granularity='group' is for quant.method='cluster' (codebooks), "
+                    f"not {cfg.quant.method!r}")
   positive("quant.refit_every", cfg.quant.refit_every)
   enum("quant.clipping", cfg.quant.clipping, CLIPPINGS)
   enum("quant.act_calibration", cfg.quant.act_calibration, CALIBRATIONS)

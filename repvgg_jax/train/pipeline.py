@@ -112,24 +112,35 @@ def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> 
   """The weight quantizer of ``cfg.quant`` (``layer_bits_of``: a bit allocation)."""
   return make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
                         first_last_bits=qc.first_last_bits, clipping=qc.clipping,
-                        int8_levels=qc.int8_levels, layer_bits_of=dict(layer_bits_of))
+                        int8_levels=qc.int8_levels, group_size=qc.group_size,
+                        layer_bits_of=dict(layer_bits_of))
 
 
-def plan_budget(cfg: ml_collections.ConfigDict, deploy_model: Any, image_shape: Any) -> Any:
-  """The ``quant.budget`` plan (:func:`repvgg_jax.quant.mixed.plan_budget`) of the
-  merged network's kernel shapes, or None without a budget; an unmeetable budget is a
-  ValueError naming the field and the smallest size, before any training."""
-  from repvgg_jax.quant import mixed
-  b = cfg.quant.budget
-  if not (b.avg_bits or b.bytes):
-    return None
+def quant_kernels(cfg: ml_collections.ConfigDict, deploy_model: Any,
+                  image_shape: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of the merged network's quantized kernels (no compute), checked
+  against the quantizer's layout (``quant.group_size`` dividing each layer's output
+  channels): a ValueError naming the field and the layer, before any training."""
   shapes = jax.eval_shape(lambda: deploy_model.init(
       jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
   q = weight_quantizer(cfg.quant)
   kernels = {p: tuple(s.shape) for p, s in q.kernels(shapes).items()}
+  q.check_shapes(kernels)
+  return kernels
+
+
+def plan_budget(cfg: ml_collections.ConfigDict, kernels: Any) -> Any:
+  """The ``quant.budget`` plan (:func:`repvgg_jax.quant.mixed.plan_budget`) of the
+  merged network's kernel shapes ``kernels`` (:func:`quant_kernels`), or None without
+  a budget; an unmeetable budget is a ValueError naming the field and the smallest
+  size, before any training."""
+  from repvgg_jax.quant import mixed
+  b = cfg.quant.budget
+  if not (b.avg_bits or b.bytes):
+    return None
   try:
-    return mixed.plan_budget(kernels, q, avg_bits=float(b.avg_bits), total_bytes=int(b.bytes),
-                             bit_choices=b.bit_choices)
+    return mixed.plan_budget(kernels, weight_quantizer(cfg.quant), avg_bits=float(b.avg_bits),
+                             total_bytes=int(b.bytes), bit_choices=b.bit_choices)
   except ValueError as e:
     raise ValueError(f"quant.budget.{e}") from None
 
@@ -406,7 +417,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
   eval_plain = steps.make_eval_step(mesh, pixel_stats=pixels)
   evaluate_with = lambda step_fn: lambda s: steps.evaluate(step_fn, s, eval_loader, mesh)  # noqa: E731
 
-  budget = plan_budget(cfg, deploy_model, image_shape) if cfg.quant.method != "none" else None
+  budget = (plan_budget(cfg, quant_kernels(cfg, deploy_model, image_shape))
+            if cfg.quant.method != "none" else None)
 
   # Stage 1: FP training of the multi-branch network (or import).
   stages.start("fp")

@@ -1,0 +1,159 @@
+"""Grouped codebooks (quant.granularity="group"): g consecutive output channels share one
+codebook; its fit, forward, packed file, size accounting and bad values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import repvgg_jax as rv
+from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.quant import make_quantizer, mixed
+from repvgg_jax.quant.export import export, read_packed
+from repvgg_jax.quant.kmeans import codebook_mse
+from repvgg_jax.quant.optimal import optimal_codebook
+from repvgg_jax.quant.quantizer import by_group
+
+from _util import random_variables
+
+TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.125))  # 16, 32, 64, 64 channels
+
+
+def _params(num_classes=5):
+  x = jnp.zeros((1, 32, 32, 3))
+  return jax.device_get(rv.merge(random_variables(RepVGG(TINY, num_classes=num_classes), x))[
+      "params"])
+
+
+def test_by_group_puts_each_groups_channels_in_one_column():
+  w = np.arange(2 * 3 * 8).reshape(2, 3, 8)
+  cols = np.asarray(by_group(jnp.asarray(w), 4))
+  assert cols.shape == (2 * 3 * 4, 2)
+  for i in range(2):
+    np.testing.assert_array_equal(np.sort(cols[:, i]), np.sort(w[..., 4 * i:4 * i + 4].ravel()))
+  np.testing.assert_array_equal(by_group(jnp.asarray(w), 1), w.reshape(-1, 8))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_grouped_fit_is_the_optimum_of_each_group(bits):
+  w = np.random.default_rng(bits).standard_normal((3, 3, 4, 8)).astype(np.float32)
+  q = make_quantizer("cluster", bits=bits, granularity="group", group_size=4,
+                     first_last_bits=None)
+  params = {"blk": {"kernel": jnp.asarray(w)}}
+  book = np.asarray(q.init(params)["blk"]["kernel"])
+  assert book.shape == (2, 2 ** bits)
+  for i in range(2):
+    group = w[..., 4 * i:4 * i + 4]
+    # 144 values a group: the per-tensor DP is exact; equal errors (ties may move levels).
+    best = optimal_codebook(group, bits)
+    assert codebook_mse(group, book[i]) <= codebook_mse(group, best) * (1 + 1e-6) + 1e-12
+  # Quantized: every channel of a group takes its levels from the group's codebook.
+  wq = np.asarray(q.apply(params, q.init(params))["blk"]["kernel"])
+  for o in range(8):
+    assert set(np.unique(wq[..., o])) <= set(book[o // 4].tolist())
+
+
+def test_grouped_model_packs_with_one_codebook_a_group_and_runs_bit_for_bit(tmp_path):
+  params = _params()
+  q = make_quantizer("cluster", bits=3, granularity="group", group_size=4, first_last_bits=4)
+  state = q.init(params)
+  packed = export(params, q, state)
+  packed.save(tmp_path / "m.packed")
+  got = read_packed(tmp_path / "m.packed")
+  for path, w in q.kernels(params).items():
+    layer = got.layers["/".join(path)]
+    g = 1 if path[0] in ("stem", "head") else 4  # the stem and head stay per channel
+    k = 2 ** q.layer_bits(path)
+    assert layer["group_size"] == g and layer["codebook"].shape == (w.shape[-1] // g, k)
+    assert got.codebook("/".join(path)).shape == (w.shape[-1], k)
+  model = RepVGG(TINY, num_classes=5, deploy=True)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  want = model.apply({"params": q.apply(params, state)}, x)
+  np.testing.assert_array_equal(model.apply(got.to_variables(), x), want)
+
+
+@pytest.mark.parametrize("opts", [dict(granularity="group", group_size=4),
+                                  dict(granularity="group", group_size=4, int8_levels=True),
+                                  dict(granularity="channel"), dict(granularity="tensor")])
+def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, opts):
+  params = _params()
+  q = make_quantizer("cluster", bits=2, first_last_bits=3, **opts)
+  packed = export(params, q, q.init(params))
+  packed.save(tmp_path / "m.packed")
+  with np.load(tmp_path / "m.packed") as z:
+    for path, w in q.kernels(params).items():
+      key = "/".join(path)
+      stored = sum(z[f"q/{key}/{part}"].nbytes for part in ("packed", "codebook", "int_scale")
+                   if f"q/{key}/{part}" in z.files)
+      bits = q.layer_bits(path)
+      assert stored == mixed.layer_bytes(w.shape, bits, per_channel=q.per_channel,
+                                         group_size=q.group_of(path),
+                                         int8_levels=q.int8_levels), key
+
+
+def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
+  params = _params()
+  q = make_quantizer("cluster", bits=4, granularity="group", group_size=4, int8_levels=True,
+                     first_last_bits=4)
+  scales = q.int_scales(params, q.init(params))
+  for path, s in scales.items():
+    if path[0] not in ("stem", "head"):
+      s = np.asarray(s).reshape(-1, 4)
+      np.testing.assert_array_equal(s, np.repeat(s[:, :1], 4, axis=1))  # one scale a group
+  model = RepVGG(TINY, num_classes=5, deploy=True, act_bits=8)
+  state = q.init(params)
+  batches = [jnp.asarray(np.random.default_rng(s).standard_normal((8, 32, 32, 3)), jnp.float32)
+             for s in range(2)]
+  quant = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
+  desc = rv.describe(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
+  rv.export(params, q, quant, desc).save(tmp_path / "m.packed")
+  deployed = rv.load_packed(tmp_path / "m.packed")
+  images = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  fake, integer = np.asarray(deployed(images)), np.asarray(deployed.integer(images))
+  assert np.abs(fake - integer).max() <= 0.05 * np.abs(fake).max()
+
+
+def test_a_version_2_file_reads_as_per_channel(tmp_path):
+  params = _params()
+  q = make_quantizer("cluster", bits=2, first_last_bits=2)
+  packed = export(params, q, q.init(params))
+  arrays = dict(packed._arrays())
+  import json
+  meta = json.loads(arrays["__meta__"].tobytes())
+  meta["version"] = 2
+  for layer in meta["layers"].values():
+    del layer["group_size"]
+  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  np.savez(tmp_path / "v2.npz", **arrays)
+  old = read_packed(tmp_path / "v2.npz")
+  flat = traverse_util.flatten_dict(old.to_variables())
+  for k, v in traverse_util.flatten_dict(packed.to_variables()).items():
+    np.testing.assert_array_equal(flat[k], v)
+
+
+def test_bad_group_sizes_are_refused_naming_the_field():
+  params = _params()
+  q = make_quantizer("cluster", bits=2, granularity="group", group_size=5)
+  with pytest.raises(ValueError, match=r"quant.group_size=5 does not divide the 16 output "
+                                       r"channels of stages_0_0/reparam_conv/kernel"):
+    q.check_shapes({p: w.shape for p, w in q.kernels(params).items()})
+  with pytest.raises(ValueError, match="quant.group_size=5"):
+    q.init(params)
+  with pytest.raises(ValueError, match="group_size=0"):
+    make_quantizer("cluster", granularity="group", group_size=0)
+  with pytest.raises(ValueError, match="group_size=4.*only with granularity='group'"):
+    make_quantizer("cluster", granularity="channel", group_size=4)
+  with pytest.raises(ValueError, match="granularity='group' is for codebooks"):
+    make_quantizer("uniform", granularity="group", group_size=4)
+
+
+def test_config_refuses_group_settings_at_start():
+  from repvgg_jax.train import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.quant.group_size = 4
+  with pytest.raises(ValueError, match="quant.group_size=4 needs quant.granularity='group'"):
+    config_lib.validate(cfg)
+  cfg.quant.granularity, cfg.quant.method = "group", "lsq"
+  with pytest.raises(ValueError, match="quant.granularity='group' is for quant.method='cluster'"):
+    config_lib.validate(cfg)
