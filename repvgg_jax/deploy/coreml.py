@@ -98,6 +98,10 @@ def _weight(mb, packed: PackedModel, path: str, layout: tuple[int, ...], name: s
     if key not in packed.floats:
       raise ValueError(f"export_coreml: the packed model has no kernel {path}")
     return np.ascontiguousarray(np.asarray(packed.floats[key], np.float32).transpose(layout))
+  if layer.get("cluster_dim", 1) > 1:
+    raise ValueError(f"export_coreml: layer {path} has a vector codebook (cluster_dim="
+                     f"{layer['cluster_dim']}); the Core ML export writes scalar LUTs only "
+                     "(model.packed and model.stablehlo run it)")
   bits = int(layer["bits"])
   if bits not in LUT_BITS:
     raise ValueError(f"export_coreml: layer {path} has {bits}-bit indices; Core ML LUTs hold "

@@ -12,7 +12,6 @@ from repvgg_jax.deploy.runtime import model_from, normalize_images
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.export import PackedModel
-from repvgg_jax.quant.levels import decode
 
 
 def int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +20,7 @@ def int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray
   if l is None or "int_scale" not in l:
     raise ValueError(f"integer inference: layer {path} has no int8 grid (quantize it with "
                      "quant.int8_levels=True, or a uniform or lsq quantizer, at <= 8 bits)")
-  w = np.asarray(decode(packed.indices(path), packed.codebook(path)), np.float64)
+  w = np.asarray(packed.kernel(path), np.float64)
   scale = np.broadcast_to(np.asarray(packed.int_scale(path), np.float64), w.shape[-1:])
   k = np.rint(w / scale)
   if k.min() < -128 or k.max() > 127 or np.abs(k * scale - w).max() > 1e-5 * np.abs(w).max():

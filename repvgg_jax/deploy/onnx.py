@@ -140,6 +140,10 @@ def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
     zero = g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int8))
     return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
   if layer is not None:
+    if layer.get("cluster_dim", 1) > 1:
+      raise ValueError(f"export_onnx: layer {path} has a vector codebook (cluster_dim="
+                       f"{layer['cluster_dim']}); the ONNX export decodes scalar codebooks "
+                       "only (model.packed and model.stablehlo run it)")
     idx = packed.indices(path).transpose(layout)
     c = np.asarray(packed.codebook(path), np.float32)
     if c.ndim == 2:  # per output channel: row o of the flat codebook starts at o * K

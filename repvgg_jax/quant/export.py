@@ -2,7 +2,9 @@
 codebook + shape (+ the scale of its int8 grid, when it has one); every other
 leaf (biases, SE, activation steps) stored as float32. A grouped codebook
 (``group_size`` output channels per row) is stored once per group, its scale too;
-:meth:`PackedModel.codebook` gives the per-channel rows every reader uses.
+:meth:`PackedModel.codebook` gives the per-channel rows every reader uses. A vector
+codebook (``cluster_dim`` d > 1, ``quant/vector.py``) has one index per d weights
+and centroids ``(K, d)`` / ``(rows, K, d)``.
 
 File: one uncompressed ``.npz`` with a JSON metadata entry: format name and
 version, per layer path/bits/shape, and a free ``model`` dict (what the
@@ -28,10 +30,11 @@ from flax import traverse_util
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant.cluster import check_codebook
 from repvgg_jax.quant.levels import decode
+from repvgg_jax.quant.vector import check_vector_codebook, decode_vectors
 
 FORMAT = "repvgg-jax-packed"
 VERSION = 3
-READS = (2, 3)  # 3 added group_size; a version 2 file is read as group_size 1
+READS = (2, 3)  # 3 added group_size and cluster_dim; version 2 reads as 1 and 1
 
 
 def pack_bits(indices, bits: int) -> np.ndarray:
@@ -59,20 +62,45 @@ def _key(path) -> str:
   return "/".join(path)
 
 
+def index_shape(shape, cluster_dim: int) -> tuple[int, ...]:
+  """The indices of a kernel of ``shape``: one per weight, or per ``cluster_dim``-vector
+  along the input channels (axis -2)."""
+  shape = tuple(shape)
+  return shape if cluster_dim == 1 else (*shape[:-2], shape[-2] // cluster_dim, shape[-1])
+
+
+def _check_layer_codebook(shape, codebook, group_size: int, cluster_dim: int) -> int:
+  """The bits of a stored (one row per group) codebook of a kernel of ``shape``."""
+  rows = (*shape[:-1], shape[-1] // group_size)
+  if cluster_dim > 1:
+    return check_vector_codebook(np.zeros(rows), codebook, cluster_dim)
+  return check_codebook(np.zeros(rows[-1:]), codebook)
+
+
 @dataclasses.dataclass
 class PackedModel:
   """``layers``: kernel path in ``params`` -> ``{bits, shape, packed, codebook,
-  group_size}`` (+ ``int_scale``), the codebook and scale with one row per group;
+  group_size, cluster_dim}`` (+ ``int_scale``), the codebook and scale with one row per
+  group;
   ``floats``: variable path (``params/...``, ``quant/...``) -> float32 array;
   ``model``: JSON-able description of the network."""
   layers: dict[str, dict[str, Any]]
   floats: dict[str, np.ndarray]
   model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  def indices(self, path: str) -> np.ndarray:
-    """The level indices of layer ``path`` (int32, the kernel's shape)."""
+  def indices(self, path: str, xp: Any = np) -> np.ndarray:
+    """The level indices of layer ``path`` (int32, the kernel's shape; one per vector,
+    :func:`index_shape`, for a vector codebook)."""
     l = self.layers[path]
-    return unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"]))).reshape(l["shape"])
+    shape = index_shape(l["shape"], l.get("cluster_dim", 1))
+    return unpack_bits(l["packed"], l["bits"], int(np.prod(shape)), xp=xp).reshape(shape)
+
+  def kernel(self, path: str, xp: Any = np):
+    """Layer ``path``'s decoded kernel (float32, its shape)."""
+    l = self.layers[path]
+    if l.get("cluster_dim", 1) > 1:
+      return decode_vectors(self.indices(path, xp), self.codebook(path, xp), l["shape"], xp)
+    return decode(self.indices(path, xp), self.codebook(path, xp))
 
   def _per_channel(self, path: str, part: str, xp: Any = np):
     l = self.layers[path]
@@ -92,16 +120,15 @@ class PackedModel:
     from the codebooks); ``quant`` holds the activation steps, if any.
     ``xp=jax.numpy`` decodes with jnp ops (traced, inside the program)."""
     flat = {tuple(p.split("/")): xp.asarray(v) for p, v in self.floats.items()}
-    for p, l in self.layers.items():
-      idx = unpack_bits(l["packed"], l["bits"], int(np.prod(l["shape"])), xp=xp)
-      flat[("params",) + tuple(p.split("/"))] = xp.asarray(
-          decode(idx.reshape(l["shape"]), self.codebook(p, xp)))
+    for p in self.layers:
+      flat[("params",) + tuple(p.split("/"))] = xp.asarray(self.kernel(p, xp))
     return traverse_util.unflatten_dict(flat)
 
   def _arrays(self) -> dict[str, np.ndarray]:
     meta = {"format": FORMAT, "version": VERSION, "model": self.model,
             "layers": {p: {"bits": l["bits"], "shape": list(l["shape"]),
                            "group_size": l.get("group_size", 1),
+                           "cluster_dim": l.get("cluster_dim", 1),
                            "int_scale": "int_scale" in l}
                        for p, l in self.layers.items()},
             "floats": sorted(self.floats)}
@@ -155,11 +182,12 @@ def export(params: Mapping[str, Any], quantizer, state,
   for path, v in traverse_util.flatten_dict(dict(params)).items():
     if path in kernels:
       g = quantizer.group_of(path) if quantizer.per_channel else 1
+      d = quantizer.dim_of(path)
       idx, c = (np.asarray(a) for a in kernels[path])
-      c = c.astype(np.float32)
-      bits = check_codebook(v, c)
+      c = c.astype(np.float32)[::g]  # rows repeat within a group (g = 1 per tensor)
+      bits = _check_layer_codebook(np.shape(v), c, g, d)
       layers[_key(path)] = dict(bits=bits, shape=tuple(np.shape(v)), packed=pack_bits(idx, bits),
-                                codebook=c[::g], group_size=g)  # rows repeat within a group
+                                codebook=c, group_size=g, cluster_dim=d)
       if path in scales:
         scale = np.asarray(scales[path], np.float32)
         layers[_key(path)]["int_scale"] = scale[::g] if scale.ndim else scale
@@ -202,17 +230,23 @@ def read_packed(path) -> PackedModel:
     for part in parts:
       if f"q/{p}/{part}" not in arrays:
         raise ValueError(f"read_packed: {path} is missing q/{p}/{part}")
-    shape, bits, g = tuple(l["shape"]), l["bits"], l.get("group_size", 1)
+    shape, bits = tuple(l["shape"]), l["bits"]
+    g, d = l.get("group_size", 1), l.get("cluster_dim", 1)
     packed, c = arrays[f"q/{p}/packed"], arrays[f"q/{p}/codebook"]
     if not (isinstance(g, int) and g >= 1 and shape[-1] % g == 0):
       raise ValueError(f"read_packed: {p} has group_size {g!r}, which does not divide its "
                        f"{shape[-1]} output channels")
-    if packed.size != -(-int(np.prod(shape)) * bits // 8):
+    if not (isinstance(d, int) and d >= 1 and len(shape) >= 2 and shape[-2] % d == 0):
+      raise ValueError(f"read_packed: {p} has cluster_dim {d!r}, which does not divide its "
+                       f"input channels (shape {shape})")
+    count = int(np.prod(index_shape(shape, d)))
+    if packed.size != -(-count * bits // 8):
       raise ValueError(f"read_packed: {p} has {packed.size} packed bytes, expected "
-                       f"{-(-int(np.prod(shape)) * bits // 8)} for shape {shape} at {bits} bits")
-    if check_codebook(np.zeros(shape[-1] // g), c) != bits:
+                       f"{-(-count * bits // 8)} for shape {shape} at {bits} bits")
+    if _check_layer_codebook(shape, c, g, d) != bits:
       raise ValueError(f"read_packed: {p} codebook shape {c.shape} does not match bits={bits}")
-    layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c, group_size=g)
+    layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c, group_size=g,
+                     cluster_dim=d)
     if l.get("int_scale"):
       layers[p]["int_scale"] = arrays[f"q/{p}/int_scale"]
   for p in meta["floats"]:

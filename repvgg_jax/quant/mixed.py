@@ -48,13 +48,15 @@ def check_bit_choices(choices: Sequence[int], method: str = "cluster") -> tuple[
 
 
 def layer_bytes(shape: Sequence[int], bits: int, *, per_channel: bool = True,
-                group_size: int = 1, int8_levels: bool = False) -> int:
+                group_size: int = 1, cluster_dim: int = 1, int8_levels: bool = False) -> int:
   """Bytes the packed file stores for a kernel of ``shape`` (output channels last) at
-  ``bits``: indices bit-packed (``ceil(n * bits / 8)``), float32 codebooks of ``2^bits``
-  levels (one per ``group_size`` output channels, or one), and a float32 scale per
-  codebook when the levels lie on an int8 grid."""
+  ``bits``: indices bit-packed (``ceil(n / cluster_dim * bits / 8)``: one per
+  ``cluster_dim``-vector), float32 codebooks of ``2^bits`` levels or vectors (one per
+  ``group_size`` output channels, or one), and a float32 scale per codebook when the
+  levels lie on an int8 grid."""
   n, rows = math.prod(shape), (shape[-1] // group_size if per_channel else 1)
-  return -(-n * bits // 8) + 4 * rows * 2 ** bits + (4 * rows if int8_levels else 0)
+  return (-(-n // cluster_dim * bits // 8) + 4 * rows * 2 ** bits * cluster_dim
+          + (4 * rows if int8_levels else 0))
 
 
 def _flat(tree) -> dict[Path, Any]:
@@ -192,7 +194,8 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
 
   def size(p: Path, bits: int) -> int:
     return layer_bytes(kernel_shapes[p], bits, per_channel=quantizer.per_channel,
-                       group_size=quantizer.group_of(p), int8_levels=int8)
+                       group_size=quantizer.group_of(p), cluster_dim=quantizer.dim_of(p),
+                       int8_levels=int8)
 
   fixed = {p: s for p, s in kernel_shapes.items()
            if quantizer.first_last_bits is not None and p[0] in quantizer.first_last}

@@ -40,6 +40,8 @@ from repvgg_jax.quant import uniform
 from repvgg_jax.quant.cluster import assign, int8_scale, quantize, snap_to_int8
 from repvgg_jax.quant.kmeans import check_bits, fit_codebook
 from repvgg_jax.quant.optimal import optimal_codebook
+from repvgg_jax.quant.vector import (check_cluster_dim, fit_vector_codebook,
+                                     nearest_vector_index, quantize_vectors)
 
 METHODS = ("cluster", "uniform", "lsq")
 # "group": ``group_size`` consecutive output channels share one codebook (cluster only).
@@ -79,6 +81,9 @@ class Quantizer:
   granularity: str = "channel"
   first_last_bits: int | None = 8
   group_size: int = 1  # granularity "group": output channels per codebook
+  # cluster: d consecutive input-channel weights form one vector of a vector codebook
+  # (quant/vector.py): one index of ``bits`` bits per d weights.
+  cluster_dim: int = 1
   # uniform: the step from max|w| ("minmax", recomputed at every apply) or the
   # least-squared-error clip ("mse", fixed at init); lsq: how the learned step starts.
   clipping: str = "minmax"
@@ -97,18 +102,25 @@ class Quantizer:
     """One codebook (or step) per row of output channels: per channel or per group."""
     return self.granularity != "tensor"
 
+  def _first_last(self, path: Path) -> bool:
+    return self.first_last_bits is not None and bool(path) and path[0] in self.first_last
+
   def group_of(self, path: Path) -> int:
     """Output channels of kernel ``path`` sharing a codebook row: ``group_size`` with
     granularity ``"group"``, except for the stem and head at ``first_last_bits`` (per
     channel, as they are kept precise: a head of 10 classes has no groups of 4); else 1."""
-    fixed = self.first_last_bits is not None and path and path[0] in self.first_last
-    return self.group_size if self.granularity == "group" and not fixed else 1
+    return self.group_size if self.granularity == "group" and not self._first_last(path) else 1
+
+  def dim_of(self, path: Path) -> int:
+    """The vector length of kernel ``path``'s codebook: ``cluster_dim``, except for the
+    stem and head at ``first_last_bits`` (scalar: the stem has 3 input channels)."""
+    return 1 if self._first_last(path) else self.cluster_dim
 
   def layer_bits(self, path: Path) -> int:
     for name, bits in self.layer_bits_of:
       if name == "/".join(path):
         return bits
-    if self.first_last_bits is not None and path and path[0] in self.first_last:
+    if self._first_last(path):
       return self.first_last_bits
     return self.bits
 
@@ -117,10 +129,12 @@ class Quantizer:
 
   def check_shapes(self, shapes: Mapping[Path, tuple[int, ...]]) -> None:
     """ValueError naming the field and the first layer whose kernel shape the layout
-    does not fit (``group_size`` not dividing its output channels)."""
+    does not fit (``group_size`` not dividing its output channels, ``cluster_dim`` its
+    input channels)."""
     if self.method == "cluster":
       for p, shape in shapes.items():
         check_group_size(shape, self.group_of(p), "/".join(p))
+        check_cluster_dim(shape, self.dim_of(p), f"quant.cluster_dim (layer {'/'.join(p)})")
 
   def kernels(self, params: Mapping[str, Any]) -> dict[Path, Any]:
     """``{path: kernel}`` of every quantized kernel of ``params``."""
@@ -135,10 +149,14 @@ class Quantizer:
     for p, w in self.kernels(params).items():
       bits = self.layer_bits(p)
       if self.method == "cluster":
-        check_group_size(w.shape, self.group_of(p), "/".join(p))
-        out[p] = jnp.asarray(optimal_codebook(by_group(w, self.group_of(p)),
-                                              bits, per_channel=self.per_channel,
-                                              polish_iters=self.iters))
+        self.check_shapes({p: w.shape})
+        if self.dim_of(p) > 1:
+          out[p] = fit_vector_codebook(w, bits, self.dim_of(p), rows=self._row_count(p, w),
+                                       iters=self.iters)
+        else:
+          out[p] = jnp.asarray(optimal_codebook(by_group(w, self.group_of(p)),
+                                                bits, per_channel=self.per_channel,
+                                                polish_iters=self.iters))
       elif self.method == "lsq" or self.clipping == "mse":
         out[p] = uniform.mse_step(w, bits, self.per_channel)
       # uniform + minmax: no state.
@@ -150,10 +168,18 @@ class Quantizer:
       return state
     flat = _flat(state)
     for p, w in self.kernels(params).items():
-      flat[p] = fit_codebook(by_group(w, self.group_of(p)), self.layer_bits(p),
-                             per_channel=self.per_channel, init_codebook=flat[p],
-                             iters=self.refit_iters)
+      if self.dim_of(p) > 1:
+        flat[p] = fit_vector_codebook(w, self.layer_bits(p), self.dim_of(p),
+                                      rows=self._row_count(p, w), init_codebook=flat[p],
+                                      iters=self.refit_iters)
+      else:
+        flat[p] = fit_codebook(by_group(w, self.group_of(p)), self.layer_bits(p),
+                               per_channel=self.per_channel, init_codebook=flat[p],
+                               iters=self.refit_iters)
     return _tree(flat)
+
+  def _row_count(self, p: Path, w: jax.Array) -> int:
+    return w.shape[-1] // self.group_of(p) if self.per_channel else 1
 
   def _leaf(self, state: dict[Path, Any], p: Path) -> Any:
     if p not in state:
@@ -191,7 +217,9 @@ class Quantizer:
     flat, st = _flat(params), _flat(state)
     for p in self.kernels(params):
       w = flat[p]
-      if self.method == "cluster":
+      if self.method == "cluster" and self.dim_of(p) > 1:
+        flat[p] = quantize_vectors(w, self._codebook(p, w, st), self.dim_of(p))
+      elif self.method == "cluster":
         flat[p] = quantize(w, self._codebook(p, w, st), self.mask_outside)
       else:
         qmin, qmax = uniform.int_range(self.layer_bits(p), True)
@@ -203,13 +231,15 @@ class Quantizer:
   # -- deployment ------------------------------------------------------------
 
   def indices(self, params, state) -> dict[Path, tuple[jax.Array, jax.Array]]:
-    """``{path: (indices int32 shaped like the kernel, codebook)}``: decoding
-    gives exactly the values :meth:`apply` computes."""
+    """``{path: (indices int32, codebook)}``: decoding gives exactly the values
+    :meth:`apply` computes. The indices have the kernel's shape, or one per vector,
+    ``(..., Cin / d, Cout)``, for a vector codebook."""
     st, out = _flat(state), {}
     for p, w in self.kernels(params).items():
       if self.method == "cluster":
         c = self._codebook(p, w, st)
-        out[p] = (assign(w, c), c)
+        d = self.dim_of(p)
+        out[p] = (nearest_vector_index(w, c, d) if d > 1 else assign(w, c), c)
       else:
         bits = self.layer_bits(p)
         qmin, qmax = uniform.int_range(bits, True)
@@ -258,6 +288,13 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
       g > 1 and granularity != "group"):
     raise ValueError(f"group_size={g!r}: expected a positive int, above 1 only with "
                      "granularity='group'")
+  d = opts.get("cluster_dim", 1)
+  if isinstance(d, bool) or not isinstance(d, int) or d < 1 or (d > 1 and method != "cluster"):
+    raise ValueError(f"cluster_dim={d!r}: expected a positive int, above 1 only with "
+                     "method='cluster'")
+  if d > 1 and opts.get("int8_levels"):
+    raise ValueError(f"cluster_dim={d} with int8_levels=True: vector codebooks have no int8 "
+                     "grid here (the integer forward needs scalar levels)")
   fields = {f.name for f in dataclasses.fields(Quantizer)} - {"method", "bits", "granularity",
                                                              "first_last_bits"}
   bad = sorted(set(opts) - fields)

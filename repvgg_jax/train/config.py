@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   # consecutive output channels share one codebook; it must divide every layer's).
   c.quant.granularity = "channel"
   c.quant.group_size = 1
+  # cluster: vector codebooks of d consecutive input-channel weights (one index of
+  # quant.bits bits per d weights; d must divide every block layer's input channels).
+  c.quant.cluster_dim = 1
   c.quant.first_last_bits = 8
   c.quant.refit_every = 100
   c.quant.clipping = "minmax"         # uniform/lsq weight step: "minmax" | "mse"
@@ -268,6 +271,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   elif g > 1 and cfg.quant.granularity != "group":
     problems.append(f"quant.group_size={g!r} needs quant.granularity='group' (it is "
                     f"{cfg.quant.granularity!r})")
+  d = cfg.quant.cluster_dim
+  if not (isinstance(d, int) and not isinstance(d, bool) and d >= 1):
+    problems.append(f"quant.cluster_dim={d!r} must be a positive int")
+  elif d > 1 and cfg.quant.method not in ("cluster", "none"):
+    problems.append(f"quant.cluster_dim={d!r} is for quant.method='cluster' (codebooks), not "
+                    f"{cfg.quant.method!r}")
+  elif d > 1 and cfg.quant.int8_levels:
+    problems.append(f"quant.cluster_dim={d!r} cannot be combined with quant.int8_levels=True "
+                    "(vector codebooks have no int8 grid)")
   if cfg.quant.granularity == "group" and cfg.quant.method not in ("cluster", "none"):
     problems.append(f"quant.granularity='group' is for quant.method='cluster' (codebooks), "
                     f"not {cfg.quant.method!r}")

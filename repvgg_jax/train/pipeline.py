@@ -113,6 +113,7 @@ def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> 
   return make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
                         first_last_bits=qc.first_last_bits, clipping=qc.clipping,
                         int8_levels=qc.int8_levels, group_size=qc.group_size,
+                        cluster_dim=qc.cluster_dim,
                         layer_bits_of=dict(layer_bits_of))
 
 
@@ -120,7 +121,8 @@ def quant_kernels(cfg: ml_collections.ConfigDict, deploy_model: Any,
                   image_shape: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
   """``{path: shape}`` of the merged network's quantized kernels (no compute), checked
   against the quantizer's layout (``quant.group_size`` dividing each layer's output
-  channels): a ValueError naming the field and the layer, before any training."""
+  channels, ``quant.cluster_dim`` its input channels): a ValueError naming the field and
+  the layer, before any training."""
   shapes = jax.eval_shape(lambda: deploy_model.init(
       jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
   q = weight_quantizer(cfg.quant)
@@ -498,9 +500,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
           log_every=cfg.log_every, after_step=refit, evaluate=evaluate_with(eval_qat))
     else:
       state = sharding.replicate(state, mesh)
-    bits = {"weight_bits": qc.bits, "act_bits": qc.act_bits or None}
-    if allocation is not None:
-      bits["weight_bits"] = allocation["mean_bits"]
+    # Index bits per weight of the block layers: a vector index covers cluster_dim weights.
+    index_bits = qc.bits if allocation is None else allocation["mean_bits"]
+    bits = {"weight_bits": index_bits if qc.cluster_dim == 1 else index_bits / qc.cluster_dim,
+            "act_bits": qc.act_bits or None}
     logging.info("evaluating the fake-quant network on the test split")
     forms["qat"] = {"accuracy": steps.evaluate(eval_qat, state, eval_loader, mesh), **bits}
     timings["qat"] = stages.stop("qat")

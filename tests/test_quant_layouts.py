@@ -1,5 +1,7 @@
-"""Grouped codebooks (quant.granularity="group"): g consecutive output channels share one
-codebook; its fit, forward, packed file, size accounting and bad values."""
+"""Codebook layouts in the model: grouped codebooks (quant.granularity="group": g
+consecutive output channels share one codebook) and vector codebooks (quant.cluster_dim=d:
+one index per d input-channel weights). Fit, forward, packed file, StableHLO, size
+accounting and bad values; quant/vector.py's own arithmetic is in test_quant_vector.py."""
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +77,9 @@ def test_grouped_model_packs_with_one_codebook_a_group_and_runs_bit_for_bit(tmp_
 
 @pytest.mark.parametrize("opts", [dict(granularity="group", group_size=4),
                                   dict(granularity="group", group_size=4, int8_levels=True),
-                                  dict(granularity="channel"), dict(granularity="tensor")])
+                                  dict(granularity="channel"), dict(granularity="tensor"),
+                                  dict(cluster_dim=2), dict(cluster_dim=4, granularity="tensor"),
+                                  dict(granularity="group", group_size=4, cluster_dim=2)])
 def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, opts):
   params = _params()
   q = make_quantizer("cluster", bits=2, first_last_bits=3, **opts)
@@ -89,6 +93,7 @@ def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, opts):
       bits = q.layer_bits(path)
       assert stored == mixed.layer_bytes(w.shape, bits, per_channel=q.per_channel,
                                          group_size=q.group_of(path),
+                                         cluster_dim=q.dim_of(path),
                                          int8_levels=q.int8_levels), key
 
 
@@ -156,4 +161,67 @@ def test_config_refuses_group_settings_at_start():
     config_lib.validate(cfg)
   cfg.quant.granularity, cfg.quant.method = "group", "lsq"
   with pytest.raises(ValueError, match="quant.granularity='group' is for quant.method='cluster'"):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("opts", [dict(cluster_dim=2), dict(cluster_dim=2, granularity="group",
+                                                            group_size=4)])
+def test_vector_model_packs_loads_and_exports(tmp_path, opts):
+  params = _params()
+  q = make_quantizer("cluster", bits=3, first_last_bits=4, **opts)
+  state = q.init(params)
+  model = RepVGG(TINY, num_classes=5, deploy=True)
+  desc = rv.describe(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
+  rv.export(params, q, state, desc).save(tmp_path / "m.packed")
+  deployed = rv.load_packed(tmp_path / "m.packed")
+  for path, w in q.kernels(params).items():
+    layer = deployed.packed.layers["/".join(path)]
+    d = 1 if path[0] in ("stem", "head") else 2  # the stem has 3 input channels
+    assert layer["cluster_dim"] == d
+    assert deployed.packed.indices("/".join(path)).shape == (*w.shape[:-2], w.shape[-2] // d,
+                                                             w.shape[-1])
+  images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  x = rv.deploy.normalize_images(images, (0.5,) * 3, (0.25,) * 3)
+  want = np.asarray(model.apply({"params": q.apply(params, state)}, x))
+  # The decoded kernels are the QAT forward's, bit for bit; load_packed and StableHLO
+  # normalize inside their own programs (float rounding only).
+  np.testing.assert_array_equal(model.apply(deployed.packed.to_variables(), x), want)
+  np.testing.assert_allclose(np.asarray(deployed(images)), want, rtol=1e-6, atol=1e-6)
+  exported = jax.export.deserialize(rv.export_stablehlo(deployed.packed, tmp_path / "m.hlo"))
+  np.testing.assert_allclose(np.asarray(exported.call(images)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_vector_refit_keeps_a_fitted_codebook_and_follows_moved_weights():
+  from repvgg_jax.quant.vector import vector_squared_error
+  params = _params()
+  q = make_quantizer("cluster", bits=2, cluster_dim=2, first_last_bits=4)
+  state = q.init(params)
+  path = ("stages_1_0", "reparam_conv", "kernel")
+  book = lambda st: jnp.asarray(traverse_util.flatten_dict(st)[path])  # noqa: E731
+  np.testing.assert_allclose(book(q.refit(params, state)), book(state), atol=1e-5)
+  moved = traverse_util.flatten_dict(params)
+  moved[path] = moved[path] + 0.3 * np.random.default_rng(0).standard_normal(
+      moved[path].shape).astype(np.float32)
+  refit = q.refit(traverse_util.unflatten_dict(moved), state)
+  err = lambda c: float(jnp.sum(vector_squared_error(moved[path], c, 2)))  # noqa: E731
+  assert err(book(refit)) < 0.9 * err(book(state))
+
+
+def test_bad_cluster_dims_are_refused_naming_the_field():
+  params = _params()
+  q = make_quantizer("cluster", bits=2, cluster_dim=3)
+  with pytest.raises(ValueError, match=r"quant.cluster_dim \(layer stages_0_0/reparam_conv/"
+                                       r"kernel\)=3 does not divide the 16 input channels"):
+    q.check_shapes({p: w.shape for p, w in q.kernels(params).items()})
+  with pytest.raises(ValueError, match="cluster_dim=0"):
+    make_quantizer("cluster", cluster_dim=0)
+  with pytest.raises(ValueError, match="cluster_dim=2.*only with method='cluster'"):
+    make_quantizer("lsq", cluster_dim=2)
+  with pytest.raises(ValueError, match="cluster_dim=2 with int8_levels=True"):
+    make_quantizer("cluster", cluster_dim=2, int8_levels=True)
+  from repvgg_jax.train import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.quant.cluster_dim, cfg.quant.int8_levels = 2, True
+  with pytest.raises(ValueError, match="quant.cluster_dim=2 cannot be combined with "
+                                       "quant.int8_levels=True"):
     config_lib.validate(cfg)
