@@ -12,7 +12,7 @@ import jax
 import pytest
 
 import repvgg_jax
-from repvgg_jax.train import config as config_lib, pipeline
+from repvgg_jax.train import config as config_lib, forms as forms_lib, pipeline
 
 from _util import copy_run
 from configs import tiny
@@ -184,8 +184,9 @@ def test_a_finished_run_returns_its_report_without_training_or_evaluating(tiny_r
 
   def refuse(*args, **kwargs):
     raise AssertionError("a finished run trained, evaluated or exported again")
-  for name in ("train_stage", "evaluate_deployed", "create_train_state"):
+  for name in ("train_stage", "create_train_state"):
     monkeypatch.setattr(pipeline, name, refuse)
+  monkeypatch.setattr(forms_lib, "evaluate_deployed", refuse)
   monkeypatch.setattr(repvgg_jax, "export_stablehlo", refuse)
   again = pipeline.run(tiny.tiny_config(), workdir)
   assert again == json.load(open(os.path.join(workdir, "report.json")))

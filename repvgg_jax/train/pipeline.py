@@ -9,7 +9,6 @@ process 0 in the workdir: ``report.json``, ``report.md``, ``weight_histograms.pn
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any, Callable
 
@@ -17,14 +16,16 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 import repvgg_jax
 from repvgg_jax import data, penalties
-from repvgg_jax.quant import make_quantizer
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import report as report_lib
+from repvgg_jax.train import forms as forms_lib
 from repvgg_jax.train import sharding, steps
+from repvgg_jax.train.quant_setup import (allocate_bits, init_codebooks, make_refit, plan_budget,
+                                          quant_kernels, weight_quantizer,
+                                          with_activation_steps)
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
 from repvgg_jax.models.settings import check_settings, split_settings
@@ -101,225 +102,6 @@ def stage_penalty(stage_cfg: ml_collections.ConfigDict) -> tuple[Callable, float
   """``(f, weight)`` of the stage's ``penalty`` for :func:`steps.make_train_step`, or None."""
   f = penalties.make_penalty(stage_cfg.penalty, stage_cfg.penalty_target)
   return None if f is None else (f, stage_cfg.penalty_weight)
-
-
-def _read(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> Any:
-  """The weight quantizer of ``cfg.quant`` (``layer_bits_of``: a bit allocation)."""
-  return make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
-                        first_last_bits=qc.first_last_bits, clipping=qc.clipping,
-                        int8_levels=qc.int8_levels, group_size=qc.group_size,
-                        cluster_dim=qc.cluster_dim,
-                        layer_bits_of=dict(layer_bits_of))
-
-
-def quant_kernels(cfg: ml_collections.ConfigDict, deploy_model: Any,
-                  image_shape: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """``{path: shape}`` of the merged network's quantized kernels (no compute), checked
-  against the quantizer's layout (``quant.group_size`` dividing each layer's output
-  channels, ``quant.cluster_dim`` its input channels): a ValueError naming the field and
-  the layer, before any training."""
-  shapes = jax.eval_shape(lambda: deploy_model.init(
-      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
-  q = weight_quantizer(cfg.quant)
-  kernels = {p: tuple(s.shape) for p, s in q.kernels(shapes).items()}
-  q.check_shapes(kernels)
-  return kernels
-
-
-def plan_budget(cfg: ml_collections.ConfigDict, kernels: Any) -> Any:
-  """The ``quant.budget`` plan (:func:`repvgg_jax.quant.mixed.plan_budget`) of the
-  merged network's kernel shapes ``kernels`` (:func:`quant_kernels`), or None without
-  a budget; an unmeetable budget is a ValueError naming the field and the smallest
-  size, before any training."""
-  from repvgg_jax.quant import mixed
-  b = cfg.quant.budget
-  if not (b.avg_bits or b.bytes):
-    return None
-  try:
-    return mixed.plan_budget(kernels, weight_quantizer(cfg.quant), avg_bits=float(b.avg_bits),
-                             total_bytes=int(b.bytes), bit_choices=b.bit_choices)
-  except ValueError as e:
-    raise ValueError(f"quant.budget.{e}") from None
-
-
-def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_classes: int,
-                  loader: Any) -> dict[str, Any]:
-  """The bits per block layer under ``plan`` (process 0 measures, every process gets
-  them): sensitivities (``quant.budget.sensitivity``) of the float merged network on
-  ``quant.budget.batches`` unaugmented training batches, then the exact allocation.
-  Returns the report entry: ``layers`` {path: {bits, weights, bytes, sensitivity}},
-  the budget, the packed bytes of the quantized kernels and the block layers' mean bits."""
-  from repvgg_jax.quant import mixed
-  b = cfg.quant.budget
-  entry = None
-  if jax.process_index() == 0:
-    logging.info("measuring %s sensitivities of %d layers at bits %s", b.sensitivity,
-                 len(plan.free), tuple(b.bit_choices))
-    fmodel = build_model(cfg.model, num_classes, deploy=True)
-    one_pass = loader("train", cfg.qat.batch_size, False)
-    batches = [(steps.model_input(jax.numpy.asarray(x["image"]), one_pass.pixel_stats),
-                jax.numpy.asarray(x["label"])) for x in itertools.islice(one_pass, b.batches)]
-
-    def loss_fn(p):
-      losses = [jax.numpy.mean(-jax.numpy.take_along_axis(jax.nn.log_softmax(
-          fmodel.apply({"params": p}, x)), y[:, None], 1)) for x, y in batches]
-      return sum(losses) / len(losses)
-    measure = (mixed.loss_sensitivity if b.sensitivity == "loss"
-               else mixed.hessian_sensitivity)
-    q = weight_quantizer(cfg.quant)
-    costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
-    bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
-    kernels = q.kernels(params)
-    n = {p: int(np.prod(np.shape(kernels[p]))) for p in plan.free}
-    entry = {"sensitivity": b.sensitivity, "budget_bytes": plan.budget + plan.fixed_bytes,
-             "kernel_bytes": plan.total(bits_of),
-             # The block layers' mean index bits per weight.
-             "mean_bits": round(sum(bits_of[p] * n[p] for p in plan.free) / sum(n.values()), 2),
-             "layers": {"/".join(p): {"bits": bits_of[p], "weights": n[p],
-                                      "bytes": plan.sizes[p][bits_of[p]],
-                                      "costs": {str(k): v for k, v in costs[p].items()}}
-                        for p in plan.free}}
-    logging.info("bits per layer: %s", {k: v["bits"] for k, v in entry["layers"].items()})
-  return sharding.broadcast_from_primary(entry)
-
-
-def init_codebooks(quantizer: Any, params: Any) -> Any:
-  """The quantizer's initial state, fitted on process 0 (NumPy DP) and sent to every process."""
-  quant = quantizer.init(params) if jax.process_index() == 0 else None
-  return sharding.broadcast_from_primary(quant)
-
-
-def make_refit(quantizer: Any, mesh: Any) -> Any:
-  """``refit(params, quant) -> quant``: Lloyd on device, jitted, codebooks replicated."""
-  rep = sharding.replicated(mesh)
-  return jax.jit(quantizer.refit, in_shardings=(rep, rep), out_shardings=rep)
-
-
-def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
-                          cfg: ml_collections.ConfigDict, loader: Any) -> Any:
-  """``quant`` plus activation steps calibrated (``quant.act_calibration``) on the
-  first ``quant.calib_batches`` training batches (fewer if the split is smaller),
-  unaugmented, with the weights quantized; computed on process 0 and sent to every
-  process, as the codebooks are."""
-  if jax.process_index() == 0:
-    qparams = jax.jit(q.apply)(params, quant)
-    one_pass = loader("train", cfg.qat.batch_size, False)
-    batches = (steps.model_input(b["image"], one_pass.pixel_stats)
-               for b in itertools.islice(one_pass, cfg.quant.calib_batches))
-    quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
-                                 method=cfg.quant.act_calibration,
-                                 percentile=cfg.quant.act_percentile)
-  return sharding.broadcast_from_primary(jax.device_get(quant))
-
-
-def evaluate_deployed(fns: dict[str, Callable], loader: Any,
-                      references: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-  """Top-1 of each ``fn(uint8 images) -> logits`` over one pass of ``loader`` (each
-  process its shard, summed), and the fraction of predictions equal to those of its
-  reference (``references[name]``; the first fn's by default)."""
-  names = list(fns)
-  ref = [names.index((references or {}).get(n, names[0])) for n in names]
-  totals = np.zeros((len(fns), 3), np.int64)  # correct, count, agree
-  for batch in loader:
-    mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
-    preds = [np.asarray(fn(batch["image"])).argmax(-1) for fn in fns.values()]
-    for i, pred in enumerate(preds):
-      totals[i] += [((pred == labels) & mask).sum(), mask.sum(),
-                    ((pred == preds[ref[i]]) & mask).sum()]
-  if jax.process_count() > 1:
-    totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
-  return {name: {"accuracy": t[0] / max(t[1], 1), "agreement": t[2] / max(t[1], 1)}
-          for name, t in zip(fns, totals)}
-
-
-def in_batches_of(fn: Callable, n: int) -> Callable:
-  """``fn`` of a static batch of ``n`` images applied to any batch: in chunks of ``n``,
-  the last one padded by repeating its last image (the padding's outputs dropped)."""
-  def call(images):
-    images, out = np.asarray(images), []
-    for i in range(0, len(images), n):
-      chunk = images[i:i + n]
-      fill = n - len(chunk)
-      if fill:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
-      out.append(np.asarray(fn(chunk))[:n - fill])
-    return np.concatenate(out)
-  return call
-
-
-def onnx_runtime_fn(model: bytes, threads: int | None = None) -> Callable:
-  """``f(uint8 images) -> logits`` of an ONNX model run by ONNX Runtime (CPU) on
-  ``threads`` intra-op threads (default: the cores of the process's CPU set)."""
-  import onnxruntime
-  opts = onnxruntime.SessionOptions()
-  # ONNX Runtime sizes its pool by the machine's cores, not the process's CPU set:
-  # more spinning threads than cores (under taskset, in a container) slow it down.
-  if threads is None and hasattr(os, "sched_getaffinity"):
-    threads = len(os.sched_getaffinity(0))
-  opts.intra_op_num_threads = threads or 0
-  session = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-  return lambda images: session.run(["logits"], {"images": np.asarray(images)})[0]
-
-
-def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
-                       channels: int) -> dict[str, Any] | None:
-  """The report entry of ``model.mlpackage`` as ``ec`` (``cfg.export``) asks (process 0
-  only), or None when skipped; a model the export refuses gets an entry with the reason
-  and no package. Not evaluated: Core ML predicts only on Apple platforms."""
-  import shutil
-  path = os.path.join(workdir, "model.mlpackage")
-  entry = None
-  if ec.coreml == "auto" and not config_lib.coreml_available():
-    logging.info("model.mlpackage skipped: coremltools is not installed "
-                 "(pip install 'repvgg-jax[coreml]')")
-  elif ec.coreml != "off":
-    logging.info("exporting model.mlpackage (Core ML, iOS 18 / macOS 15)")
-    try:
-      repvgg_jax.export_coreml(packed, path, channels=channels)
-    except ValueError as e:
-      logging.warning("model.mlpackage not written: %s", e)
-      entry = {"error": str(e)}
-    else:
-      entry = {"size_bytes": sum(os.path.getsize(os.path.join(d, f))
-                                 for d, _, files in os.walk(path) for f in files)}
-  if (entry is None or "error" in entry) and os.path.exists(path):
-    shutil.rmtree(path)  # an earlier run's package would not match this model.packed
-    logging.info("removed the earlier run's model.mlpackage")
-  return entry
-
-
-def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
-                     primary: bool) -> tuple[Callable | None, dict[str, Any] | None]:
-  """``(ONNX Runtime fn, report entry)`` of ``model.onnx`` as ``ec`` (``cfg.export``)
-  asks, or ``(None, None)`` when skipped; a model the export refuses gets an entry
-  with the reason and no file (the run's other files stand). Process 0 writes the
-  file and evaluates what it reads back."""
-  path = os.path.join(workdir, "model.onnx")
-  entry, fn = None, None
-  if ec.onnx == "auto" and not config_lib.onnx_available():
-    logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
-                 "(pip install 'repvgg-jax[onnx]')")
-  elif ec.onnx != "off":
-    logging.info("exporting model.onnx (activations=%s)", ec.onnx_activations)
-    try:
-      proto = repvgg_jax.export_onnx(packed, path if primary else None,
-                                     activations=ec.onnx_activations)
-    except ValueError as e:
-      logging.warning("model.onnx not written: %s", e)
-      entry = {"error": str(e)}
-    else:
-      data = _read(path) if primary else proto.SerializeToString()
-      fn, entry = onnx_runtime_fn(data), {"size_bytes": len(data),
-                                          "activations": ec.onnx_activations}
-  if fn is None and primary and os.path.exists(path):
-    os.remove(path)  # an earlier run's file would not match this model.packed
-    logging.info("removed the earlier run's model.onnx")
-  return fn, entry
 
 
 def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -510,43 +292,9 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
     del state
 
-    packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
-        qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
-        variant=cfg.model.name, dataset=eval_loader.dataset))
-    path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
-    hlo_batch = cfg.export.stablehlo_batch or None
-    logging.info("exporting model.packed and model.stablehlo (batch %s)", hlo_batch or "any")
-    hlo = repvgg_jax.export_stablehlo(packed, hlo_path if primary else None,
-                                      batch_size=hlo_batch)
-    if primary:
-      packed.save(path)
-    # Every process evaluates the files' contents (process 0's disk may not be
-    # visible to the others, which use the same objects in memory).
-    deployed = repvgg_jax.load_packed(path) if primary else repvgg_jax.DeployedModel(packed)
-    exported = jax.export.deserialize(_read(hlo_path) if primary else hlo)
-    hlo_fn = jax.jit(exported.call)
-    fns = {"packed": deployed,
-           "stablehlo": in_batches_of(hlo_fn, hlo_batch) if hlo_batch else hlo_fn}
-    if qc.act_bits and q.int_scales(params, quant) is not None and not qmodel.variant.se:
-      fns["integer"] = deployed.integer
-    onnx_fn, onnx_entry = export_onnx_form(cfg.export, packed, workdir, primary)
-    if onnx_fn is not None:
-      fns["onnx"] = onnx_fn
-    logging.info("evaluating %s on the test split", ", ".join(fns))
-    measured = evaluate_deployed(fns, eval_loader, {"onnx": "integer" if "integer" in fns
-                                                    else "packed"})
-    forms["packed"] = {"accuracy": measured["packed"]["accuracy"],
-                       "size_bytes": int(deployed.size_bytes()), **bits}
-    forms["stablehlo"] = {"accuracy": measured["stablehlo"]["accuracy"],
-                          "size_bytes": len(hlo), **bits}
-    if "integer" in measured:
-      forms["integer"] = {**measured["integer"], **bits}
-    if onnx_entry is not None:
-      forms["onnx"] = {**measured.get("onnx", {}), **onnx_entry, **bits}
-    coreml_entry = (export_coreml_form(cfg.export, packed, workdir, image_shape[-1])
-                    if primary else None)
-    if coreml_entry is not None:
-      forms["coreml"] = {**coreml_entry, **bits}
+    deployed_forms, deployed = forms_lib.deploy_forms(cfg, q, params, quant, qmodel, eval_loader,
+                                                      workdir, primary, bits)
+    forms.update(deployed_forms)
     histograms[f"{qc.method} {bits['weight_bits']}-bit"] = {
         "params": jax.device_get(deployed.to_variables()["params"])}
 

@@ -53,7 +53,7 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     fp_variables: the train-form FP variables; if given, the per-channel
       outliers of their merge (:func:`analysis.channel_outliers`) go into the
       report as ``channel_outliers`` and channel_outliers.png.
-    bit_allocation: the ``quant.budget`` allocation (``pipeline.allocate_bits``), if any:
+    bit_allocation: the ``quant.budget`` allocation (``quant_setup.allocate_bits``), if any:
       ``bit_allocation`` in the report, its table and bits_by_layer.png.
   """
   report = {"forms": {k: dict(v) for k, v in forms.items()},

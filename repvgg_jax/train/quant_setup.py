@@ -1,0 +1,132 @@
+"""The QAT stage's quantizer: layouts checked, bits allocated under a budget, codebooks and
+activation steps initialized (process 0 fits, every process gets the result).
+
+``pipeline.run`` calls these in order: :func:`quant_kernels` and :func:`plan_budget` before
+any training (bad layouts and unmeetable budgets stop the run at start), then after the merge
+:func:`allocate_bits`, :func:`weight_quantizer`, :func:`init_codebooks` and
+:func:`with_activation_steps`; :func:`make_refit` is the QAT loop's periodic refit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import repvgg_jax
+from repvgg_jax.quant import make_quantizer
+from repvgg_jax.train import sharding, steps
+from repvgg_jax.train.state import build_model
+
+
+def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> Any:
+  """The weight quantizer of ``cfg.quant`` (``layer_bits_of``: a bit allocation)."""
+  return make_quantizer(qc.method, bits=qc.bits, granularity=qc.granularity,
+                        first_last_bits=qc.first_last_bits, clipping=qc.clipping,
+                        int8_levels=qc.int8_levels, group_size=qc.group_size,
+                        cluster_dim=qc.cluster_dim,
+                        layer_bits_of=dict(layer_bits_of))
+
+
+def quant_kernels(cfg: ml_collections.ConfigDict, deploy_model: Any,
+                  image_shape: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of the merged network's quantized kernels (no compute), checked
+  against the quantizer's layout (``quant.group_size`` dividing each layer's output
+  channels, ``quant.cluster_dim`` its input channels): a ValueError naming the field and
+  the layer, before any training."""
+  shapes = jax.eval_shape(lambda: deploy_model.init(
+      jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
+  q = weight_quantizer(cfg.quant)
+  kernels = {p: tuple(s.shape) for p, s in q.kernels(shapes).items()}
+  q.check_shapes(kernels)
+  return kernels
+
+
+def plan_budget(cfg: ml_collections.ConfigDict, kernels: Any) -> Any:
+  """The ``quant.budget`` plan (:func:`repvgg_jax.quant.mixed.plan_budget`) of the
+  merged network's kernel shapes ``kernels`` (:func:`quant_kernels`), or None without
+  a budget; an unmeetable budget is a ValueError naming the field and the smallest
+  size, before any training."""
+  from repvgg_jax.quant import mixed
+  b = cfg.quant.budget
+  if not (b.avg_bits or b.bytes):
+    return None
+  try:
+    return mixed.plan_budget(kernels, weight_quantizer(cfg.quant), avg_bits=float(b.avg_bits),
+                             total_bytes=int(b.bytes), bit_choices=b.bit_choices)
+  except ValueError as e:
+    raise ValueError(f"quant.budget.{e}") from None
+
+
+def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_classes: int,
+                  loader: Any) -> dict[str, Any]:
+  """The bits per block layer under ``plan`` (process 0 measures, every process gets
+  them): sensitivities (``quant.budget.sensitivity``) of the float merged network on
+  ``quant.budget.batches`` unaugmented training batches, then the exact allocation.
+  Returns the report entry: ``layers`` {path: {bits, weights, bytes, sensitivity}},
+  the budget, the packed bytes of the quantized kernels and the block layers' mean bits."""
+  from repvgg_jax.quant import mixed
+  b = cfg.quant.budget
+  entry = None
+  if jax.process_index() == 0:
+    logging.info("measuring %s sensitivities of %d layers at bits %s", b.sensitivity,
+                 len(plan.free), tuple(b.bit_choices))
+    fmodel = build_model(cfg.model, num_classes, deploy=True)
+    one_pass = loader("train", cfg.qat.batch_size, False)
+    batches = [(steps.model_input(jax.numpy.asarray(x["image"]), one_pass.pixel_stats),
+                jax.numpy.asarray(x["label"])) for x in itertools.islice(one_pass, b.batches)]
+
+    def loss_fn(p):
+      losses = [jax.numpy.mean(-jax.numpy.take_along_axis(jax.nn.log_softmax(
+          fmodel.apply({"params": p}, x)), y[:, None], 1)) for x, y in batches]
+      return sum(losses) / len(losses)
+    measure = (mixed.loss_sensitivity if b.sensitivity == "loss"
+               else mixed.hessian_sensitivity)
+    q = weight_quantizer(cfg.quant)
+    costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
+    bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
+    kernels = q.kernels(params)
+    n = {p: int(np.prod(np.shape(kernels[p]))) for p in plan.free}
+    entry = {"sensitivity": b.sensitivity, "budget_bytes": plan.budget + plan.fixed_bytes,
+             "kernel_bytes": plan.total(bits_of),
+             # The block layers' mean index bits per weight.
+             "mean_bits": round(sum(bits_of[p] * n[p] for p in plan.free) / sum(n.values()), 2),
+             "layers": {"/".join(p): {"bits": bits_of[p], "weights": n[p],
+                                      "bytes": plan.sizes[p][bits_of[p]],
+                                      "costs": {str(k): v for k, v in costs[p].items()}}
+                        for p in plan.free}}
+    logging.info("bits per layer: %s", {k: v["bits"] for k, v in entry["layers"].items()})
+  return sharding.broadcast_from_primary(entry)
+
+
+def init_codebooks(quantizer: Any, params: Any) -> Any:
+  """The quantizer's initial state, fitted on process 0 (NumPy DP) and sent to every process."""
+  quant = quantizer.init(params) if jax.process_index() == 0 else None
+  return sharding.broadcast_from_primary(quant)
+
+
+def make_refit(quantizer: Any, mesh: Any) -> Any:
+  """``refit(params, quant) -> quant``: Lloyd on device, jitted, codebooks replicated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(quantizer.refit, in_shardings=(rep, rep), out_shardings=rep)
+
+
+def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
+                          cfg: ml_collections.ConfigDict, loader: Any) -> Any:
+  """``quant`` plus activation steps calibrated (``quant.act_calibration``) on the
+  first ``quant.calib_batches`` training batches (fewer if the split is smaller),
+  unaugmented, with the weights quantized; computed on process 0 and sent to every
+  process, as the codebooks are."""
+  if jax.process_index() == 0:
+    qparams = jax.jit(q.apply)(params, quant)
+    one_pass = loader("train", cfg.qat.batch_size, False)
+    batches = (steps.model_input(b["image"], one_pass.pixel_stats)
+               for b in itertools.islice(one_pass, cfg.quant.calib_batches))
+    quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
+                                 method=cfg.quant.act_calibration,
+                                 percentile=cfg.quant.act_percentile)
+  return sharding.broadcast_from_primary(jax.device_get(quant))
