@@ -60,7 +60,9 @@ def _assert_luts_decode_to_the_packed_kernels(packed, path):
     assert lut.shape[-2] == 2 ** LUT_BITS[bits], p
     assert stored[op.name] == ("UINT8" if LUT_BITS[bits] == 8 else f"UINT{LUT_BITS[bits]}"), p
     assert int(idx.max()) < 2 ** bits, p  # padded entries are never indexed
-    got = constexpr_lut_to_dense.decompress(idx, lut, None)
+    axis = None if op.vector_axis is None else int(op.vector_axis.val)
+    assert axis == (1 if packed.layers[p].get("cluster_dim", 1) > 1 else None), p
+    got = constexpr_lut_to_dense.decompress(idx, lut, axis)
     assert got.dtype == np.float32 and got.shape == want.shape, p
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=p)
 
@@ -68,8 +70,12 @@ def _assert_luts_decode_to_the_packed_kernels(packed, path):
 @pytest.mark.parametrize("method,bits,opts", [
     ("cluster", 4, {}), ("cluster", 3, {}), ("cluster", 5, {}), ("cluster", 2, {}),
     ("cluster", 4, {"int8_levels": True}), ("cluster", 4, {"granularity": "tensor"}),
-    ("cluster", 2, {"granularity": "group", "group_size": 4}), ("lsq", 4, {})],
-    ids=["w4", "w3", "w5", "w2", "w4_int8_grid", "w4_per_tensor", "w2_grouped", "lsq_w4"])
+    ("cluster", 2, {"granularity": "group", "group_size": 4}), ("lsq", 4, {}),
+    ("cluster", 4, {"cluster_dim": 2}), ("cluster", 3, {"cluster_dim": 2, "first_last_bits": 4}),
+    ("cluster", 2, {"cluster_dim": 2, "granularity": "group", "group_size": 4}),
+    ("cluster", 4, {"cluster_dim": 4, "granularity": "tensor"})],
+    ids=["w4", "w3", "w5", "w2", "w4_int8_grid", "w4_per_tensor", "w2_grouped", "lsq_w4",
+         "vector2_w4", "vector2_w3", "vector2_grouped", "vector4_per_tensor"])
 def test_every_lut_decodes_to_the_packed_kernel_bit_for_bit(tmp_path, method, bits, opts):
   packed = tiny_packed(method, bits=bits, **opts)
   path = tmp_path / "model.mlpackage"

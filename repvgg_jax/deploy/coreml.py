@@ -12,7 +12,9 @@ holding the uint8 pixels; a gray image (``channels=1``) is tiled to RGB as
 * Weights: every quantized kernel (stem, blocks, head) is one iOS 18
   ``constexpr_lut_to_dense`` of *our* per-output-channel codebook (float32 LUT)
   and *our* indices from the packed file: nothing re-clustered or re-quantized, the
-  decoded kernel is the packed file's, bit for bit. Core ML's LUTs have 2^n entries
+  decoded kernel is the packed file's, bit for bit. A vector codebook
+  (``cluster_dim=d``) is Core ML's vector palettization: a LUT of d-vectors, each
+  index filling d consecutive input channels (``vector_axis=1``). Core ML's LUTs have 2^n entries
   for n in {1, 2, 3, 4, 6, 8}; our ``b``-bit codebooks map to the smallest that
   holds them: b in {1, 2, 3, 4, 6, 8} as is, 5 -> a 6-bit LUT, 7 -> an 8-bit LUT,
   the table padded with copies of the last level that no index selects. A
@@ -70,12 +72,12 @@ def _import_coremltools():
 
 
 def lut_table(codebook: np.ndarray, bits: int) -> np.ndarray:
-  """``(..., 2^bits)`` float32 codebook -> ``(..., 2^LUT_BITS[bits])``: padded with
-  copies of the last level (entries no ``bits``-bit index reaches)."""
+  """``(..., 2^bits, d)`` float32 codebook of d-vectors -> ``(..., 2^LUT_BITS[bits], d)``:
+  padded with copies of the last entry (entries no ``bits``-bit index reaches)."""
   c = np.asarray(codebook, np.float32)
-  pad = 2 ** LUT_BITS[bits] - c.shape[-1]
+  pad = 2 ** LUT_BITS[bits] - c.shape[-2]
   if pad:
-    c = np.concatenate([c, np.repeat(c[..., -1:], pad, axis=-1)], axis=-1)
+    c = np.concatenate([c, np.repeat(c[..., -1:, :], pad, axis=-2)], axis=-2)
   return c
 
 
@@ -98,29 +100,30 @@ def _weight(mb, packed: PackedModel, path: str, layout: tuple[int, ...], name: s
     if key not in packed.floats:
       raise ValueError(f"export_coreml: the packed model has no kernel {path}")
     return np.ascontiguousarray(np.asarray(packed.floats[key], np.float32).transpose(layout))
-  if layer.get("cluster_dim", 1) > 1:
-    raise ValueError(f"export_coreml: layer {path} has a vector codebook (cluster_dim="
-                     f"{layer['cluster_dim']}); the Core ML export writes scalar LUTs only "
-                     "(model.packed and model.stablehlo run it)")
-  bits = int(layer["bits"])
+  bits, d = int(layer["bits"]), layer.get("cluster_dim", 1)
   if bits not in LUT_BITS:
     raise ValueError(f"export_coreml: layer {path} has {bits}-bit indices; Core ML LUTs hold "
                      "at most 8 bits")
-  idx = packed.indices(path).transpose(layout)
-  c = np.asarray(layer["codebook"], np.float32)
-  if c.ndim == 2:  # per group of output channels (a group of 1: per channel): one palette
-    # per group of rows of the weight (Core ML's per_grouped_channel LUT: each LUT
+  idx = packed.indices(path).transpose(layout)  # a vector's index: (O, I / d, ...)
+  stored = np.asarray(layer["codebook"], np.float32)
+  # (..., K, 1): Core ML's scalar LUT is a LUT of 1-vectors; padded to its 2^n entries.
+  table = lut_table(stored if d > 1 else stored[..., None], bits)
+  if table.ndim == 3:  # per group of output channels (a group of 1: per channel): one
+    # palette per group of rows of the weight (Core ML's per_grouped_channel LUT: each LUT
     # dimension divides the weight's)
-    if c.shape[0] * layer.get("group_size", 1) != idx.shape[0]:
-      raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape} "
+    if table.shape[0] * layer.get("group_size", 1) != idx.shape[0]:
+      raise ValueError(f"export_coreml: layer {path} has a codebook of shape {stored.shape} "
                        f"(group size {layer.get('group_size', 1)}) for {idx.shape[0]} output "
                        "channels")
-    lut = lut_table(c, bits).reshape((c.shape[0],) + (1,) * (idx.ndim - 1) + (-1, 1))
-  elif c.ndim == 1:
-    lut = lut_table(c, bits).reshape((1,) * idx.ndim + (-1, 1))
+    lut = table.reshape((table.shape[0],) + (1,) * (idx.ndim - 1) + table.shape[-2:])
+  elif table.ndim == 2:
+    lut = table.reshape((1,) * idx.ndim + table.shape[-2:])
   else:
-    raise ValueError(f"export_coreml: layer {path} has a codebook of shape {c.shape}; "
-                     "expected (K,) or (Cout, K)")
+    raise ValueError(f"export_coreml: layer {path} has a codebook of shape {stored.shape}; "
+                     "expected (K,) or (Cout, K), or (K, d) or (Cout, K, d) for vectors")
+  if d > 1:  # each index fills d consecutive input channels (axis 1 of O, I, ...)
+    return mb.constexpr_lut_to_dense(indices=_index_array(idx, bits), lut=lut, vector_axis=1,
+                                     name=name)
   return mb.constexpr_lut_to_dense(indices=_index_array(idx, bits), lut=lut, name=name)
 
 

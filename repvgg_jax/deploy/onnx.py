@@ -18,7 +18,9 @@ channels), float32 logits out, the input normalization inside the graph.
   ``s_in * s_w[o]``: integer convolutions in the runtime. ``"int8"`` mode needs the
   narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
 * Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
-  codebook, decoded in the graph by one ``Gather`` to the exact float kernel. The
+  codebook, decoded in the graph by one ``Gather`` to the exact float kernel (a vector
+  codebook, ``cluster_dim=d``: the ``Gather`` of d-vectors, then a ``Transpose`` and
+  ``Reshape`` that lay each vector along the input channels). The
   runtime folds it into a float initializer at load and runs a float conv on the
   quantized activations: the same network as ``load_packed``, a smaller file than
   float32 (one byte per weight, not ``b`` bits), no integer kernels.
@@ -140,24 +142,24 @@ def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
     zero = g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int8))
     return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
   if layer is not None:
-    if layer.get("cluster_dim", 1) > 1:
-      raise ValueError(f"export_onnx: layer {path} has a vector codebook (cluster_dim="
-                       f"{layer['cluster_dim']}); the ONNX export decodes scalar codebooks "
-                       "only (model.packed and model.stablehlo run it)")
-    idx = packed.indices(path).transpose(layout)
+    d = layer.get("cluster_dim", 1)
+    idx = packed.indices(path).transpose(layout)  # a vector's index: (O, I / d, ...)
     c = np.asarray(packed.codebook(path), np.float32)
-    if c.ndim == 2:  # per output channel: row o of the flat codebook starts at o * K
+    indices = g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
+                   f"{name}/indices_int64", to=g.onnx.TensorProto.INT64)
+    if c.ndim == (3 if d > 1 else 2):  # per output channel: row o starts at o * K
       offsets = (np.arange(c.shape[0], dtype=np.int64) * c.shape[1]).reshape(
           (-1,) + (1,) * (idx.ndim - 1))
-      flat = g.op("Add", [g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
-                               f"{name}/indices_int64", to=g.onnx.TensorProto.INT64),
-                          g.const(f"{name}/row_offsets", offsets)], f"{name}/flat_indices")
-      c = c.reshape(-1)
-    else:
-      flat = g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
-                  f"{name}/indices_int64", to=g.onnx.TensorProto.INT64)
-    return g.op("Gather", [g.const(f"{name}/codebook", c), flat], f"{name}/decoded",
-                axis=0), None
+      indices = g.op("Add", [indices, g.const(f"{name}/row_offsets", offsets)],
+                     f"{name}/flat_indices")
+      c = c.reshape((-1, d) if d > 1 else -1)
+    w = g.op("Gather", [g.const(f"{name}/codebook", c), indices], f"{name}/decoded", axis=0)
+    if d > 1:  # (O, I / d, *spatial, d) -> (O, I / d, d, *spatial) -> (O, I, *spatial)
+      w = g.op("Transpose", [w], f"{name}/vectors_in_place",
+               perm=[0, 1, idx.ndim, *range(2, idx.ndim)])
+      shape = np.array([idx.shape[0], idx.shape[1] * d, *idx.shape[2:]], np.int64)
+      w = g.op("Reshape", [w, g.const(f"{name}/shape", shape)], f"{name}/kernel")
+    return w, None
   return g.const(name, np.asarray(packed.floats[f"params/{path}"]).transpose(layout)), None
 
 
