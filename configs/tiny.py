@@ -1,11 +1,13 @@
-"""A seconds-long smoke run for tests: tiny RepVGG, synthetic 16 px data, a few steps each stage."""
+"""A seconds-long smoke run for tests: RepVGG-A0 at 1 block a stage and a quarter width, synthetic 16 px data, a few steps each stage."""
 
 from repvgg_jax.train.config import base_config, finalize
 
 
 def tiny_config():
   c = base_config()
-  c.model.name = "tiny"
+  c.model.name = "RepVGG-A0"  # with 1 block a stage, a quarter of its widths:
+  c.model.blocks = (1, 1, 1, 1)
+  c.model.widths = (0.25, 0.25, 0.25, 0.25)
   c.model.norm = "oabn"
   c.model.cifar_stem = True
   c.data.source = "synthetic"

@@ -75,7 +75,13 @@ def random_variables(model, x, seed=0, tiny_var_channels=0):
 
 # The exporters' tiny model: standard strides at 32 px, stride-2 convs on even maps down
 # to 1x1, as the demo has.
-TINY_DEPLOY = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+def tiny_variant(blocks=(1, 2, 1, 1), widths=(0.25, 0.25, 0.25, 0.25), **kw) -> Variant:
+  """A RepVGG of a few blocks at a fraction of A0's widths: the tests' one factory of
+  small variants (``kw``: ``groups``, ``se``)."""
+  return Variant(tuple(blocks), tuple(widths), **kw)
+
+
+TINY_DEPLOY = tiny_variant()
 IMAGE_SIZE = 32
 MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.3, 0.2)
 
@@ -147,3 +153,30 @@ def killed_after(loader, k):
       raise KeyboardInterrupt(f"simulated kill after step {k}")
     return batch
   return WrappedLoader(loader, change)
+
+
+def deployed_accuracy(workdir, form="packed"):
+  """Top-1 of the run's ``model.packed`` (``form="integer"``: its integer forward) over
+  the test split of the run's own data config (report.json), counted here image by image,
+  not by the pipeline's evaluation: what a report's accuracy must equal."""
+  import json
+
+  import ml_collections
+
+  from repvgg_jax import data
+  from repvgg_jax.data.local_tfds import local_data_config
+  with open(os.path.join(workdir, "report.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f)["config"])
+  data_cfg = local_data_config(cfg.data, workdir) if cfg.data.local_examples else cfg.data
+  model = rv.load_packed(os.path.join(workdir, "model.packed"))
+  fn = model.integer if form == "integer" else model
+  loader = data.make_loader(data_cfg, "test", global_batch_size=cfg.eval_batch_size,
+                            train=False, seed=cfg.seed, cache_dir=workdir)
+  correct = count = 0
+  for batch in loader:
+    keep = np.asarray(batch["mask"]).astype(bool)
+    pred = np.asarray(fn(np.asarray(batch["image"]))).argmax(-1)
+    correct += int((pred == np.asarray(batch["label"]))[keep].sum())
+    count += int(keep.sum())
+  assert count == loader.num_examples  # every test image once, the padding masked out
+  return correct / count

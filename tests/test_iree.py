@@ -12,10 +12,10 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import deploy
-from repvgg_jax.models.repvgg import RepVGG, Variant
-from _util import random_variables
+from repvgg_jax.models.repvgg import RepVGG
+from _util import random_variables, tiny_variant
 
-TINY = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+TINY = tiny_variant((1, 2, 1, 1))
 SIZE = 32  # maps 32 -> 16 -> 8 -> 4 -> 2 -> 1, every conv of stride 2 on an even map
 MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.3, 0.2)
 BATCH = 8

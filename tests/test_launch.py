@@ -12,7 +12,7 @@ from PIL import Image
 
 from repvgg_jax.train import config as config_lib
 
-from _util import ROOT, subprocess_env
+from _util import ROOT, deployed_accuracy, subprocess_env
 from configs import demo
 
 
@@ -102,7 +102,8 @@ def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_pat
                                   f"{i}.{'png' if i % 2 else 'jpg'}")
   workdir = tmp_path / "run"
   out = _main("--config=configs/folder.py", f"--config.data.data_dir={tmp_path / 'flowers'}",
-              f"--workdir={workdir}", "--config.model.name=tiny",
+              f"--workdir={workdir}", "--config.model.blocks=(1,1,1,1)",
+              "--config.model.widths=(0.25,0.25,0.25,0.25)",
               "--config.data.image_size=16", "--config.fp.num_steps=4",
               "--config.qat.num_steps=2", "--config.fp.batch_size=8",
               "--config.qat.batch_size=8", "--config.eval_batch_size=8",
@@ -112,7 +113,7 @@ def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_pat
     report = json.load(f)
   assert report["data"] == {"name": "flowers", "num_classes": 3,
                             "classes": ["daisy", "rose", "tulip"]}
-  assert 0 <= report["forms"]["packed"]["accuracy"] <= 1
+  assert report["forms"]["packed"]["accuracy"] == deployed_accuracy(str(workdir))
   assert report["config"]["fp"]["warmup_steps"] == 0  # 100 does not fit 4 steps
   assert "Dataset: flowers, 3 classes (daisy, rose, tulip)" in open(workdir / "report.md").read()
   assert os.path.exists(workdir / "data_stats.json")

@@ -10,10 +10,10 @@ from absl.testing import parameterized
 
 import repvgg_jax as rv
 from repvgg_jax.analysis import outlier_stats
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.models.settings import check_settings
 from repvgg_jax.nn.oabn import OABN, bound, branch_bound
-from _util import random_variables, rel_err
+from _util import random_variables, rel_err, tiny_variant
 
 
 def _settings(tau, relative, smooth):
@@ -166,7 +166,7 @@ def test_branch_bound_passes_gradients():
 
 
 def test_branch_form_bounds_every_merged_channel_and_merges_exactly():
-  net = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2)
+  net = tiny_variant((1, 2, 2, 1), groups=2)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
   tau = 2.0
   model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="branch", oabn_tau=tau)
@@ -191,7 +191,7 @@ def test_branch_form_bounds_every_merged_channel_and_merges_exactly():
 
 
 def test_check_settings_names_the_stored_and_the_configured_value():
-  net = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
+  net = tiny_variant((1, 1, 1, 1))
   x = jnp.zeros((1, 16, 16, 3))
   median = RepVGG(net, num_classes=3, norm="oabn", oabn_form="median", oabn_tau=4.0)
   v = random_variables(median, x)
@@ -238,7 +238,7 @@ def test_gradients_flow_through_the_bound(mode):
 
 
 def test_oabn_removes_merged_kernel_outliers_and_stays_exact():
-  net = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25))
+  net = tiny_variant((1, 2, 2, 1))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
   stats = {}
   for norm in ("bn", "oabn"):

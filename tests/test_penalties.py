@@ -10,13 +10,13 @@ import optax
 import pytest
 
 from repvgg_jax import analysis, penalties
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import pipeline
-from _util import random_variables
+from _util import random_variables, tiny_variant
 from configs import tiny  # on sys.path from conftest.py
 
-NET = Variant((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
+NET = tiny_variant((1, 2, 1, 1))
 
 
 def _variables(tiny_var_channels=2):

@@ -14,7 +14,7 @@ import pytest
 import repvgg_jax
 from repvgg_jax.train import config as config_lib, forms as forms_lib, pipeline
 
-from _util import copy_run
+from _util import copy_run, deployed_accuracy
 from configs import tiny
 
 
@@ -22,8 +22,8 @@ def test_report_json_has_every_form(tiny_run):
   workdir, _ = tiny_run
   with open(os.path.join(workdir, "report.json")) as f:
     forms = json.load(f)["forms"]
-  for form in ("fp", "merged", "qat", "packed"):
-    assert 0.0 <= forms[form]["accuracy"] <= 1.0
+  assert all("accuracy" in forms[form] for form in ("fp", "merged", "qat", "packed"))
+  assert forms["packed"]["accuracy"] == deployed_accuracy(workdir)
   assert 0 < forms["packed"]["size_bytes"] < forms["merged"]["size_bytes"]
 
 
@@ -79,7 +79,7 @@ def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(tiny_run, tmp_path):
   forms = pipeline.run(cfg, str(tmp_path))["forms"]
   assert "fp" not in forms and "accuracy" not in forms["merged"]
   assert forms["merged"]["size_bytes"] == tiny_run[1]["forms"]["merged"]["size_bytes"]
-  assert 0.0 <= forms["packed"]["accuracy"] <= 1.0
+  assert forms["packed"]["accuracy"] == deployed_accuracy(str(tmp_path))
   assert "| merged FP | W32A32 | not evaluated |" in open(os.path.join(tmp_path, "report.md")).read()
 
 
@@ -95,7 +95,8 @@ def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(tiny_run, tmp_path
   assert forms["stablehlo"]["size_bytes"] == os.path.getsize(os.path.join(tmp_path,
                                                                            "model.stablehlo"))
   assert forms["stablehlo"]["size_bytes"] <= 1.25 * packed_bytes
-  assert 0.0 <= forms["integer"]["accuracy"] <= 1.0 and forms["integer"]["agreement"] > 0.9
+  assert forms["integer"]["accuracy"] == deployed_accuracy(str(tmp_path), "integer")
+  assert forms["integer"]["agreement"] > 0.9
   assert "| model.stablehlo | W4A8 |" in open(os.path.join(tmp_path, "report.md")).read()
 
 
@@ -114,7 +115,8 @@ def test_w8a8_ptq_from_the_command_line_config(tiny_run, tmp_path):
 def test_the_packed_file_describes_its_model(tiny_run):
   deployed = repvgg_jax.load_packed(os.path.join(tiny_run[0], "model.packed"))
   m = deployed.model
-  assert m["variant"] == "tiny" and m["num_classes"] == 10 and m["image_size"] == 16
+  assert m["variant"] == "RepVGG-A0" and m["num_classes"] == 10 and m["image_size"] == 16
+  assert m["blocks"] == [1, 1, 1, 1] and m["widths"] == [0.25] * 4
   assert m["cifar_stem"] and m["act_bits"] == 0 and len(m["mean"]) == len(m["std"]) == 3
 
 

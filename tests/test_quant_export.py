@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.quant import export, make_quantizer, pack_bits, read_packed, unpack_bits
-from _util import random_variables
+from _util import random_variables, tiny_variant
 
-TINY = Variant((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.25))
+TINY = tiny_variant((1, 2, 2, 1))
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,10 +10,10 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax.quant import mixed
-from repvgg_jax.models.repvgg import RepVGG, Variant
-from _util import random_variables
+from repvgg_jax.models.repvgg import RepVGG
+from _util import random_variables, tiny_variant
 
-TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
+TINY = tiny_variant((1, 1, 1, 1))
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.quant import export, make_quantizer, ptq, uniform
-from _util import random_variables
+from _util import random_variables, tiny_variant
 
 # SE blocks (left float) and dead identity channels (merged-kernel outliers).
-TINY_SE = Variant((1, 1, 2, 1), (0.25, 0.25, 0.25, 0.25), se=True)
+TINY_SE = tiny_variant((1, 1, 2, 1), se=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,11 +8,11 @@ import pytest
 from absl.testing import parameterized
 
 import repvgg_jax as rv
-from repvgg_jax.models.repvgg import RepVGG, Variant
-from _util import random_variables, rel_err
+from repvgg_jax.models.repvgg import RepVGG
+from _util import random_variables, rel_err, tiny_variant
 
 # A tiny network with every kind of block: strides 1/2, identity, g2 groups, SE.
-TINY = Variant((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, se=True)
+TINY = tiny_variant((2, 2, 2, 1), groups=2, se=True)
 # Every norm / block / OABN form and bound the model has.
 SETTINGS = ([dict(norm="bn")]
             + [dict(norm="oabn", oabn_form="median", oabn_bound=b, oabn_relative=r, oabn_tau=t)
@@ -98,12 +98,13 @@ class MergeTinyTest(parameterized.TestCase):
     chex.assert_trees_all_close(conv(k) + b, want, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_block_returns_one_3x3_kernel_and_bias():
+def test_merge_block_is_the_blocks_part_of_merge():
   model = RepVGG(TINY, num_classes=3)
   v = random_variables(model, _images(8))
   k, b = rv.merge_block(v["params"]["stages_0_1"], v["batch_stats"]["stages_0_1"])
+  merged = rv.merge(v)["params"]["stages_0_1"]["reparam_conv"]
   chex.assert_shape(k, (3, 3, 8, 16))  # 16 channels, 2 groups
-  chex.assert_shape(b, (16,))
+  chex.assert_trees_all_close((k, b), (merged["kernel"], merged["bias"]), rtol=1e-6, atol=1e-7)
 
 
 def test_merge_of_deploy_variables_is_identity():

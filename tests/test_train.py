@@ -41,15 +41,6 @@ def _parse(monkeypatch, *overrides):
   return fv.config
 
 
-def test_command_line_sets_quant_bits(monkeypatch):
-  assert _parse(monkeypatch, "--config.quant.bits=3").quant.bits == 3
-
-
-def test_command_line_rejects_unknown_field(monkeypatch):
-  with pytest.raises(Exception, match="bitz"):
-    _parse(monkeypatch, "--config.quant.bitz=3")
-
-
 def test_validate_names_every_invalid_field():
   cfg = tiny.tiny_config()
   cfg.quant.method = "kmeans"

@@ -14,7 +14,6 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-MODEL_NAMES_EXTRA = ("tiny",)
 DTYPES = ("float32", "bfloat16")
 # The other enums are their components' own (imported in validate): one list each.
 
@@ -30,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_fp_forms = True
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "RepVGG-A0"          # a zoo name or "tiny" (blocks 1,1,1,1, widths 0.25)
+  c.model.name = "RepVGG-A0"          # a zoo name; model.blocks, model.widths override its own
   c.model.norm = "bn"                 # "bn" | "oabn"
   c.model.block = "repvgg"            # "repvgg" | "qarepvgg" (one BN after the branch sum)
   # OABN (docs/oabn.md): "branch" bounds each channel's 1x1 + identity centre taps by
@@ -207,9 +206,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from repvgg_jax.quant.quantizer import GRANULARITIES, METHODS
   from repvgg_jax.quant.uniform import CLIPPINGS
   QUANT_METHODS = METHODS + ("none",)  # "none": no QAT, no export
-  names = {_canonical(n) for n in list_models()} | set(MODEL_NAMES_EXTRA)
-  if _canonical(cfg.model.name) not in names:
-    problems.append(f"model.name={cfg.model.name!r} not in {list_models() + ['tiny']}")
+  if _canonical(cfg.model.name) not in {_canonical(n) for n in list_models()}:
+    problems.append(f"model.name={cfg.model.name!r} not in {list_models()}")
   enum("model.norm", cfg.model.norm, NORMS)
   enum("model.block", cfg.model.block, STYLES)
   enum("model.oabn_form", cfg.model.oabn_form, FORMS)

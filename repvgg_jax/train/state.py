@@ -11,10 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from repvgg_jax.models.repvgg import RepVGG, Variant, create_model
+from repvgg_jax.models.repvgg import RepVGG, create_model
 from repvgg_jax.nn.oabn import SETTINGS
-
-TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
 
 
 class TrainState(train_state.TrainState):
@@ -58,10 +56,7 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
             oabn_form=model_cfg.oabn_form, oabn_tau=model_cfg.oabn_tau or None,
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
             deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
-  if model_cfg.name.lower() == "tiny":
-    variant = TINY
-  else:
-    variant = create_model(model_cfg.name).variant
+  variant = create_model(model_cfg.name).variant
   overrides = {f: tuple(model_cfg[f]) for f in ("blocks", "widths") if model_cfg.get(f)}
   return RepVGG(dataclasses.replace(variant, **overrides), **kw)
 
