@@ -98,6 +98,9 @@ def entry(report: dict, seconds: float) -> dict:
   alloc = report.get("bit_allocation")
   if alloc:
     out["layer_bits"] = {path: layer["bits"] for path, layer in alloc["layers"].items()}
+    # Each layer's measured loss increase at each bit choice, and its weight count.
+    out["layer_costs"] = {path: layer["costs"] for path, layer in alloc["layers"].items()}
+    out["layer_weights"] = {path: layer["weights"] for path, layer in alloc["layers"].items()}
   return out
 
 
@@ -109,6 +112,14 @@ def run(workdir: str, ledger_path: str, s: dict) -> dict:
   for seed in range(s["seeds"]):
     for method in ("fp", *METHODS):
       name = row_name(method, seed)
+      report_path = os.path.join(workdir, name, "report.json")
+      if name in ledger["rows"] and os.path.exists(report_path):
+        # A row finished by an older script: its entry again from its report (what the
+        # ledger keeps may have grown), the seconds it took kept.
+        fresh = entry(sr.read_json(report_path), ledger["rows"][name]["seconds"])
+        if fresh != ledger["rows"][name]:
+          ledger["rows"][name] = fresh
+          atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
       if name in ledger["rows"] or (method != "fp" and _ONLY.value not in method):
         continue
       print(f"{name} ...", flush=True)
@@ -164,12 +175,21 @@ def markdown(ledger: dict, out: str) -> str:
            if "layer_bits" in rows.get(f"{m}_s0", {})}
   if mixed:
     layers = list(next(iter(mixed.values())))
-    lines += ["", "Bits per block layer chosen under each budget (seed 0):", "",
-              "| layer | " + " | ".join(METHODS[m][0] for m in mixed) + " |",
-              "|---|" + "---:|" * len(mixed)]
-    lines += [f"| {layer.removesuffix('/reparam_conv/kernel')} | "
-              + " | ".join(str(bits[layer]) for bits in mixed.values()) + " |"
-              for layer in layers]
+    measured = next((rows[f"{m}_s0"] for m in mixed if "layer_costs" in rows[f"{m}_s0"]), None)
+    shown = [b for b in ("1", "2", "3", "4") if measured]
+    lines += ["", "Bits per block layer chosen under each budget (seed 0)"
+              + (", beside each layer's weights and its measured sensitivity (the loss "
+                 "increase on the training batches with that layer alone quantized at b "
+                 "bits, the others float)" if measured else "") + ":", "",
+              "| layer | " + ("weights | " if measured else "")
+              + "".join(f"loss +, {b} bit{'s' * (b != '1')} | " for b in shown)
+              + " | ".join(METHODS[m][0] for m in mixed) + " |",
+              "|---|" + "---:|" * (len(mixed) + len(shown) + bool(measured))]
+    for layer in layers:
+      cells = ([f"{measured['layer_weights'][layer]:,}"]
+               + [f"{measured['layer_costs'][layer][b]:.4f}" for b in shown] if measured else [])
+      lines.append(f"| {layer.removesuffix('/reparam_conv/kernel')} | "
+                   + " | ".join(cells + [str(bits[layer]) for bits in mixed.values()]) + " |")
   figure = os.path.splitext(out)[0] + "_pareto.png"
   if points:
     _pareto(points, figure)
