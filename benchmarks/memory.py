@@ -168,7 +168,7 @@ def size_table(variants) -> None:
     sizes = []
     for fl in (8, None):
       q = rv.make_quantizer("uniform", bits=4, first_last_bits=fl)
-      sizes.append(rv.export(params, q, q.init(params)).size_bytes())
+      sizes.append(rv.pack(params, q, q.init(params)).size_bytes())
     print(f"| {variant} | {n:,} | {f32 / 1e6:.2f} | {sizes[0] / 1e6:.2f} | "
           f"{f32 / sizes[0]:.2f}x | {sizes[1] / 1e6:.2f} | {f32 / sizes[1]:.2f}x |", flush=True)
     del params

@@ -27,7 +27,7 @@ def main() -> None:
                          (8, None, "channel"), (8, None, "tensor")):
     if True:
       q = rv.make_quantizer("uniform", bits=bits, granularity=gran, first_last_bits=fl)
-      packed = rv.export(params, q, q.init(params))
+      packed = rv.pack(params, q, q.init(params))
       total = packed.report()[-1]
       print(f"| {bits} ({fl or bits}) | per {gran} | {total['file_bytes']:,} | "
             f"{total['float32_bytes']:,} | {total['float32_bytes'] / total['file_bytes']:.2f}x |")

@@ -49,7 +49,7 @@ def _packed(variant: Variant, size: int, classes: int, act_bits: int, int8_level
     batches = [rv.deploy.normalize_images(
         rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8), MEAN, STD)]
     state = rv.calibrate(deploy, {"params": q.apply(merged, state), "quant": state}, batches)
-  return rv.export(merged, q, state, rv.describe(deploy, image_size=size, mean=MEAN, std=STD))
+  return rv.pack(merged, q, state, rv.model_description(deploy, image_size=size, mean=MEAN, std=STD))
 
 
 NETS = {"demo": ("shallow RepVGG-A0 (1, 2, 4, 1 blocks), 32 px, 10 classes",

@@ -1,23 +1,6 @@
 """PyTorch RepVGG checkpoints (official and timm) <-> Flax variables.
 
-Names, ours | official (DingXiaoH/RepVGG) | timm (``byobnet``)::
-
-  stem                       | stage0                   | stem
-  stages_{i}_{j}             | stage{i+1}.{j}           | stages.{i}.{j}
-  conv_kxk/conv/kernel       | rbr_dense.conv.weight    | conv_kxk.conv.weight
-  conv_kxk/bn/{scale,bias}   | rbr_dense.bn.{weight,bias}
-  conv_1x1/...               | rbr_1x1...               | conv_1x1...
-  identity/{scale,bias}      | rbr_identity.{weight,bias} | identity.{weight,bias}
-  se/{down,up}/{kernel,bias} | se.{down,up}.{weight,bias} | attn.{fc1,fc2}.{weight,bias}
-  reparam_conv/{kernel,bias} | rbr_reparam.{weight,bias} | reparam_conv.{weight,bias}
-  head/{kernel,bias}         | linear.{weight,bias}     | head.fc.{weight,bias}
-  batch_stats .../{mean,var} | ...running_mean, ...running_var (BN modules)
-
-Layouts: conv weights OIHW -> HWIO (``transpose(2, 3, 1, 0)``); a grouped
-PyTorch weight ``(O, I/groups, kh, kw)`` becomes Flax's
-``(kh, kw, I/groups, O)`` with ``feature_group_count=groups``; linear
-``(out, in)`` -> Dense ``(in, out)``; SE 1x1 convs ``(out, in, 1, 1)`` ->
-Dense ``(in, out)``.
+Names and layouts: :mod:`repvgg_jax.torch_names`.
 
 BatchNorm: ``running_var`` maps unchanged. PyTorch stores the unbiased
 estimate (batch variance times n/(n-1)) while Flax's BatchNorm averages the
@@ -45,120 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from repvgg_jax import torch_names
 from repvgg_jax.models.repvgg import VARIANTS, create_model
-
-STYLES = ("official", "timm")
-_BN_LEAVES = (("weight", "params", "scale"), ("bias", "params", "bias"),
-              ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
-
-
-def _block_table(style: str) -> dict[str, tuple[str, tuple[str, ...], str]]:
-  """Torch key suffix inside one block -> (collection, our sub-path, layout)."""
-  official = style == "official"
-  roles = {"conv_kxk": "rbr_dense" if official else "conv_kxk",
-           "conv_1x1": "rbr_1x1" if official else "conv_1x1"}
-  table = {}
-  for ours, theirs in roles.items():
-    table[f"{theirs}.conv.weight"] = ("params", (ours, "conv", "kernel"), "conv")
-    for leaf, coll, our_leaf in _BN_LEAVES:
-      table[f"{theirs}.bn.{leaf}"] = (coll, (ours, "bn", our_leaf), "vector")
-  for leaf, coll, our_leaf in _BN_LEAVES:
-    table[f"{'rbr_identity' if official else 'identity'}.{leaf}"] = (
-        coll, ("identity", our_leaf), "vector")
-  se = {"down": "se.down" if official else "attn.fc1", "up": "se.up" if official else "attn.fc2"}
-  for ours, theirs in se.items():
-    table[f"{theirs}.weight"] = ("params", ("se", ours, "kernel"), "se")
-    table[f"{theirs}.bias"] = ("params", ("se", ours, "bias"), "vector")
-  reparam = "rbr_reparam" if official else "reparam_conv"
-  table[f"{reparam}.weight"] = ("params", ("reparam_conv", "kernel"), "conv")
-  table[f"{reparam}.bias"] = ("params", ("reparam_conv", "bias"), "vector")
-  return table
-
-
-_BLOCKS = {s: _block_table(s) for s in STYLES}
-_BLOCKS_INV = {s: {(c, p): (k, lay) for k, (c, p, lay) in t.items()} for s, t in _BLOCKS.items()}
-_HEAD = {"official": "linear", "timm": "head.fc"}
-_BLOCK_RE = {"official": re.compile(r"^(stage0|stage([1-9]\d*)\.(\d+))\.(.+)$"),
-             "timm": re.compile(r"^(stem|stages\.(\d+)\.(\d+))\.(.+)$")}
-
-
-def _torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Our array shape -> the PyTorch tensor's shape for the same variable."""
-  if layout == "conv":
-    h, w, i, o = shape
-    return (o, i, h, w)
-  if layout == "linear":
-    return tuple(reversed(shape))
-  if layout == "se":
-    return (shape[1], shape[0], 1, 1)
-  return tuple(shape)
-
-
-def _from_torch_layout(layout: str, a: np.ndarray) -> np.ndarray:
-  if layout == "conv":
-    return a.transpose(2, 3, 1, 0)
-  if layout == "linear":
-    return a.T
-  if layout == "se":
-    return a[:, :, 0, 0].T
-  return a
-
-
-def _to_torch_layout(layout: str, a: np.ndarray) -> np.ndarray:
-  if layout == "conv":
-    return a.transpose(3, 2, 0, 1)
-  if layout == "linear":
-    return a.T
-  if layout == "se":
-    return a.T[:, :, None, None]
-  return a
-
-
-def _parse_key(key: str, style: str) -> tuple[str, tuple[str, ...], str] | None:
-  """A torch key -> (collection, our path, layout), or None if it is not ours."""
-  head = _HEAD[style]
-  if key in (f"{head}.weight", f"{head}.bias"):
-    leaf = key.rsplit(".", 1)[1]
-    return ("params", ("head", "kernel" if leaf == "weight" else "bias"),
-            "linear" if leaf == "weight" else "vector")
-  m = _BLOCK_RE[style].match(key)
-  if m is None or m.group(4) not in _BLOCKS[style]:
-    return None
-  if m.group(2) is None:
-    block = "stem"
-  else:
-    stage = int(m.group(2)) - (1 if style == "official" else 0)
-    block = f"stages_{stage}_{int(m.group(3))}"
-  coll, sub, layout = _BLOCKS[style][m.group(4)]
-  return coll, (block,) + sub, layout
-
-
-def _torch_key(coll: str, path: tuple[str, ...], style: str) -> tuple[str, str] | None:
-  """(collection, our path) -> (torch key, layout), or None if it has no torch name."""
-  if path in (("head", "kernel"), ("head", "bias")):
-    return (f"{_HEAD[style]}.{'weight' if path[1] == 'kernel' else 'bias'}",
-            "linear" if path[1] == "kernel" else "vector")
-  found = _BLOCKS_INV[style].get((coll, path[1:]))
-  if found is None:
-    return None
-  if path[0] == "stem":
-    prefix = "stage0" if style == "official" else "stem"
-  else:
-    m = re.fullmatch(r"stages_(\d+)_(\d+)", path[0])
-    if m is None:
-      return None
-    i, j = int(m.group(1)), int(m.group(2))
-    prefix = f"stage{i + 1}.{j}" if style == "official" else f"stages.{i}.{j}"
-  return f"{prefix}.{found[0]}", found[1]
-
-
-def _detect_style(keys: list[str]) -> str:
-  votes = {s: sum(_parse_key(k, s) is not None for k in keys) for s in STYLES}
-  if votes["official"] and votes["timm"]:
-    raise ValueError("state dict mixes official RepVGG names (stage0, rbr_dense, linear) "
-                     "and timm names (stem, stages, conv_kxk, head.fc)")
-  return "official" if votes["official"] else "timm"
-
 
 @functools.lru_cache(maxsize=32)
 def _expected(name: str, num_classes: int, deploy: bool) -> dict[tuple[str, ...], tuple]:
@@ -206,11 +77,12 @@ def _problems(expected: dict, given: dict, unknown: list[str], style: str) -> li
   """Readable lines for unknown, missing and mis-shaped keys (empty if none)."""
   missing, bad_shape = [], []
   for path, shape in expected.items():
-    key, layout = _torch_key(path[0], path[1:], style)
+    key, layout = torch_names.torch_key(path[0], path[1:], style)
+    want = torch_names.torch_shape(layout, shape)
     if path not in given:
-      missing.append(f"{key} {_torch_shape(layout, shape)}")
-    elif given[path][1] != _torch_shape(layout, shape):
-      bad_shape.append(f"{key}: got {given[path][1]}, expected {_torch_shape(layout, shape)}")
+      missing.append(f"{key} {want}")
+    elif given[path][1] != want:
+      bad_shape.append(f"{key}: got {given[path][1]}, expected {want}")
   unexpected = sorted(unknown) + sorted(given[p][0] for p in given if p not in expected)
   lines = []
   for title, items in (("unexpected keys", unexpected), ("missing keys", missing),
@@ -260,10 +132,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
       raise ValueError(f"state dict has both {k!r} and {_strip_prefix(k)!r}")
     raw[_strip_prefix(k)] = v
   keys = list(raw)
-  style = _detect_style(keys)
+  style = torch_names.detect_naming(keys)
   given, unknown = {}, []
   for key in keys:
-    parsed = _parse_key(key, style)
+    parsed = torch_names.parse_key(key, style)
     if parsed is None:
       unknown.append(key)
     else:
@@ -303,7 +175,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = None
 
 
 def _build(given: dict, raw: dict, deploy: bool) -> dict[str, Any]:
-  flat = {path: jnp.asarray(_from_torch_layout(layout, _to_numpy(raw[key])))
+  flat = {path: jnp.asarray(torch_names.from_torch_layout(layout, _to_numpy(raw[key])))
           for path, (key, _, layout) in given.items()}
   variables = traverse_util.unflatten_dict(flat)
   if not deploy:
@@ -331,20 +203,20 @@ def to_torch_state_dict(variables: Mapping[str, Any], style: str = "timm", *,
     ValueError: listing every variable with no PyTorch counterpart (e.g. OABN
       bound settings: merge an OABN model first, its deploy weights are exact).
   """
-  if style not in STYLES:
-    raise ValueError(f"style={style!r}: expected one of {STYLES}")
+  if style not in torch_names.NAMINGS:
+    raise ValueError(f"style={style!r}: expected one of {torch_names.NAMINGS}")
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("expected a variables dict with a 'params' collection")
   flat = traverse_util.flatten_dict({k: v for k, v in variables.items()})
   out, bad = {}, []
   for path, value in flat.items():
-    found = _torch_key(path[0], path[1:], style) if len(path) > 2 else None
+    found = torch_names.torch_key(path[0], path[1:], style) if len(path) > 2 else None
     if found is None:
       bad.append("/".join(path))
       continue
     key, layout = found
     # A C-ordered, writable copy: torch and safetensors expect contiguous buffers.
-    out[key] = np.array(_to_torch_layout(layout, np.asarray(value)), order="C")
+    out[key] = np.array(torch_names.to_torch_layout(layout, np.asarray(value)), order="C")
     if key.endswith("running_mean"):
       out[key[:-len("running_mean")] + "num_batches_tracked"] = np.array(0, np.int64)
   if bad:

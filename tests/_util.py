@@ -108,7 +108,7 @@ def tiny_packed(method="cluster", act_bits=8, variant=None, bits=4, **opts):
   if act_bits:
     batches = [deploy.normalize_images(uint8_images(8, s), MEAN, STD) for s in range(2)]
     state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
-  return rv.export(params, q, state, rv.describe(model, image_size=IMAGE_SIZE, mean=MEAN,
+  return rv.pack(params, q, state, rv.model_description(model, image_size=IMAGE_SIZE, mean=MEAN,
                                                  std=STD))
 
 

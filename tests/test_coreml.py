@@ -105,7 +105,7 @@ def test_activations_are_quantized_at_our_steps(tmp_path, act_bits):
   export_coreml(packed, tmp_path / "model.mlpackage")
   ops, _ = _read_back(tmp_path / "model.mlpackage")
   quant = packed.to_variables()["quant"]
-  layers = [b.name for b in RepVGG(TINY_DEPLOY, deploy=True).blocks()] + ["head"]
+  layers = [b.name for b in RepVGG(TINY_DEPLOY, deploy=True).layers()] + ["head"]
   quantizes = [op for op in ops.values() if op.op_type == "quantize"]
   assert len(quantizes) == len(layers)
   for layer in layers:
@@ -146,7 +146,7 @@ def test_grouped_and_se_variants_export(tmp_path, variant):
     assert {int(op.groups.val) for op in convs} == {1, variant.groups}
   else:  # two float 1x1 convs of each SE
     assert sum(op.name.endswith(("_se_down", "_se_up")) for op in convs) == \
-        2 * len(RepVGG(variant, deploy=True).blocks())
+        2 * len(RepVGG(variant, deploy=True).layers())
 
 
 def test_a_failed_write_leaves_the_old_package_whole(tmp_path, monkeypatch):

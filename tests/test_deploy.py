@@ -100,8 +100,8 @@ def test_create_model_names_bad_act_bits():
 
 def _packed(tmp_path, method="cluster", act_bits=8, **opts):
   model, q, state = _calibrated(method, act_bits=act_bits, **opts)
-  desc = rv.describe(model, image_size=SIZE, mean=MEAN, std=STD, dataset="test")
-  packed = rv.export(_merged(), q, state, desc)
+  desc = rv.model_description(model, image_size=SIZE, mean=MEAN, std=STD, dataset="test")
+  packed = rv.pack(_merged(), q, state, desc)
   path = tmp_path / "model.packed"
   packed.save(path)
   return model, q, state, path

@@ -54,9 +54,9 @@ def packed_path(tmp_path_factory):
   batches = [deploy.normalize_images(_images(8, s), MEAN, STD) for s in range(2)]
   state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches,
                        method="minmax")
-  desc = rv.describe(model, image_size=SIZE, mean=MEAN, std=STD, dataset="test")
+  desc = rv.model_description(model, image_size=SIZE, mean=MEAN, std=STD, dataset="test")
   path = tmp_path_factory.mktemp("iree") / "model.packed"
-  rv.export(params, q, state, desc).save(path)
+  rv.pack(params, q, state, desc).save(path)
   return path
 
 

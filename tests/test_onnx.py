@@ -106,7 +106,7 @@ def test_onnx_runtime_fuses_every_conv_with_a_quantized_output(tmp_path):
            optimized_path=tmp_path / "optimized.onnx")
   nodes = onnx.load(tmp_path / "optimized.onnx").graph.node
   fused = [n.name for n in nodes if n.op_type == "QLinearConv"]
-  convs = len(RepVGG(TINY_DEPLOY, deploy=True).blocks())
+  convs = len(RepVGG(TINY_DEPLOY, deploy=True).layers())
   # The last conv's float output feeds the pooling (the network quantizes the pooled
   # vector, not the map), so it has no QuantizeLinear to fuse with.
   assert len(fused) == convs - 1, [n.op_type for n in nodes]

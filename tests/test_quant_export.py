@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.quant import export, make_quantizer, pack_bits, read_packed, unpack_bits
+from repvgg_jax.quant import make_quantizer, pack, pack_bits, read_packed, unpack_bits
 from _util import random_variables, tiny_variant
 
 TINY = tiny_variant((1, 2, 2, 1))
@@ -38,7 +38,7 @@ def test_qat_forward_equals_packed_forward_bit_for_bit(tmp_path, method, granula
   state = q.init(params)
   apply = jax.jit(model.apply)
   y_qat = apply({"params": jax.jit(q.apply)(params, state)}, x)
-  packed = export(params, q, state)
+  packed = pack(params, q, state)
   packed.save(tmp_path / "m.npz")
   y_packed = apply(read_packed(tmp_path / "m.npz").to_variables(), x)
   np.testing.assert_array_equal(np.asarray(y_packed), np.asarray(y_qat))

@@ -12,7 +12,7 @@ from flax import traverse_util
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.quant import make_quantizer, mixed
-from repvgg_jax.quant.export import export, read_packed
+from repvgg_jax.quant.packed import pack, read_packed
 from repvgg_jax.quant.kmeans import codebook_mse
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
@@ -60,7 +60,7 @@ def test_grouped_model_packs_with_one_codebook_a_group_and_runs_bit_for_bit(tmp_
   params = _params()
   q = make_quantizer("cluster", bits=3, granularity="group", group_size=4, first_last_bits=4)
   state = q.init(params)
-  packed = export(params, q, state)
+  packed = pack(params, q, state)
   packed.save(tmp_path / "m.packed")
   got = read_packed(tmp_path / "m.packed")
   for path, w in q.kernels(params).items():
@@ -83,7 +83,7 @@ def test_grouped_model_packs_with_one_codebook_a_group_and_runs_bit_for_bit(tmp_
 def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, opts):
   params = _params()
   q = make_quantizer("cluster", bits=2, first_last_bits=3, **opts)
-  packed = export(params, q, q.init(params))
+  packed = pack(params, q, q.init(params))
   packed.save(tmp_path / "m.packed")
   with np.load(tmp_path / "m.packed") as z:
     for path, w in q.kernels(params).items():
@@ -111,8 +111,8 @@ def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
   batches = [jnp.asarray(np.random.default_rng(s).standard_normal((8, 32, 32, 3)), jnp.float32)
              for s in range(2)]
   quant = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
-  desc = rv.describe(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
-  rv.export(params, q, quant, desc).save(tmp_path / "m.packed")
+  desc = rv.model_description(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
+  rv.pack(params, q, quant, desc).save(tmp_path / "m.packed")
   deployed = rv.load_packed(tmp_path / "m.packed")
   images = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
   fake, integer = np.asarray(deployed(images)), np.asarray(deployed.integer(images))
@@ -122,7 +122,7 @@ def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
 def test_a_version_2_file_reads_as_per_channel(tmp_path):
   params = _params()
   q = make_quantizer("cluster", bits=2, first_last_bits=2)
-  packed = export(params, q, q.init(params))
+  packed = pack(params, q, q.init(params))
   arrays = dict(packed._arrays())
   import json
   meta = json.loads(arrays["__meta__"].tobytes())
@@ -171,8 +171,8 @@ def test_vector_model_packs_loads_and_exports(tmp_path, opts):
   q = make_quantizer("cluster", bits=3, first_last_bits=4, **opts)
   state = q.init(params)
   model = RepVGG(TINY, num_classes=5, deploy=True)
-  desc = rv.describe(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
-  rv.export(params, q, state, desc).save(tmp_path / "m.packed")
+  desc = rv.model_description(model, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="test")
+  rv.pack(params, q, state, desc).save(tmp_path / "m.packed")
   deployed = rv.load_packed(tmp_path / "m.packed")
   for path, w in q.kernels(params).items():
     layer = deployed.packed.layers["/".join(path)]

@@ -42,7 +42,7 @@ def test_layer_bytes_is_the_packed_files_accounting(merged, opts):
   bits_of = {"stages_0_0/reparam_conv/kernel": 1, "stages_1_0/reparam_conv/kernel": 6,
              "stages_2_0/reparam_conv/kernel": 3}
   q = rv.make_quantizer("cluster", bits=2, layer_bits_of=bits_of, **opts)
-  packed = rv.export(merged, q, q.init(merged))
+  packed = rv.pack(merged, q, q.init(merged))
   rows = {r["path"]: r for r in packed.report()}
   for path, layer in packed.layers.items():
     assert layer["bits"] == bits_of.get(path, 8 if path.startswith(("stem", "head")) else 2)
@@ -141,7 +141,7 @@ def test_plan_budget_avg_bits_is_the_uniform_models_bytes(merged):
   q = rv.make_quantizer("cluster", bits=2)
   shapes = {p: np.shape(w) for p, w in q.kernels(merged).items()}
   plan = mixed.plan_budget(shapes, q, avg_bits=2)
-  uniform2 = rv.export(merged, q, q.init(merged))
+  uniform2 = rv.pack(merged, q, q.init(merged))
   kernel_bytes = sum(r["packed_bytes"] for r in uniform2.report() if r["path"] != "total")
   assert plan.total({p: 2 for p in plan.free}) == kernel_bytes == plan.budget + plan.fixed_bytes
   assert all(p[0] not in ("stem", "head") for p in plan.free)

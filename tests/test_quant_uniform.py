@@ -10,7 +10,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.quant import export, make_quantizer, ptq, uniform
+from repvgg_jax.quant import make_quantizer, pack, ptq, uniform
 from _util import random_variables, tiny_variant
 
 # SE blocks (left float) and dead identity channels (merged-kernel outliers).
@@ -154,7 +154,7 @@ def test_ptq_equals_uniform_export(clipping):
   params = {k: v for k, v in _params().items() if k in ("stem", "stages_0_0", "head")}
   q = make_quantizer("uniform", bits=4, granularity="channel", first_last_bits=8,
                      clipping=clipping)
-  packed = export(params, q, q.init(params)).to_variables()["params"]
+  packed = pack(params, q, q.init(params)).to_variables()["params"]
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, ptq(params, bits=4, clipping=clipping)),
                               packed)
 
@@ -184,6 +184,6 @@ def test_an_lsq_step_pushed_below_zero_still_gives_a_sorted_grid_and_export():
   params = {k: v for k, v in _params().items() if k in ("stem", "stages_0_0", "head")}
   q = make_quantizer("lsq", bits=3)
   state = jax.tree.map(lambda s: -s, q.init(params))  # as an SGD step through zero would
-  packed = export(params, q, state)                   # validates sorted codebooks
+  packed = pack(params, q, state)                   # validates sorted codebooks
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, q.apply(params, state)),
                               packed.to_variables()["params"])

@@ -2,7 +2,7 @@
 
 * ``calibration``: :func:`calibrate`, activation steps of a deploy model with ``act_bits``
   from a few batches (min-max, percentile or MSE).
-* ``runtime``: :func:`describe` (what the packed file records about its network, so that
+* ``runtime``: :func:`model_description` (what the packed file records about its network, so that
   :func:`load_packed` needs no config), :func:`normalize_images`, :func:`apply_fn` (on
   decoded variables) and :func:`forward_fn`
   (uint8 NHWC images -> float32 logits: decode, normalize, deploy forward).
@@ -21,8 +21,13 @@ from repvgg_jax.deploy.coreml import export_coreml
 from repvgg_jax.deploy.integer import integer_forward_fn
 from repvgg_jax.deploy.model import DeployedModel, load_packed
 from repvgg_jax.deploy.onnx import export_onnx
-from repvgg_jax.deploy.runtime import describe, forward_fn, normalize_images
+from repvgg_jax.deploy.runtime import forward_fn, model_description, normalize_images
 from repvgg_jax.deploy.stablehlo import export_stablehlo
 
-__all__ = ["DeployedModel", "calibrate", "describe", "export_coreml", "export_onnx", "export_stablehlo",
-           "forward_fn", "integer_forward_fn", "load_packed", "normalize_images"]
+__all__ = ["DeployedModel", "calibrate", "export_coreml", "export_onnx", "export_stablehlo",
+           "forward_fn", "integer_forward_fn", "load_packed", "model_description",
+           "normalize_images"]
+
+from repvgg_jax.deprecation import renamed  # noqa: E402
+
+__getattr__ = renamed(__name__, {"describe": "repvgg_jax.deploy.runtime.model_description"})

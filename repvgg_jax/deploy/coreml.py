@@ -47,6 +47,7 @@ is atomic.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from typing import Any
@@ -56,11 +57,16 @@ import numpy as np
 from repvgg_jax.deploy.runtime import model_from
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
 from repvgg_jax.quant import uniform
-from repvgg_jax.quant.export import PackedModel
+from repvgg_jax.quant.packed import PackedModel
 
 SUFFIX = ".mlpackage"
 # Our codebook bits -> the bits of the Core ML LUT that holds them (2^n entries).
 LUT_BITS = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 6, 7: 8, 8: 8}
+
+
+def available() -> bool:
+  """Whether a Core ML package can be written here (coremltools imports)."""
+  return importlib.util.find_spec("coremltools") is not None
 
 
 def _import_coremltools():
@@ -222,7 +228,7 @@ def export_coreml(packed: PackedModel, path, *, batch_size: int = 1, channels: i
     x = mb.mul(x=x, y=np.float32(1 / 255), name="images_01")
     x = mb.sub(x=x, y=mean, name="images_centred")
     x = mb.real_div(x=x, y=std, name="images_normalized")
-    for b in model.blocks():
+    for b in model.layers():
       if bits:
         x = _quant_act(mb, x, b.name, _step(quant[b.name]["act"]), bits,
                        b.name == SIGNED_INPUT_LAYER)

@@ -11,7 +11,7 @@ import numpy as np
 from repvgg_jax.deploy.runtime import model_from, normalize_images
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
 from repvgg_jax.quant import uniform
-from repvgg_jax.quant.export import PackedModel
+from repvgg_jax.quant.packed import PackedModel
 
 
 def int8_weights(packed: PackedModel, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +57,7 @@ def integer_forward_fn(packed: PackedModel):
   variables = packed.to_variables()
   p, quant = variables["params"], variables["quant"]
   layers = []
-  for b in model.blocks():
+  for b in model.layers():
     k, scale = int8_weights(packed, f"{b.name}/reparam_conv/kernel")
     step = float(uniform.learned_step(quant[b.name]["act"]["step"]))
     layers.append((b, k, *int32_bias(p[b.name]["reparam_conv"]["bias"], step, scale), step))

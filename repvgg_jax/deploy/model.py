@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.deploy.integer import integer_forward_fn
 from repvgg_jax.deploy.runtime import apply_fn, model_from
-from repvgg_jax.quant.export import PackedModel, read_packed
+from repvgg_jax.quant.packed import PackedModel, read_packed
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ Every export passes ``onnx.checker.check_model(..., full_check=True)``.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -40,12 +41,17 @@ from repvgg_jax.deploy.runtime import model_from
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
 from repvgg_jax.quant import uniform
-from repvgg_jax.quant.export import PackedModel
+from repvgg_jax.quant.packed import PackedModel
 
 ACTIVATIONS = ("uint8", "int8")
 # QuantizeLinear/DequantizeLinear with per-axis scales (13+); TensorRT 10 and ONNX
 # Runtime both read 17.
 OPSET = 17
+
+
+def available() -> bool:
+  """Whether an ONNX model can be written and run here (onnx and onnxruntime import)."""
+  return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def check_activations(activations: str, act_bits: int) -> None:
@@ -216,7 +222,7 @@ def export_onnx(packed: PackedModel, path=None, *, activations: str = "uint8",
   def int8_grid(path: str) -> bool:
     return "int_scale" in packed.layers.get(path, {})
 
-  for b in model.blocks():
+  for b in model.layers():
     s = step(quant[b.name]["act"]) if bits else None
     kernel = f"{b.name}/reparam_conv/kernel"
     if bits:

@@ -1,4 +1,4 @@
-"""The packed model's network: its description (:func:`describe`), the deploy model
+"""The packed model's network: its description (:func:`model_description`), the deploy model
 rebuilt from it, and the float forward on uint8 images (:func:`apply_fn` on decoded
 variables, :func:`forward_fn` with the decode inside), which every runtime of the packed
 file reproduces."""
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.data.transforms import normalize
 from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.quant.export import PackedModel
+from repvgg_jax.quant.packed import PackedModel
 
 
 def normalize_images(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -24,8 +24,8 @@ def normalize_images(images: jax.Array, mean: Any, std: Any) -> jax.Array:
   return normalize(images, mean, std)
 
 
-def describe(model: RepVGG, *, image_size: int, mean: Any, std: Any,
-             **extra: Any) -> dict[str, Any]:
+def model_description(model: RepVGG, *, image_size: int, mean: Any, std: Any,
+                      **extra: Any) -> dict[str, Any]:
   """The ``model`` metadata of a packed file: enough to rebuild ``model``'s
   deploy form and feed it uint8 images (``extra``: e.g. the dataset name)."""
   v = model.variant
@@ -42,7 +42,7 @@ def model_from(desc: Mapping[str, Any], path: str) -> RepVGG:
   missing = [k for k in need if k not in desc]
   if missing:
     raise ValueError(f"load_packed: {path} does not describe its model (missing {missing}); "
-                     "export it again with repvgg_jax.deploy.describe(...)")
+                     "export it again with repvgg_jax.deploy.model_description(...)")
   variant = Variant(tuple(desc["blocks"]), tuple(desc["widths"]), desc["groups"], desc["se"])
   # XLA's conv: the program is the same on every backend (and exportable).
   return RepVGG(variant, num_classes=desc["num_classes"], deploy=True,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.deploy.runtime import forward_fn
 from repvgg_jax.fileio import atomic_write_bytes
-from repvgg_jax.quant.export import PackedModel
+from repvgg_jax.quant.packed import PackedModel
 
 
 def _batch_dim(batch_size):

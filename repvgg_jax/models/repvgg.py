@@ -284,7 +284,7 @@ class RepVGG(nn.Module):
                               conv_impl=self.conv_impl, act_bits=self.act_bits,
                               style=self.block, branch_bound=self.branch_bound())
     x = x.astype(self.dtype) if self.dtype is not None else x
-    for b in self.blocks():
+    for b in self.layers():
       x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
                 name=b.name)(x, train)
     x = jnp.mean(x, axis=(1, 2))
@@ -293,8 +293,9 @@ class RepVGG(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 
-  def blocks(self) -> list["BlockSpec"]:
-    """The blocks in order (stem first): name, output channels, stride, groups."""
+  def layers(self) -> list["BlockSpec"]:
+    """The 3x3 conv layers in order, one a block (stem first): name, output channels,
+    stride, groups. (``variant.blocks`` are the blocks per stage; ``block`` the style.)"""
     v = self.variant
     first_stride = 1 if self.cifar_stem else 2
     out = [BlockSpec("stem", min(64, int(64 * v.widths[0])), first_stride, 1)]
@@ -306,6 +307,13 @@ class RepVGG(nn.Module):
         out.append(BlockSpec(f"stages_{i}_{j}", int(64 * 2 ** i * width), strides, groups))
         layer += 1
     return out
+
+  def blocks(self) -> list["BlockSpec"]:
+    """Deprecated name of :meth:`layers` (goes in the next release)."""
+    import warnings
+    warnings.warn("RepVGG.blocks() is deprecated and goes in the next release: use "
+                  "RepVGG.layers()", DeprecationWarning, stacklevel=2)
+    return self.layers()
 
 
 def check_options(norm: str, block: str, oabn_form: str) -> None:

@@ -7,13 +7,13 @@ grids, activation fake-quant, the packed export.
 * ``cluster``: the straight-through codebook quantizer, int8 snapping.
 * ``uniform``: integer grids, min-max and MSE steps, LSQ fake-quant.
 * ``activation``: activation calibration (min-max, percentile, MSE).
-* ``export``: bit packing and the packed file.
+* ``packed``: bit packing and the packed file (:func:`pack` -> :class:`PackedModel`).
 * ``mixed``: per-layer bits under a size budget (sensitivities, exact allocation).
 """
 
 from repvgg_jax.quant.activation import CALIBRATIONS, calibrated_step
 from repvgg_jax.quant.cluster import assign, check_codebook, quantize, snap_to_int8
-from repvgg_jax.quant.export import PackedModel, export, pack_bits, read_packed, unpack_bits
+from repvgg_jax.quant.packed import PackedModel, pack, pack_bits, read_packed, unpack_bits
 from repvgg_jax.quant.kmeans import check_bits, fit_codebook
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.levels import decode, nearest_index, squared_error
@@ -22,7 +22,11 @@ from repvgg_jax.quant.uniform import fake_quant, grid, minmax_step, mse_step
 
 __all__ = [
     "CALIBRATIONS", "METHODS", "PackedModel", "calibrated_step", "Quantizer", "assign", "check_bits", "check_codebook", "decode",
-    "export", "fake_quant", "fit_codebook", "grid", "make_quantizer", "minmax_step", "mse_step",
-    "nearest_index", "optimal_codebook", "pack_bits", "ptq", "quantize", "read_packed",
+    "fake_quant", "fit_codebook", "grid", "make_quantizer", "minmax_step", "mse_step",
+    "nearest_index", "optimal_codebook", "pack", "pack_bits", "ptq", "quantize", "read_packed",
     "snap_to_int8", "squared_error", "unpack_bits",
 ]
+
+from repvgg_jax.deprecation import renamed  # noqa: E402
+
+__getattr__ = renamed(__name__, {"export": "repvgg_jax.quant.packed.pack"})

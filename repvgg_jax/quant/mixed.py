@@ -47,6 +47,28 @@ def check_bit_choices(choices: Sequence[int], method: str = "cluster") -> tuple[
   return tuple(sorted({check(b, f"bit choice {b!r}") for b in choices}))
 
 
+def budget_problems(avg_bits: float, total_bytes: int, bit_choices: Sequence[int],
+                    sensitivity: str, batches: int, method: str) -> list[str]:
+  """What is wrong with a budget's own settings, one line each naming the field (whether
+  a model can meet the budget is :func:`plan_budget`'s, once its shapes are known)."""
+  problems = []
+  if avg_bits and total_bytes:
+    problems.append(f"avg_bits={avg_bits!r} and bytes={total_bytes!r}: give one budget")
+  if avg_bits and not 1 <= avg_bits <= 8:
+    problems.append(f"avg_bits={avg_bits!r} must be in 1..8")
+  if total_bytes and not (isinstance(total_bytes, int) and total_bytes > 0):
+    problems.append(f"bytes={total_bytes!r} must be a positive int")
+  try:
+    check_bit_choices(bit_choices, method)
+  except (ValueError, TypeError) as e:
+    problems.append(f"bit_choices={tuple(bit_choices)!r}: {e}")
+  if sensitivity not in SENSITIVITIES:
+    problems.append(f"sensitivity={sensitivity!r} not in {list(SENSITIVITIES)}")
+  if not (isinstance(batches, int) and batches > 0):
+    problems.append(f"batches={batches!r} must be a positive int")
+  return problems
+
+
 def layer_bytes(shape: Sequence[int], bits: int, *, per_channel: bool = True,
                 group_size: int = 1, cluster_dim: int = 1, int8_levels: bool = False) -> int:
   """Bytes the packed file stores for a kernel of ``shape`` (output channels last) at
@@ -121,6 +143,10 @@ def hessian_sensitivity(loss_fn: Callable[[Any], jax.Array], params, quantizer,
     out[p] = {b: float(trace) / w.size * float(jnp.sum(jnp.square(
         quantized_kernel(quantizer, p, w, b) - w))) for b in bit_choices}
   return out
+
+
+# quant.budget.sensitivity: the name of each measure.
+SENSITIVITIES = {"loss": loss_sensitivity, "hessian": hessian_sensitivity}
 
 
 def allocate(costs: Mapping[Any, Mapping[int, float]], sizes: Mapping[Any, Mapping[int, float]],

@@ -170,8 +170,8 @@ class PackedModel:
     return rows
 
 
-def export(params: Mapping[str, Any], quantizer, state,
-           model: Mapping[str, Any] | None = None) -> PackedModel:
+def pack(params: Mapping[str, Any], quantizer, state,
+         model: Mapping[str, Any] | None = None) -> PackedModel:
   """Packs deploy params with the codebooks and indices ``quantizer`` uses in
   ``apply``; the other entries of ``state`` (activation steps) and every
   unquantized param are kept as float32. ``model``: the description stored

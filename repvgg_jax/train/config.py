@@ -8,7 +8,6 @@ checks enums and ranges that a lock cannot.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from typing import Any
 
 import ml_collections
@@ -293,7 +292,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"quant.act_percentile={cfg.quant.act_percentile!r} must be in (50, 100]")
   if not (isinstance(cfg.quant.calib_batches, int) and cfg.quant.calib_batches > 0):
     problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
-  _check_budget(cfg, problems, enum)
+  _check_budget(cfg, problems)
   _check_export(cfg, problems, enum)
   for stage in ("fp", "qat"):
     s = cfg[stage]
@@ -325,58 +324,31 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 EXPORT_SWITCHES = ("auto", "on", "off")
 
 
-def onnx_available() -> bool:
-  """Whether model.onnx can be written and evaluated (onnx and onnxruntime import)."""
-  return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-
-
-def coreml_available() -> bool:
-  """Whether model.mlpackage can be written (coremltools imports)."""
-  return importlib.util.find_spec("coremltools") is not None
-
-
-SENSITIVITIES = ("loss", "hessian")
-
-
-def _check_budget(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:
-  """The budget's own fields; whether the model can meet it is checked once its shapes
-  are known (pipeline.run, before training)."""
-  from repvgg_jax.quant.mixed import check_bit_choices
+def _check_budget(cfg: ml_collections.ConfigDict, problems: list[str]) -> None:
+  from repvgg_jax.quant.mixed import budget_problems
   b = cfg.quant.budget
   if not b.avg_bits and not b.bytes:
     return
-  if b.avg_bits and b.bytes:
-    problems.append(f"quant.budget.avg_bits={b.avg_bits!r} and quant.budget.bytes={b.bytes!r}: "
-                    "give one budget")
-  if b.avg_bits and not 1 <= b.avg_bits <= 8:
-    problems.append(f"quant.budget.avg_bits={b.avg_bits!r} must be in 1..8")
-  if b.bytes and not (isinstance(b.bytes, int) and b.bytes > 0):
-    problems.append(f"quant.budget.bytes={b.bytes!r} must be a positive int")
-  try:
-    check_bit_choices(b.bit_choices, cfg.quant.method)
-  except (ValueError, TypeError) as e:
-    problems.append(f"quant.budget.bit_choices={tuple(b.bit_choices)!r}: {e}")
-  enum("quant.budget.sensitivity", b.sensitivity, SENSITIVITIES)
-  if not (isinstance(b.batches, int) and b.batches > 0):
-    problems.append(f"quant.budget.batches={b.batches!r} must be a positive int")
+  problems += [f"quant.budget.{p}" for p in budget_problems(
+      b.avg_bits, b.bytes, b.bit_choices, b.sensitivity, b.batches, cfg.quant.method)]
   if cfg.quant.method == "none":
     problems.append("quant.budget needs quant.method other than 'none'")
 
 
 def _check_export(cfg: ml_collections.ConfigDict, problems: list[str], enum: Any) -> None:
-  from repvgg_jax.deploy.onnx import check_activations
+  from repvgg_jax.deploy import coreml, onnx
   e = cfg.export
   enum("export.coreml", e.coreml, EXPORT_SWITCHES)
-  if e.coreml == "on" and not coreml_available():
+  if e.coreml == "on" and not coreml.available():
     problems.append("export.coreml='on' needs coremltools: pip install 'repvgg-jax[coreml]' "
                     "(or export.coreml='auto' to skip it without it)")
   enum("export.onnx", e.onnx, EXPORT_SWITCHES)
-  if e.onnx == "on" and not onnx_available():
+  if e.onnx == "on" and not onnx.available():
     problems.append("export.onnx='on' needs onnx and onnxruntime: pip install "
                     "'repvgg-jax[onnx]' (or export.onnx='auto' to skip it without them)")
   if e.onnx != "off":
     try:
-      check_activations(e.onnx_activations, cfg.quant.act_bits)
+      onnx.check_activations(e.onnx_activations, cfg.quant.act_bits)
     except ValueError as err:
       problems.append(f"export.onnx_activations: {err}")
   b = e.stablehlo_batch

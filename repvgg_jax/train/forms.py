@@ -16,7 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import repvgg_jax
-from repvgg_jax.train import config as config_lib
+from repvgg_jax.deploy import coreml, onnx
 
 
 def _read(path: str) -> bytes:
@@ -34,7 +34,7 @@ def deploy_forms(cfg: ml_collections.ConfigDict, q: Any, params: Any, quant: Any
   and the deployed model. Every process evaluates the files' contents (process 0's disk
   may not be visible to the others, which use the same objects in memory)."""
   image_shape = eval_loader.image_shape
-  packed = repvgg_jax.export(params, q, quant, repvgg_jax.describe(
+  packed = repvgg_jax.pack(params, q, quant, repvgg_jax.model_description(
       qmodel, image_size=image_shape[0], mean=eval_loader.mean, std=eval_loader.std,
       variant=cfg.model.name, dataset=eval_loader.dataset))
   path, hlo_path = (os.path.join(workdir, f) for f in ("model.packed", "model.stablehlo"))
@@ -127,7 +127,7 @@ def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
   and no package. Not evaluated: Core ML predicts only on Apple platforms."""
   path = os.path.join(workdir, "model.mlpackage")
   entry = None
-  if ec.coreml == "auto" and not config_lib.coreml_available():
+  if ec.coreml == "auto" and not coreml.available():
     logging.info("model.mlpackage skipped: coremltools is not installed "
                  "(pip install 'repvgg-jax[coreml]')")
   elif ec.coreml != "off":
@@ -154,7 +154,7 @@ def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
   file and evaluates what it reads back."""
   path = os.path.join(workdir, "model.onnx")
   entry, fn = None, None
-  if ec.onnx == "auto" and not config_lib.onnx_available():
+  if ec.onnx == "auto" and not onnx.available():
     logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
                  "(pip install 'repvgg-jax[onnx]')")
   elif ec.onnx != "off":

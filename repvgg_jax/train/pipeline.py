@@ -19,6 +19,7 @@ from absl import logging
 
 import repvgg_jax
 from repvgg_jax import data, penalties
+from repvgg_jax.deploy import coreml, onnx
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import report as report_lib
 from repvgg_jax.train import forms as forms_lib
@@ -123,8 +124,8 @@ def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None
   files = []
   if cfg.quant.method != "none":
     files += ["model.packed", "model.stablehlo"]
-    for form, switch, available in (("onnx", ec.onnx, config_lib.onnx_available),
-                                    ("coreml", ec.coreml, config_lib.coreml_available)):
+    for form, switch, available in (("onnx", ec.onnx, onnx.available),
+                                    ("coreml", ec.coreml, coreml.available)):
       wanted = switch == "on" or (switch == "auto" and available())
       if wanted != (form in forms):
         return None  # an exporter installed or removed since: export again

@@ -84,8 +84,7 @@ def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_cl
       losses = [jax.numpy.mean(-jax.numpy.take_along_axis(jax.nn.log_softmax(
           fmodel.apply({"params": p}, x)), y[:, None], 1)) for x, y in batches]
       return sum(losses) / len(losses)
-    measure = (mixed.loss_sensitivity if b.sensitivity == "loss"
-               else mixed.hessian_sensitivity)
+    measure = mixed.SENSITIVITIES[b.sensitivity]
     q = weight_quantizer(cfg.quant)
     costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
     bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
