@@ -155,7 +155,9 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
   bar = _progress(total, step, name)
   pending: list = []       # (step, device metrics) since the last sync step
   logged: list = []        # host metrics since the last log step
-  t0, seen = time.time(), 0
+  # Throughput and ETA count from the end of the first step (it compiles; unless it is
+  # logged itself): ``seen`` images and ``timed`` steps since ``t0``.
+  first, t0, seen, timed = step + 1, time.time(), 0, 0
   try:
     with _Preemption() as preemption:
       while step < total:
@@ -163,6 +165,10 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
         state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
         step += 1
         seen += batch["image"].shape[0] * jax.process_count()
+        timed += 1
+        if step == first and step < total and step % log_every:
+          jax.block_until_ready(metrics)  # waits for the compiled step; reads nothing
+          t0, seen, timed = time.time(), 0, 0
         pending.append((step, metrics))
         if after_step is not None:
           state = after_step(step, state)
@@ -183,12 +189,11 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
           writer.write_scalars(step, m)
           if jax.process_index() == 0:
             logging.info("%s: step %d/%d, %.1f images/s, %.2f steps/s, ETA %s", name, step,
-                         total, seen / dt, len(logged) / dt,
-                         _eta((total - step) * dt / len(logged)))
+                         total, seen / dt, timed / dt, _eta((total - step) * dt / timed))
           if bar is not None:
             bar.set_postfix(loss=f"{m[f'{name}/loss']:.3f}",
                             acc=f"{m[f'{name}/accuracy']:.3f}")
-          logged, seen = [], 0
+          logged, seen, timed = [], 0, 0
         t_sync = time.time()
         if run_eval:
           accuracy = float(evaluate(state))
