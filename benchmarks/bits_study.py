@@ -14,7 +14,8 @@ ClusterQAT with 8-bit activations (stem and head at 8 bits, 200 QAT steps):
 * ``mixed_avg{2,2.5,3}``: per-layer bits under ``quant.budget.avg_bits`` (the bytes of the
   uniform model at that many bits; loss sensitivity, bit choices 1, 2, 3, 4, 6, 8);
 * ``group{4,16}_w2``: 2 bits, one codebook per 4 or 16 output channels;
-* ``vector2_w4``: 2-vectors with 16 centroids, 2 bits a weight.
+* ``vector2_w4``: 2-vectors with 16 centroids, 2 bits a weight; ``vector2_w4_g16``: the same
+  with one codebook per 16 output channels (a vector codebook per channel costs 128 bytes).
 
 Row ``<workdir>/<method>_s<seed>`` (FP: ``fp_oabn_branch_s<seed>``) runs ``pipeline.run``: a row with a
 ``report.json`` is done, any other resumes from its checkpoints. Each finished row goes at once
@@ -46,8 +47,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "The tiny config on synthetic data, a
                            "one seed, into <workdir>/mixed_precision.md: checks the script.")
 
 REGIME = "oabn_branch"  # the demo's own (configs/demo.py)
-_A8 = {"quant.method": "cluster", "quant.act_bits": 8, "quant.act_calibration": "mse"}
-# name -> (label, config overrides on the study's QAT row config), in the order they run.
+# name -> (label, config overrides on the study's W4A8 ClusterQAT row, whose 8-bit
+# activations every method keeps), in the order they run.
 METHODS = {
     **{f"uniform_w{b}": (f"uniform W{b}", {"quant.bits": b}) for b in (2, 3, 4)},
     **{f"mixed_avg{a:g}": (f"mixed, avg {a:g} bits",
@@ -57,6 +58,9 @@ METHODS = {
                                                "quant.group_size": g}) for g in (4, 16)},
     "vector2_w4": ("vector d=2, 16 centroids (2 bits a weight)",
                    {"quant.bits": 4, "quant.cluster_dim": 2}),
+    "vector2_w4_g16": ("vector d=2, 16 centroids, g=16 (2 bits a weight)",
+                       {"quant.bits": 4, "quant.cluster_dim": 2, "quant.granularity": "group",
+                        "quant.group_size": 16}),
 }
 FINDINGS = "<!-- findings -->"
 
@@ -80,12 +84,7 @@ def row_config(method: str, seed: int, s: dict, workdir: str):
   if method == "fp":
     return sr.row_config(sr.Row(REGIME, "fp", seed), s, workdir)
   cfg = sr.row_config(sr.Row(REGIME, "cluster_w4a8", seed), s, workdir)
-  for key, value in {**_A8, **METHODS[method][1]}.items():
-    group, _, field = key.rpartition(".")
-    node = cfg
-    for part in group.split("."):
-      node = node[part]
-    node[field] = value
+  cfg.update_from_flattened_dict(METHODS[method][1])
   config_lib.validate(cfg)
   return cfg
 
@@ -207,6 +206,9 @@ def _pareto(points: dict, path: str) -> None:
     pts = sorted((x, y, label) for label, (x, y, m) in points.items() if m.startswith(family))
     if pts:
       ax.plot([p[0] / 1e6 for p in pts], [100 * p[1] for p in pts], style, label=family)
+  for label, (x, y, m) in points.items():  # the method's name beside its point
+    ax.annotate(m.split("_", 1)[-1] if m.startswith(("uniform", "mixed")) else m,
+                (x / 1e6, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
   ax.set_xlabel("packed file (MB)")
   ax.set_ylabel("test accuracy (%), mean over seeds")
   ax.grid(alpha=0.3)

@@ -37,23 +37,14 @@ _QAT_STEPS = flags.DEFINE_integer("qat_steps", 200, "QAT steps of the QAT rows."
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (names below); default all.")
 flags.mark_flags_as_required(["fp_workdir", "workdir"])
 
-_PTQ = {"qat.enabled": False}
-_A8 = {"quant.act_bits": 8, "quant.act_calibration": "mse"}
-ROWS = {
-    "w8a8_ptq_minmax": ("W8A8 PTQ, min-max weights and activations",
-                        {"quant.method": "uniform", "quant.bits": 8, "quant.act_bits": 8,
-                         "quant.act_calibration": "minmax", **_PTQ}),
-    "w8a8_ptq_mse": ("W8A8 PTQ, MSE clipping", {"quant.method": "uniform", "quant.bits": 8,
-                                                "quant.clipping": "mse", **_A8, **_PTQ}),
-    "w4a8_ptq_mse": ("W4A8 PTQ, MSE clipping", {"quant.method": "uniform", "quant.bits": 4,
-                                                "quant.clipping": "mse", **_A8, **_PTQ}),
-    "w4a8_lsq": ("W4A8 LSQ QAT", {"quant.method": "lsq", "quant.bits": 4,
-                                  "quant.clipping": "mse", **_A8}),
-    "w4a8_cluster": ("W4A8 ClusterQAT", {"quant.method": "cluster", "quant.bits": 4, **_A8}),
-    "w4a8_cluster_int8": ("W4A8 ClusterQAT, codebooks on int8 grids",
-                          {"quant.method": "cluster", "quant.bits": 4,
-                           "quant.int8_levels": True, **_A8}),
-}
+from benchmarks.study_rows import QUANT_ROWS  # noqa: E402
+
+# name -> (label, config overrides): the study's rows (one table), and one of its own.
+ROWS = {name: (QUANT_ROWS[name][0], QUANT_ROWS[name][3])
+        for name in ("w8a8_ptq_minmax", "w8a8_ptq_mse", "w4a8_ptq_mse", "lsq_w4a8",
+                     "cluster_w4a8")}
+ROWS["cluster_w4a8_int8"] = ("W4A8 ClusterQAT, codebooks on int8 grids",
+                             {**QUANT_ROWS["cluster_w4a8"][3], "quant.int8_levels": True})
 
 
 def row_config(overrides: dict, fp_workdir: str):
@@ -63,9 +54,7 @@ def row_config(overrides: dict, fp_workdir: str):
   cfg.init_from = os.path.abspath(os.path.join(fp_workdir, "checkpoints", "fp"))
   cfg.eval_fp_forms = False
   cfg.qat.num_steps = _QAT_STEPS.value
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    cfg[group][field] = value
+  cfg.update_from_flattened_dict(overrides)
   cfg.lock()
   return cfg
 
@@ -143,7 +132,7 @@ def main(argv):
     print(f"| {label} | {pct(f['qat'])} | {pct(f['packed'])} | {pct(f['stablehlo'])} | "
           f"{integer} | {f['packed']['size_bytes']:,} | "
           f"{100 * (f['packed']['accuracy'] - fp):+.2f} |")
-  row_dir = os.path.join(_WORKDIR.value, "w4a8_cluster")
+  row_dir = os.path.join(_WORKDIR.value, "cluster_w4a8")
   if os.path.exists(os.path.join(row_dir, "report.json")):
     print("\n" + standalone_check(row_dir))
 

@@ -43,8 +43,9 @@ def _cluster(bits: int, act: bool = True) -> dict:
           **(_A8 if act else {"quant.act_bits": 0})}
 
 
-# name -> (label, kind "PTQ" | "QAT", weight bits, config overrides); the style of
-# benchmarks/deploy_rows.py ROWS. Stem and head are at first_last_bits in every row.
+# name -> (label, kind "PTQ" | "QAT", weight bits, config overrides: flattened field
+# names, ConfigDict.update_from_flattened_dict); benchmarks/deploy_rows.py and
+# bits_study.py take their rows from here. Stem and head are at first_last_bits.
 QUANT_ROWS = {
     "w8a8_ptq_minmax": ("W8A8 PTQ, min-max", "PTQ", 8,
                         {"quant.method": "uniform", "quant.bits": 8, "quant.act_bits": 8,
@@ -229,11 +230,6 @@ def fp_ckpt_dir(workdir: str, regime: str, seed: int) -> str:
   return os.path.join(workdir, Row(regime, "fp", seed).name, "checkpoints", "fp")
 
 
-def _set(cfg, key: str, value) -> None:
-  group, field = key.split(".")
-  cfg[group][field] = value
-
-
 def row_config(row: Row, s: dict, workdir: str):
   """The validated pipeline config of ``row`` under the study settings ``s``."""
   from repvgg_jax.train import config as config_lib
@@ -252,15 +248,12 @@ def row_config(row: Row, s: dict, workdir: str):
   missing = missing_fields(row.regime, cfg)
   if missing:
     raise ValueError(f"row {row.name}: the config has no field {', '.join(missing)}")
-  for key, value in overrides.items():
-    if has_field(cfg, key):
-      _set(cfg, key, value)
+  cfg.update_from_flattened_dict({k: v for k, v in overrides.items() if has_field(cfg, k)})
   if row.quant == "fp":
     cfg.quant.method = "none"
     cfg.fp.eval_every = s["fp_eval_every"]
   else:
-    for key, value in QUANT_ROWS[row.quant][3].items():
-      _set(cfg, key, value)
+    cfg.update_from_flattened_dict(QUANT_ROWS[row.quant][3])
     cfg.init_from = fp_ckpt_dir(workdir, row.regime, row.seed)
     cfg.eval_fp_forms = False  # The FP row of the regime and seed has them.
   config_lib.validate(cfg)
