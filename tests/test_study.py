@@ -1,4 +1,4 @@
-"""benchmarks/study.py's rows, configs, formatting and resume checks (no training)."""
+"""experiments/study.py's rows, configs, formatting and resume checks (no training)."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from benchmarks import study_ledger, study_report, study_rows as sr  # on sys.path from conftest.py
+from experiments import ledger as study_ledger, report as study_report, rows as sr  # on sys.path from conftest.py
 from repvgg_jax.train import config as config_lib
 
 SEED0 = ("fp", "w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
@@ -187,7 +187,7 @@ def _report(workdir, row, **acc):
 def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   workdir = str(tmp_path / "study")
   s = sr.settings(True, regimes=("bn", "oabn_median"), seeds=2)
-  study = sr.load_study(workdir, s, "python benchmarks/study.py --smoke")
+  study = sr.load_study(workdir, s, "python -m experiments.study --smoke")
   for seed, (bn, oabn) in enumerate(((0.90, 0.91), (0.92, 0.93))):
     _report(workdir, sr.Row("bn", "fp", seed), fp=bn, merged=bn)
     _report(workdir, sr.Row("oabn_median", "fp", seed), fp=oabn, merged=oabn)
@@ -214,7 +214,7 @@ def test_markdown_from_finished_and_diverged_rows_keeps_the_findings(tmp_path):
   assert "| W2A8: ClusterQAT − LSQ | +10.00 | — |" in text
   assert "| W2A8 ClusterQAT: regime − BN |  | +8.00 |" in text
   assert "Rows finished: 9 of 33 (1 diverged)" in text
-  assert "- Command: `python benchmarks/study.py --smoke`" in text
+  assert "- Command: `python -m experiments.study --smoke`" in text
   assert os.path.exists(str(tmp_path / "docs" / "results_accuracy_vs_bits.png"))
   # The ledger alone (the workdir lost) gives the same Markdown but the report date.
   shutil.rmtree(workdir)
@@ -334,12 +334,12 @@ def test_worst_channel_per_seed_comes_from_the_fp_reports():
 
 
 def test_sweep_tabulates_seed_0_of_studies_that_differ_in_one_setting(tmp_path):
-  from benchmarks import study_sweep
+  from experiments import sweep as study_sweep
   dirs = []
   for tau, fp, w2 in ((6.0, 0.90, None), (1.5, 0.88, 0.85)):
     d = str(tmp_path / f"tau{tau}")
     sr.load_study(d, sr.settings(False, regimes=("oabn_branch",), seeds=1, branch_tau=tau),
-                  f"python benchmarks/study.py --branch_tau {tau}")
+                  f"python -m experiments.study --branch_tau {tau}")
     _report(d, sr.Row("oabn_branch", "fp", 0), fp=fp, merged=fp)
     if w2 is not None:
       _report(d, sr.Row("oabn_branch", "cluster_w2a8", 0), qat=w2, packed=w2)
@@ -350,17 +350,17 @@ def test_sweep_tabulates_seed_0_of_studies_that_differ_in_one_setting(tmp_path):
       d = ledger
     dirs.append(d)
   text = study_sweep.markdown(study_sweep.load(dirs, "branch_tau"), "branch_tau",
-                              command="python benchmarks/study_sweep.py ...")
+                              command="python -m experiments.sweep ...")
   lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
   assert lines[0].endswith("| W2A8 ClusterQAT |")  # the one quantization row either ran
   # Sorted by the setting; a row the study did not run is a dash.
   assert lines[1:] == ["| 1.5 | oabn_branch | 88.00 | 88.00 | — | — | — | — | 85.00 |",
                        "| 6.0 | oabn_branch | 90.00 | 90.00 | — | — | — | — | — |"]
-  assert "`python benchmarks/study.py --branch_tau 6.0`" in text
+  assert "`python -m experiments.study --branch_tau 6.0`" in text
 
 
 def test_sweep_refuses_studies_that_differ_in_another_setting(tmp_path):
-  from benchmarks import study_sweep
+  from experiments import sweep as study_sweep
   dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
   for d, steps in zip(dirs, (3000, 6000)):
     sr.load_study(d, sr.settings(False, regimes=("bn",), seeds=1, fp_steps=steps), "")
@@ -375,7 +375,7 @@ def test_sweep_refuses_studies_that_differ_in_another_setting(tmp_path):
 
 
 def test_sweep_rows_are_chosen_and_named(tmp_path):
-  from benchmarks import study_sweep
+  from experiments import sweep as study_sweep
   d = str(tmp_path / "a")
   sr.load_study(d, sr.settings(False, regimes=("bn",), seeds=1), "")
   loaded = study_sweep.load([d], "fp_steps")
@@ -390,13 +390,13 @@ def test_sweep_rows_are_chosen_and_named(tmp_path):
 
 def test_recipes_set_study_flags_and_make_valid_settings():
   import re
-  # The flags study.py defines (importing it would define them twice beside study_sweep's).
+  # The flags study.py defines (importing it would define them twice beside sweep.py's).
   src = open(os.path.join(os.path.dirname(sr.__file__), "study.py")).read()
   defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', src))
   assert {"blocks", "fp_steps", "out", "recipe"} <= defined
   for name, recipe in sr.RECIPES.items():
     unknown = [k for k in recipe if k not in defined]
-    assert not unknown, f"recipe {name}: {unknown} are not flags of benchmarks/study.py"
+    assert not unknown, f"recipe {name}: {unknown} are not flags of experiments/study.py"
     s = sr.settings(False, **{k: v for k, v in recipe.items() if k != "out"})
     assert s["blocks"] == [int(b) for b in recipe["blocks"]]
   full = sr.settings(False, **{k: v for k, v in sr.RECIPES["full_a0"].items() if k != "out"})
@@ -420,8 +420,11 @@ def test_recorded_commands_name_repository_paths_relative_to_it():
   root = study_ledger.ROOT
   inside = os.path.join(root, "runs", "study_x")
   outside = os.path.join(os.path.dirname(root), "elsewhere")
-  argv = [os.path.join(root, "benchmarks", "study.py"), inside, f"--workdir={inside}",
+  argv = [os.path.join(root, "experiments", "study.py"), inside, f"--workdir={inside}",
           f"--out={outside}", "--seeds=3"]
   assert study_ledger.command(argv) == (
-      f"python benchmarks/study.py runs/study_x --workdir=runs/study_x --out={outside} "
+      f"python -m experiments.study runs/study_x --workdir=runs/study_x --out={outside} "
       "--seeds=3")
+  # A script outside the package is recorded as it was run.
+  assert study_ledger.command([os.path.join(root, "benchmarks", "speed.py"), "--quick"]) == (
+      "python benchmarks/speed.py --quick")

@@ -1,13 +1,13 @@
 """Bits where they matter, on the demo model: packed accuracy against packed size.
 
-  python benchmarks/bits_study.py --workdir runs/bits_study             # every row; resumable
-  python benchmarks/bits_study.py --workdir runs/bits_study --seeds 1   # seed 0 only
-  python benchmarks/bits_study.py --report_only                        # from the ledger
-  python benchmarks/bits_study.py --smoke --workdir /tmp/bits_smoke     # checks the script
+  python -m experiments.bits --workdir runs/bits_study             # every row; resumable
+  python -m experiments.bits --workdir runs/bits_study --seeds 1   # seed 0 only
+  python -m experiments.bits --report_only                        # from the ledger
+  python -m experiments.bits --smoke --workdir /tmp/bits_smoke     # checks the script
 
 The demo network (configs/demo.py: OABN branch, RepVGG-A0 widths with 1, 2, 4, 1 blocks,
 Fashion-MNIST at 32 px) is trained in FP at each seed (the study's ``oabn_branch`` FP row,
-``benchmarks/study_rows.py``), and from each FP checkpoint every method below runs as
+``experiments/rows.py``), and from each FP checkpoint every method below runs as
 ClusterQAT with 8-bit activations (stem and head at 8 bits, 200 QAT steps):
 
 * ``uniform_w{2,3,4}``: every block layer at 2, 3, 4 bits, per-channel codebooks;
@@ -32,10 +32,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # benchmarks.* and configs.* are imported as modules.
+sys.path.insert(0, ROOT)  # configs.*, benchmarks.*, experiments.* import however it is started
 
 from absl import app, flags  # noqa: E402
-from benchmarks import study_ledger, study_rows as sr  # noqa: E402
+from experiments import ledger as study_ledger, rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bits_study", "One subdirectory per row.")
@@ -140,7 +140,7 @@ def markdown(ledger: dict, out: str) -> str:
   """The Markdown of ``ledger``; writes the Pareto figure beside ``out``."""
   rows, seeds = ledger["rows"], ledger["settings"]["seeds"]
   lines = ["# Bits where they matter: mixed precision, grouped and vector codebooks",
-           "", "Written by `python benchmarks/bits_study.py` from its ledger "
+           "", "Written by `python -m experiments.bits` from its ledger "
            f"(`{os.path.basename(study_ledger.path_for(out))}`); machines and commands:", ""]
   for r in ledger["runs"]:
     lines.append(f"- {r['date']}: {r['nproc']} x {r['cpu']}, jax {r['jax']}, flax {r['flax']}:"

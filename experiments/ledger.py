@@ -20,7 +20,7 @@ import shlex
 
 import numpy as np
 
-from benchmarks import study_rows as sr
+from experiments import rows as sr
 from repvgg_jax.fileio import atomic_write_text
 
 CURVES = ("fp/eval_accuracy", "fp/loss")  # the metrics.jsonl keys the report reads
@@ -41,9 +41,15 @@ def _in_repo(arg: str) -> str:
 
 
 def command(argv: list[str]) -> str:
-  """The study's command line ``argv`` as the ledger records it (see ``_in_repo``)."""
-  return "python " + shlex.join([_in_repo(os.path.abspath(argv[0]))]
-                                + [_in_repo(a) for a in argv[1:]])
+  """The study's command line ``argv`` as the ledger records it (see ``_in_repo``): a
+  module of this package as ``python -m experiments.<name>``, however it was started."""
+  script = _in_repo(os.path.abspath(argv[0]))
+  name, ext = os.path.splitext(script)
+  if os.path.dirname(name) == "experiments" and ext == ".py":
+    head = ["-m", name.replace("/", ".")]
+  else:
+    head = [script]
+  return "python " + shlex.join(head + [_in_repo(a) for a in argv[1:]])
 
 
 def path_for(out: str) -> str:

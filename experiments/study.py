@@ -1,13 +1,13 @@
 """The study on Fashion-MNIST: FP training regimes under deployment quantization.
 
-  python benchmarks/study.py --workdir runs/study
-  python benchmarks/study.py --recipe full_a0 --workdir runs/study_full_a0
-  python benchmarks/study.py --workdir runs/study --max_minutes 170
-  python benchmarks/study.py --workdir runs/study --report_only
-  python benchmarks/study.py --smoke --workdir /tmp/study_smoke
+  python -m experiments.study --workdir runs/study
+  python -m experiments.study --recipe full_a0 --workdir runs/study_full_a0
+  python -m experiments.study --workdir runs/study --max_minutes 170
+  python -m experiments.study --workdir runs/study --report_only
+  python -m experiments.study --smoke --workdir /tmp/study_smoke
 
 Regimes (``--regimes``; the overrides of each on ``configs/demo.py`` are in
-``benchmarks/study_rows.py``): ``bn``, ``oabn_median`` (OABN bounding each
+``experiments/rows.py``): ``bn``, ``oabn_median`` (OABN bounding each
 BN's scales by the layer's median), ``oabn_branch`` (the identity and 1x1
 scales bounded by the 3x3 branch of the same channel), ``oabn_merged`` (a
 penalty on each merged channel's max/rms), ``kure`` (kurtosis
@@ -21,7 +21,7 @@ W2A8 ClusterQAT run on every FP seed, and for the ``--goal_regimes`` (default
 W4A8/W3A8 ClusterQAT too; the other rows on seed 0. A regime the installed
 ``repvgg_jax`` config cannot express is refused, naming its field.
 
-``--recipe`` names a study (``study_rows.RECIPES``): ``demo`` (default: the demo's
+``--recipe`` names a study (``experiments.rows.RECIPES``): ``demo`` (default: the demo's
 shallow A0, 3000 FP steps, docs/results.md) and ``full_a0`` (A0's own 2, 4, 14, 1
 blocks, 6000 FP steps, BN, OABN median and branch, KURE and QARepVGG, the goal rows
 of BN, branch and QARepVGG on every seed, docs/results_full_a0.md); a flag given on
@@ -37,7 +37,7 @@ resume with settings that change a row's config is refused) and every run's
 command and machine.
 
 Each finished row goes at once into the ledger beside the Markdown
-(``<out stem>_rows.json``, ``benchmarks/study_ledger.py``; commit it with the
+(``<out stem>_rows.json``, ``experiments/ledger.py``; commit it with the
 Markdown): the report is written from the ledger alone, so it survives the
 workdir, and a study in a new workdir skips the rows the ledger has. The
 Markdown (``--out``) has the setup, FP, outlier, accuracy and comparison tables
@@ -54,16 +54,16 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs.* and benchmarks.* are imported as modules.
+sys.path.insert(0, ROOT)  # configs.*, benchmarks.*, experiments.* import however it is started
 
 from absl import app, flags, logging  # noqa: E402
-from benchmarks import study_ledger  # noqa: E402
-from benchmarks import study_rows as sr  # noqa: E402
+from experiments import ledger as study_ledger  # noqa: E402
+from experiments import rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
 _RECIPE = flags.DEFINE_enum("recipe", "demo", list(sr.RECIPES), "A named study: the values "
-                            "of the flags it sets (study_rows.RECIPES) unless given.")
+                            "of the flags it sets (experiments.rows.RECIPES) unless given.")
 _REGIMES = flags.DEFINE_list("regimes", list(sr.REGIMES), "Regimes to run and report (with "
                              "--report_only: to report).")
 _GOAL_REGIMES = flags.DEFINE_list(
@@ -226,7 +226,7 @@ def main(argv):
   if not _REPORT_ONLY.value:  # an error in a row is the row's, with its traceback
     run_rows(workdir, study, ledger_path, started)
     ledger = study_ledger.update(ledger_path, workdir, study)
-  from benchmarks import study_report
+  from experiments import report as study_report
   study_report.write_markdown(ledger, out)
   print(f"wrote {out} and {ledger_path}")
 

@@ -1,7 +1,7 @@
 """Deployment rows on the demo model: W8A8 / W4A8 PTQ, LSQ and ClusterQAT, integer inference.
 
   python launch/main.py --config configs/demo.py --workdir runs/demo_fp --config.quant.method=none
-  python benchmarks/deploy_rows.py --fp_workdir runs/demo_fp --workdir runs/deploy_rows
+  python -m experiments.deploy_rows --fp_workdir runs/demo_fp --workdir runs/deploy_rows
 
 From the demo's FP checkpoint (``<fp_workdir>/checkpoints/fp``, ``init_from``),
 each row runs ``repvgg_jax.train.pipeline.run`` with ``configs/demo.py`` and
@@ -26,7 +26,7 @@ import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs.* and benchmarks.* import as modules.
+sys.path.insert(0, ROOT)  # configs.*, benchmarks.*, experiments.* import however it is started
 
 from absl import app, flags  # noqa: E402
 
@@ -37,7 +37,7 @@ _QAT_STEPS = flags.DEFINE_integer("qat_steps", 200, "QAT steps of the QAT rows."
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (names below); default all.")
 flags.mark_flags_as_required(["fp_workdir", "workdir"])
 
-from benchmarks.study_rows import QUANT_ROWS  # noqa: E402
+from experiments.rows import QUANT_ROWS  # noqa: E402
 
 # name -> (label, config overrides): the study's rows (one table), and one of its own.
 ROWS = {name: (QUANT_ROWS[name][0], QUANT_ROWS[name][3])

@@ -1,4 +1,4 @@
-"""The rows of benchmarks/study.py: regimes, quantization rows, seeds, configs, study.json.
+"""The rows of experiments/study.py: regimes, quantization rows, seeds, configs, study.json.
 
 No flags and no training here: the study script and its tests share these
 functions. A *regime* is a way of training the FP network (a norm, an OABN
@@ -44,8 +44,8 @@ def _cluster(bits: int, act: bool = True) -> dict:
 
 
 # name -> (label, kind "PTQ" | "QAT", weight bits, config overrides: flattened field
-# names, ConfigDict.update_from_flattened_dict); benchmarks/deploy_rows.py and
-# bits_study.py take their rows from here. Stem and head are at first_last_bits.
+# names, ConfigDict.update_from_flattened_dict); experiments/deploy_rows.py and
+# bits.py take their rows from here. Stem and head are at first_last_bits.
 QUANT_ROWS = {
     "w8a8_ptq_minmax": ("W8A8 PTQ, min-max", "PTQ", 8,
                         {"quant.method": "uniform", "quant.bits": 8, "quant.act_bits": 8,
