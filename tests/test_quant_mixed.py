@@ -69,6 +69,27 @@ def test_allocate_finds_the_brute_force_optimum(seed):
     assert sum(costs[l][b] for l, b in got.items()) == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+def test_measured_costs_that_fall_with_the_bits_do_not_leave_the_budget_unspent():
+  # A barely trained network: its few-batch losses say fewer bits lose less (noise).
+  # allocate takes them at their word and spends half the budget; allocate_measured
+  # believes no layer is better off at fewer bits and spends it.
+  sizes = {l: {1: 10.0, 2: 20.0, 4: 40.0} for l in "abc"}
+  noisy = {l: {1: 0.0, 2: 0.01, 4: 0.02} for l in "ab"}
+  two = {l: sizes[l] for l in "ab"}
+  assert mixed.allocate(noisy, two, 40) == {"a": 1, "b": 1}
+  assert mixed.allocate_measured(noisy, two, 40) == {"a": 2, "b": 2}
+  # With budget left over after the exact solution, ties are raised while they fit.
+  flat = {l: {1: 0.1, 2: 0.1, 4: 0.1} for l in "ab"}
+  assert mixed.allocate_measured(flat, two, 60) in (
+      {"a": 4, "b": 2}, {"a": 2, "b": 4})
+  # Costs that fall with the bits, as a trained network's: the exact optimum unchanged.
+  for seed in range(4):
+    rng = np.random.default_rng(seed)
+    mono = {l: dict(zip((1, 2, 4), np.sort(rng.exponential(1.0, 3))[::-1])) for l in "abc"}
+    for budget in (30, 50, 70, 120):
+      assert mixed.allocate_measured(mono, sizes, budget) == mixed.allocate(mono, sizes, budget)
+
+
 def test_a_budget_below_the_smallest_size_names_it():
   sizes = {"a": {1: 10.0, 2: 20.0}, "b": {1: 5.0, 2: 9.0}}
   costs = {"a": {1: 1.0, 2: 0.5}, "b": {1: 1.0, 2: 0.2}}

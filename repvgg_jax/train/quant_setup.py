@@ -87,7 +87,7 @@ def allocate_bits(cfg: ml_collections.ConfigDict, plan: Any, params: Any, num_cl
     measure = mixed.SENSITIVITIES[b.sensitivity]
     q = weight_quantizer(cfg.quant)
     costs = measure(loss_fn, params, q, tuple(b.bit_choices), layers=plan.free)
-    bits_of = mixed.allocate(costs, plan.sizes, plan.budget)
+    bits_of = mixed.allocate_measured(costs, plan.sizes, plan.budget)
     kernels = q.kernels(params)
     n = {p: int(np.prod(np.shape(kernels[p]))) for p in plan.free}
     entry = {"sensitivity": b.sensitivity, "budget_bytes": plan.budget + plan.fixed_bytes,
