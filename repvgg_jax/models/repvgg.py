@@ -310,9 +310,8 @@ class RepVGG(nn.Module):
 
   def blocks(self) -> list["BlockSpec"]:
     """Deprecated name of :meth:`layers` (goes in the next release)."""
-    import warnings
-    warnings.warn("RepVGG.blocks() is deprecated and goes in the next release: use "
-                  "RepVGG.layers()", DeprecationWarning, stacklevel=2)
+    from repvgg_jax.deprecation import warn_renamed
+    warn_renamed("RepVGG.blocks()", "RepVGG.layers()")
     return self.layers()
 
 

@@ -30,7 +30,7 @@ from flax import traverse_util
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant.cluster import check_codebook
 from repvgg_jax.quant.levels import decode
-from repvgg_jax.quant.vector import check_vector_codebook, decode_vectors
+from repvgg_jax.quant.vector import check_vector_codebook, decode_vectors, index_shape
 
 FORMAT = "repvgg-jax-packed"
 VERSION = 3
@@ -62,13 +62,6 @@ def _key(path) -> str:
   return "/".join(path)
 
 
-def index_shape(shape, cluster_dim: int) -> tuple[int, ...]:
-  """The indices of a kernel of ``shape``: one per weight, or per ``cluster_dim``-vector
-  along the input channels (axis -2)."""
-  shape = tuple(shape)
-  return shape if cluster_dim == 1 else (*shape[:-2], shape[-2] // cluster_dim, shape[-1])
-
-
 def _check_layer_codebook(shape, codebook, group_size: int, cluster_dim: int) -> int:
   """The bits of a stored (one row per group) codebook of a kernel of ``shape``."""
   rows = (*shape[:-1], shape[-1] // group_size)
@@ -90,7 +83,7 @@ class PackedModel:
 
   def indices(self, path: str, xp: Any = np) -> np.ndarray:
     """The level indices of layer ``path`` (int32, the kernel's shape; one per vector,
-    :func:`index_shape`, for a vector codebook)."""
+    :func:`repvgg_jax.quant.vector.index_shape`, for a vector codebook)."""
     l = self.layers[path]
     shape = index_shape(l["shape"], l.get("cluster_dim", 1))
     return unpack_bits(l["packed"], l["bits"], int(np.prod(shape)), xp=xp).reshape(shape)

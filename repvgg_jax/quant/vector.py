@@ -53,8 +53,10 @@ def check_cluster_dim(shape: Sequence[int], d: int, what: str = "cluster_dim") -
   return int(d)
 
 
-def _grid_shape(shape: Sequence[int], d: int) -> tuple[int, ...]:
-  """``(..., Cin // d, Cout)``: one entry per d-vector of a kernel of ``shape``."""
+def index_shape(shape: Sequence[int], d: int) -> tuple[int, ...]:
+  """``(..., Cin // d, Cout)``: the indices of a kernel of ``shape``, one per d-vector
+  along the input channels (axis -2); ``d = 1``: the kernel's own shape."""
+  shape = tuple(shape)
   return (*shape[:-2], shape[-2] // d, shape[-1])
 
 
@@ -72,9 +74,9 @@ def from_vectors(v, shape: Sequence[int], xp: Any = jnp):
   ``(..., Cin // d, Cout, d)`` vectors (``d = v.shape[-1]``)."""
   shape, vshape = tuple(shape), tuple(np.shape(v))
   d = check_cluster_dim(shape, vshape[-1] if vshape else 0, "vector length")
-  if vshape != (*_grid_shape(shape, d), d):
+  if vshape != (*index_shape(shape, d), d):
     raise ValueError(f"vectors of shape {vshape} do not tile a kernel of shape {shape}: "
-                     f"expected {(*_grid_shape(shape, d), d)}")
+                     f"expected {(*index_shape(shape, d), d)}")
   return xp.reshape(xp.swapaxes(xp.asarray(v), -1, -2), shape)
 
 
@@ -121,9 +123,9 @@ def decode_vectors(idx, codebook, shape: Sequence[int], xp: Any = jnp):
   shape, cb_shape = tuple(shape), tuple(np.shape(codebook))
   d = cb_shape[-1] if len(cb_shape) in (2, 3) else 1
   _check(shape, cb_shape, d)
-  if tuple(np.shape(idx)) != _grid_shape(shape, d):
+  if tuple(np.shape(idx)) != index_shape(shape, d):
     raise ValueError(f"indices of shape {np.shape(idx)} do not fit a kernel of shape {shape} "
-                     f"at cluster_dim={d}: expected {_grid_shape(shape, d)}")
+                     f"at cluster_dim={d}: expected {index_shape(shape, d)}")
   idx, codebook = xp.asarray(idx), xp.asarray(codebook)
   if codebook.ndim == 2:
     return from_vectors(codebook[idx], shape, xp)
