@@ -18,7 +18,14 @@ import statistics
 
 from repvgg_jax.fileio import atomic_write_text
 
-REGIMES = ("bn", "oabn_median", "oabn_branch", "oabn_merged", "kure", "qarepvgg")
+REGIMES = ("bn", "oabn_median", "oabn_branch", "oabn_merged", "kure", "qarepvgg",
+           "oabn_branch_warm")
+# oabn_branch_warm: the branch bound loosened BOUND_WARMUP_START-fold at the first FP
+# step, tightening to branch_tau over the first third of the FP steps (fp.bound_warmup_*).
+# At initialization a block's identity tap is ~sqrt(9 Cin) times its 3x3 branch's rms
+# (20-42 in A0's stages), so the factor 15 (tau 45) leaves the identity paths almost
+# unbounded at the start.
+BOUND_WARMUP_START = 15.0
 # Regime settings that the flags choose (their defaults here); part of FIXED.
 # KURE's weight is far below the paper's order (0.5-1): the merged kernels of RepVGG
 # start with kurtosis in the hundreds (an identity tap per channel among 9 * Cin
@@ -151,6 +158,10 @@ def regime_overrides(regime: str, s: dict) -> dict:
       "kure": {"model.norm": "bn", "fp.penalty": "kure", "fp.penalty_weight": s["kure_weight"],
                "fp.penalty_target": 1.8},
       "qarepvgg": {"model.block": "qarepvgg", "model.norm": "bn"},
+      "oabn_branch_warm": {"model.norm": "oabn", "model.oabn_form": "branch",
+                           "model.oabn_tau": s["branch_tau"],
+                           "fp.bound_warmup_steps": s.get("fp_steps", 3000) // 3,
+                           "fp.bound_warmup_start": BOUND_WARMUP_START},
   }
   if regime not in table:
     raise ValueError(f"regime {regime!r} not in {REGIMES}")

@@ -26,7 +26,8 @@ def test_row_order_and_names():
 
 def test_every_quant_row_once_per_regime_on_seed_0_and_seeded_rows_on_every_seed():
   rows = sr.make_rows(3)
-  assert len(rows) == len(set(rows)) == 6 * (1 + len(sr.QUANT_ROWS)) + 6 * 2 * 3 + 2 * 2 * 3
+  n = len(sr.REGIMES)
+  assert len(rows) == len(set(rows)) == n * (1 + len(sr.QUANT_ROWS)) + n * 2 * 3 + 2 * 2 * 3
   for g in sr.REGIMES:
     seeded = sr.EVERY_SEED + (sr.GOAL_ROWS if g in sr.GOAL_REGIMES else ())
     for q in ("fp",) + seeded:

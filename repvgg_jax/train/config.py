@@ -68,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 1: FP training of the multi-branch network.
   c.fp = _stage_config()
+  # OABN's branch bound loosened at the start of FP training (docs/oabn.md): the training
+  # forward uses oabn_tau x bound_warmup_start at step 0, tightening geometrically to
+  # oabn_tau at step bound_warmup_steps (0 = the model's bound from the first step).
+  # Eval and merge always use the model's bound.
+  c.fp.bound_warmup_steps = 0
+  c.fp.bound_warmup_start = 10.0
   # Stage 2: QAT of the merged network (the "merge" stage has no training).
   c.qat = _stage_config()
   c.qat.base_lr = 0.01
@@ -318,6 +324,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not (isinstance(s.warmup_steps, int) and not isinstance(s.warmup_steps, bool)
             and s.warmup_steps >= 0):
       problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be an int >= 0")
+  w = cfg.fp.bound_warmup_steps
+  if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
+    problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
+  elif w and (cfg.model.norm, cfg.model.oabn_form, cfg.model.block) != (
+      "oabn", "branch", "repvgg"):
+    problems.append(f"fp.bound_warmup_steps={w} loosens OABN's branch bound: it needs "
+                    f"model.norm='oabn' and model.oabn_form='branch' (a RepVGG block), not "
+                    f"norm={cfg.model.norm!r}, oabn_form={cfg.model.oabn_form!r}, "
+                    f"block={cfg.model.block!r}")
+  if not (isinstance(cfg.fp.bound_warmup_start, (int, float))
+          and cfg.fp.bound_warmup_start >= 1):
+    problems.append(f"fp.bound_warmup_start={cfg.fp.bound_warmup_start!r} must be >= 1 "
+                    "(a factor that loosens the bound)")
   _fail(problems)
 
 

@@ -36,9 +36,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, train: bool,
-             quantizer: Any) -> tuple[jax.Array, Any]:
+             quantizer: Any, loosen: Any = None) -> tuple[jax.Array, Any]:
   """Logits and new batch stats; QAT quantizes the merged params first (STE gradient)
-  and hands the model its activation steps (the ``quant`` collection)."""
+  and hands the model its activation steps (the ``quant`` collection). ``loosen``: the
+  train-form model's ``loosen`` (OABN bound warm-up)."""
   if quantizer is not None:
     params = quantizer.apply(params, quant)
   variables = {"params": params, **({"quant": quant} if quant else {}),
@@ -46,7 +47,9 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
     if train:
-      logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+      extra = {} if loosen is None else {"loosen": loosen}
+      logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"],
+                                       **extra)
       return logits, updates["batch_stats"]
     return state.apply_fn(variables, images, train=False), state.batch_stats
   return state.apply_fn(variables, images, train=train), state.batch_stats
@@ -54,7 +57,8 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
 
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
                     quantizer: Any = None, pixel_stats: PixelStats = None,
-                    penalty: tuple[Callable, float] | None = None) -> Callable:
+                    penalty: tuple[Callable, float] | None = None,
+                    bound_factor: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted; the state is donated.
 
   The batch is sharded over ``data`` and the state replicated, so the loss mean
@@ -64,13 +68,17 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   f({"params", "batch_stats", "settings"})`` is added to the loss (``repvgg_jax.penalties``; the
   latent params, before any quantizer). Metrics: ``loss`` (with the penalty) and
   ``accuracy`` (means over the batch), ``grad_norm``, ``penalty`` (unweighted, when
-  there is one), all scalars, left on device.
+  there is one), all scalars, left on device. ``bound_factor``: step -> the train-form
+  model's ``loosen`` (OABN's bound warm-up: the stored settings, which eval and merge
+  read, stay the model's).
   """
   def step(state: TrainState, batch: dict[str, jax.Array]):
     images = model_input(batch["image"], pixel_stats)
 
+    loosen = None if bound_factor is None else bound_factor(state.step)
+
     def loss_fn(params, quant):
-      logits, new_stats = _forward(state, params, quant, images, True, quantizer)
+      logits, new_stats = _forward(state, params, quant, images, True, quantizer, loosen)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       extra = {}
       if penalty is not None:
