@@ -13,6 +13,7 @@ import pytest
 
 import repvgg_jax
 from repvgg_jax.train import config as config_lib, forms as forms_lib, pipeline
+from repvgg_jax.train.writers import event_files, tensorboard_dir
 
 from _util import copy_run, deployed_accuracy
 from configs import tiny
@@ -37,8 +38,9 @@ def test_workdir_has_report_figures_and_export(tiny_run):
   for name in ("report.md", "weight_histograms.png", "accuracy.png", "model.packed"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   assert "packed export" in open(os.path.join(workdir, "report.md")).read()
-  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
-  assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
+  for stage in ("fp", "qat"):
+    events = event_files(tensorboard_dir(workdir, stage))
+    assert events and os.path.getsize(events[0]) > 0
 
 
 def test_report_has_the_merged_fp_models_channel_outliers(tiny_run):

@@ -351,7 +351,7 @@ def test_throughput_and_eta_leave_out_the_compiling_first_step(tmp_path, monkeyp
     def write_scalars(self, step, scalars):
       rows.append((step, dict(scalars)))
 
-    def discard_after(self, stage, step):
+    def start_stage(self, stage, step):
       pass
   lines = []  # the loop's log lines (absl's handler may not reach caplog in a worker)
   monkeypatch.setattr(loop.logging, "info",
@@ -368,7 +368,7 @@ def test_eval_every_logs_accuracy_and_the_best(tmp_path):
     def write_scalars(self, step, scalars):
       rows.append((step, dict(scalars)))
 
-    def discard_after(self, stage, step):  # A fresh stage: nothing logged yet to drop.
+    def start_stage(self, stage, step):  # A fresh stage, from step 0.
       assert step == 0
   accuracies = iter([0.25, 0.5, 0.375])
   _stage(tmp_path, num_steps=6, eval_every=2, writer=Writer(),

@@ -19,7 +19,7 @@ from repvgg_jax.train import pipeline, sharding, steps, workdir as workdir_lib
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
-from repvgg_jax.train.writers import MetricWriter, event_files, read_events
+from repvgg_jax.train.writers import MetricWriter, event_files, tensorboard_dir
 
 from _util import ROOT, copy_run, killed_after, subprocess_env
 from configs import tiny
@@ -222,6 +222,7 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
   loader = data.make_loader(cfg.data, "train", global_batch_size=16, train=True)
   model = build_model(cfg.model, loader.num_classes, deploy=False)
   writer = MetricWriter(str(tmp_path))
+  writer.start_stage("qat", 0)
   writer.write_scalars(5, {"qat/loss": 1.0})  # Another stage's row stays.
 
   def stage(loader):
@@ -238,32 +239,41 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
   fp_steps = [r["step"] for r in rows if "fp/loss" in r]
   assert fp_steps == [1, 2, 3, 4, 5, 6]
   assert [r["step"] for r in rows if "qat/loss" in r] == [5]
-  # TensorBoard's events likewise: every step once per tag, the other stage's kept.
-  events = [(e.step, v.tag) for path in event_files(str(tmp_path)) for e in read_events(path)
-            for v in e.summary.value]
-  assert sorted(s for s, tag in events if tag == "fp/loss") == [1, 2, 3, 4, 5, 6]
-  assert [s for s, tag in events if tag == "qat/loss"] == [5]
+  # TensorBoard's events likewise, as TensorBoard reads them: every step once, the
+  # other stage's kept.
+  assert _tensorboard_steps(tmp_path, "fp", "fp/loss") == [1, 2, 3, 4, 5, 6]
+  assert _tensorboard_steps(tmp_path, "qat", "qat/loss") == [5]
 
 
-def test_a_resume_drops_an_event_record_cut_by_a_kill(tmp_path, monkeypatch):
+def _tensorboard_steps(workdir, stage, tag):
+  """The steps of ``tag`` that TensorBoard shows for ``stage``'s run (purges applied)."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(tensorboard_dir(str(workdir), stage))
+  acc.Reload()
+  return [e.step for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_stage_purges_its_later_events_and_keeps_the_others(tmp_path, monkeypatch):
   # tensorboardX names event files by the second: all of these open in the same one.
   monkeypatch.setattr(time, "time", lambda: 1.7e9)
   writer = MetricWriter(str(tmp_path))
-  writer.discard_after("fp", 0)  # A fresh stage.
-  writer.write_scalars(1, {"fp/loss": 1.0})
-  writer.write_scalars(2, {"fp/loss": 0.5})
+  writer.start_stage("fp", 0)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {"fp/loss": 1.0 / step})
+  writer.start_stage("qat", 0)
+  writer.write_scalars(1, {"qat/loss": 1.0})
+  writer.start_stage("fp", 1)  # fp resumed from its checkpoint at step 1
+  writer.write_scalars(2, {"fp/loss": 0.25})
   writer.close()
-  (path,) = event_files(str(tmp_path))
-  with open(path, "ab") as f:
-    f.write(b"\x40\x00\x00\x00")  # The start of a record a kill cut short.
-  writer.discard_after("fp", 1)
-  assert [(e.step, [v.tag for v in e.summary.value]) for e in read_events(path)
-          if e.summary.value] == [(1, ["fp/loss"])]
-  assert os.path.getsize(path) == sum(16 + e.ByteSize() for e in read_events(path))
-  writer.write_scalars(2, {"fp/loss": 0.25})  # The resumed stage, into a second file.
-  writer.close()
-  assert [(e.step, v.simple_value) for p in event_files(str(tmp_path)) for e in read_events(p)
-          for v in e.summary.value] == [(1, 1.0), (2, 0.25)]
+  assert len(event_files(tensorboard_dir(str(tmp_path), "fp"))) == 2
+  assert _tensorboard_steps(tmp_path, "fp", "fp/loss") == [1, 2]
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(tensorboard_dir(str(tmp_path), "fp"))
+  acc.Reload()
+  assert [e.value for e in acc.Scalars("fp/loss")] == [1.0, 0.25]
+  assert _tensorboard_steps(tmp_path, "qat", "qat/loss") == [1]
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r.get("fp/loss")) for r in rows] == [(1, 1.0), (1, None), (2, 0.25)]
 
 
 def test_stage_seconds_are_summed_over_invocations(tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
                  ckpt_dir)
   best = meta.get("best_eval_accuracy")
   step = int(sharding.to_host(state.step))
-  writer.discard_after(name, step)  # Rows logged after the checkpoint would repeat.
+  writer.start_stage(name, step)  # Steps logged after the checkpoint are logged again.
   total = stage_cfg.num_steps
   eval_every = getattr(stage_cfg, "eval_every", 0) if evaluate is not None else 0
   bar = _progress(total, step, name)
