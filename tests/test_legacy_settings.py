@@ -86,7 +86,7 @@ def test_old_fp_checkpoint_resumes_and_initialises_qat(tmp_path, form):
   want = _npz(f"{form}_merged.npz")
 
   # A resume of the stage: the checkpoint is read into today's TrainState.
-  ckpt = StageCheckpoints(ckpt_dir, every=1, keep=1, create=False)
+  ckpt = StageCheckpoints(ckpt_dir, keep=1, create=False)
   state, data_state, _ = ckpt.restore(create_train_state(model, template, stage))
   ckpt.close()
   assert data_state == {"epoch": 0}

@@ -1,5 +1,6 @@
 """Trainer: config validation, optimizer recipe, resume, checkpoints under kill, NaN guard."""
 
+import glob
 import os
 import re
 import subprocess
@@ -19,7 +20,7 @@ from repvgg_jax import data
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.loop import NonFiniteLoss, train_stage
+from repvgg_jax.train.loop import NonFiniteLoss, Profile, train_stage
 from repvgg_jax.train.state import (build_model, create_train_state, init_variables,
                                     learning_rate_schedule, make_optimizer,
                                     weight_decay_mask)
@@ -270,7 +271,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
   straight = _stage(tmp_path / "a")
   with pytest.raises(KeyboardInterrupt):
     _stage(tmp_path / "b", loader=killed_after(_tiny_loader(), 4))
-  assert StageCheckpoints(str(tmp_path / "b" / "fp"), every=2, keep=2).latest_step() == 4
+  assert StageCheckpoints(str(tmp_path / "b" / "fp"), keep=2).latest_step() == 4
   resumed = _stage(tmp_path / "b")
   assert int(resumed.step) == 6
   chex.assert_trees_all_equal(straight.params, resumed.params)
@@ -293,7 +294,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, log
   with pytest.raises(NonFiniteLoss, match="at step 5"):
     _stage(tmp_path, loader=_poison_at(_tiny_loader(), 5), log_every=log_every)
   cfg = tiny.tiny_config()
-  ckpt = StageCheckpoints(str(tmp_path / "fp"), every=2, keep=2)
+  ckpt = StageCheckpoints(str(tmp_path / "fp"), keep=2)
   assert ckpt.latest_step() == 4
   state = create_train_state(*_tiny_model_and_vars(), cfg.fp)
   restored, _, _ = ckpt.restore(state)
@@ -361,6 +362,33 @@ def test_throughput_and_eta_leave_out_the_compiling_first_step(tmp_path, monkeyp
   assert "fp: step 3/6, 16.0 images/s, 1.00 steps/s, ETA 0:00:03" in lines
 
 
+def test_profile_traces_the_steps_after_the_first_into_its_logdir(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda d: calls.append(("start", d)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+  seen = []
+
+  def record(step, state):
+    seen.append((step, list(calls)))
+    return state
+  _stage(tmp_path, num_steps=6, hooks=[Profile(str(tmp_path / "tb"), 3), record])
+  # Started after step 1 (it compiles), stopped after step 4: steps 2-4 traced.
+  assert [len(c) for _, c in seen] == [1, 1, 1, 2, 2, 2]
+  assert calls == [("start", str(tmp_path / "tb")), ("stop",)]
+
+
+def test_profile_writes_a_trace_tensorboard_reads(tmp_path):
+  _stage(tmp_path, num_steps=4, hooks=[Profile(str(tmp_path / "tb"), 2)])
+  assert glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_a_profile_longer_than_the_stage_is_closed_with_it(tmp_path):
+  hook = Profile(str(tmp_path / "tb"), 50)
+  _stage(tmp_path, num_steps=3, hooks=[hook])
+  assert not hook.tracing
+  assert glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
 def test_eval_every_logs_accuracy_and_the_best(tmp_path):
   rows = []
 
@@ -379,7 +407,7 @@ def test_eval_every_logs_accuracy_and_the_best(tmp_path):
   train_rows = [m for _, m in rows if "fp/loss" in m]
   assert train_rows and all(m["fp/images_per_s"] > 0 for m in train_rows)
   # The best accuracy is checkpointed, so a resumed stage keeps it.
-  _, _, meta = StageCheckpoints(str(tmp_path / "fp"), every=2, keep=2).restore(
+  _, _, meta = StageCheckpoints(str(tmp_path / "fp"), keep=2).restore(
       create_train_state(*_tiny_model_and_vars(), tiny.tiny_config().fp))
   assert meta == {"best_eval_accuracy": 0.5}
 
@@ -394,7 +422,7 @@ _KILL_DURING_SAVE = textwrap.dedent("""
   import os, sys
   import numpy as np
   from repvgg_jax.train.checkpoint import StageCheckpoints
-  ckpt = StageCheckpoints(sys.argv[1], every=1, keep=3)
+  ckpt = StageCheckpoints(sys.argv[1], keep=3)
   ckpt.save(1, {"w": np.ones((4,), np.float32)}, {"pos": 1})
   ckpt.wait()
   # A large async save, then the process dies at once, as under SIGKILL.
@@ -407,7 +435,7 @@ def test_kill_during_save_leaves_a_readable_latest_checkpoint(tmp_path):
   directory = str(tmp_path / "ck")
   subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, directory], check=True,
                  cwd=ROOT, capture_output=True, timeout=120)
-  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  ckpt = StageCheckpoints(directory, keep=3)
   step = ckpt.latest_step()
   assert step in (1, 2)
   shape = (4,) if step == 1 else (64, 1024, 1024)

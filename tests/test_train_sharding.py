@@ -174,7 +174,7 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
         "qat", state, loader=_progress(loader, progress, 3), mesh=mesh,
         train_step=steps.make_train_step(mesh, 10, 0.0, q, pixel_stats=loader.pixel_stats),
         ckpt_dir=os.path.join(workdir, "qat"), stage_cfg=cfg.qat, log_every=2,
-        writer=MetricWriter(workdir, enabled=False), after_step=refit)
+        writer=MetricWriter(workdir, enabled=False), hooks=[refit])
   except Preempted as e:
     import re
     result["preempted"] = int(re.search(r"saved step (\d+)", str(e)).group(1))
@@ -222,7 +222,7 @@ def test_two_processes_share_codebooks_and_stop_together_on_sigterm(tmp_path):
   assert sorted(books[0].files) == sorted(books[1].files)
   for k in books[0].files:
     np.testing.assert_array_equal(books[0][k], books[1][k])  # bit for bit
-  ckpt = StageCheckpoints(str(tmp_path / "run" / "qat"), every=2, keep=2)
+  ckpt = StageCheckpoints(str(tmp_path / "run" / "qat"), keep=2)
   assert ckpt.latest_step() == stop
   saved = ckpt.restore_host()
   ckpt.close()

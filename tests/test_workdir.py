@@ -112,8 +112,8 @@ def test_discard_stale_moves_stages_aside_and_trains_them_again(tiny_run, tmp_pa
   report = pipeline.run(cfg, workdir, discard_stale=True)
   (aside,) = glob.glob(os.path.join(workdir, "stale", "*"))
   assert sorted(os.listdir(aside)) == ["fp", "fp.json", "qat", "qat.json"]
-  assert StageCheckpoints(os.path.join(aside, "fp"), every=2, keep=2).latest_step() == 4
-  fp = StageCheckpoints(os.path.join(workdir, "checkpoints", "fp"), every=2, keep=2)
+  assert StageCheckpoints(os.path.join(aside, "fp"), keep=2).latest_step() == 4
+  fp = StageCheckpoints(os.path.join(workdir, "checkpoints", "fp"), keep=2)
   assert fp.latest_step() == 6
   # QAT trained again, from the new FP stage: new rows, a new export, the new config.
   new_rows = open(os.path.join(workdir, "metrics.jsonl")).read()[metrics_before:]
@@ -141,7 +141,7 @@ def test_other_model_in_the_workdir_is_refused_in_a_few_lines(tiny_run):
 # ----------------------------------------------------------------------------- checkpoints
 
 def _two_steps(directory):
-  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  ckpt = StageCheckpoints(directory, keep=3)
   rng = np.random.default_rng(0)
   for s in (1, 2):
     ckpt.save(s, {"w": rng.standard_normal(5000).astype(np.float32) + s}, {"pos": s})
@@ -160,7 +160,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   directory = str(tmp_path / "fp")
   _two_steps(directory)
   _truncate_data_file(os.path.join(directory, "2"))
-  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  ckpt = StageCheckpoints(directory, keep=3)
   state, data_state, _ = ckpt.restore({"w": np.zeros(5000, np.float32)})
   assert data_state == {"pos": 1} and ckpt.latest_step() == 1
   assert abs(float(np.mean(state["w"])) - 1) < 0.1
@@ -180,7 +180,7 @@ def test_when_no_checkpoint_is_readable_nothing_is_moved(tmp_path):
   _two_steps(directory)
   for s in ("1", "2"):
     _truncate_data_file(os.path.join(directory, s))
-  ckpt = StageCheckpoints(directory, every=1, keep=3)
+  ckpt = StageCheckpoints(directory, keep=3)
   with pytest.raises(ValueError):
     ckpt.restore({"w": np.zeros(5000, np.float32)})
   assert sorted(os.listdir(directory)) == ["1", "2"]

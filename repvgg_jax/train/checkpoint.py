@@ -54,12 +54,12 @@ def _abstract(x: Any) -> Any:
 
 
 class StageCheckpoints:
-  """Async saves every ``every`` steps (the caller asks ``due``), keep the latest ``keep``."""
+  """Async saves of the steps the caller picks; keeps the latest ``keep``."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, create: bool = True):
+  def __init__(self, directory: str, *, keep: int, create: bool = True):
     if "://" not in directory:
       directory = os.path.abspath(directory)
-    self.directory, self.every = directory, every
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -69,10 +69,6 @@ class StageCheckpoints:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
-
-  def due(self, step: int) -> bool:
-    """Whether ``step`` is a periodic save step."""
-    return step % self.every == 0
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict | None = None) -> None:
     """Starts an async save of ``step`` (all processes call it at the same step)."""

@@ -160,6 +160,9 @@ def _stage_config() -> ml_collections.ConfigDict:
   s.checkpoint_every = 500
   s.keep = 2
   s.eval_every = 0                    # evaluate every N steps during the stage; 0 = only after it
+  # Trace this many steps (after the first of an invocation, which compiles) with
+  # jax.profiler into <workdir>/tensorboard/<stage> (TensorBoard's profile plugin); 0 = off.
+  s.profile_steps = 0
   return s
 
 
@@ -306,9 +309,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       v = s[f]
       if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         problems.append(f"{stage}.{f}={v!r} must be a positive int")
-    if not (isinstance(s.eval_every, int) and not isinstance(s.eval_every, bool)
-            and s.eval_every >= 0):
-      problems.append(f"{stage}.eval_every={s.eval_every!r} must be an int >= 0")
+    for f in ("eval_every", "profile_steps"):
+      v = s[f]
+      if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        problems.append(f"{stage}.{f}={v!r} must be an int >= 0")
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
     positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)

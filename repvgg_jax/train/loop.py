@@ -10,13 +10,14 @@ at sync steps, so the latest checkpoint is always the last good one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging as py_logging
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -119,16 +120,85 @@ def _eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """A sync action: ``run(step, state)`` at every ``every``-th step (0: never) and,
+  with ``last``, at the stage's last step. It runs after the metrics queued since
+  the last sync step were fetched and checked, so it may read the host."""
+  every: int
+  run: Callable[[int, Any], None]
+  last: bool = False
+
+  def due(self, step: int, total: int) -> bool:
+    return (bool(self.every) and step % self.every == 0) or (self.last and step == total)
+
+
+class _Throughput:
+  """Images and steps since the last log line, timed from the end of the first step
+  (it compiles) and without eval and save time."""
+
+  def __init__(self):
+    self.t0, self.images, self.steps = time.time(), 0, 0
+
+  def count(self, images: int) -> None:
+    self.images += images
+    self.steps += 1
+
+  def restart(self) -> None:
+    self.t0, self.images, self.steps = time.time(), 0, 0
+
+  def pause(self, since: float) -> None:
+    self.t0 += time.time() - since
+
+  def rates(self) -> tuple[float, float]:
+    dt = max(time.time() - self.t0, 1e-9)
+    return self.images / dt, self.steps / dt
+
+
+class Profile:
+  """A hook that traces ``num_steps`` steps with ``jax.profiler`` into ``logdir``
+  (``<logdir>/plugins/profile/<date>``: TensorBoard's profile plugin reads it): the
+  steps after the first one an invocation runs, which compiles. clu's
+  ``periodic_actions.Profile`` does this too but imports TensorFlow."""
+
+  def __init__(self, logdir: str, num_steps: int):
+    self.logdir, self.num_steps, self.calls, self.tracing = logdir, num_steps, 0, False
+
+  def __call__(self, step: int, state: Any) -> Any:
+    self.calls += 1
+    if self.calls == 1 or self.calls == self.num_steps + 1:
+      jax.block_until_ready(state)  # the traced steps only; reads nothing
+      self.close() if self.tracing else self._start(step)
+    return state
+
+  def _start(self, step: int) -> None:
+    if jax.process_index() == 0:
+      logging.info("profiling steps %d-%d into %s", step + 1, step + self.num_steps,
+                   self.logdir)
+      jax.profiler.start_trace(self.logdir)
+      self.tracing = True
+
+  def close(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
 def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mesh: Any,
                 ckpt_dir: str, stage_cfg: Any, writer: Any, log_every: int,
-                after_step: Callable[[int, Any], Any] | None = None,
+                hooks: Sequence[Callable[[int, Any], Any]] = (),
                 evaluate: Callable[[Any], float] | None = None) -> Any:
   """Trains ``state`` to ``stage_cfg.num_steps``, resuming from ``ckpt_dir`` if it has a checkpoint.
 
+  Each step runs ``train_step`` and then the ``hooks`` on device; at sync steps the
+  queued metrics are fetched and checked and the periodic actions run, in order:
+  log (every ``log_every`` steps and the last), eval (every ``stage_cfg.eval_every``),
+  save (every ``stage_cfg.checkpoint_every``, the last step and on preemption).
+
   Args:
     state: a fresh host ``TrainState`` (its structure is the restore target).
-    after_step: ``f(step, state) -> state`` run after each step on device (QAT codebook
-      refits); it must not fetch anything to the host.
+    hooks: ``f(step, state) -> state`` run after each step on device (QAT codebook
+      refits, :class:`Profile`); none may fetch anything to the host.
     evaluate: ``f(state) -> accuracy``, run every ``stage_cfg.eval_every`` steps
       (0: never); ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
   Returns:
@@ -137,12 +207,11 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
     NonFiniteLoss: naming the first bad step; the checkpoints keep the last finite state.
     Preempted: after SIGTERM (on any process), once every process saved the same step.
   """
-  ckpt = StageCheckpoints(ckpt_dir, every=stage_cfg.checkpoint_every, keep=stage_cfg.keep)
+  ckpt = StageCheckpoints(ckpt_dir, keep=stage_cfg.keep)
   it = iter(loader)
   state = sharding.replicate(state, mesh)
   meta: dict = {}
-  latest = ckpt.latest_step()
-  if latest is not None:
+  if ckpt.latest_step() is not None:
     state, data_state, meta = ckpt.restore(state)
     it.set_state(data_state)
     logging.info("%s: resumed from step %d in %s", name, int(sharding.to_host(state.step)),
@@ -151,65 +220,73 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
   step = int(sharding.to_host(state.step))
   writer.start_stage(name, step)  # Steps logged after the checkpoint are logged again.
   total = stage_cfg.num_steps
-  eval_every = getattr(stage_cfg, "eval_every", 0) if evaluate is not None else 0
   bar = _progress(total, step, name)
   pending: list = []       # (step, device metrics) since the last sync step
   logged: list = []        # host metrics since the last log step
-  # Throughput and ETA count from the end of the first step (it compiles; unless it is
-  # logged itself): ``seen`` images and ``timed`` steps since ``t0``.
-  first, t0, seen, timed = step + 1, time.time(), 0, 0
+  speed = _Throughput()
+
+  def log(step: int, state: Any) -> None:
+    nonlocal logged
+    images_per_s, steps_per_s = speed.rates()
+    m = {f"{name}/{k}": float(np.mean([v[k] for v in logged])) for k in logged[0]}
+    m[f"{name}/images_per_s"] = images_per_s
+    writer.write_scalars(step, m)
+    if jax.process_index() == 0:
+      logging.info("%s: step %d/%d, %.1f images/s, %.2f steps/s, ETA %s", name, step,
+                   total, images_per_s, steps_per_s, _eta((total - step) / steps_per_s))
+    if bar is not None:
+      bar.set_postfix(loss=f"{m[f'{name}/loss']:.3f}", acc=f"{m[f'{name}/accuracy']:.3f}")
+    logged = []
+    speed.restart()
+
+  def run_eval(step: int, state: Any) -> None:
+    nonlocal best
+    accuracy = float(evaluate(state))
+    best = accuracy if best is None else max(best, accuracy)
+    writer.write_scalars(step, {f"{name}/eval_accuracy": accuracy,
+                                f"{name}/best_eval_accuracy": best})
+
+  def save(step: int, state: Any) -> None:
+    ckpt.save(step, state, it.get_state(),
+              meta={} if best is None else {"best_eval_accuracy": best})
+
+  actions = [Periodic(log_every, log, last=True),
+             Periodic(getattr(stage_cfg, "eval_every", 0) if evaluate else 0, run_eval),
+             Periodic(stage_cfg.checkpoint_every, save, last=True)]  # save last: best is new
+  first = step + 1
   try:
     with _Preemption() as preemption:
       while step < total:
         batch = next(it)
         state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
         step += 1
-        seen += batch["image"].shape[0] * jax.process_count()
-        timed += 1
+        speed.count(batch["image"].shape[0] * jax.process_count())
         if step == first and step < total and step % log_every:
           jax.block_until_ready(metrics)  # waits for the compiled step; reads nothing
-          t0, seen, timed = time.time(), 0, 0
+          speed.restart()
         pending.append((step, metrics))
-        if after_step is not None:
-          state = after_step(step, state)
+        for hook in hooks:
+          state = hook(step, state)
         if bar is not None:
           bar.update(1)
         preempted = preemption.reached(step)
-        log = step % log_every == 0 or step == total
-        run_eval = bool(eval_every) and step % eval_every == 0
-        save = preempted or step == total or ckpt.due(step)
-        if not (log or run_eval or save):
+        due = [a for a in actions if a.due(step, total) or (preempted and a.run is save)]
+        if not due:
           continue
         logged += _fetch_checked(name, pending, ckpt)
         pending = []
-        if log:
-          dt = max(time.time() - t0, 1e-9)
-          m = {f"{name}/{k}": float(np.mean([v[k] for v in logged])) for k in logged[0]}
-          m[f"{name}/images_per_s"] = seen / dt
-          writer.write_scalars(step, m)
-          if jax.process_index() == 0:
-            logging.info("%s: step %d/%d, %.1f images/s, %.2f steps/s, ETA %s", name, step,
-                         total, seen / dt, timed / dt, _eta((total - step) * dt / timed))
-          if bar is not None:
-            bar.set_postfix(loss=f"{m[f'{name}/loss']:.3f}",
-                            acc=f"{m[f'{name}/accuracy']:.3f}")
-          logged, seen, timed = [], 0, 0
-        t_sync = time.time()
-        if run_eval:
-          accuracy = float(evaluate(state))
-          best = accuracy if best is None else max(best, accuracy)
-          writer.write_scalars(step, {f"{name}/eval_accuracy": accuracy,
-                                      f"{name}/best_eval_accuracy": best})
-        if save:
-          ckpt.save(step, state, it.get_state(),
-                    meta={} if best is None else {"best_eval_accuracy": best})
+        for action in due:
+          t_sync = time.time()
+          action.run(step, state)
+          if action.run is not log:  # Eval and save time is not training time.
+            speed.pause(t_sync)
         if preempted:
           ckpt.wait()
           raise Preempted(f"{name}: preempted (SIGTERM); saved step {step} in {ckpt_dir}")
-        # Eval and save time does not count against the training throughput.
-        t0 = time.time() if log else t0 + (time.time() - t_sync)
   finally:
     if bar is not None:
       bar.close()
+    for hook in hooks:  # a trace still open when the stage ends or fails
+      getattr(hook, "close", lambda: None)()
     ckpt.close()
   return state

@@ -29,12 +29,12 @@ from repvgg_jax.train.quant_setup import (allocate_bits, init_codebooks, make_re
                                           quant_kernels, weight_quantizer,
                                           with_activation_steps)
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.loop import train_stage
+from repvgg_jax.train.loop import Profile, train_stage
 from repvgg_jax.models.settings import check_settings, split_settings
 from repvgg_jax.nn.oabn import SETTINGS
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
-from repvgg_jax.train.writers import create_writer
+from repvgg_jax.train.writers import create_writer, tensorboard_dir
 
 
 def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
@@ -79,7 +79,7 @@ def load_variables(path: str, template: dict) -> dict:
     if not os.path.isdir(path):  # Never create it: a typo must not become a directory.
       raise FileNotFoundError(f"init_from={path!r} is not a directory (an FP-stage "
                               f"checkpoint directory) nor a .npz or .msgpack file")
-    ckpt = StageCheckpoints(path, every=1, keep=1, create=False)
+    ckpt = StageCheckpoints(path, keep=1, create=False)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
     state_dict = ckpt.restore_host()
@@ -104,6 +104,13 @@ def stage_penalty(stage_cfg: ml_collections.ConfigDict) -> tuple[Callable, float
   """``(f, weight)`` of the stage's ``penalty`` for :func:`steps.make_train_step`, or None."""
   f = penalties.make_penalty(stage_cfg.penalty, stage_cfg.penalty_target)
   return None if f is None else (f, stage_cfg.penalty_weight)
+
+
+def profile_hooks(stage_cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> list:
+  """The stage's :class:`loop.Profile` hook when ``profile_steps`` asks for one."""
+  if not stage_cfg.profile_steps:
+    return []
+  return [Profile(tensorboard_dir(workdir, stage), stage_cfg.profile_steps)]
 
 
 def bound_warmup(cfg: ml_collections.ConfigDict) -> Callable | None:
@@ -228,7 +235,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
                                          pixel_stats=pixels, penalty=stage_penalty(cfg.fp),
                                          bound_factor=bound_warmup(cfg)),
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
-        log_every=cfg.log_every, evaluate=evaluate_with(eval_plain))
+        log_every=cfg.log_every, hooks=profile_hooks(cfg.fp, workdir, "fp"),
+        evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
                  "batch_stats": sharding.to_host(state.batch_stats),
                  SETTINGS: sharding.to_host(state.settings)}
@@ -293,7 +301,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
           train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
                                            pixel_stats=pixels, penalty=stage_penalty(cfg.qat)),
           ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
-          log_every=cfg.log_every, after_step=refit, evaluate=evaluate_with(eval_qat))
+          log_every=cfg.log_every, hooks=[refit, *profile_hooks(cfg.qat, workdir, "qat")],
+          evaluate=evaluate_with(eval_qat))
     else:
       state = sharding.replicate(state, mesh)
     # Index bits per weight of the block layers: a vector index covers cluster_dim weights.

@@ -25,7 +25,7 @@ from repvgg_jax.train.config import base_config
 
 STAGES = ("fp", "qat")
 # Fields that change how often a stage saves, not what it computes.
-_NOT_DETERMINING = ("checkpoint_every", "keep")
+_NOT_DETERMINING = ("checkpoint_every", "keep", "profile_steps")
 MAX_FIELDS_NAMED = 6
 
 
