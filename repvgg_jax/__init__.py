@@ -1,7 +1,7 @@
 """repvgg-jax: RepVGG in JAX/Flax with Outlier-Aware BatchNorm and ClusterQAT."""
 
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, create_model, list_models
-from repvgg_jax.nn.oabn import OABN
+from repvgg_jax.layers.oabn import OABN
 from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 from repvgg_jax.quant import make_quantizer, pack
 from repvgg_jax.deploy import (DeployedModel, calibrate, export_coreml, export_onnx,
@@ -25,5 +25,5 @@ __getattr__ = renamed(__name__, {
     "export": "repvgg_jax.quant.packed.pack",
     "describe": "repvgg_jax.deploy.runtime.model_description",
     "quantize": "repvgg_jax.quant.cluster.quantize",
-    "bound": "repvgg_jax.nn.oabn.bound",
+    "bound": "repvgg_jax.layers.oabn.bound",
 })

@@ -1,22 +1,28 @@
 """Renamed public names: the old ones still give the same objects, with a
 DeprecationWarning naming the replacement; unknown names still raise AttributeError."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 import repvgg_jax
 import repvgg_jax.deploy
 import repvgg_jax.quant
 from repvgg_jax.deploy.runtime import model_description
-from repvgg_jax.nn.oabn import bound
+from repvgg_jax.layers.oabn import bound
 from repvgg_jax.quant.cluster import quantize
 from repvgg_jax.quant.packed import pack
+
+from _util import subprocess_env
 
 
 @pytest.mark.parametrize("module, old, new, obj", [
     (repvgg_jax, "export", "repvgg_jax.quant.packed.pack", pack),
     (repvgg_jax, "describe", "repvgg_jax.deploy.runtime.model_description", model_description),
     (repvgg_jax, "quantize", "repvgg_jax.quant.cluster.quantize", quantize),
-    (repvgg_jax, "bound", "repvgg_jax.nn.oabn.bound", bound),
+    (repvgg_jax, "bound", "repvgg_jax.layers.oabn.bound", bound),
     (repvgg_jax.quant, "export", "repvgg_jax.quant.packed.pack", pack),
     (repvgg_jax.deploy, "describe", "repvgg_jax.deploy.runtime.model_description",
      model_description),
@@ -41,3 +47,22 @@ def test_repvgg_blocks_is_layers_with_a_warning():
   with pytest.warns(DeprecationWarning, match=r"RepVGG.blocks\(\) is deprecated.*layers\(\)"):
     assert model.blocks() == model.layers()
   assert [b.name for b in model.layers()][:2] == ["stem", "stages_0_0"]
+
+
+def test_repvgg_jax_nn_is_layers_with_a_warning():
+  # A fresh interpreter: the warning is given when the old package is first imported.
+  code = textwrap.dedent("""
+      import warnings
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from repvgg_jax.nn.oabn import OABN
+        import repvgg_jax.nn
+      import repvgg_jax.layers.oabn
+      assert OABN is repvgg_jax.layers.oabn.OABN
+      assert repvgg_jax.nn.conv is repvgg_jax.layers.conv
+      print([str(w.message) for w in caught if w.category is DeprecationWarning])
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=subprocess_env(), check=True).stdout
+  assert ("['repvgg_jax.nn is deprecated and goes in the next release: use "
+          "repvgg_jax.layers']") in out

@@ -29,16 +29,16 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from repvgg_jax.nn import conv as conv_lib
-from repvgg_jax.nn.act_quant import ActQuant
-from repvgg_jax.nn.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
+from repvgg_jax.layers import conv as conv_lib
+from repvgg_jax.layers.act_quant import ActQuant
+from repvgg_jax.layers.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
                                 branch_bound)
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
 # Train-form block: RepVGG's (a BN per branch) or QARepVGG's (one BN after the sum).
 STYLES = ("repvgg", "qarepvgg")
-# "auto": matmuls for convs with tiny output maps on CPU (``nn/conv.py``); "xla": lax conv.
+# "auto": matmuls for convs with tiny output maps on CPU (``layers/conv.py``); "xla": lax conv.
 CONV_IMPLS = ("auto", "xla")
 # PyTorch's default BN momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
@@ -136,7 +136,7 @@ class RepVGGBlock(nn.Module):
   (its input fake-quantized when ``act_bits``). Then optional SE, then ReLU.
 
   ``branch_bound=(tau, smooth)``: OABN's ``branch`` form, the 1x1 and identity
-  scales bounded per channel by :func:`repvgg_jax.nn.oabn.branch_bound`.
+  scales bounded per channel by :func:`repvgg_jax.layers.oabn.branch_bound`.
   """
   features: int
   strides: int
@@ -220,7 +220,7 @@ class RepVGG(nn.Module):
     oabn_form: ``"branch"`` (the default: each block bounds its 1x1 and identity
       taps per channel; ``block="repvgg"`` only) or ``"median"`` (each BN bounds
       its scales).
-    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``nn/oabn.py``);
+    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``layers/oabn.py``);
       ``oabn_tau`` is the multiple of the channel's 3x3 rms (``branch``) or of
       the layer's median ``|s|`` (``median``); None = the form's
       ``DEFAULT_TAU`` (branch 3, median 4), see :attr:`bound_tau`.
@@ -230,10 +230,10 @@ class RepVGG(nn.Module):
       logits are returned in float32.
     act_bits: deploy form only: fake-quantize the input of every conv and
       of the head to this many bits (2..8; per tensor, steps in the ``quant``
-      collection, see ``nn/act_quant.py``); 0 = float activations.
+      collection, see ``layers/act_quant.py``); 0 = float activations.
     conv_impl: ``"auto"`` (on CPU devices, convs whose output map has <= 4 pixels
       run as matmuls: unrolled kernel or tap-pruned im2col, see
-      ``nn/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
+      ``layers/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
       ``lax.conv_general_dilated``). Same parameters and, up to float
       rounding, the same outputs; at 224 px both compile to the same program.
   """

@@ -1,7 +1,7 @@
 """Activation calibration: a per-tensor step from observed activations.
 
 The deploy model's ``ActQuant`` layers record, per calibration batch, the
-largest ``|x|`` and a fixed sample of values (``nn/act_quant.py``).
+largest ``|x|`` and a fixed sample of values (``layers/act_quant.py``).
 :func:`calibrated_step` turns what was recorded over all batches into a step:
 
 * ``minmax``: ``max|x| / qmax``, nothing clipped (the naive baseline);

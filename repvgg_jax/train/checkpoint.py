@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from repvgg_jax.models.settings import join_settings, split_settings
-from repvgg_jax.nn.oabn import SETTINGS
+from repvgg_jax.layers.oabn import SETTINGS
 
 ITEMS = ("state", "data", "meta")
 

@@ -208,7 +208,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from repvgg_jax.data.sources import SOURCES
   from repvgg_jax.data.transforms import AUGMENTS
   from repvgg_jax.models.repvgg import NORMS, STYLES, check_options, list_models, _canonical
-  from repvgg_jax.nn.oabn import BOUNDS, FORMS
+  from repvgg_jax.layers.oabn import BOUNDS, FORMS
   from repvgg_jax.penalties import PENALTIES
   from repvgg_jax.quant.activation import CALIBRATIONS
   from repvgg_jax.quant.quantizer import GRANULARITIES, METHODS
@@ -389,7 +389,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   with the demo's 100 warmup steps) becomes ``num_steps // 10``, with a log line;
   the report states the value used.
   """
-  from repvgg_jax.nn.oabn import DEFAULT_TAU
+  from repvgg_jax.layers.oabn import DEFAULT_TAU
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
   if not cfg.model.oabn_tau:

@@ -12,7 +12,7 @@ import optax
 from flax.training import train_state
 
 from repvgg_jax.models.repvgg import RepVGG, create_model
-from repvgg_jax.nn.oabn import SETTINGS
+from repvgg_jax.layers.oabn import SETTINGS
 
 
 class TrainState(train_state.TrainState):
