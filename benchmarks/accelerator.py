@@ -143,7 +143,7 @@ def jax_rows(args, device) -> dict:
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (b, px, px, 3), dtype=np.uint8),
            "label": rng.integers(0, classes, b).astype(np.int32)}
-  variables = bench_common.fast_init(model, (px, px, 3))
+  variables = bench_common.random_variables(model, (px, px, 3))
   merged = jax.device_get(jax.jit(rv.merge)(variables))
   rows: dict = {}
 

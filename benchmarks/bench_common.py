@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: machine header, fast init, interleaved timing, IREE."""
+"""Shared helpers of the benchmarks (and the tests' random variables): machine header,
+random variables, interleaved timing, IREE."""
 
 from __future__ import annotations
 
@@ -100,33 +101,44 @@ def header(title: str, torch_mod: Any = None, notes: tuple[str, ...] = ()) -> st
   return "\n".join(lines) + "\n"
 
 
-def fast_init(model: Any, image_shape: tuple[int, int, int], seed: int = 0) -> dict:
-  """``model.init`` variables without compiling the init's RNG (~30 s on a slow CPU).
+def random_variables(model: Any, x: Any, seed: int = 0, tiny_var_channels: int = 0) -> dict:
+  """Variables for ``model`` filled from NumPy, without compiling its init (seconds even
+  for B3/D2se on a slow CPU): the one filler of the benchmarks and the tests.
 
-  Params are drawn in NumPy as Flax's defaults (LeCun-normal kernels, unit
-  scales, zero biases); the other collections (``batch_stats``, constant at
-  init) come from a jitted init that keeps only them, so XLA drops the RNG.
+  ``x``: an input batch, or an image shape ``(H, W, C)``. Kernels ~ N(0, 1/fan_in); BN
+  scales in [0.2, 1], biases and means ~ N(0, 0.1), running variances in [0.5, 2].
+  ``tiny_var_channels`` > 0 sets that many channels of every identity BN to variance
+  1e-6 (dead channels: the source of merged-kernel outliers). Recorded settings (OABN
+  bounds, QARepVGG identity gains) keep the model's values.
   """
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-
-  def init():
-    return model.init(jax.random.key(seed), x, train=False)
-
-  shapes = jax.eval_shape(init)
-  rest = jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()
+  from repvgg_jax.models.settings import expected_records
+  if isinstance(x, tuple):
+    x = jnp.zeros((1, *x), jnp.float32)
   rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  defaults = expected_records(model)
 
-  def leaf(path, s):
-    name = getattr(path[-1], "key", str(path[-1]))
-    if name == "kernel":
-      std = (1.0 / np.prod(s.shape[:-1])) ** 0.5
-      return (rng.standard_normal(s.shape) * std).astype(s.dtype)
-    return (np.ones if name == "scale" else np.zeros)(s.shape, s.dtype)
-  params = jax.tree_util.tree_map_with_path(leaf, shapes["params"])
-  return {"params": jax.device_put(params), **rest}
+  def fill(path, s):
+    names = [getattr(p, "key", str(p)) for p in path]
+    leaf, shape = names[-1], s.shape
+    if leaf in defaults:
+      return np.asarray(defaults[leaf], s.dtype)
+    if leaf == "kernel":
+      return rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
+    if leaf == "scale":
+      return rng.uniform(0.2, 1.0, shape).astype(np.float32)
+    if leaf in ("bias", "mean"):
+      return 0.1 * rng.standard_normal(shape, np.float32)
+    if leaf == "var":
+      v = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+      if tiny_var_channels and "identity" in names:
+        v[:tiny_var_channels] = 1e-6
+      return v
+    raise ValueError(f"random_variables: no rule for {'/'.join(names)}")
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,

@@ -77,7 +77,7 @@ def child(spec: dict) -> dict:
   cfg.fp.batch_size = batch_size
   model = build_model(cfg.model, classes, deploy=False)
   mesh = sharding.make_mesh()
-  state = sharding.replicate(create_train_state(model, bc.fast_init(model, (px, px, 3)), cfg.fp),
+  state = sharding.replicate(create_train_state(model, bc.random_variables(model, (px, px, 3)), cfg.fp),
                              mesh)
   rng = np.random.default_rng(0)
   batch = sharding.shard_batch(
@@ -202,7 +202,7 @@ def main() -> None:
     p.error(f"unknown variant(s) {bad}; known: {rv.list_models()}")
   shapes = ((32, 8, 10), (64, 4, 1000)) if args.quick else ((32, 64, 10), (224, 8, 1000))
   notes = ["QUICK MODE: small inputs, A0 only: a smoke test, not results"] if args.quick else []
-  notes.append("initial params drawn in NumPy (bench_common.fast_init), not by a compiled "
+  notes.append("initial params drawn in NumPy (bench_common.random_variables), not by a compiled "
                "model.init")
   print(bc.header("RepVGG memory (CPU)", None, tuple(notes)), flush=True)
   start = time.perf_counter()

@@ -33,14 +33,14 @@ import numpy as np
 import bench_common as bc
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, Variant
-from repvgg_jax.train.pipeline import onnx_runtime_fn
+from repvgg_jax.train.forms import onnx_runtime_fn
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 
 
 def _packed(variant: Variant, size: int, classes: int, act_bits: int, int8_levels: bool):
   model = RepVGG(variant, num_classes=classes)
-  merged = jax.device_get(rv.merge(bc.fast_init(model, (size, size, 3)))["params"])
+  merged = jax.device_get(rv.merge(bc.random_variables(model, (size, size, 3)))["params"])
   q = rv.make_quantizer("cluster", bits=4, int8_levels=int8_levels)
   state = q.init(merged)
   deploy = RepVGG(variant, num_classes=classes, deploy=True, act_bits=act_bits)

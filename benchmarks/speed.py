@@ -18,7 +18,7 @@ the mean time per call, (min-max) over repeats, and ratios of medians.
    statistics, so the merged network starts well scaled, as after FP training
    (merged from a random init, it diverges within one step).
 
-Initial params are drawn in NumPy (``bench_common.fast_init``): compiling
+Initial params are drawn in NumPy (``bench_common.random_variables``): compiling
 ``model.init`` costs far more than the steps themselves on a small CPU.
 
 If ``create_model`` takes ``conv_impl``, JAX rows are given for each value.
@@ -130,7 +130,7 @@ def jax_inference_models(name: str, impl: str | None) -> dict:
   kw = {} if impl is None else {"conv_impl": impl}
   m = rv.create_model(name, num_classes=1000, **kw)
   md = rv.create_model(name, num_classes=1000, deploy=True, **kw)
-  v = bc.fast_init(m, (32, 32, 3))
+  v = bc.random_variables(m, (32, 32, 3))
   return {"train": (m, v), "deploy": (md, jax.jit(rv.merge)(v))}
 
 
@@ -256,7 +256,7 @@ def jax_train_fns(args, impl: str | None, mesh, batch: dict, px: int) -> tuple[d
     return m if impl is None else m.clone(conv_impl=impl)
 
   model, dmodel = build(False), build(True)
-  variables = calibrate_bn(model, bc.fast_init(model, (px, px, 3)), batch["image"])
+  variables = calibrate_bn(model, bc.random_variables(model, (px, px, 3)), batch["image"])
   merged = jax.device_get(jax.jit(rv.merge)(variables))
   q = rv.make_quantizer("cluster", bits=4)
   if args.quick:  # k-means init is slow; uniform codebooks have the same shapes

@@ -11,6 +11,6 @@ repository root:
 * ``ledger``: the committed ``<out>_rows.json`` of finished rows (flock-guarded updates);
 * ``report``: the study's Markdown and figures from a ledger alone.
 
-benchmarks/ holds the benchmarks (speed, memory, sizes); tests/test_study.py tests this
+benchmarks/ holds the benchmarks (speed, memory, sizes); experiments/tests/test_study.py tests this
 package without training.
 """

@@ -4,6 +4,7 @@ subprocess environments; copies of a finished run."""
 import functools
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,11 @@ import numpy as np
 import repvgg_jax as rv
 from repvgg_jax import deploy
 from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.models.settings import expected_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks/, configs/
+# The one random-variables filler, the benchmarks' (tests import it from here).
+from benchmarks.bench_common import random_variables  # noqa: E402,F401
 # The persistent compilation cache of the suite (conftest.py) and of its subprocesses:
 # a compilation made once is reused by every later test and run.
 CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
@@ -38,39 +41,6 @@ def copy_run(run, tmp_path):
   dest = str(tmp_path / "copy")
   shutil.copytree(run[0], dest)
   return dest
-
-
-def random_variables(model, x, seed=0, tiny_var_channels=0):
-  """Variables for ``model`` filled from numpy (fast even for B3/D2se).
-
-  Kernels ~ N(0, 1/fan_in); BN scales in [0.2, 1], biases and means ~ N(0, 0.1),
-  running variances in [0.5, 2]. ``tiny_var_channels`` > 0 sets that many
-  channels of every identity BN to variance 1e-6 (dead channels: the source of
-  merged-kernel outliers). Recorded settings (OABN bounds, QARepVGG identity gains) keep the model's values.
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  defaults = expected_records(model)
-
-  def fill(path, s):
-    names = [getattr(p, "key", str(p)) for p in path]
-    leaf, shape = names[-1], s.shape
-    if leaf in defaults:
-      return np.asarray(defaults[leaf], s.dtype)
-    if leaf == "kernel":
-      return rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))
-    if leaf == "scale":
-      return rng.uniform(0.2, 1.0, shape).astype(np.float32)
-    if leaf in ("bias", "mean"):
-      return 0.1 * rng.standard_normal(shape, np.float32)
-    if leaf == "var":
-      v = rng.uniform(0.5, 2.0, shape).astype(np.float32)
-      if tiny_var_channels and "identity" in names:
-        v[:tiny_var_channels] = 1e-6
-      return v
-    raise AssertionError(f"random_variables: no rule for {'/'.join(names)}")
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 # The exporters' tiny model: standard strides at 32 px, stride-2 convs on even maps down

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from experiments import ledger as study_ledger, report as study_report, rows as sr  # on sys.path from conftest.py
+from experiments import ledger as study_ledger, report as study_report, rows as sr  # root on sys.path: conftest.py
 from repvgg_jax.train import config as config_lib
 
 SEED0 = ("fp", "w8a8_ptq_minmax", "w4a8_ptq_mse", "cluster_w2a8", "cluster_w4a8", "lsq_w2a8",
