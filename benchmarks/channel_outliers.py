@@ -8,7 +8,7 @@ of ``--config`` (default ``configs/demo.py``), e.g. the one the demo writes
 under ``<workdir>/checkpoints/fp``. Writes the Markdown (machine header,
 summary, per-layer table of :func:`repvgg_jax.analysis.channel_outlier_table`)
 to ``--out`` (stdout if not given) and the figure of
-:func:`repvgg_jax.analysis.plot_channel_outliers` beside it (``.png``).
+:func:`repvgg_jax.plots.plot_channel_outliers` beside it (``.png``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
 
   import matplotlib
   matplotlib.use("Agg")
-  from repvgg_jax import analysis
+  from repvgg_jax import analysis, plots
   from repvgg_jax.fileio import atomic_write, atomic_write_text
   from repvgg_jax.train.pipeline import load_variables
   from repvgg_jax.train.state import build_model, init_variables
@@ -63,7 +63,7 @@ def main() -> None:
     return
   png = os.path.splitext(args.out)[0] + ".png"
   md += f"\n![per-layer and per-channel max/rms]({os.path.basename(png)})\n"
-  atomic_write(png, lambda tmp: analysis.plot_channel_outliers(per_layer, tmp,
+  atomic_write(png, lambda tmp: plots.plot_channel_outliers(per_layer, tmp,
                                                                title=cfg.model.norm.upper()))
   atomic_write_text(args.out, md)
   print(f"wrote {args.out} and {png}")

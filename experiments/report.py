@@ -233,7 +233,7 @@ def _fp_section(rows: dict, s: dict, reports: dict, diverged: dict) -> list[str]
 
 def _outlier_section(rows: dict, s: dict, reports: dict, out_dir: str,
                      stem: str) -> list[str]:
-  from repvgg_jax import analysis
+  from repvgg_jax import analysis, plots
   L = ["## Merged-kernel outliers per regime (seed-0 FP checkpoint)", "",
        "Per output channel of every merged block kernel, `max|w| / rms(w)` "
        "(`repvgg_jax.analysis.channel_outliers`): what a per-channel quantizer's range sees. "
@@ -261,7 +261,7 @@ def _outlier_section(rows: dict, s: dict, reports: dict, out_dir: str,
              f"{t['kurtosis']:.1f} | {' / '.join(f'{w:.2f}' for w in worst)} |")
     png = f"{stem}_channels_{g}.png"
     atomic_write(os.path.join(out_dir, png),
-                 lambda tmp: analysis.plot_channel_outliers(per_layer, tmp, title=g))
+                 lambda tmp: plots.plot_channel_outliers(per_layer, tmp, title=g))
     import matplotlib.pyplot as plt
     plt.close("all")
     figures += [f"![per-channel max/rms, {g}]({png})", ""]

@@ -9,8 +9,8 @@ import pytest
 
 from repvgg_jax import analysis, merge
 from repvgg_jax.analysis import (channel_outlier_summary, channel_outlier_table, channel_outliers,
-                                 kernel_stats, merged_kernels, outlier_stats,
-                                 plot_channel_outliers, plot_weight_histograms)
+                                 kernel_stats, merged_kernels, outlier_stats)
+from repvgg_jax.plots import plot_channel_outliers, plot_weight_histograms
 from repvgg_jax.models.repvgg import RepVGG
 from _util import random_variables, tiny_variant
 

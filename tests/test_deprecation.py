@@ -66,3 +66,12 @@ def test_repvgg_jax_nn_is_layers_with_a_warning():
                        env=subprocess_env(), check=True).stdout
   assert ("['repvgg_jax.nn is deprecated and goes in the next release: use "
           "repvgg_jax.layers']") in out
+
+
+@pytest.mark.parametrize("name", ["plot_weight_histograms", "plot_channel_outliers"])
+def test_the_plots_left_analysis_with_a_warning(name):
+  import repvgg_jax.analysis
+  import repvgg_jax.plots
+  with pytest.warns(DeprecationWarning, match=rf"repvgg_jax.analysis.{name} is deprecated.*"
+                                              rf"use repvgg_jax.plots.{name}"):
+    assert getattr(repvgg_jax.analysis, name) is getattr(repvgg_jax.plots, name)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from repvgg_jax import analysis
+from repvgg_jax import analysis, plots
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
 FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx", "coreml")
@@ -47,7 +47,7 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
   Args:
     forms: ``{"fp": {"accuracy": ...}, ...}``; forms not run are left out, forms
       not evaluated have no ``accuracy``.
-    histograms: ``{label: variables}`` for :func:`analysis.plot_weight_histograms`.
+    histograms: ``{label: variables}`` for :func:`plots.plot_weight_histograms`.
     timings: seconds per stage, summed over the invocations that trained it.
     dataset: ``dataset_info(loader)``, or None.
     fp_variables: the train-form FP variables; if given, the per-channel
@@ -65,7 +65,7 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     report["outliers"] = {label: analysis.outlier_stats(v)["summary"]
                           for label, v in histograms.items()}
     atomic_write(os.path.join(workdir, "weight_histograms.png"),
-                 lambda tmp: analysis.plot_weight_histograms(histograms, tmp))
+                 lambda tmp: plots.plot_weight_histograms(histograms, tmp))
   if fp_variables is not None:
     report["channel_outliers"] = _channel_outliers(workdir, fp_variables)
   if bit_allocation is not None:
@@ -135,7 +135,7 @@ def _channel_outliers(workdir: str, fp_variables: Mapping[str, Any]) -> dict:
   per_layer = analysis.channel_outliers(fp_variables)
 
   def plot(tmp: str) -> None:
-    fig = analysis.plot_channel_outliers(per_layer, tmp, title="merged FP")  # selects Agg
+    fig = plots.plot_channel_outliers(per_layer, tmp, title="merged FP")  # selects Agg
     import matplotlib.pyplot as plt
     plt.close(fig)
 
