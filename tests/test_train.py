@@ -21,9 +21,8 @@ from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import NonFiniteLoss, Profile, train_stage
-from repvgg_jax.train.state import (build_model, create_train_state, init_variables,
-                                    learning_rate_schedule, make_optimizer,
-                                    weight_decay_mask)
+from repvgg_jax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter
 
 from _util import ROOT, WrappedLoader, killed_after

@@ -1,4 +1,5 @@
-"""Model construction, ``TrainState`` and the optimizer of the official recipe."""
+"""The train state and what it is made of: the model from the config, its initial
+variables, ``TrainState`` (the optimizer is :mod:`repvgg_jax.train.optimizer`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flax.training import train_state
 
 from repvgg_jax.models.repvgg import RepVGG, create_model
 from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.train.optimizer import make_optimizer
 
 
 class TrainState(train_state.TrainState):
@@ -59,53 +61,6 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   variant = create_model(model_cfg.name).variant
   overrides = {f: tuple(model_cfg[f]) for f in ("blocks", "widths") if model_cfg.get(f)}
   return RepVGG(dataclasses.replace(variant, **overrides), **kw)
-
-
-def weight_decay_mask(params: Mapping[str, Any]) -> Any:
-  """True where weight decay applies, as in the official recipe.
-
-  No decay on biases (conv, dense and BN shifts) nor on the BN scales of the 3x3
-  and 1x1 branches; the identity-branch BN scale and all kernels decay.
-  """
-  def decays(path, _):
-    keys = [getattr(p, "key", str(p)) for p in path]
-    if keys[-1] == "bias":
-      return False
-    if keys[-1] == "scale" and any(k in ("conv_kxk", "conv_1x1") for k in keys):
-      return False
-    return True
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def learning_rate_schedule(stage_cfg: Any) -> optax.Schedule:
-  """Linear warmup to ``base_lr * batch/256``, then cosine to 0 at ``num_steps``."""
-  peak = stage_cfg.base_lr * stage_cfg.batch_size / 256
-  if stage_cfg.warmup_steps == 0:
-    return optax.cosine_decay_schedule(peak, stage_cfg.num_steps)
-  warmup = optax.linear_schedule(0.0, peak, stage_cfg.warmup_steps)
-  cosine = optax.cosine_decay_schedule(peak, stage_cfg.num_steps - stage_cfg.warmup_steps)
-  return optax.join_schedules([warmup, cosine], [stage_cfg.warmup_steps])
-
-
-def make_optimizer(stage_cfg: Any, params: Mapping[str, Any],
-                   quant: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
-  """The optimizer of ``{"params": params, "quant": quant}`` (see :class:`TrainState`)."""
-  """SGD with momentum (optionally Nesterov) and masked, decoupled-from-loss L2 decay.
-
-  ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
-  ``grad_clip_norm > 0`` first clips the gradient to that global norm (as
-  ``torch.nn.utils.clip_grad_norm_`` before the step). The learned quantizer
-  steps in ``quant`` never decay.
-  """
-  mask = {"params": weight_decay_mask(params),
-          "quant": jax.tree.map(lambda _: False, dict(quant or {}))}
-  clip = ([optax.clip_by_global_norm(stage_cfg.grad_clip_norm)]
-          if stage_cfg.grad_clip_norm > 0 else [])
-  return optax.chain(
-      *clip,
-      optax.add_decayed_weights(stage_cfg.weight_decay, mask=mask),
-      optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
-                nesterov=stage_cfg.nesterov))
 
 
 def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) -> dict:

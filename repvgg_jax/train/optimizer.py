@@ -1,0 +1,57 @@
+"""The optimizer of the official RepVGG recipe: SGD with momentum, linear warm-up then
+cosine to 0, L2 decay masked as the official code masks it, optional gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+
+
+def weight_decay_mask(params: Mapping[str, Any]) -> Any:
+  """True where weight decay applies, as in the official recipe.
+
+  No decay on biases (conv, dense and BN shifts) nor on the BN scales of the 3x3
+  and 1x1 branches; the identity-branch BN scale and all kernels decay.
+  """
+  def decays(path, _):
+    keys = [getattr(p, "key", str(p)) for p in path]
+    if keys[-1] == "bias":
+      return False
+    if keys[-1] == "scale" and any(k in ("conv_kxk", "conv_1x1") for k in keys):
+      return False
+    return True
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(stage_cfg: Any) -> optax.Schedule:
+  """Linear warmup to ``base_lr * batch/256``, then cosine to 0 at ``num_steps``."""
+  peak = stage_cfg.base_lr * stage_cfg.batch_size / 256
+  if stage_cfg.warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak, stage_cfg.num_steps)
+  warmup = optax.linear_schedule(0.0, peak, stage_cfg.warmup_steps)
+  cosine = optax.cosine_decay_schedule(peak, stage_cfg.num_steps - stage_cfg.warmup_steps)
+  return optax.join_schedules([warmup, cosine], [stage_cfg.warmup_steps])
+
+
+def make_optimizer(stage_cfg: Any, params: Mapping[str, Any],
+                   quant: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+  """The optimizer of ``{"params": params, "quant": quant}`` (see
+  :class:`repvgg_jax.train.state.TrainState`): SGD with momentum (optionally Nesterov)
+  and masked, decoupled-from-loss L2 decay.
+
+  ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
+  ``grad_clip_norm > 0`` first clips the gradient to that global norm (as
+  ``torch.nn.utils.clip_grad_norm_`` before the step). The learned quantizer
+  steps in ``quant`` never decay.
+  """
+  mask = {"params": weight_decay_mask(params),
+          "quant": jax.tree.map(lambda _: False, dict(quant or {}))}
+  clip = ([optax.clip_by_global_norm(stage_cfg.grad_clip_norm)]
+          if stage_cfg.grad_clip_norm > 0 else [])
+  return optax.chain(
+      *clip,
+      optax.add_decayed_weights(stage_cfg.weight_decay, mask=mask),
+      optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
+                nesterov=stage_cfg.nesterov))
