@@ -23,6 +23,9 @@ def get_config():
   c.data.image_size = 32
   c.data.augment = "pad_crop_flip"
   c.eval_batch_size = 256
+  # Full A0 with the CIFAR stem is ~45x the demo network's compute per image (a few
+  # images/s a core; benchmarks/folder_run.py): log often enough to see it start.
+  c.log_every = 10
   c.fp.batch_size = 64
   c.fp.base_lr = 0.2            # lr 0.05 at batch 64
   c.fp.num_steps = 2000
