@@ -168,7 +168,10 @@ class Profile:
     self.calls += 1
     if self.calls == 1 or self.calls == self.num_steps + 1:
       jax.block_until_ready(state)  # the traced steps only; reads nothing
-      self.close() if self.tracing else self._start(step)
+      if self.tracing:
+        self.close()
+      else:
+        self._start(step)
     return state
 
   def _start(self, step: int) -> None:
@@ -252,7 +255,7 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
 
   actions = [Periodic(log_every, log, last=True),
              Periodic(getattr(stage_cfg, "eval_every", 0) if evaluate else 0, run_eval),
-             Periodic(stage_cfg.checkpoint_every, save, last=True)]  # save last: best is new
+             Periodic(stage_cfg.checkpoint_every, save, last=True)]  # after eval: saves its best
   first = step + 1
   try:
     with _Preemption() as preemption:
