@@ -4,9 +4,10 @@
       --out docs/channel_outliers.md
 
 ``--checkpoint``: an FP-stage orbax directory (or .npz / .msgpack) of the model
-of ``--config`` (default ``configs/demo.py``), e.g. the one the demo writes
+of ``--config`` (default ``configs/demo.py``; ``--set FIELD=VALUE`` overrides), e.g. the one the demo writes
 under ``<workdir>/checkpoints/fp``. Writes the Markdown (machine header,
-summary, per-layer table of :func:`repvgg_jax.analysis.channel_outlier_table`)
+summary, per-layer table of :func:`repvgg_jax.analysis.channel_outlier_table`; with
+OABN's branch bound, its factors per layer, :func:`repvgg_jax.analysis.bound_factors`)
 to ``--out`` (stdout if not given) and the figure of
 :func:`repvgg_jax.plots.plot_channel_outliers` beside it (``.png``).
 """
@@ -38,9 +39,12 @@ def main() -> None:
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.py"))
   p.add_argument("--num_classes", type=int, default=10)
   p.add_argument("--out", default="")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="config override, e.g. --set model.blocks=() --set model.norm=oabn")
   args = p.parse_args()
 
   import matplotlib
+  import numpy as np
   matplotlib.use("Agg")
   from repvgg_jax import analysis, plots
   from repvgg_jax.fileio import atomic_write, atomic_write_text
@@ -48,16 +52,32 @@ def main() -> None:
   from repvgg_jax.train.state import build_model, init_variables
 
   cfg = load_config(args.config)
+  import ast
+  for item in args.set:
+    field, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # a bare string
+      pass
+    cfg.update_from_flattened_dict({field: value})
   size = cfg.data.image_size
   template = init_variables(build_model(cfg.model, args.num_classes, deploy=False),
                             (size, size, 3), 0)
-  per_layer = analysis.channel_outliers(load_variables(args.checkpoint, template))
+  variables = load_variables(args.checkpoint, template)
+  per_layer = analysis.channel_outliers(variables)
+  factors = analysis.bound_factors(variables)
   s = analysis.channel_outlier_summary(per_layer)
   notes = (f"model: {cfg.model.name}, norm {cfg.model.norm}, blocks {tuple(cfg.model.blocks)}, "
            f"{args.num_classes} classes, {size} px",)
   md = header("Per-channel outliers of merged kernels", notes=notes)
   md += "\nSummary (`repvgg_jax.analysis.channel_outlier_summary`):\n\n```json\n"
   md += json.dumps(s, indent=2) + "\n```\n\n" + analysis.channel_outlier_table(per_layer)
+  if factors:
+    md += ("\nThe branch bound's factor on the identity (or 1x1) branch per layer "
+           "(`repvgg_jax.analysis.bound_factors`; 1 = inactive):\n\n"
+           "| layer | median | min | channels below 0.5 |\n|---|---:|---:|---:|\n")
+    md += "".join(f"| {k} | {np.median(f):.3f} | {f.min():.3f} | {(f < 0.5).sum()} of "
+                  f"{f.size} |\n" for k, f in factors.items())
   if not args.out:
     print(md)
     return

@@ -226,6 +226,29 @@ def channel_outlier_table(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> 
   return "\n".join(lines) + "\n"
 
 
+def bound_factors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Per block with OABN's ``branch`` bound, per output channel, the factor the bound
+  scales its identity and 1x1 branches by in the merge (1: the bound is inactive there;
+  ``repvgg_jax.layers.oabn.branch_bound``): the identity tap's folded scale with the
+  recorded bound over the same without it (the 1x1 tap's where there is no identity).
+  Blocks without the bound are left out. Train-form variables."""
+  stats = norm_state(variables)
+  out = {}
+  for name, p in variables["params"].items():
+    if not isinstance(stats.get(name), Mapping) or "bound_tau" not in stats[name]:
+      continue
+    raw = dict(variables["batch_stats"][name])  # no settings: the plain BN's scales
+    branch = "identity" if "identity" in p else "1x1"
+    bounded, plain = (np.asarray(block_branches(p, st)[branch][0][1, 1], np.float64)
+                      for st in (stats[name], raw))
+    # One factor per channel: read it where the branch's tap is largest.
+    i = np.abs(plain).argmax(axis=0)
+    o = np.arange(plain.shape[1])
+    out[name] = np.where(plain[i, o] != 0, bounded[i, o] / np.where(plain[i, o] != 0,
+                                                                     plain[i, o], 1.0), 1.0)
+  return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0])))
+
+
 __getattr__ = renamed(__name__, {
     "plot_weight_histograms": "repvgg_jax.plots.plot_weight_histograms",
     "plot_channel_outliers": "repvgg_jax.plots.plot_channel_outliers",

@@ -220,3 +220,26 @@ def test_zero_fraction_counts_weights_below_half_a_minmax_step():
     analysis.zero_fraction(v, 1)
   with pytest.raises(ValueError, match="clipping='max'"):
     analysis.zero_fraction(v, 2, "max")
+
+
+def test_bound_factors_are_the_branch_bounds_scale_per_channel():
+  from repvgg_jax.layers.oabn import branch_bound
+  net = tiny_variant((1, 2, 1, 1))
+  x = jnp.zeros((1, 32, 32, 3))
+  model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="branch", oabn_tau=1.0)
+  v = random_variables(model, x, tiny_var_channels=2)
+  f = analysis.bound_factors(v)
+  assert set(f) == {n for n in v["params"] if "conv_kxk" in v["params"][n]}
+  p, s = v["params"]["stages_1_1"], v["batch_stats"]["stages_1_1"]
+
+  def scale(bn, stats):
+    return bn["scale"] / np.sqrt(stats["var"] + 1e-5)
+  s3 = scale(p["conv_kxk"]["bn"], s["conv_kxk"]["bn"])
+  s1 = scale(p["conv_1x1"]["bn"], s["conv_1x1"]["bn"])
+  si = scale(p["identity"], s["identity"])
+  _, si_bounded = branch_bound(s3, p["conv_kxk"]["conv"]["kernel"], s1,
+                               p["conv_1x1"]["conv"]["kernel"], si, 1.0, True)
+  np.testing.assert_allclose(f["stages_1_1"], si_bounded / si, rtol=1e-4)
+  assert f["stages_1_1"].min() < 0.5  # tau 1 cuts the dead channels' identity taps
+  plain = random_variables(RepVGG(net, num_classes=5), x)
+  assert analysis.bound_factors(plain) == {}
