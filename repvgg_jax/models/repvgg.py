@@ -217,9 +217,12 @@ class RepVGG(nn.Module):
     norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
-    oabn_form: ``"branch"`` (the default: each block bounds its 1x1 and identity
-      taps per channel; ``block="repvgg"`` only) or ``"median"`` (each BN bounds
-      its scales).
+    oabn_form: ``"branch"`` (the default at every depth: each block bounds its 1x1
+      and identity taps per channel, the only form that removes the merged kernels'
+      outliers; ``block="repvgg"`` only) or ``"median"`` (each BN bounds its
+      scales). On a deep network (A0's 14-block stage) ``branch`` costs FP accuracy
+      and, deployed through ClusterQAT, does no better than ``norm="bn"``
+      (docs/oabn.md, "At full depth").
     oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``layers/oabn.py``);
       ``oabn_tau`` is the multiple of the channel's 3x3 rms (``branch``) or of
       the layer's median ``|s|`` (``median``); None = the form's
