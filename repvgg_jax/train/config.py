@@ -309,7 +309,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       v = s[f]
       if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         problems.append(f"{stage}.{f}={v!r} must be a positive int")
-    for f in ("eval_every", "profile_steps"):
+    for f in ("eval_every", "profile_steps", "warmup_steps"):
       v = s[f]
       if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
         problems.append(f"{stage}.{f}={v!r} must be an int >= 0")
@@ -325,9 +325,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-    if not (isinstance(s.warmup_steps, int) and not isinstance(s.warmup_steps, bool)
-            and s.warmup_steps >= 0):
-      problems.append(f"{stage}.warmup_steps={s.warmup_steps!r} must be an int >= 0")
   w = cfg.fp.bound_warmup_steps
   if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
     problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
