@@ -75,3 +75,10 @@ def test_the_plots_left_analysis_with_a_warning(name):
   with pytest.warns(DeprecationWarning, match=rf"repvgg_jax.analysis.{name} is deprecated.*"
                                               rf"use repvgg_jax.plots.{name}"):
     assert getattr(repvgg_jax.analysis, name) is getattr(repvgg_jax.plots, name)
+
+
+@pytest.mark.parametrize("name", ["weight_decay_mask", "learning_rate_schedule"])
+def test_the_optimizer_left_train_state_with_a_warning(name):
+  from repvgg_jax.train import optimizer, state
+  with pytest.warns(DeprecationWarning, match=rf"repvgg_jax.train.state.{name} is deprecated"):
+    assert getattr(state, name) is getattr(optimizer, name)
