@@ -67,11 +67,10 @@ def test_validate_names_bad_bound_warmup_fields(changes, needle):
 
 
 def test_bound_warmup_tightens_geometrically_to_the_models_bound():
-  from repvgg_jax.train.pipeline import bound_warmup
   cfg = tiny.tiny_config()
-  assert bound_warmup(cfg) is None  # off by default
+  assert steps.bound_warmup(cfg) is None  # off by default
   cfg.fp.bound_warmup_steps, cfg.fp.bound_warmup_start = 100, 16.0
-  f = bound_warmup(cfg)
+  f = steps.bound_warmup(cfg)
   np.testing.assert_allclose([float(f(s)) for s in (0, 25, 50, 100, 400)],
                              [16.0, 8.0, 4.0, 1.0, 1.0], rtol=1e-5)
 

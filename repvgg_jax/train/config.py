@@ -68,10 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 1: FP training of the multi-branch network.
   c.fp = _stage_config()
-  # OABN's branch bound loosened at the start of FP training (docs/oabn.md): the training
-  # forward uses oabn_tau x bound_warmup_start at step 0, tightening geometrically to
-  # oabn_tau at step bound_warmup_steps (0 = the model's bound from the first step).
-  # Eval and merge always use the model's bound.
+  # OABN's branch bound loosened in FP training (docs/oabn.md): oabn_tau x bound_warmup_start
+  # at step 0, tightening geometrically to oabn_tau at step bound_warmup_steps (0 = off);
+  # eval and merge always use the model's bound.
   c.fp.bound_warmup_steps = 0
   c.fp.bound_warmup_start = 10.0
   # Stage 2: QAT of the merged network (the "merge" stage has no training).
@@ -303,16 +302,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
   _check_budget(cfg, problems)
   _check_export(cfg, problems, enum)
+
+  def count(name: str, v: Any, low: int) -> None:
+    """A problem naming ``name`` unless ``v`` is an int >= ``low`` (0 or 1)."""
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+      problems.append(f"{name}={v!r} must be " + ("a positive int" if low else "an int >= 0"))
+
   for stage in ("fp", "qat"):
     s = cfg[stage]
     for f in ("num_steps", "batch_size", "checkpoint_every", "keep"):
-      v = s[f]
-      if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        problems.append(f"{stage}.{f}={v!r} must be a positive int")
+      count(f"{stage}.{f}", s[f], 1)
     for f in ("eval_every", "profile_steps", "warmup_steps"):
-      v = s[f]
-      if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-        problems.append(f"{stage}.{f}={v!r} must be an int >= 0")
+      count(f"{stage}.{f}", s[f], 0)
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
     positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)
@@ -325,19 +326,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-  w = cfg.fp.bound_warmup_steps
-  if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
-    problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
-  elif w and (cfg.model.norm, cfg.model.oabn_form, cfg.model.block) != (
-      "oabn", "branch", "repvgg"):
-    problems.append(f"fp.bound_warmup_steps={w} loosens OABN's branch bound: it needs "
-                    f"model.norm='oabn' and model.oabn_form='branch' (a RepVGG block), not "
-                    f"norm={cfg.model.norm!r}, oabn_form={cfg.model.oabn_form!r}, "
-                    f"block={cfg.model.block!r}")
-  if not (isinstance(cfg.fp.bound_warmup_start, (int, float))
-          and cfg.fp.bound_warmup_start >= 1):
-    problems.append(f"fp.bound_warmup_start={cfg.fp.bound_warmup_start!r} must be >= 1 "
-                    "(a factor that loosens the bound)")
+  from repvgg_jax.train.steps import bound_warmup_problems
+  problems += bound_warmup_problems(cfg)
   _fail(problems)
 
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 import repvgg_jax
@@ -111,17 +110,6 @@ def profile_hooks(stage_cfg: ml_collections.ConfigDict, workdir: str, stage: str
   if not stage_cfg.profile_steps:
     return []
   return [Profile(tensorboard_dir(workdir, stage), stage_cfg.profile_steps)]
-
-
-def bound_warmup(cfg: ml_collections.ConfigDict) -> Callable | None:
-  """``step -> factor`` on the ``branch`` bound's tau in the FP stage's training forward
-  (:func:`steps.make_train_step`'s ``bound_factor``): ``fp.bound_warmup_start`` at step
-  0, falling geometrically to 1 at ``fp.bound_warmup_steps``, 1 after; None when the
-  warm-up is off (0 steps; ``validate`` refuses it for a model without the bound)."""
-  if not cfg.fp.bound_warmup_steps:
-    return None
-  start = float(cfg.fp.bound_warmup_start)
-  return optax.exponential_decay(start, cfg.fp.bound_warmup_steps, 1 / start, end_value=1.0)
 
 
 def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -233,7 +221,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
         "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
         train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
                                          pixel_stats=pixels, penalty=stage_penalty(cfg.fp),
-                                         bound_factor=bound_warmup(cfg)),
+                                         bound_factor=steps.bound_warmup(cfg)),
         ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
         log_every=cfg.log_every, hooks=profile_hooks(cfg.fp, workdir, "fp"),
         evaluate=evaluate_with(eval_plain))

@@ -55,6 +55,35 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
   return state.apply_fn(variables, images, train=train), state.batch_stats
 
 
+def bound_warmup(cfg: Any) -> Callable | None:
+  """``step -> factor`` on the ``branch`` bound's tau in the FP stage's training forward
+  (:func:`make_train_step`'s ``bound_factor``): ``fp.bound_warmup_start`` at step 0,
+  falling geometrically to 1 at ``fp.bound_warmup_steps``, 1 after; None when the
+  warm-up is off (0 steps)."""
+  if not cfg.fp.bound_warmup_steps:
+    return None
+  start = float(cfg.fp.bound_warmup_start)
+  return optax.exponential_decay(start, cfg.fp.bound_warmup_steps, 1 / start, end_value=1.0)
+
+
+def bound_warmup_problems(cfg: Any) -> list[str]:
+  """What is wrong with the config's ``fp.bound_warmup_*`` fields, each naming the field
+  (``config.validate`` reports them): steps an int >= 0, used only on a model with the
+  ``branch`` bound; start >= 1."""
+  problems, w, m = [], cfg.fp.bound_warmup_steps, cfg.model
+  if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
+    problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
+  elif w and (m.norm, m.oabn_form, m.block) != ("oabn", "branch", "repvgg"):
+    problems.append(f"fp.bound_warmup_steps={w} loosens OABN's branch bound: it needs "
+                    f"model.norm='oabn' and model.oabn_form='branch' (a RepVGG block), not "
+                    f"norm={m.norm!r}, oabn_form={m.oabn_form!r}, block={m.block!r}")
+  start = cfg.fp.bound_warmup_start
+  if not (isinstance(start, (int, float)) and start >= 1):
+    problems.append(f"fp.bound_warmup_start={start!r} must be >= 1 (a factor that loosens "
+                    "the bound)")
+  return problems
+
+
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
                     quantizer: Any = None, pixel_stats: PixelStats = None,
                     penalty: tuple[Callable, float] | None = None,

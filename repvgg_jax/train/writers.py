@@ -51,7 +51,7 @@ class MetricWriter:
       # before keeps a stage restarted within that second from overwriting one.
       self._tb = tensorboardX.SummaryWriter(
           logdir, purge_step=self._purge_step,
-          filename_suffix=f".{len(event_files(logdir)) if os.path.isdir(logdir) else 0}")
+          filename_suffix=f".{len(event_files(logdir))}")
     for k, v in values.items():
       self._tb.add_scalar(k, v, int(step))
 
@@ -95,7 +95,9 @@ def tensorboard_dir(workdir: str, stage: str) -> str:
 
 
 def event_files(logdir: str) -> list[str]:
-  """The TensorBoard event files directly in ``logdir``, oldest first."""
+  """The TensorBoard event files directly in ``logdir``, oldest first (none yet: [])."""
+  if not os.path.isdir(logdir):
+    return []
   names = [n for n in os.listdir(logdir) if n.startswith("events.out.tfevents.")]
   return [os.path.join(logdir, n) for n in sorted(names)]
 
