@@ -98,13 +98,20 @@ class MergeTinyTest(parameterized.TestCase):
     chex.assert_trees_all_close(conv(k) + b, want, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_block_is_the_blocks_part_of_merge():
-  model = RepVGG(TINY, num_classes=3)
-  v = random_variables(model, _images(8))
+def test_merge_block_is_the_blocks_eval_forward():
+  """The merged (kernel, bias) of a grouped block, run as one conv + ReLU on the block's
+  input, gives the train-form block's eval output (captured inside the whole model)."""
+  model = RepVGG(tiny_variant((2, 2, 2, 1), groups=2), num_classes=3)
+  x = _images(8)
+  v = random_variables(model, x)
   k, b = rv.merge_block(v["params"]["stages_0_1"], v["batch_stats"]["stages_0_1"])
-  merged = rv.merge(v)["params"]["stages_0_1"]["reparam_conv"]
+  _, inter = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+  h = inter["intermediates"]["stages_0_0"]["__call__"][0]
+  out = inter["intermediates"]["stages_0_1"]["__call__"][0]
   chex.assert_shape(k, (3, 3, 8, 16))  # 16 channels, 2 groups
-  chex.assert_trees_all_close((k, b), (merged["kernel"], merged["bias"]), rtol=1e-6, atol=1e-7)
+  y = jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", feature_group_count=2,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  np.testing.assert_allclose(jax.nn.relu(y), out, rtol=1e-4, atol=1e-4)
 
 
 def test_merge_of_deploy_variables_is_identity():

@@ -16,7 +16,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from repvgg_jax import data
+from repvgg_jax import create_model, data
+from repvgg_jax.quant import make_quantizer
+from repvgg_jax.quant.activation import check_calibration
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
@@ -97,10 +99,41 @@ def test_train_step_loosens_the_bound_by_its_factor_of_the_step():
       plain, rel=1e-6)
 
 
+def _direct_error(call):
+  with pytest.raises(ValueError) as err:
+    call()
+  return str(err.value)
+
+
+@pytest.mark.parametrize("group,field,value,call", [
+    ("model", "norm", "gn", lambda: create_model("A0", norm="gn")),
+    ("model", "oabn_bound", "soft", lambda: create_model("A0", oabn_bound="soft")),
+    ("model", "name", "RepVGG-Z9", lambda: create_model("RepVGG-Z9")),
+    ("quant", "bits", 9, lambda: make_quantizer("cluster", bits=9)),
+    ("quant", "clipping", "aciq", lambda: make_quantizer("cluster", clipping="aciq")),
+    ("quant", "act_bits", 1, lambda: create_model("A0", deploy=True, act_bits=1)),
+    ("quant", "act_percentile", 40.0, lambda: check_calibration("minmax", 40.0)),
+    ("data", "augment", "mixup", None), ("data", "image_size", 0, None),
+])
+def test_validate_refuses_what_the_component_refuses_in_its_words(group, field, value, call):
+  """Each rule is the component's: validate's line is the component's own message
+  with the field's group in front (the loader's already names it)."""
+  cfg = tiny.tiny_config()
+  cfg[group][field] = value
+  if call is None:  # the loader refuses before it reads anything
+    call = lambda: data.make_loader(cfg.data, "train", global_batch_size=8, train=True)
+  expected = _direct_error(call)
+  if group != "data":
+    expected = f"{group}.{expected}"
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(cfg)
+  assert expected in str(err.value)
+
+
 def test_validate_refuses_the_branch_form_on_qarepvgg_blocks():
   cfg = tiny.tiny_config()  # OABN
   cfg.model.oabn_form, cfg.model.block = "branch", "qarepvgg"
-  with pytest.raises(config_lib.ConfigError, match=r"model: oabn_form='branch'.*"
+  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_form='branch'.*"
                                                    r"block='qarepvgg' has none"):
     config_lib.validate(cfg)
 
@@ -115,7 +148,7 @@ def test_resolve_fills_in_the_forms_default_tau(form, tau, expected):
   assert build_model(resolved.model, 3, deploy=False).bound_tau == expected
   assert build_model(cfg.model, 3, deploy=False).bound_tau == expected  # unresolved: same
   cfg.model.oabn_tau = -1.0
-  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_tau=-1.0 must be >= 0"):
+  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_tau=-1.0: must be > 0"):
     config_lib.validate(cfg)
 
 
@@ -193,7 +226,7 @@ def test_validate_export_on_needs_its_packages(monkeypatch, field, needle):
 def test_validate_uniform_and_lsq_need_two_bits():
   cfg = tiny.tiny_config()
   cfg.quant.method, cfg.quant.bits = "lsq", 1
-  with pytest.raises(ValueError, match=re.escape("quant.bits=1 must be an int in [2, 8]")):
+  with pytest.raises(ValueError, match=re.escape("quant.bits=1: expected an int in 2..8")):
     config_lib.validate(cfg)
 
 
@@ -300,13 +333,17 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, log
 
 
 def test_no_host_transfer_between_sync_steps(tmp_path, monkeypatch):
-  """Device -> host reads (every path: float(), np.asarray, device_get) happen only at
-  log/save steps; a fetch added to every step fails this test. Not jax.transfer_guard:
-  its device-to-host guard does not fire on the CPU backend (np.asarray and device_get
-  pass under "disallow_explicit"), where CI runs; its host-to-device guard does."""
+  """Between sync steps nothing crosses between host and device but the batch (an
+  explicit device_put): every step that is not a log/save step runs under
+  ``jax.transfer_guard("disallow")``, which refuses implicit transfers in each direction
+  (a Python or numpy value fed to the step each time fails here). On the CPU backend,
+  where CI runs, the guard's device-to-host direction does not fire (np.asarray,
+  device_get and float() pass under "disallow_explicit", jax 0.10), so those reads are
+  also counted where every path goes through, ``ArrayImpl._value``: they happen only at
+  log/save steps, and a fetch added to every step fails this test."""
   from jax._src.array import ArrayImpl
   import threading
-  calls, current = [], {"step": 0}
+  calls, current, guard = [], {"step": 0}, []
   value = ArrayImpl._value
 
   def counting(self):
@@ -314,14 +351,22 @@ def test_no_host_transfer_between_sync_steps(tmp_path, monkeypatch):
       calls.append(current["step"])
     return value.fget(self)
 
-  loader = _tiny_loader()
-
-  def count_steps(n, batch):
+  def guard_steps(n, batch):  # runs in the loop's thread as it asks for batch n
     current["step"] = n
+    while guard:
+      guard.pop().__exit__(None, None, None)
+    if n % 4:  # steps 4 and 8 log and save: the rest run guarded until the next batch
+      guard.append(jax.transfer_guard("disallow"))
+      guard[-1].__enter__()
     return batch
+
   monkeypatch.setattr(ArrayImpl, "_value", property(counting))
-  _stage(tmp_path, loader=WrappedLoader(loader, count_steps), num_steps=8, log_every=4,
-         checkpoint_every=4)
+  try:
+    _stage(tmp_path, loader=WrappedLoader(_tiny_loader(), guard_steps), num_steps=8,
+           log_every=4, checkpoint_every=4)
+  finally:
+    while guard:
+      guard.pop().__exit__(None, None, None)
   steps_with_reads = sorted(set(calls) - {0})  # 0: resume/set-up before the first step
   assert steps_with_reads and set(steps_with_reads) <= {4, 8}, steps_with_reads
 

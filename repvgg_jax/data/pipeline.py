@@ -130,8 +130,22 @@ def _int_field(cfg: Any, name: str, default: int) -> int:
   value = getattr(cfg, name, default)
   value = default if value is None else value
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"data: {name}={value!r} must be a non-negative integer")
+    raise ValueError(f"data.{name}={value!r} must be an int >= 0")
   return int(value)
+
+
+def check_fields(cfg: Any) -> None:
+  """ValueError naming the first bad field of a data config (``data.<field>=...``): the
+  checks :func:`make_loader` makes before it reads anything (the pipeline config's
+  ``validate`` asks the same)."""
+  source = getattr(cfg, "source", None)
+  if source not in sources.SOURCES:
+    raise ValueError(f"data.source={source!r}: expected one of {sources.SOURCES}")
+  transforms.check_augment(getattr(cfg, "augment", "none"))
+  if _int_field(cfg, "image_size", 0) == 0:
+    raise ValueError(f"data.image_size={getattr(cfg, 'image_size', None)!r} must be positive")
+  for name, default in (("train_subset", 0), ("worker_count", 0), ("read_threads", 2)):
+    _int_field(cfg, name, default)
 
 
 def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, seed: int = 0,
@@ -173,12 +187,9 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
       or global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"data: global_batch_size={global_batch_size!r} must be a positive "
                      f"multiple of process_count={process_count}")
+  check_fields(cfg)
   augment = getattr(cfg, "augment", "none")
-  if augment not in transforms.AUGMENTS:
-    raise ValueError(f"data: unknown augment {augment!r}, expected one of {transforms.AUGMENTS}")
   image_size = _int_field(cfg, "image_size", 0)
-  if image_size == 0:
-    raise ValueError(f"data: image_size={getattr(cfg, 'image_size', None)!r} must be positive")
   subset = _int_field(cfg, "train_subset", 0)
   worker_count = _int_field(cfg, "worker_count", 0)
   read_threads = _int_field(cfg, "read_threads", 2)

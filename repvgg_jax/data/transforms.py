@@ -177,6 +177,12 @@ def decode_augment(encoded: bytes, augment: str, size: int, train: bool,
   return resize_center_crop(_rgb_array(pil), size, EVAL_CROP_FRACTION)
 
 
+def check_augment(augment: str) -> None:
+  """ValueError naming ``data.augment`` unless it is one of :data:`AUGMENTS`."""
+  if augment not in AUGMENTS:
+    raise ValueError(f"data.augment={augment!r}: expected one of {AUGMENTS}")
+
+
 def augment_image(image: np.ndarray, augment: str, size: int, train: bool,
                   rng: np.random.Generator | None) -> np.ndarray:
   """uint8 (H, W, C) -> uint8 (size, size, C) by ``augment`` ("none", "pad_crop_flip", "rrc_flip").
@@ -184,8 +190,7 @@ def augment_image(image: np.ndarray, augment: str, size: int, train: bool,
   Evaluation (``train=False``) never draws random numbers: "rrc_flip" becomes the
   ImageNet resize (shorter side size/0.875) + centre crop, the others ``fit``.
   """
-  if augment not in AUGMENTS:
-    raise ValueError(f"data: unknown augment {augment!r}, expected one of {AUGMENTS}")
+  check_augment(augment)
   if augment == "rrc_flip":
     if train:
       return rrc_flip(image, size, rng)

@@ -55,6 +55,12 @@ BOUND_KEYS = ("tau", "relative", "smooth")
 BRANCH_KEYS = ("bound_tau", "bound_smooth")
 
 
+def check_tau(tau: Any, what: str = "tau") -> None:
+  """ValueError naming ``what`` unless ``tau`` is a number > 0."""
+  if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+    raise ValueError(f"{what}={tau!r}: must be > 0")
+
+
 def bound_threshold(s: jax.Array, tau: jax.Array, relative: jax.Array) -> jax.Array:
   """The bound on |s| for one layer: ``tau`` or ``tau * median(|s|)``.
 
@@ -181,8 +187,7 @@ class OABN(nn.Module):
       raise ValueError(f"OABN form={self.form!r}: expected one of {FORMS}")
     if self.bound not in BOUNDS:
       raise ValueError(f"OABN bound={self.bound!r}: expected one of {BOUNDS}")
-    if not self.tau > 0:
-      raise ValueError(f"OABN tau={self.tau!r}: must be > 0")
+    check_tau(self.tau, "OABN tau")
     super().__post_init__()
 
   def settings(self) -> dict[str, jax.Array]:

@@ -32,7 +32,8 @@ import flax.linen as nn
 from repvgg_jax.layers import conv as conv_lib
 from repvgg_jax.layers.act_quant import ActQuant
 from repvgg_jax.layers.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
-                                branch_bound)
+                                branch_bound, check_tau)
+from repvgg_jax.quant.activation import check_act_bits
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
@@ -282,11 +283,9 @@ class RepVGG(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
     v = self.variant
-    if self.conv_impl not in CONV_IMPLS:
-      raise ValueError(f"conv_impl={self.conv_impl!r}: expected one of {CONV_IMPLS}")
-    if self.act_bits and not self.deploy:
-      raise ValueError(f"act_bits={self.act_bits}: activation quantization needs deploy=True")
-    check_options(self.norm, self.block, self.oabn_form)
+    check_model(None, num_classes=self.num_classes, norm=self.norm, deploy=self.deploy,
+                block=self.block, oabn_form=self.oabn_form, oabn_bound=self.oabn_bound,
+                oabn_tau=self.oabn_tau, conv_impl=self.conv_impl, act_bits=self.act_bits)
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
                               norm=self._norm_factory(), dtype=self.dtype,
                               conv_impl=self.conv_impl, act_bits=self.act_bits,
@@ -349,6 +348,33 @@ def list_models() -> list[str]:
   return list(VARIANTS)
 
 
+def check_model(name: str | None, *, num_classes: int = 1000, norm: str = "bn",
+                deploy: bool = False, **kwargs: Any) -> None:
+  """ValueError unless :func:`create_model` can build this model. Every message starts
+  with the bad argument's name (``norm='x': ...``), so a config can prefix its group.
+  ``name`` None: the variant is not checked (a :class:`RepVGG` built from its own)."""
+  if name is not None and not (isinstance(name, str) and _canonical(name) in _BY_KEY):
+    raise ValueError(f"name={name!r}: unknown RepVGG variant; valid names: {list_models()}")
+  fields = {f.name for f in dataclasses.fields(RepVGG)} - {"variant", "parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
+  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "branch"))
+  if isinstance(num_classes, bool) or not (isinstance(num_classes, int) and num_classes > 0):
+    raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
+  bound = kwargs.get("oabn_bound", "tanh")
+  if bound not in BOUNDS:
+    raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
+  conv_impl = kwargs.get("conv_impl", "auto")
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
+  if check_act_bits(kwargs.get("act_bits", 0)) and not deploy:
+    raise ValueError(f"act_bits={kwargs['act_bits']!r}: activation quantization needs "
+                     "deploy=True")
+  if kwargs.get("oabn_tau") is not None:  # None: the form's default
+    check_tau(kwargs["oabn_tau"], "oabn_tau")
+
+
 def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
                  deploy: bool = False, **kwargs: Any) -> RepVGG:
   """Builds a RepVGG variant by name, e.g. ``create_model("RepVGG-A0")``.
@@ -362,28 +388,6 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
     **kwargs: other :class:`RepVGG` fields: ``block``, ``oabn_form``, ``oabn_bound``, ``oabn_tau``,
       ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.
   """
-  key = _canonical(name) if isinstance(name, str) else None
-  if key not in _BY_KEY:
-    raise ValueError(f"unknown RepVGG variant {name!r}; valid names: {list_models()}")
-  fields = {f.name for f in dataclasses.fields(RepVGG)} - {"variant", "parent", "name"}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
-  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "branch"))
-  if not (isinstance(num_classes, int) and num_classes > 0):
-    raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
-  bound = kwargs.get("oabn_bound", "tanh")
-  if bound not in BOUNDS:
-    raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
-  conv_impl = kwargs.get("conv_impl", "auto")
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
-  act_bits = kwargs.get("act_bits", 0)
-  if act_bits and not (isinstance(act_bits, int) and 2 <= act_bits <= 8 and deploy):
-    raise ValueError(f"act_bits={act_bits!r}: expected 0 (float activations) or an int in "
-                     f"2..8 with deploy=True")
-  tau = kwargs.get("oabn_tau")
-  if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
-    raise ValueError(f"oabn_tau={tau!r}: must be > 0 (or None: the form's default)")
-  return RepVGG(VARIANTS[_BY_KEY[key]], num_classes=num_classes, norm=norm,
+  check_model(name, num_classes=num_classes, norm=norm, deploy=deploy, **kwargs)
+  return RepVGG(VARIANTS[_BY_KEY[_canonical(name)]], num_classes=num_classes, norm=norm,
                 deploy=deploy, **kwargs)

@@ -20,7 +20,19 @@ from repvgg_jax.quant import uniform
 CALIBRATIONS = ("minmax", "percentile", "mse")
 
 
+def check_act_bits(bits: int) -> int:
+  """Returns ``bits`` if it is 0 (float activations) or an int in 2..8, else raises
+  ValueError naming it."""
+  if isinstance(bits, int) and not isinstance(bits, bool) and bits == 0:
+    return 0
+  try:
+    return uniform.check_uniform_bits(bits, "act_bits")
+  except ValueError as e:
+    raise ValueError(f"{e} (or 0: float activations)") from None
+
+
 def check_calibration(method: str, percentile: float = 99.99) -> None:
+  """ValueError naming ``act_calibration`` or ``act_percentile`` when it is out of range."""
   if method not in CALIBRATIONS:
     raise ValueError(f"act_calibration={method!r}: expected one of {CALIBRATIONS}")
   if not 50.0 < percentile <= 100.0:

@@ -260,24 +260,21 @@ class Quantizer:
             for p, w in self.kernels(params).items()}
 
 
-def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
-                   first_last_bits: int | None = 8, **opts: Any) -> Quantizer:
-  """Builds a :class:`Quantizer`; bad values raise ValueError naming them.
+def check_options(method: str, bits: int = 4, granularity: str = "channel",
+                  first_last_bits: int | None = 8, **opts: Any) -> None:
+  """ValueError unless :func:`make_quantizer` can build a quantizer of these options.
 
-  Bits: 1..8 for ``cluster``, 2..8 for ``uniform`` and ``lsq`` (a signed grid
-  needs a zero and both signs)."""
+  Bits: 1..8 for ``cluster``, 2..8 for ``uniform`` and ``lsq`` (a signed grid needs a
+  zero and both signs). Every message starts with the bad option's name
+  (``bits=1: ...``), so a config can prefix its group (``quant.bits=1: ...``)."""
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
   check = check_bits if method == "cluster" else uniform.check_uniform_bits
   check(bits)
   if first_last_bits is not None:
     check(first_last_bits, "first_last_bits")
-  opts = dict(opts)
-  if "layer_bits_of" in opts:
-    pairs = tuple(sorted(dict(opts["layer_bits_of"]).items()))
-    for name, b in pairs:
-      check(b, f"layer_bits_of[{name!r}]")
-    opts["layer_bits_of"] = tuple((name, int(b)) for name, b in pairs)
+  for name, b in dict(opts.get("layer_bits_of", ())).items():
+    check(b, f"layer_bits_of[{name!r}]")
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
   if granularity == "group" and method != "cluster":
@@ -303,6 +300,17 @@ def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
   clipping = opts.get("clipping", "minmax")
   if clipping not in uniform.CLIPPINGS:
     raise ValueError(f"clipping={clipping!r}: expected one of {uniform.CLIPPINGS}")
+
+
+def make_quantizer(method: str, bits: int = 4, granularity: str = "channel",
+                   first_last_bits: int | None = 8, **opts: Any) -> Quantizer:
+  """Builds a :class:`Quantizer`; bad values raise ValueError naming them
+  (:func:`check_options`)."""
+  check_options(method, bits, granularity, first_last_bits, **opts)
+  opts = dict(opts)
+  if "layer_bits_of" in opts:
+    opts["layer_bits_of"] = tuple((name, int(b)) for name, b in
+                                  sorted(dict(opts["layer_bits_of"]).items()))
   return Quantizer(method, int(bits), granularity, first_last_bits, **opts)
 
 

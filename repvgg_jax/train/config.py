@@ -14,7 +14,9 @@ import ml_collections
 from absl import logging
 
 DTYPES = ("float32", "bfloat16")
-# The other enums are their components' own (imported in validate): one list each.
+# The other enums and ranges are their components' own: validate asks the model, the
+# quantizer, the activation calibration and the loader to check their fields, so each
+# rule is written once (and a component called directly refuses the same values).
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -204,29 +206,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       problems.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
-  from repvgg_jax.data.sources import SOURCES
-  from repvgg_jax.data.transforms import AUGMENTS
-  from repvgg_jax.models.repvgg import NORMS, STYLES, check_options, list_models, _canonical
-  from repvgg_jax.layers.oabn import BOUNDS, FORMS
-  from repvgg_jax.penalties import PENALTIES
-  from repvgg_jax.quant.activation import CALIBRATIONS
-  from repvgg_jax.quant.quantizer import GRANULARITIES, METHODS
-  from repvgg_jax.quant.uniform import CLIPPINGS
-  QUANT_METHODS = METHODS + ("none",)  # "none": no QAT, no export
-  if _canonical(cfg.model.name) not in {_canonical(n) for n in list_models()}:
-    problems.append(f"model.name={cfg.model.name!r} not in {list_models()}")
-  enum("model.norm", cfg.model.norm, NORMS)
-  enum("model.block", cfg.model.block, STYLES)
-  enum("model.oabn_form", cfg.model.oabn_form, FORMS)
-  enum("model.oabn_bound", cfg.model.oabn_bound, BOUNDS)
-  positive("model.oabn_tau", cfg.model.oabn_tau, zero_ok=True)
-  if not isinstance(cfg.model.oabn_relative, bool):
-    problems.append(f"model.oabn_relative={cfg.model.oabn_relative!r} must be True or False")
-  if cfg.model.norm in NORMS and cfg.model.block in STYLES and cfg.model.oabn_form in FORMS:
-    try:  # the combinations create_model refuses, in its words
-      check_options(cfg.model.norm, cfg.model.block, cfg.model.oabn_form)
+  def owned(group: str, check: Any, *args: Any, **kwargs: Any) -> None:
+    """The component's own check; its message starts with the field's name, so the
+    config's group prefix names the field (``model.norm='x': ...``)."""
+    try:
+      check(*args, **kwargs)
     except ValueError as e:
-      problems.append(f"model: {e}")
+      problems.append(f"{group}{e}")
+
+  from repvgg_jax.data.pipeline import check_fields
+  from repvgg_jax.models.repvgg import check_model
+  from repvgg_jax.penalties import PENALTIES
+  from repvgg_jax.quant.activation import check_act_bits, check_calibration
+  from repvgg_jax.quant.quantizer import METHODS, check_options
+  m = cfg.model
+  owned("model.", check_model, m.name, norm=m.norm, block=m.block, oabn_form=m.oabn_form,
+        oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None)
+  if not isinstance(m.oabn_relative, bool):
+    problems.append(f"model.oabn_relative={m.oabn_relative!r} must be True or False")
   for f, kind in (("blocks", int), ("widths", (int, float))):
     v = cfg.model[f]
     ok = isinstance(v, (tuple, list)) and (len(v) == 0 or (len(v) == 4 and all(
@@ -235,10 +232,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       what = "ints" if kind is int else "numbers"
       problems.append(f"model.{f}={v!r} must be () or 4 positive {what}")
   enum("model.dtype", cfg.model.dtype, DTYPES)
-  enum("data.source", cfg.data.source, SOURCES)
-  enum("data.augment", cfg.data.augment, AUGMENTS)
-  positive("data.image_size", cfg.data.image_size)
-  positive("data.train_subset", cfg.data.train_subset, zero_ok=True)
+  owned("", check_fields, cfg.data)
   positive("data.local_examples", cfg.data.local_examples, zero_ok=True)
   if cfg.data.local_examples and (cfg.data.source, cfg.data.name) != ("tfds", "imagenet2012"):
     problems.append(f"data.local_examples={cfg.data.local_examples!r} needs data.source='tfds' "
@@ -262,42 +256,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not isinstance(cfg.eval_fp_forms, bool):
     problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
   positive("log_every", cfg.log_every)
-  enum("quant.method", cfg.quant.method, QUANT_METHODS)
-  enum("quant.granularity", cfg.quant.granularity, GRANULARITIES)
-  low = 1 if cfg.quant.method in ("cluster", "none") else 2
-  for f in ("bits", "first_last_bits"):
-    v = cfg.quant[f]
-    if not (isinstance(v, int) and low <= v <= 8):
-      problems.append(f"quant.{f}={v!r} must be an int in [{low}, 8] for "
-                      f"quant.method={cfg.quant.method!r}")
-  g = cfg.quant.group_size
-  if not (isinstance(g, int) and not isinstance(g, bool) and g >= 1):
-    problems.append(f"quant.group_size={g!r} must be a positive int")
-  elif g > 1 and cfg.quant.granularity != "group":
-    problems.append(f"quant.group_size={g!r} needs quant.granularity='group' (it is "
-                    f"{cfg.quant.granularity!r})")
-  d = cfg.quant.cluster_dim
-  if not (isinstance(d, int) and not isinstance(d, bool) and d >= 1):
-    problems.append(f"quant.cluster_dim={d!r} must be a positive int")
-  elif d > 1 and cfg.quant.method not in ("cluster", "none"):
-    problems.append(f"quant.cluster_dim={d!r} is for quant.method='cluster' (codebooks), not "
-                    f"{cfg.quant.method!r}")
-  elif d > 1 and cfg.quant.int8_levels:
-    problems.append(f"quant.cluster_dim={d!r} cannot be combined with quant.int8_levels=True "
-                    "(vector codebooks have no int8 grid)")
-  if cfg.quant.granularity == "group" and cfg.quant.method not in ("cluster", "none"):
-    problems.append(f"quant.granularity='group' is for quant.method='cluster' (codebooks), "
-                    f"not {cfg.quant.method!r}")
+  qc = cfg.quant
+  enum("quant.method", qc.method, METHODS + ("none",))  # "none": no QAT, no export
+  if qc.method in METHODS + ("none",):  # "none" takes the widest options, the codebooks'
+    owned("quant.", check_options, "cluster" if qc.method == "none" else qc.method, qc.bits,
+          qc.granularity, qc.first_last_bits, clipping=qc.clipping,
+          int8_levels=qc.int8_levels, group_size=qc.group_size, cluster_dim=qc.cluster_dim)
   positive("quant.refit_every", cfg.quant.refit_every)
-  enum("quant.clipping", cfg.quant.clipping, CLIPPINGS)
-  enum("quant.act_calibration", cfg.quant.act_calibration, CALIBRATIONS)
-  a = cfg.quant.act_bits
-  if not (isinstance(a, int) and not isinstance(a, bool) and (a == 0 or 2 <= a <= 8)):
-    problems.append(f"quant.act_bits={a!r} must be 0 (float activations) or an int in [2, 8]")
-  if not isinstance(cfg.quant.int8_levels, bool):
-    problems.append(f"quant.int8_levels={cfg.quant.int8_levels!r} must be True or False")
-  if not 50 < cfg.quant.act_percentile <= 100:
-    problems.append(f"quant.act_percentile={cfg.quant.act_percentile!r} must be in (50, 100]")
+  owned("quant.", check_act_bits, qc.act_bits)
+  owned("quant.", check_calibration, qc.act_calibration, qc.act_percentile)
+  if not isinstance(qc.int8_levels, bool):
+    problems.append(f"quant.int8_levels={qc.int8_levels!r} must be True or False")
   if not (isinstance(cfg.quant.calib_batches, int) and cfg.quant.calib_batches > 0):
     problems.append(f"quant.calib_batches={cfg.quant.calib_batches!r} must be a positive int")
   _check_budget(cfg, problems)
