@@ -15,7 +15,7 @@ import repvgg_jax as rv
 from repvgg_jax import deploy
 from repvgg_jax.deploy import integer
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.layers.act_quant import ActQuant
+from repvgg_jax.quant.activation import ActQuant
 from repvgg_jax.quant import activation, uniform
 from _util import random_variables, tiny_variant
 

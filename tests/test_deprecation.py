@@ -9,9 +9,11 @@ import pytest
 
 import repvgg_jax
 import repvgg_jax.deploy
+import repvgg_jax.layers.act_quant
 import repvgg_jax.quant
 from repvgg_jax.deploy.runtime import model_description
 from repvgg_jax.layers.oabn import bound
+from repvgg_jax.quant.activation import ActQuant
 from repvgg_jax.quant.cluster import quantize
 from repvgg_jax.quant.packed import pack
 
@@ -26,6 +28,8 @@ from _util import subprocess_env
     (repvgg_jax.quant, "export", "repvgg_jax.quant.packed.pack", pack),
     (repvgg_jax.deploy, "describe", "repvgg_jax.deploy.runtime.model_description",
      model_description),
+    (repvgg_jax.layers.act_quant, "ActQuant", "repvgg_jax.quant.activation.ActQuant",
+     ActQuant),
 ])
 def test_an_old_name_warns_and_gives_the_new_object(module, old, new, obj):
   with pytest.warns(DeprecationWarning, match=rf"{module.__name__}\.{old} is deprecated.*"

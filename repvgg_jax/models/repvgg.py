@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from repvgg_jax.layers import conv as conv_lib
-from repvgg_jax.layers.act_quant import ActQuant
 from repvgg_jax.layers.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
                                 branch_bound, check_tau)
-from repvgg_jax.quant.activation import check_act_bits
+from repvgg_jax.quant.activation import ActQuant, check_act_bits
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 
 NORMS = ("bn", "oabn")
@@ -234,7 +233,7 @@ class RepVGG(nn.Module):
       logits are returned in float32.
     act_bits: deploy form only: fake-quantize the input of every conv and
       of the head to this many bits (2..8; per tensor, steps in the ``quant``
-      collection, see ``layers/act_quant.py``); 0 = float activations.
+      collection, see ``quant/activation.py``); 0 = float activations.
     conv_impl: ``"auto"`` (on CPU devices, convs whose output map has <= 4 pixels
       run as matmuls: unrolled kernel or tap-pruned im2col, see
       ``layers/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
