@@ -175,3 +175,7 @@ def test_plan_budget_avg_bits_is_the_uniform_models_bytes(merged):
     mixed.plan_budget(shapes, q, total_bytes=10)
   with pytest.raises(ValueError, match="one budget"):
     mixed.plan_budget(shapes, q, avg_bits=2, total_bytes=10)
+  with pytest.raises(ValueError, match="one budget"):
+    mixed.plan_budget(shapes, q)
+  with pytest.raises(ValueError, match=r"avg_bits=9 must be in 1\.\.8"):  # the config's rule
+    mixed.plan_budget(shapes, q, avg_bits=9)

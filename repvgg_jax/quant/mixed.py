@@ -48,11 +48,13 @@ def check_bit_choices(choices: Sequence[int], method: str = "cluster") -> tuple[
 
 
 def budget_problems(avg_bits: float, total_bytes: int, bit_choices: Sequence[int],
-                    sensitivity: str, batches: int, method: str) -> list[str]:
+                    method: str, sensitivity: str | None = None,
+                    batches: int | None = None) -> list[str]:
   """What is wrong with a budget's own settings, one line each naming the field (whether
-  a model can meet the budget is :func:`plan_budget`'s, once its shapes are known)."""
+  a model can meet the budget is :func:`plan_budget`'s, once its shapes are known);
+  ``sensitivity`` and ``batches`` are checked when given."""
   problems = []
-  if avg_bits and total_bytes:
+  if bool(avg_bits) == bool(total_bytes):
     problems.append(f"avg_bits={avg_bits!r} and bytes={total_bytes!r}: give one budget")
   if avg_bits and not 1 <= avg_bits <= 8:
     problems.append(f"avg_bits={avg_bits!r} must be in 1..8")
@@ -62,9 +64,9 @@ def budget_problems(avg_bits: float, total_bytes: int, bit_choices: Sequence[int
     check_bit_choices(bit_choices, method)
   except (ValueError, TypeError) as e:
     problems.append(f"bit_choices={tuple(bit_choices)!r}: {e}")
-  if sensitivity not in SENSITIVITIES:
+  if sensitivity is not None and sensitivity not in SENSITIVITIES:
     problems.append(f"sensitivity={sensitivity!r} not in {list(SENSITIVITIES)}")
-  if not (isinstance(batches, int) and batches > 0):
+  if batches is not None and not (isinstance(batches, int) and batches > 0):
     problems.append(f"batches={batches!r} must be a positive int")
   return problems
 
@@ -239,9 +241,10 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
     exactly a uniform 2-bit model's bytes, so the two compare at equal size).
 
   ValueError naming the budget and the smallest achievable size when it cannot be met."""
+  problems = budget_problems(avg_bits, total_bytes, bit_choices, quantizer.method)
+  if problems:
+    raise ValueError("; ".join(problems))
   choices = check_bit_choices(bit_choices, quantizer.method)
-  if (avg_bits > 0) == (total_bytes > 0):
-    raise ValueError("give one budget: avg_bits > 0 or total_bytes > 0")
   int8 = quantizer.method != "cluster" or quantizer.int8_levels
 
   def size(p: Path, bits: int) -> int:
@@ -261,8 +264,6 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
     budget, what = total_bytes - fixed_bytes, f"bytes={total_bytes:,}"
     floor = smallest + fixed_bytes
   else:
-    if not 1 <= avg_bits <= 8:
-      raise ValueError(f"avg_bits={avg_bits!r}: expected a number in 1..8")
     lo, hi = math.floor(avg_bits), math.ceil(avg_bits)
     at = lambda b: sum(size(p, b) for p in free)  # noqa: E731
     budget = at(lo) + (avg_bits - lo) * (at(hi) - at(lo))

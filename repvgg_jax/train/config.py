@@ -309,7 +309,7 @@ def _check_budget(cfg: ml_collections.ConfigDict, problems: list[str]) -> None:
   if not b.avg_bits and not b.bytes:
     return
   problems += [f"quant.budget.{p}" for p in budget_problems(
-      b.avg_bits, b.bytes, b.bit_choices, b.sensitivity, b.batches, cfg.quant.method)]
+      b.avg_bits, b.bytes, b.bit_choices, cfg.quant.method, b.sensitivity, b.batches)]
   if cfg.quant.method == "none":
     problems.append("quant.budget needs quant.method other than 'none'")
 
