@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from repvgg_jax.quant.packed import index_bytes
+
 DEFAULT_BIT_CHOICES = (1, 2, 3, 4, 6, 8)
 
 Path = tuple[str, ...]
@@ -79,7 +81,7 @@ def layer_bytes(shape: Sequence[int], bits: int, *, per_channel: bool = True,
   ``group_size`` output channels, or one), and a float32 scale per codebook when the
   levels lie on an int8 grid."""
   n, rows = math.prod(shape), (shape[-1] // group_size if per_channel else 1)
-  return (-(-n // cluster_dim * bits // 8) + 4 * rows * 2 ** bits * cluster_dim
+  return (index_bytes(-(-n // cluster_dim), bits) + 4 * rows * 2 ** bits * cluster_dim
           + (4 * rows if int8_levels else 0))
 
 

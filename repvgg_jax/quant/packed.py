@@ -37,6 +37,11 @@ VERSION = 3
 READS = (2, 3)  # 3 added group_size and cluster_dim; version 2 reads as 1 and 1
 
 
+def index_bytes(count: int, bits: int) -> int:
+  """Bytes of ``count`` indices bit-packed at ``bits`` each: ``ceil(count * bits / 8)``."""
+  return -(-count * bits // 8)
+
+
 def pack_bits(indices, bits: int) -> np.ndarray:
   """Flat indices (each < 2^bits) -> uint8 bytes, ``ceil(n * bits / 8)`` long;
   index i occupies stream bits ``[i*bits, (i+1)*bits)``, little-endian."""
@@ -50,9 +55,9 @@ def pack_bits(indices, bits: int) -> np.ndarray:
 def unpack_bits(packed, bits: int, count: int, xp: Any = np):
   """Inverse of :func:`pack_bits`: ``count`` indices as int32. ``xp=jax.numpy``
   decodes inside a jax program (the StableHLO export)."""
-  if packed.size != -(-count * bits // 8):
+  if packed.size != index_bytes(count, bits):
     raise ValueError(f"unpack_bits: {packed.size} bytes cannot hold {count} indices at "
-                     f"bits={bits} (expected {-(-count * bits // 8)})")
+                     f"bits={bits} (expected {index_bytes(count, bits)})")
   planes = xp.unpackbits(xp.asarray(packed, xp.uint8), count=count * bits,
                          bitorder="little").reshape(count, bits)
   return xp.sum(planes.astype(xp.int32) << xp.arange(bits, dtype=xp.int32), axis=1)
