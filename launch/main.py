@@ -21,7 +21,6 @@ them again. Errors are printed as one message; --verbose prints tracebacks,
 """
 
 import ast
-import difflib
 import glob
 import importlib.util
 import os
@@ -79,6 +78,7 @@ def _load_config(path: str):
 
 def _unknown_field(argv: list[str], config_path: str) -> str | None:
   """'--config.fp.num_stpes=3: fp has no field num_stpes; did you mean fp.num_steps?'"""
+  from repvgg_jax.train.config import closest_field
   try:
     cfg = _load_config(config_path)
   except Exception:  # The config file itself is broken: the caller reports the original error.
@@ -91,9 +91,9 @@ def _unknown_field(argv: list[str], config_path: str) -> str | None:
       if not hasattr(node, "keys") or key not in node:
         group = ".".join(keys[:depth])
         options = list(node.keys()) if hasattr(node, "keys") else []
-        near = difflib.get_close_matches(key, options, n=1)
+        near = closest_field(key, options, group + "." if group else "")
         where = f"{group} has no field {key}" if group else f"no config group or field {key}"
-        hint = f"; did you mean {'.'.join(keys[:depth] + [near[0]])}?" if near else \
+        hint = f"; did you mean {near}?" if near else \
             (f"; its fields: {', '.join(options)}" if options else "")
         return f"{a}: {where}{hint}"
       node = node[key]

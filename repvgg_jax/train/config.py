@@ -167,6 +167,13 @@ def _stage_config() -> ml_collections.ConfigDict:
   return s
 
 
+def closest_field(key: str, fields: Any, prefix: str = "") -> str | None:
+  """``prefix`` + the field of ``fields`` closest to a misspelt ``key``, or None: the
+  "did you mean" of ``validate`` and of the command line (``launch/main.py``)."""
+  near = difflib.get_close_matches(key, list(fields), n=1)
+  return prefix + near[0] if near else None
+
+
 class ConfigError(ValueError):
   """An unknown or invalid config field; the message names each one."""
 
@@ -185,9 +192,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in c.keys():
       name = f"{prefix}{key}"
       if key not in r:
-        near = difflib.get_close_matches(key, list(r.keys()), n=1)
-        problems.append(f"unknown field {name}" + (
-            f" (did you mean {prefix}{near[0]}?)" if near else ""))
+        near = closest_field(key, r.keys(), prefix)
+        problems.append(f"unknown field {name}" + (f" (did you mean {near}?)" if near else ""))
       elif isinstance(r[key], ml_collections.ConfigDict):
         if isinstance(c[key], ml_collections.ConfigDict):
           walk(c[key], r[key], name + ".")
