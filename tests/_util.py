@@ -150,3 +150,13 @@ def deployed_accuracy(workdir, form="packed"):
     count += int(keep.sum())
   assert count == loader.num_examples  # every test image once, the padding masked out
   return correct / count
+
+
+def codebook_mse(w, codebook) -> float:
+  """Mean squared quantization error of ``w`` under a per-tensor ``(K,)`` or per-channel
+  ``(Cout, K)`` codebook, in float64 (what the codebook fits minimize)."""
+  from repvgg_jax.quant.levels import squared_error
+  w = np.asarray(w, np.float64)
+  with jax.enable_x64(True):
+    sse = squared_error(jnp.asarray(w), jnp.asarray(codebook, jnp.float64))
+  return float(np.sum(sse)) / w.size

@@ -16,9 +16,9 @@ import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.quant import make_quantizer
 from repvgg_jax.quant.cluster import assign, decode, quantize
-from repvgg_jax.quant.kmeans import codebook_mse, fit_codebook
+from repvgg_jax.quant.kmeans import fit_codebook
 from repvgg_jax.quant.optimal import optimal_codebook
-from _util import random_variables, tiny_variant
+from _util import codebook_mse, random_variables, tiny_variant
 
 TINY = tiny_variant((1, 2, 2, 1))
 CODEBOOK = jnp.array([-1.0, -0.25, 0.0, 0.5])

@@ -15,11 +15,10 @@ import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.quant import make_quantizer, mixed
 from repvgg_jax.quant.packed import pack, read_packed
-from repvgg_jax.quant.kmeans import codebook_mse
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
 
-from _util import random_variables
+from _util import codebook_mse, random_variables
 
 TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.125))  # 16, 32, 64, 64 channels
 

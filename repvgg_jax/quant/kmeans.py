@@ -168,12 +168,3 @@ def fit_codebook(w: jax.Array, bits: int, *, per_channel: bool = False,
                        f"for bits={bits} and a kernel of shape {jnp.shape(w)}")
   return _fit(jnp.asarray(w), init_codebook, bits=bits, per_channel=per_channel,
               init=names, iters=int(iters), tol=float(tol))
-
-
-def codebook_mse(w, codebook) -> float:
-  """Mean squared quantization error of ``w`` under a per-tensor ``(K,)`` or
-  per-channel ``(Cout, K)`` codebook, in float64."""
-  w = np.asarray(w, np.float64)
-  with jax.enable_x64(True):
-    sse = squared_error(jnp.asarray(w), jnp.asarray(codebook, jnp.float64))
-  return float(np.sum(sse)) / w.size
