@@ -22,7 +22,7 @@ from repvgg_jax.quant.activation import check_calibration
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.loop import NonFiniteLoss, Profile, train_stage
+from repvgg_jax.train.loop import NonFiniteLoss, Profile, schedule, train_stage
 from repvgg_jax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter
@@ -288,7 +288,7 @@ def _stage(tmp_path, name="fp", num_steps=6, log_every=100, checkpoint_every=2, 
   train_step = steps.make_train_step(mesh, loader.num_classes, pixel_stats=loader.pixel_stats)
   writer = kw.pop("writer", None) or MetricWriter(str(tmp_path), enabled=False)
   out = train_stage(name, state, train_step=train_step, loader=loader, mesh=mesh,
-                    ckpt_dir=str(tmp_path / name), stage_cfg=cfg.fp, writer=writer,
+                    ckpt_dir=str(tmp_path / name), **schedule(cfg.fp), writer=writer,
                     log_every=log_every, **kw)
   return sharding.to_host(out)
 

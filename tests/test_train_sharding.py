@@ -141,7 +141,7 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   from repvgg_jax import data
   from repvgg_jax.quant import Quantizer, make_quantizer
   from repvgg_jax.train import quant_setup, sharding, steps
-  from repvgg_jax.train.loop import Preempted, train_stage
+  from repvgg_jax.train.loop import Preempted, schedule, train_stage
   from repvgg_jax.train.state import build_model, create_train_state, init_variables
   from repvgg_jax.train.writers import MetricWriter
   if pid != 0:  # Only process 0 fits codebooks; the others receive them.
@@ -173,7 +173,7 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
     state = train_stage(
         "qat", state, loader=_progress(loader, progress, 3), mesh=mesh,
         train_step=steps.make_train_step(mesh, 10, 0.0, q, pixel_stats=loader.pixel_stats),
-        ckpt_dir=os.path.join(workdir, "qat"), stage_cfg=cfg.qat, log_every=2,
+        ckpt_dir=os.path.join(workdir, "qat"), **schedule(cfg.qat), log_every=2,
         writer=MetricWriter(workdir, enabled=False), hooks=[refit])
   except Preempted as e:
     import re
@@ -253,7 +253,7 @@ def _resume_worker(workdir, devices, kill_after, out):
   from configs import tiny
   from repvgg_jax import data
   from repvgg_jax.train import sharding, steps
-  from repvgg_jax.train.loop import train_stage
+  from repvgg_jax.train.loop import schedule, train_stage
   from repvgg_jax.train.state import build_model, create_train_state, init_variables
   from repvgg_jax.train.writers import MetricWriter
   cfg = tiny.tiny_config()
@@ -268,7 +268,7 @@ def _resume_worker(workdir, devices, kill_after, out):
   try:
     state = train_stage("fp", state, train_step=steps.make_train_step(
         mesh, 10, pixel_stats=loader.pixel_stats), loader=loader, mesh=mesh,
-        ckpt_dir=os.path.join(workdir, "fp"), stage_cfg=cfg.fp, log_every=2,
+        ckpt_dir=os.path.join(workdir, "fp"), **schedule(cfg.fp), log_every=2,
         writer=MetricWriter(workdir, enabled=False))
   except KeyboardInterrupt:
     return

@@ -17,7 +17,7 @@ from repvgg_jax import data
 from repvgg_jax.fileio import atomic_write_text
 from repvgg_jax.train import pipeline, sharding, steps, workdir as workdir_lib
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.loop import train_stage
+from repvgg_jax.train.loop import schedule, train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter, event_files, tensorboard_dir
 
@@ -228,7 +228,7 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
   def stage(loader):
     state = create_train_state(model, init_variables(model, (16, 16, 3), 0), cfg.fp)
     train_stage("fp", state, train_step=steps.make_train_step(mesh, 10), loader=loader,
-                mesh=mesh, ckpt_dir=str(tmp_path / "fp"), stage_cfg=cfg.fp, writer=writer,
+                mesh=mesh, ckpt_dir=str(tmp_path / "fp"), **schedule(cfg.fp), writer=writer,
                 log_every=1)
 
   with pytest.raises(KeyboardInterrupt):

@@ -187,30 +187,36 @@ class Profile:
       self.tracing = False
 
 
+def schedule(stage_cfg: Any) -> dict[str, int]:
+  """The :func:`train_stage` arguments a stage config (``cfg.fp``, ``cfg.qat``) sets."""
+  return {k: stage_cfg[k] for k in ("num_steps", "checkpoint_every", "keep", "eval_every")}
+
+
 def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mesh: Any,
-                ckpt_dir: str, stage_cfg: Any, writer: Any, log_every: int,
+                ckpt_dir: str, num_steps: int, checkpoint_every: int, keep: int = 2,
+                eval_every: int = 0, writer: Any, log_every: int,
                 hooks: Sequence[Callable[[int, Any], Any]] = (),
                 evaluate: Callable[[Any], float] | None = None) -> Any:
-  """Trains ``state`` to ``stage_cfg.num_steps``, resuming from ``ckpt_dir`` if it has a checkpoint.
+  """Trains ``state`` to ``num_steps``, resuming from ``ckpt_dir`` if it has a checkpoint.
 
   Each step runs ``train_step`` and then the ``hooks`` on device; at sync steps the
   queued metrics are fetched and checked and the periodic actions run, in order:
-  log (every ``log_every`` steps and the last), eval (every ``stage_cfg.eval_every``),
-  save (every ``stage_cfg.checkpoint_every``, the last step and on preemption).
+  log (every ``log_every`` steps and the last), eval (every ``eval_every``, 0: never),
+  save (every ``checkpoint_every``, the last step and on preemption; the latest ``keep``
+  checkpoints are kept).
 
   Args:
     state: a fresh host ``TrainState`` (its structure is the restore target).
     hooks: ``f(step, state) -> state`` run after each step on device (QAT codebook
       refits, :class:`Profile`); none may fetch anything to the host.
-    evaluate: ``f(state) -> accuracy``, run every ``stage_cfg.eval_every`` steps
-      (0: never); ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
+    evaluate: ``f(state) -> accuracy``, run every ``eval_every`` steps; ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
   Returns:
     The final state (replicated on ``mesh``).
   Raises:
     NonFiniteLoss: naming the first bad step; the checkpoints keep the last finite state.
     Preempted: after SIGTERM (on any process), once every process saved the same step.
   """
-  ckpt = StageCheckpoints(ckpt_dir, keep=stage_cfg.keep)
+  ckpt = StageCheckpoints(ckpt_dir, keep=keep)
   it = iter(loader)
   state = sharding.replicate(state, mesh)
   meta: dict = {}
@@ -222,7 +228,7 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
   best = meta.get("best_eval_accuracy")
   step = int(sharding.to_host(state.step))
   writer.start_stage(name, step)  # Steps logged after the checkpoint are logged again.
-  total = stage_cfg.num_steps
+  total = num_steps
   bar = _progress(total, step, name)
   pending: list = []       # (step, device metrics) since the last sync step
   logged: list = []        # host metrics since the last log step
@@ -254,8 +260,8 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
               meta={} if best is None else {"best_eval_accuracy": best})
 
   actions = [Periodic(log_every, log, last=True),
-             Periodic(getattr(stage_cfg, "eval_every", 0) if evaluate else 0, run_eval),
-             Periodic(stage_cfg.checkpoint_every, save, last=True)]  # after eval: saves its best
+             Periodic(eval_every if evaluate else 0, run_eval),
+             Periodic(checkpoint_every, save, last=True)]  # after eval: saves its best
   first = step + 1
   try:
     with _Preemption() as preemption:

@@ -28,7 +28,7 @@ from repvgg_jax.train.quant_setup import (allocate_bits, init_codebooks, make_re
                                           quant_kernels, weight_quantizer,
                                           with_activation_steps)
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.loop import Profile, train_stage
+from repvgg_jax.train.loop import Profile, schedule, train_stage
 from repvgg_jax.models.settings import check_settings, split_settings
 from repvgg_jax.layers.oabn import SETTINGS
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
@@ -222,7 +222,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
         train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
                                          pixel_stats=pixels, penalty=stage_penalty(cfg.fp),
                                          bound_factor=steps.bound_warmup(cfg)),
-        ckpt_dir=os.path.join(ckpt_root, "fp"), stage_cfg=cfg.fp, writer=writer,
+        ckpt_dir=os.path.join(ckpt_root, "fp"), **schedule(cfg.fp), writer=writer,
         log_every=cfg.log_every, hooks=profile_hooks(cfg.fp, workdir, "fp"),
         evaluate=evaluate_with(eval_plain))
     variables = {"params": sharding.to_host(state.params),
@@ -288,7 +288,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
           "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
           train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
                                            pixel_stats=pixels, penalty=stage_penalty(cfg.qat)),
-          ckpt_dir=os.path.join(ckpt_root, "qat"), stage_cfg=cfg.qat, writer=writer,
+          ckpt_dir=os.path.join(ckpt_root, "qat"), **schedule(cfg.qat), writer=writer,
           log_every=cfg.log_every, hooks=[refit, *profile_hooks(cfg.qat, workdir, "qat")],
           evaluate=evaluate_with(eval_qat))
     else:
