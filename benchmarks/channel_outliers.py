@@ -7,7 +7,7 @@
 of ``--config`` (default ``configs/demo.py``; ``--set FIELD=VALUE`` overrides), e.g. the one the demo writes
 under ``<workdir>/checkpoints/fp``. Writes the Markdown (machine header,
 summary, per-layer table of :func:`repvgg_jax.analysis.channel_outlier_table`; with
-OABN's branch bound, its factors per layer, :func:`repvgg_jax.analysis.bound_factors`)
+an OABN bound, its factors per layer, :func:`repvgg_jax.analysis.bound_factors`)
 to ``--out`` (stdout if not given) and the figure of
 :func:`repvgg_jax.plots.plot_channel_outliers` beside it (``.png``).
 """
@@ -73,8 +73,9 @@ def main() -> None:
   md += "\nSummary (`repvgg_jax.analysis.channel_outlier_summary`):\n\n```json\n"
   md += json.dumps(s, indent=2) + "\n```\n\n" + analysis.channel_outlier_table(per_layer)
   if factors:
-    md += ("\nThe branch bound's factor on the identity (or 1x1) branch per layer "
-           "(`repvgg_jax.analysis.bound_factors`; 1 = inactive):\n\n"
+    md += ("\nOABN's bound factor per layer (`repvgg_jax.analysis.bound_factors`; 1 = "
+           "inactive): `branch`, on each block's identity (or 1x1) branch; `median`, on "
+           "each BN's scale:\n\n"
            "| layer | median | min | channels below 0.5 |\n|---|---:|---:|---:|\n")
     md += "".join(f"| {k} | {np.median(f):.3f} | {f.min():.3f} | {(f < 0.5).sum()} of "
                   f"{f.size} |\n" for k, f in factors.items())

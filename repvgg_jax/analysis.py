@@ -3,14 +3,17 @@ their figures are in :mod:`repvgg_jax.plots`."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from repvgg_jax import reparam
 from repvgg_jax.deprecation import renamed
-from repvgg_jax.reparam import BRANCHES, block_branches, merge, norm_state
+from repvgg_jax.layers.oabn import bound
+from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
 
 STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
@@ -227,26 +230,46 @@ def channel_outlier_table(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> 
 
 
 def bound_factors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Per block with OABN's ``branch`` bound, per output channel, the factor the bound
-  scales its identity and 1x1 branches by in the merge (1: the bound is inactive there;
-  ``repvgg_jax.layers.oabn.branch_bound``): the identity tap's folded scale with the
-  recorded bound over the same without it (the 1x1 tap's where there is no identity).
-  Blocks without the bound are left out. Train-form variables."""
+  """Per output channel, the factor OABN's bound scales a BN's effective scale by in the
+  merge (1: the bound is inactive there). ``branch`` form: per block, the factor on its
+  identity and 1x1 branches (``repvgg_jax.layers.oabn.branch_bound``), read as the
+  identity tap's folded scale with the recorded bound over the same without it (the 1x1
+  tap's where there is no identity). ``median`` form: per OABN layer
+  (``"stages_2_3/identity"``, ``"stages_2_3/conv_kxk"``, ...), ``bound(s) / s``
+  (``repvgg_jax.layers.oabn.bound``). Layers without a bound are left out. Train-form
+  variables."""
   stats = norm_state(variables)
   out = {}
   for name, p in variables["params"].items():
-    if not isinstance(stats.get(name), Mapping) or "bound_tau" not in stats[name]:
+    st = stats.get(name)
+    if not isinstance(st, Mapping):
       continue
-    raw = dict(variables["batch_stats"][name])  # no settings: the plain BN's scales
-    branch = "identity" if "identity" in p else "1x1"
-    bounded, plain = (np.asarray(block_branches(p, st)[branch][0][1, 1], np.float64)
-                      for st in (stats[name], raw))
-    # One factor per channel: read it where the branch's tap is largest.
-    i = np.abs(plain).argmax(axis=0)
-    o = np.arange(plain.shape[1])
-    out[name] = np.where(plain[i, o] != 0, bounded[i, o] / np.where(plain[i, o] != 0,
-                                                                     plain[i, o], 1.0), 1.0)
-  return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0])))
+    if "bound_tau" in st:
+      raw = dict(variables["batch_stats"][name])  # no settings: the plain BN's scales
+      branch = "identity" if "identity" in p else "1x1"
+      bounded, plain = (np.asarray(block_branches(p, bst)[branch][0][1, 1], np.float64)
+                        for bst in (st, raw))
+      # One factor per channel: read it where the branch's tap is largest.
+      i = np.abs(plain).argmax(axis=0)
+      o = np.arange(plain.shape[1])
+      out[name] = np.where(plain[i, o] != 0, bounded[i, o] / np.where(plain[i, o] != 0,
+                                                                       plain[i, o], 1.0), 1.0)
+      continue
+    for path, bn_stats in _median_bns(st):
+      bn = functools.reduce(lambda d, k: d[k], path, p)
+      scale = np.asarray(bn["scale"] * jax.lax.rsqrt(bn_stats["var"] + BN_EPSILON))  # as merged
+      bounded = np.asarray(bound(scale, bn_stats))
+      out["/".join((name, *path[:1]))] = np.where(
+          scale != 0, bounded / np.where(scale != 0, scale, 1.0), 1.0).astype(np.float64)
+  return dict(sorted(out.items(), key=lambda kv: (_layer_order(kv[0].split("/")[0]), kv[0])))
+
+
+def _median_bns(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> list:
+  """``(path, stats)`` of every BN under ``stats`` that records a ``median`` bound."""
+  if "tau" in stats and "var" in stats:
+    return [(path, stats)]
+  return [hit for k, v in stats.items() if isinstance(v, Mapping)
+          for hit in _median_bns(v, path + (k,))]
 
 
 __getattr__ = renamed(__name__, {

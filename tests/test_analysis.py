@@ -222,6 +222,20 @@ def test_zero_fraction_counts_weights_below_half_a_minmax_step():
     analysis.zero_fraction(v, 2, "max")
 
 
+def test_bound_factors_of_the_median_form_are_each_bns_bounded_over_raw_scale():
+  net = tiny_variant((1, 2, 1, 1))
+  model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="median", oabn_tau=1.5,
+                 oabn_bound="clip")
+  v = random_variables(model, jnp.zeros((1, 32, 32, 3)))
+  f = analysis.bound_factors(v)
+  assert {"stem/conv_kxk", "stages_1_1/identity", "stages_1_1/conv_1x1"} <= set(f)
+  bn, st = v["params"]["stages_1_1"]["identity"], v["batch_stats"]["stages_1_1"]["identity"]
+  s = np.abs(bn["scale"] / np.sqrt(st["var"] + 1e-5))
+  limit = 1.5 * np.median(s)  # clip at tau x the layer's median |s|
+  np.testing.assert_allclose(f["stages_1_1/identity"], np.minimum(s, limit) / s, rtol=1e-5)
+  assert (f["stages_1_1/identity"] < 1).any() and (f["stages_1_1/identity"] == 1).any()
+
+
 def test_bound_factors_are_the_branch_bounds_scale_per_channel():
   from repvgg_jax.layers.oabn import branch_bound
   net = tiny_variant((1, 2, 1, 1))
