@@ -21,7 +21,7 @@ from repvgg_jax.train.config import base_config, finalize
 def get_config():
   c = base_config()
   c.model.name = "RepVGG-A0"
-  c.model.norm = "oabn"          # the branch form at tau 3: the defaults (docs/oabn.md)
+  c.model.norm = "oabn"          # the branch form (by depth: 4 blocks at most) at tau 3
   c.model.blocks = (1, 2, 4, 1)
   c.model.cifar_stem = False
   c.data.source = "idx"

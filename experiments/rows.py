@@ -88,8 +88,10 @@ assert sorted(SEED0_FIRST + SEED0_LAST) == sorted(QUANT_ROWS)
 RECIPES = {
     "demo": {"blocks": ["1", "2", "4", "1"], "fp_steps": 3000, "out": "docs/results.md"},
     "full_a0": {"blocks": [], "fp_steps": 6000, "seeds": 3,
-                "regimes": ["bn", "oabn_median", "oabn_branch", "kure", "qarepvgg"],
-                "goal_regimes": ["bn", "oabn_branch", "qarepvgg"],
+                "regimes": ["bn", "oabn_branch", "qarepvgg", "oabn_median", "kure",
+                            "oabn_branch_warm"],
+                "goal_regimes": ["bn", "oabn_branch", "qarepvgg", "oabn_branch_warm",
+                                 "oabn_median"],
                 "out": "docs/results_full_a0.md"},
 }
 

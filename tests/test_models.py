@@ -1,12 +1,14 @@
 """Model zoo: names, structure, parameter counts, options."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.models.repvgg import RepVGG, Variant, default_oabn_form
 from _util import random_variables, rel_err
 
 # Official train / deploy parameter counts in millions (RepVGG README, mmpretrain).
@@ -57,19 +59,27 @@ def test_name_aliases(alias):
     ({"block": "qa"}, "block='qa'"),
     ({"oabn_form": "mean"}, "oabn_form='mean'"),
     ({"norm": "oabn", "oabn_form": "branch", "block": "qarepvgg"}, "block='qarepvgg' has none"),
-    ({"norm": "oabn", "block": "qarepvgg"}, "use oabn_form='median'"),  # the default form
+    ({"norm": "oabn", "block": "qarepvgg", "oabn_form": "branch"}, "use oabn_form='median'"),
 ])
 def test_bad_options_name_the_value(kwargs, needle):
   with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
     rv.create_model("RepVGG-A0", **kwargs)
 
 
-def test_oabn_defaults_to_the_branch_form_at_its_default_tau():
+def test_oabn_picks_its_form_by_depth_at_the_forms_default_tau():
+  # A0's 14-block stage: median; the demo's (1, 2, 4, 1): branch; QARepVGG: median.
   model = rv.create_model("RepVGG-A0", norm="oabn")
-  assert (model.oabn_form, model.bound_tau, model.branch_bound()) == ("branch", 3.0, (3.0, True))
-  median = rv.create_model("RepVGG-A0", norm="oabn", oabn_form="median")
-  assert (median.bound_tau, median.branch_bound()) == (4.0, None)
-  assert rv.create_model("RepVGG-A0", norm="oabn", oabn_tau=2.0).branch_bound() == (2.0, True)
+  assert (model.bound_form, model.bound_tau, model.branch_bound()) == ("median", 4.0, None)
+  assert all(default_oabn_form(rv.create_model(n).variant) == "median"
+             for n in rv.list_models())
+  shallow = RepVGG(dataclasses.replace(model.variant, blocks=(1, 2, 4, 1)), norm="oabn")
+  assert (shallow.bound_form, shallow.bound_tau, shallow.branch_bound()) == (
+      "branch", 3.0, (3.0, True))
+  deeper = RepVGG(dataclasses.replace(model.variant, blocks=(1, 2, 5, 1)), norm="oabn")
+  assert deeper.bound_form == "median"
+  assert RepVGG(shallow.variant, norm="oabn", block="qarepvgg").bound_form == "median"
+  branch = rv.create_model("RepVGG-A0", norm="oabn", oabn_form="branch", oabn_tau=2.0)
+  assert branch.branch_bound() == (2.0, True)
 
 
 def test_groups_on_even_layers_for_both_branches():

@@ -94,13 +94,16 @@ def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
 
 def test_oabn_settings_do_not_tell_two_bn_runs_apart():
   # A BN run recorded when the default OABN form was another resumes; an OABN run does not.
+  # The pipeline records resolved configs: the tiny network's form by depth is branch.
+  from repvgg_jax.train import config as config_lib
   old, new = tiny.tiny_config(), tiny.tiny_config()
   old.model.oabn_form, old.model.oabn_tau = "median", 4.0
   for norm, changed in (("bn", []), ("oabn", ["model.oabn_form: 'median' -> 'branch'",
-                                              "model.oabn_tau: 4.0 -> 0.0"])):
+                                              "model.oabn_tau: 4.0 -> 3.0"])):
     old.model.norm = new.model.norm = norm
-    assert workdir_lib._changes(workdir_lib.fingerprint(old, "fp"),
-                                workdir_lib.fingerprint(new, "fp")) == changed
+    assert workdir_lib._changes(
+        workdir_lib.fingerprint(config_lib.resolve(old), "fp"),
+        workdir_lib.fingerprint(config_lib.resolve(new), "fp")) == changed
 
 
 def test_discard_stale_moves_stages_aside_and_trains_them_again(tiny_run, tmp_path):

@@ -217,12 +217,13 @@ class RepVGG(nn.Module):
     norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
-    oabn_form: ``"branch"`` (the default at every depth: each block bounds its 1x1
-      and identity taps per channel, the only form that removes the merged kernels'
-      outliers; ``block="repvgg"`` only) or ``"median"`` (each BN bounds its
-      scales). On a deep network (A0's 14-block stage) ``branch`` costs FP accuracy
-      and, deployed through ClusterQAT, does no better than ``norm="bn"``
-      (docs/oabn.md, "At full depth").
+    oabn_form: ``"branch"`` (each block bounds its 1x1 and identity taps per
+      channel, the only form that removes the merged kernels' outliers;
+      ``block="repvgg"`` only), ``"median"`` (each BN bounds its scales), or None:
+      picked by depth, :func:`default_oabn_form` (``branch`` where no stage has
+      more than 4 blocks, ``median`` deeper: on A0's 14-block stage ``branch``
+      caps every skip and costs FP accuracy; docs/oabn.md, "At full depth"). See
+      :attr:`bound_form`.
     oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``layers/oabn.py``);
       ``oabn_tau`` is the multiple of the channel's 3x3 rms (``branch``) or of
       the layer's median ``|s|`` (``median``); None = the form's
@@ -244,7 +245,7 @@ class RepVGG(nn.Module):
   num_classes: int = 1000
   norm: str = "bn"
   block: str = "repvgg"
-  oabn_form: str = "branch"
+  oabn_form: str | None = None
   oabn_bound: str = "tanh"
   oabn_tau: float | None = None
   oabn_relative: bool = True
@@ -259,17 +260,23 @@ class RepVGG(nn.Module):
       return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                dtype=self.dtype)
     return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             form=self.oabn_form, bound=self.oabn_bound, tau=self.bound_tau,
+                             form=self.bound_form, bound=self.oabn_bound, tau=self.bound_tau,
                              relative=self.oabn_relative, dtype=self.dtype)
+
+  @property
+  def bound_form(self) -> str:
+    """The OABN form in use: ``oabn_form``, or the depth's (:func:`default_oabn_form`)
+    when it is None."""
+    return self.oabn_form or default_oabn_form(self.variant, self.block)
 
   @property
   def bound_tau(self) -> float:
     """The OABN tau in use: ``oabn_tau``, or the form's default when it is None."""
-    return DEFAULT_TAU[self.oabn_form] if self.oabn_tau is None else self.oabn_tau
+    return DEFAULT_TAU[self.bound_form] if self.oabn_tau is None else self.oabn_tau
 
   def branch_bound(self) -> tuple[float, bool] | None:
     """``(tau, smooth)`` of OABN's ``branch`` form, None for every other model."""
-    if self.norm == "oabn" and self.oabn_form == "branch":
+    if self.norm == "oabn" and self.bound_form == "branch":
       return self.bound_tau, self.oabn_bound == "tanh"
     return None
 
@@ -283,7 +290,7 @@ class RepVGG(nn.Module):
       raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
     v = self.variant
     check_model(None, num_classes=self.num_classes, norm=self.norm, deploy=self.deploy,
-                block=self.block, oabn_form=self.oabn_form, oabn_bound=self.oabn_bound,
+                block=self.block, oabn_form=self.bound_form, oabn_bound=self.oabn_bound,
                 oabn_tau=self.oabn_tau, conv_impl=self.conv_impl, act_bits=self.act_bits)
     block = functools.partial(RepVGGBlock, se=v.se, deploy=self.deploy,
                               norm=self._norm_factory(), dtype=self.dtype,
@@ -321,14 +328,29 @@ class RepVGG(nn.Module):
     return self.layers()
 
 
-def check_options(norm: str, block: str, oabn_form: str) -> None:
+# OABN's form by depth (docs/oabn.md, "At full depth"): ``branch`` up to this many blocks in
+# every stage (measured better than ``median`` at 4, the demo network), ``median`` deeper
+# (measured better at A0's 14); depths between are untested.
+BRANCH_MAX_BLOCKS = 4
+
+
+def default_oabn_form(variant: Variant, block: str = "repvgg") -> str:
+  """The OABN form a model gets when none is given: ``branch`` when no stage of
+  ``variant`` has more than ``BRANCH_MAX_BLOCKS`` blocks, else ``median`` (and always
+  ``median`` for ``block="qarepvgg"``, which has no branches to bound)."""
+  if block == "repvgg" and max(variant.blocks) <= BRANCH_MAX_BLOCKS:
+    return "branch"
+  return "median"
+
+
+def check_options(norm: str, block: str, oabn_form: str | None) -> None:
   """ValueError naming the value when the norm, block style or OABN form is unknown,
   or the combination is one the model cannot build."""
   if norm not in NORMS:
     raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
   if block not in STYLES:
     raise ValueError(f"block={block!r}: expected one of {STYLES}")
-  if oabn_form not in FORMS:
+  if oabn_form is not None and oabn_form not in FORMS:
     raise ValueError(f"oabn_form={oabn_form!r}: expected one of {FORMS}")
   if norm == "oabn" and oabn_form == "branch" and block != "repvgg":
     raise ValueError(f"oabn_form='branch' bounds the 1x1 and identity BNs of a RepVGG block; "
@@ -358,7 +380,7 @@ def check_model(name: str | None, *, num_classes: int = 1000, norm: str = "bn",
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"unknown create_model option(s) {unknown}; valid: {sorted(fields)}")
-  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form", "branch"))
+  check_options(norm, kwargs.get("block", "repvgg"), kwargs.get("oabn_form"))
   if isinstance(num_classes, bool) or not (isinstance(num_classes, int) and num_classes > 0):
     raise ValueError(f"num_classes={num_classes!r}: expected a positive int")
   bound = kwargs.get("oabn_bound", "tanh")
@@ -382,7 +404,13 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
     name: one of :func:`list_models` (case-insensitive; ``"repvgg_a0"`` and
       ``"A0"`` are accepted).
     num_classes: classifier width.
-    norm: ``"bn"`` or ``"oabn"``.
+    norm: ``"bn"`` or ``"oabn"``. With ``"oabn"`` and no ``oabn_form``, the form is
+      picked by depth (:func:`default_oabn_form`): ``"branch"`` when no stage has more
+      than 4 blocks, ``"median"`` for the zoo's deeper variants (every one of them).
+      At full depth ``branch`` caps every block's skip: it cost FP accuracy on every
+      seed of the study and ClusterQAT accuracy on average, where ``median`` was the
+      best regime (docs/results_full_a0.md); pass ``oabn_form="branch"`` for uniform
+      low-bit grids, whose outliers only it removes.
     deploy: the merged single-conv form.
     **kwargs: other :class:`RepVGG` fields: ``block``, ``oabn_form``, ``oabn_bound``, ``oabn_tau``,
       ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.

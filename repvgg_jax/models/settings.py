@@ -22,7 +22,7 @@ def expected_records(model: RepVGG) -> dict[str, Any]:
   """The settings a train-form ``model`` records in its ``settings`` (OABN
   bounds, QARepVGG identity gains), per entry name, as :func:`check_settings` compares them."""
   out = {}
-  if model.norm == "oabn" and model.oabn_form == "median":
+  if model.norm == "oabn" and model.bound_form == "median":
     out.update(zip(BOUND_KEYS, (model.bound_tau, model.oabn_relative, model.oabn_bound == "tanh")))
   if model.branch_bound() is not None:
     out.update(zip(BRANCH_KEYS, model.branch_bound()))
@@ -117,6 +117,6 @@ def join_settings(variables: Mapping[str, Any]) -> dict[str, Any]:
 def _describe(model: RepVGG) -> str:
   if model.norm == "bn":
     return f"norm='bn', block={model.block!r}"
-  return (f"norm='oabn', block={model.block!r}, oabn_form={model.oabn_form!r}, "
+  return (f"norm='oabn', block={model.block!r}, oabn_form={model.bound_form!r}, "
           f"oabn_tau={model.bound_tau}, oabn_bound={model.oabn_bound!r}, "
           f"oabn_relative={model.oabn_relative}")

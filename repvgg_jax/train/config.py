@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.block = "repvgg"            # "repvgg" | "qarepvgg" (one BN after the branch sum)
   # OABN (docs/oabn.md): "branch" bounds each channel's 1x1 + identity centre taps by
   # oabn_tau x the rms of its 3x3 branch; "median" bounds each BN's scales by oabn_tau x
-  # the layer's median. oabn_tau 0 = the form's default (branch 3, median 4).
-  c.model.oabn_form = "branch"
+  # the layer's median; "" = by depth (branch up to 4 blocks a stage, median deeper:
+  # models.repvgg.default_oabn_form). oabn_tau 0 = the form's default (branch 3, median 4).
+  c.model.oabn_form = ""
   c.model.oabn_tau = 0.0
   c.model.oabn_bound = "tanh"         # "tanh" (smooth) | "clip"
   c.model.oabn_relative = True        # median form: tau x median (True) or tau itself
@@ -226,7 +227,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from repvgg_jax.quant.activation import check_act_bits, check_calibration
   from repvgg_jax.quant.quantizer import METHODS, check_options
   m = cfg.model
-  owned("model.", check_model, m.name, norm=m.norm, block=m.block, oabn_form=m.oabn_form,
+  owned("model.", check_model, m.name, norm=m.norm, block=m.block, oabn_form=m.oabn_form or None,
         oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None)
   if not isinstance(m.oabn_relative, bool):
     problems.append(f"model.oabn_relative={m.oabn_relative!r} must be True or False")
@@ -345,15 +346,20 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates ``cfg`` and returns a locked copy with the defaults that depend on other
   fields filled in, and warmups shortened to fit their stage.
 
-  ``model.oabn_tau`` 0 becomes the form's default (``nn.oabn.DEFAULT_TAU``), so the
-  workdir records and the report state the number. A ``warmup_steps`` of at least
+  ``model.oabn_form`` "" becomes the depth's form (``models.repvgg.default_oabn_form``)
+  and ``model.oabn_tau`` 0 the form's default (``layers.oabn.DEFAULT_TAU``), so the
+  workdir records and the report state them. A ``warmup_steps`` of at least
   ``num_steps`` (a short run of a long recipe, e.g. ``--config.fp.num_steps=50``
   with the demo's 100 warmup steps) becomes ``num_steps // 10``, with a log line;
   the report states the value used.
   """
   from repvgg_jax.layers.oabn import DEFAULT_TAU
+  from repvgg_jax.models.repvgg import default_oabn_form
+  from repvgg_jax.train.state import model_variant
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
+  if not cfg.model.oabn_form:
+    cfg.model.oabn_form = default_oabn_form(model_variant(cfg.model), cfg.model.block)
   if not cfg.model.oabn_tau:
     cfg.model.oabn_tau = DEFAULT_TAU[cfg.model.oabn_form]
   for stage in ("fp", "qat"):

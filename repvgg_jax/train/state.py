@@ -56,12 +56,16 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   merged one with activation fake-quant when ``act_bits``)."""
   dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, block=model_cfg.block,
-            oabn_form=model_cfg.oabn_form, oabn_tau=model_cfg.oabn_tau or None,
+            oabn_form=model_cfg.oabn_form or None, oabn_tau=model_cfg.oabn_tau or None,
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
             deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
-  variant = create_model(model_cfg.name).variant
+  return RepVGG(model_variant(model_cfg), **kw)
+
+
+def model_variant(model_cfg: Any) -> Any:
+  """The zoo row of ``cfg.model.name`` with ``model.blocks`` / ``model.widths`` applied."""
   overrides = {f: tuple(model_cfg[f]) for f in ("blocks", "widths") if model_cfg.get(f)}
-  return RepVGG(dataclasses.replace(variant, **overrides), **kw)
+  return dataclasses.replace(create_model(model_cfg.name).variant, **overrides)
 
 
 def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) -> dict:
