@@ -303,7 +303,7 @@ def test_the_ledgers_outlier_record_gives_the_checkpoints_tables():
   import jax.numpy as jnp
   from repvgg_jax import analysis
   from repvgg_jax.models.repvgg import RepVGG, Variant
-  from _util import random_variables
+  from benchmarks.bench_common import random_variables
   v = random_variables(RepVGG(Variant((1, 1, 2, 1), (0.25,) * 4), num_classes=3),
                        jnp.zeros((1, 32, 32, 3)), tiny_var_channels=1)
   record = json.loads(json.dumps(study_ledger.outliers(v)))  # as stored and read back
