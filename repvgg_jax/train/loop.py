@@ -209,7 +209,8 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
     state: a fresh host ``TrainState`` (its structure is the restore target).
     hooks: ``f(step, state) -> state`` run after each step on device (QAT codebook
       refits, :class:`Profile`); none may fetch anything to the host.
-    evaluate: ``f(state) -> accuracy``, run every ``eval_every`` steps; ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
+    evaluate: ``f(state) -> accuracy``, run every ``eval_every`` steps;
+      ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
   Returns:
     The final state (replicated on ``mesh``).
   Raises:
