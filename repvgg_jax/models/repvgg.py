@@ -1,4 +1,5 @@
-"""The RepVGG model zoo (Flax Linen), train form and deploy form.
+"""The RepVGG network (Flax Linen), train form and deploy form, built by name from the zoo
+(``models/zoo.py``: the variants' depths, widths, groups and SE).
 
 Layout: inputs NHWC, kernels HWIO. Parameter tree (train form)::
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from repvgg_jax.layers import conv as conv_lib
+from repvgg_jax.models.zoo import GROUPED_LAYERS, VARIANTS, Variant, list_models, zoo_name
 from repvgg_jax.layers.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
                                 branch_bound, check_tau)
 from repvgg_jax.quant.activation import ActQuant, check_act_bits
@@ -42,38 +44,9 @@ STYLES = ("repvgg", "qarepvgg")
 CONV_IMPLS = ("auto", "xla")
 # PyTorch's default BN momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
-# Layers 2, 4, ..., 26 (layer 1 = first block of stage 1) are grouped in g2/g4 variants.
-GROUPED_LAYERS = frozenset(range(2, 27, 2))
 # The layer whose input (the normalized image) is signed; every other quantized
 # layer reads a ReLU output (or its average), unsigned.
 SIGNED_INPUT_LAYER = "stem"
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One row of the zoo: blocks per stage, width multipliers, groups, SE."""
-  blocks: tuple[int, int, int, int]
-  widths: tuple[float, float, float, float]
-  groups: int = 1
-  se: bool = False
-
-
-_A = (2, 4, 14, 1)
-_B = (4, 6, 16, 1)
-VARIANTS: dict[str, Variant] = {
-    "RepVGG-A0": Variant(_A, (0.75, 0.75, 0.75, 2.5)),
-    "RepVGG-A1": Variant(_A, (1, 1, 1, 2.5)),
-    "RepVGG-A2": Variant(_A, (1.5, 1.5, 1.5, 2.75)),
-    "RepVGG-B0": Variant(_B, (1, 1, 1, 2.5)),
-    "RepVGG-B1": Variant(_B, (2, 2, 2, 4)),
-    "RepVGG-B1g2": Variant(_B, (2, 2, 2, 4), groups=2),
-    "RepVGG-B1g4": Variant(_B, (2, 2, 2, 4), groups=4),
-    "RepVGG-B2": Variant(_B, (2.5, 2.5, 2.5, 5)),
-    "RepVGG-B2g4": Variant(_B, (2.5, 2.5, 2.5, 5), groups=4),
-    "RepVGG-B3": Variant(_B, (3, 3, 3, 5)),
-    "RepVGG-B3g4": Variant(_B, (3, 3, 3, 5), groups=4),
-    "RepVGG-D2se": Variant((8, 14, 24, 1), (2.5, 2.5, 2.5, 5), se=True),
-}
 
 
 def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
@@ -357,24 +330,12 @@ def check_options(norm: str, block: str, oabn_form: str | None) -> None:
                      f"block={block!r} has none (use oabn_form='median' or block='repvgg')")
 
 
-def _canonical(name: str) -> str:
-  return name.lower().replace("repvgg", "").strip("-_ ")
-
-
-_BY_KEY = {_canonical(n): n for n in VARIANTS}
-
-
-def list_models() -> list[str]:
-  """Names accepted by :func:`create_model` (timm-style ``repvgg_a0`` works too)."""
-  return list(VARIANTS)
-
-
 def check_model(name: str | None, *, num_classes: int = 1000, norm: str = "bn",
                 deploy: bool = False, **kwargs: Any) -> None:
   """ValueError unless :func:`create_model` can build this model. Every message starts
   with the bad argument's name (``norm='x': ...``), so a config can prefix its group.
   ``name`` None: the variant is not checked (a :class:`RepVGG` built from its own)."""
-  if name is not None and not (isinstance(name, str) and _canonical(name) in _BY_KEY):
+  if name is not None and zoo_name(name) is None:
     raise ValueError(f"name={name!r}: unknown RepVGG variant; valid names: {list_models()}")
   fields = {f.name for f in dataclasses.fields(RepVGG)} - {"variant", "parent", "name"}
   unknown = sorted(set(kwargs) - fields)
@@ -416,5 +377,5 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
       ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.
   """
   check_model(name, num_classes=num_classes, norm=norm, deploy=deploy, **kwargs)
-  return RepVGG(VARIANTS[_BY_KEY[_canonical(name)]], num_classes=num_classes, norm=norm,
+  return RepVGG(VARIANTS[zoo_name(name)], num_classes=num_classes, norm=norm,
                 deploy=deploy, **kwargs)
