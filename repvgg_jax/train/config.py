@@ -264,8 +264,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
   positive("log_every", cfg.log_every)
   qc = cfg.quant
-  enum("quant.method", qc.method, METHODS + ("none",))  # "none": no QAT, no export
-  if qc.method in METHODS + ("none",):  # "none" takes the widest options, the codebooks'
+  methods = METHODS + ("none",)  # "none": no QAT, no export
+  enum("quant.method", qc.method, methods)
+  if qc.method in methods:  # "none" takes the widest options, the codebooks'
     owned("quant.", check_options, "cluster" if qc.method == "none" else qc.method, qc.bits,
           qc.granularity, qc.first_last_bits, clipping=qc.clipping,
           int8_levels=qc.int8_levels, group_size=qc.group_size, cluster_dim=qc.cluster_dim)
@@ -346,7 +347,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates ``cfg`` and returns a locked copy with the defaults that depend on other
   fields filled in, and warmups shortened to fit their stage.
 
-  ``model.oabn_form`` "" becomes the depth's form (``models.repvgg.default_oabn_form``)
+  ``model.oabn_form`` "" becomes the depth's form (``train.state.oabn_form``)
   and ``model.oabn_tau`` 0 the form's default (``layers.oabn.DEFAULT_TAU``), so the
   workdir records and the report state them. A ``warmup_steps`` of at least
   ``num_steps`` (a short run of a long recipe, e.g. ``--config.fp.num_steps=50``
@@ -354,12 +355,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   the report states the value used.
   """
   from repvgg_jax.layers.oabn import DEFAULT_TAU
-  from repvgg_jax.models.repvgg import default_oabn_form
-  from repvgg_jax.train.state import model_variant
+  from repvgg_jax.train.state import oabn_form
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
-  if not cfg.model.oabn_form:
-    cfg.model.oabn_form = default_oabn_form(model_variant(cfg.model), cfg.model.block)
+  cfg.model.oabn_form = oabn_form(cfg.model)
   if not cfg.model.oabn_tau:
     cfg.model.oabn_tau = DEFAULT_TAU[cfg.model.oabn_form]
   for stage in ("fp", "qat"):

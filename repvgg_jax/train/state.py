@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from repvgg_jax.models.repvgg import RepVGG, create_model
+from repvgg_jax.models.repvgg import RepVGG, create_model, default_oabn_form
 from repvgg_jax.deprecation import renamed
 from repvgg_jax.layers.oabn import SETTINGS
 from repvgg_jax.train.optimizer import make_optimizer
@@ -60,6 +60,12 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
             deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
   return RepVGG(model_variant(model_cfg), **kw)
+
+
+def oabn_form(model_cfg: Any) -> str:
+  """``model.oabn_form``, or the form the model's depth picks when it is ""
+  (:func:`repvgg_jax.models.repvgg.default_oabn_form`)."""
+  return model_cfg.oabn_form or default_oabn_form(model_variant(model_cfg), model_cfg.block)
 
 
 def model_variant(model_cfg: Any) -> Any:

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from repvgg_jax.data.transforms import normalize
 from repvgg_jax.layers.oabn import SETTINGS
 from repvgg_jax.train import sharding
-from repvgg_jax.train.state import TrainState
+from repvgg_jax.train.state import TrainState, oabn_form
 
 # A batch's images as the model sees them: uint8 pixels normalized on device with the
 # loader's (mean, std), or already-normalized floats when ``pixel_stats`` is None.
@@ -66,27 +66,21 @@ def bound_warmup(cfg: Any) -> Callable | None:
   return optax.exponential_decay(start, cfg.fp.bound_warmup_steps, 1 / start, end_value=1.0)
 
 
-def _form(model_cfg: Any) -> str:
-  """``model.oabn_form``, or the depth's when it is "" (as ``config.resolve`` fills it)."""
-  from repvgg_jax.models.repvgg import default_oabn_form
-  from repvgg_jax.train.state import model_variant
-  try:
-    return model_cfg.oabn_form or default_oabn_form(model_variant(model_cfg), model_cfg.block)
-  except (ValueError, TypeError):  # a bad name or blocks: validate names those
-    return model_cfg.oabn_form
-
-
 def bound_warmup_problems(cfg: Any) -> list[str]:
   """What is wrong with the config's ``fp.bound_warmup_*`` fields, each naming the field
   (``config.validate`` reports them): steps an int >= 0, used only on a model with the
   ``branch`` bound; start >= 1."""
   problems, w, m = [], cfg.fp.bound_warmup_steps, cfg.model
+  try:  # as config.resolve fills it in
+    form = oabn_form(m)
+  except (ValueError, TypeError):  # a bad name or blocks: validate names those
+    form = m.oabn_form
   if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
     problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
-  elif w and (m.norm, _form(m), m.block) != ("oabn", "branch", "repvgg"):
+  elif w and (m.norm, form, m.block) != ("oabn", "branch", "repvgg"):
     problems.append(f"fp.bound_warmup_steps={w} loosens OABN's branch bound: it needs "
                     f"model.norm='oabn' and model.oabn_form='branch' (a RepVGG block), not "
-                    f"norm={m.norm!r}, oabn_form={_form(m)!r}, block={m.block!r}")
+                    f"norm={m.norm!r}, oabn_form={form!r}, block={m.block!r}")
   start = cfg.fp.bound_warmup_start
   if not (isinstance(start, (int, float)) and start >= 1):
     problems.append(f"fp.bound_warmup_start={start!r} must be >= 1 (a factor that loosens "
