@@ -134,18 +134,18 @@ def _int_field(cfg: Any, name: str, default: int) -> int:
   return int(value)
 
 
-def check_fields(cfg: Any) -> None:
+def check_fields(cfg: Any) -> dict[str, int]:
   """ValueError naming the first bad field of a data config (``data.<field>=...``): the
   checks :func:`make_loader` makes before it reads anything (the pipeline config's
-  ``validate`` asks the same)."""
+  ``validate`` asks the same). Returns the integer fields, defaults filled in."""
   source = getattr(cfg, "source", None)
   if source not in sources.SOURCES:
     raise ValueError(f"data.source={source!r}: expected one of {sources.SOURCES}")
   transforms.check_augment(getattr(cfg, "augment", "none"))
   if _int_field(cfg, "image_size", 0) == 0:
     raise ValueError(f"data.image_size={getattr(cfg, 'image_size', None)!r} must be positive")
-  for name, default in (("train_subset", 0), ("worker_count", 0), ("read_threads", 2)):
-    _int_field(cfg, name, default)
+  return {name: _int_field(cfg, name, default) for name, default in (
+      ("image_size", 0), ("train_subset", 0), ("worker_count", 0), ("read_threads", 2))}
 
 
 def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, seed: int = 0,
@@ -187,12 +187,10 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
       or global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"data: global_batch_size={global_batch_size!r} must be a positive "
                      f"multiple of process_count={process_count}")
-  check_fields(cfg)
+  ints = check_fields(cfg)
   augment = getattr(cfg, "augment", "none")
-  image_size = _int_field(cfg, "image_size", 0)
-  subset = _int_field(cfg, "train_subset", 0)
-  worker_count = _int_field(cfg, "worker_count", 0)
-  read_threads = _int_field(cfg, "read_threads", 2)
+  image_size, subset = ints["image_size"], ints["train_subset"]
+  worker_count, read_threads = ints["worker_count"], ints["read_threads"]
 
   source, stats = sources.make_source(cfg, split, cache_dir=cache_dir)
   n = len(source)
