@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.qat = _stage_config()
   c.qat.base_lr = 0.01
   c.qat.warmup_steps = 0
+  # Distillation from the merged float network the stage starts from (frozen, one forward
+  # per step): "off" | "logits" (loss (1 - distill_weight) * cross-entropy + distill_weight
+  # * T^2 KL(teacher || student) at temperature distill_temperature; docs/quantization.md).
+  c.qat.distill = "off"
+  c.qat.distill_weight = 0.5
+  c.qat.distill_temperature = 2.0
   c.quant = ml_collections.ConfigDict()
   # "cluster" (k-means codebooks) | "uniform" (fixed grid) | "lsq" (learned step)
   # | "none" (no QAT, no export).
@@ -152,6 +158,9 @@ def _stage_config() -> ml_collections.ConfigDict:
   s.weight_decay = 1e-4
   s.label_smoothing = 0.0
   s.grad_clip_norm = 0.0              # clip gradients to this global norm; 0 = off
+  # The learned quantizer steps' learning rate (LSQ weight steps, activation steps in QAT),
+  # as a factor on the stage's; no effect where nothing is learned (the FP stage).
+  s.quant_lr_scale = 1.0
   # A penalty on the merged kernels added to the loss (repvgg_jax/penalties.py):
   # "none" | "kure" (kurtosis, Shkolnik et al. 2020) | "channel_max" (OABN "merged":
   # per-channel max/rms above the target); its weight, and its target (0 = the
@@ -294,6 +303,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     positive(f"{stage}.base_lr", s.base_lr)
     positive(f"{stage}.weight_decay", s.weight_decay, zero_ok=True)
     positive(f"{stage}.grad_clip_norm", s.grad_clip_norm, zero_ok=True)
+    positive(f"{stage}.quant_lr_scale", s.quant_lr_scale, zero_ok=True)
     enum(f"{stage}.penalty", s.penalty, PENALTIES)
     positive(f"{stage}.penalty_weight", s.penalty_weight, zero_ok=True)
     positive(f"{stage}.penalty_target", s.penalty_target, zero_ok=True)
@@ -303,8 +313,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-  from repvgg_jax.train.steps import bound_warmup_problems
+  from repvgg_jax.train.steps import bound_warmup_problems, check_distill
   problems += bound_warmup_problems(cfg)
+  q = cfg.qat
+  owned("qat.", check_distill, q.distill, q.distill_weight, q.distill_temperature)
+  if q.distill != "off" and (not q.enabled or qc.method == "none"):
+    problems.append(f"qat.distill={q.distill!r} needs a QAT stage: qat.enabled=True and "
+                    f"quant.method other than 'none' (got qat.enabled={q.enabled!r}, "
+                    f"quant.method={qc.method!r})")
   _fail(problems)
 
 

@@ -44,14 +44,20 @@ def make_optimizer(stage_cfg: Any, params: Mapping[str, Any],
   ``add_decayed_weights`` before SGD equals the PyTorch ``weight_decay`` argument.
   ``grad_clip_norm > 0`` first clips the gradient to that global norm (as
   ``torch.nn.utils.clip_grad_norm_`` before the step). The learned quantizer
-  steps in ``quant`` never decay.
+  steps in ``quant`` never decay, and learn at ``quant_lr_scale`` times the stage's
+  learning rate.
   """
   mask = {"params": weight_decay_mask(params),
           "quant": jax.tree.map(lambda _: False, dict(quant or {}))}
   clip = ([optax.clip_by_global_norm(stage_cfg.grad_clip_norm)]
           if stage_cfg.grad_clip_norm > 0 else [])
+  scale_quant = ([optax.masked(optax.scale(stage_cfg.quant_lr_scale),
+                                {"params": jax.tree.map(lambda _: False, dict(params)),
+                                 "quant": jax.tree.map(lambda _: True, dict(quant or {}))})]
+                 if stage_cfg.quant_lr_scale != 1 else [])
   return optax.chain(
       *clip,
       optax.add_decayed_weights(stage_cfg.weight_decay, mask=mask),
       optax.sgd(learning_rate_schedule(stage_cfg), momentum=stage_cfg.momentum,
-                nesterov=stage_cfg.nesterov))
+                nesterov=stage_cfg.nesterov),
+      *scale_quant)

@@ -284,10 +284,17 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
           return state
         return state.replace(quant=refit_fn(state.params, state.quant))
 
+      distill = None
+      if cfg.qat.distill == "logits":  # the float merged network, frozen
+        distill = steps.Distill(
+            apply=lambda p, x: deploy_model.apply({"params": p}, x, train=False),
+            variables=merged["params"], weight=cfg.qat.distill_weight,
+            temperature=cfg.qat.distill_temperature)
       state = train_stage(
           "qat", state, mesh=mesh, loader=loader("train", cfg.qat.batch_size, True),
           train_step=steps.make_train_step(mesh, num_classes, cfg.qat.label_smoothing, q,
-                                           pixel_stats=pixels, penalty=stage_penalty(cfg.qat)),
+                                           pixel_stats=pixels, penalty=stage_penalty(cfg.qat),
+                                           distill=distill),
           ckpt_dir=os.path.join(ckpt_root, "qat"), **schedule(cfg.qat), writer=writer,
           log_every=cfg.log_every, hooks=[refit, *profile_hooks(cfg.qat, workdir, "qat")],
           evaluate=evaluate_with(eval_qat))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,6 +35,47 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
   if label_smoothing:
     onehot = optax.smooth_labels(onehot, label_smoothing)
   return optax.softmax_cross_entropy(logits, onehot)
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  """Per-example ``T^2 * KL(teacher || student)`` on logits ``(B, C)`` divided by ``T``
+  (Hinton et al. 2015; ``T^2`` keeps the gradient's scale as ``T`` changes). The
+  teacher's logits get no gradient."""
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  return temperature ** 2 * optax.losses.kl_divergence_with_log_targets(
+      jax.nn.log_softmax(s), jax.nn.log_softmax(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """Distillation of a QAT step from a frozen teacher (``qat.distill='logits'``).
+
+  ``apply(variables, images) -> logits`` is the teacher's forward and ``variables``
+  its weights (the merged float network the QAT stage starts from: a step argument,
+  never trained, never donated). The loss is ``(1 - weight) * cross-entropy +
+  weight * distillation_loss(T=temperature)``, so weight 0 is the plain step.
+  """
+  apply: Callable[[Any, jax.Array], jax.Array]
+  variables: Any
+  weight: float
+  temperature: float
+
+
+DISTILL_MODES = ("off", "logits")
+
+
+def check_distill(mode: Any, weight: Any, temperature: Any) -> None:
+  """A ValueError naming the bad field of ``qat.distill`` / ``distill_weight`` /
+  ``distill_temperature`` (the config's and :func:`make_train_step`'s check)."""
+  if mode not in DISTILL_MODES:
+    raise ValueError(f"distill={mode!r} not in {DISTILL_MODES}")
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+  if not (number(weight) and 0 <= weight <= 1):
+    raise ValueError(f"distill_weight={weight!r} must be in [0, 1]")
+  if not (number(temperature) and temperature > 0):
+    raise ValueError(f"distill_temperature={temperature!r} must be > 0")
 
 
 def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, train: bool,
@@ -91,7 +134,8 @@ def bound_warmup_problems(cfg: Any) -> list[str]:
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
                     quantizer: Any = None, pixel_stats: PixelStats = None,
                     penalty: tuple[Callable, float] | None = None,
-                    bound_factor: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
+                    bound_factor: Callable[[jax.Array], jax.Array] | None = None,
+                    distill: Distill | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted; the state is donated.
 
   The batch is sharded over ``data`` and the state replicated, so the loss mean
@@ -103,10 +147,13 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   ``accuracy`` (means over the batch), ``grad_norm``, ``penalty`` (unweighted, when
   there is one), all scalars, left on device. ``bound_factor``: step -> the train-form
   model's ``loosen`` (OABN's bound warm-up: the stored settings, which eval and merge
-  read, stay the model's).
+  read, stay the model's). ``distill``: one teacher forward per step and the loss of
+  :class:`Distill` (metrics add ``distill_loss``, unweighted); the teacher's variables
+  are replicated once and passed to every call.
   """
-  def step(state: TrainState, batch: dict[str, jax.Array]):
+  def step(state: TrainState, batch: dict[str, jax.Array], teacher: Any):
     images = model_input(batch["image"], pixel_stats)
+    teacher_logits = None if distill is None else distill.apply(teacher, images)
 
     loosen = None if bound_factor is None else bound_factor(state.step)
 
@@ -114,6 +161,10 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
       logits, new_stats = _forward(state, params, quant, images, True, quantizer, loosen)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       extra = {}
+      if distill is not None:
+        extra["distill_loss"] = distillation_loss(logits, teacher_logits,
+                                                  distill.temperature).mean()
+        loss = (1 - distill.weight) * loss + distill.weight * extra["distill_loss"]
       if penalty is not None:
         extra["penalty"] = penalty[0]({"params": params, "batch_stats": state.batch_stats,
                                        SETTINGS: state.settings})
@@ -128,7 +179,17 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
     return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                   donate_argnums=0)
+  teacher = None
+  if distill is not None:
+    check_distill("logits", distill.weight, distill.temperature)
+    teacher = sharding.replicate(distill.variables, mesh)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    return jitted(state, batch, teacher)
+  train_step.lower = lambda state, batch: jitted.lower(state, batch, teacher)
+  return train_step
 
 
 def make_eval_step(mesh: Mesh, quantizer: Any = None, pixel_stats: PixelStats = None) -> Callable:

@@ -1,0 +1,227 @@
+"""QAT length and distillation at full depth: does low-bit ClusterQAT hold on RepVGG-A0?
+
+  python -m experiments.qat_length --workdir runs/qat_length
+  python -m experiments.qat_length --workdir runs/qat_length --length 1000 --bn_distill logits
+  python -m experiments.qat_length --workdir runs/qat_length --report_only
+
+The network and FP recipe are the full-depth study's (``experiments.rows`` recipe
+``full_a0``: RepVGG-A0's 2, 4, 14, 1 blocks, Fashion-MNIST at 32 px, 6000 FP steps at
+batch 64), so its FP rows are those of ``results_full_a0.md``. From each FP checkpoint,
+ClusterQAT rows (8-bit activations, stem and head at 8 bits) that vary what that study
+held fixed: the QAT length (``qat.num_steps``, cosine decay to 0 over it) and
+distillation from the float merged network (``qat.distill``: off / logits).
+
+Two phases:
+  1. the curve, seed 0 of ``oabn_median``: W2A8 and W4A8 at 200, 500, 1000 and 2000
+     QAT steps, with and without distillation (``--lengths``);
+  2. with ``--length L`` (chosen on the curve): seeds 0-2 of ``oabn_median`` at L,
+     W4A8 / W3A8 / W2A8, with and without distillation, and the same rows of ``bn``
+     with ``--bn_distill`` (the better of the two), so OABN-vs-BN is measured at a QAT
+     that has converged.
+
+Every row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>`` and resumes
+there; a finished row goes at once into the ledger
+(``experiments/results/qat_length_rows.json``, commit it as rows finish), which the
+report (``experiments/results/qat_length.md`` and its figure) is written from alone. A
+row the ledger has is not run again. Pin a run to one core (``taskset -c 1``); the
+machine of each row is in the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs.*, experiments.* import however it is started
+
+from absl import app, flags  # noqa: E402
+from experiments import rows as sr  # noqa: E402
+from repvgg_jax.fileio import atomic_write_text  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+LEDGER = os.path.join(RESULTS, "qat_length_rows.json")
+OUT = os.path.join(RESULTS, "qat_length.md")
+LENGTHS = (200, 500, 1000, 2000)
+CURVE_BITS = (2, 4)
+SEED_BITS = (4, 3, 2)
+DISTILL = ("off", "logits")
+SEEDS = 3
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Study directory: one subdirectory per row.")
+_LENGTH = flags.DEFINE_integer("length", 0, "Phase 2's QAT length, chosen on the curve "
+                               "(0 = phase 1 only).")
+_BN_DISTILL = flags.DEFINE_enum("bn_distill", "logits", DISTILL, "Phase 2: the distillation "
+                                "of the bn rows (the better of the two on oabn_median).")
+_LENGTHS = flags.DEFINE_list("lengths", [str(n) for n in LENGTHS], "Phase 1's QAT lengths.")
+_ONLY = flags.DEFINE_string("only", "", "Run only the rows whose name matches this regex.")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", 0.0, "Start no row after this many minutes "
+                                  "(0 = no limit).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write the report from the ledger.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "The tiny config on synthetic data, a few steps "
+                           "(checks the script); ledger and report go into the workdir.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def study_settings(smoke: bool) -> dict:
+  """The full-depth study's settings (``experiments.rows`` recipe ``full_a0``)."""
+  recipe = sr.RECIPES["full_a0"]
+  return sr.settings(smoke, blocks=recipe["blocks"], fp_steps=recipe["fp_steps"],
+                     seeds=SEEDS, regimes=["oabn_median", "bn"],
+                     goal_regimes=["oabn_median", "bn"])
+
+
+def qat_name(regime: str, bits: int, steps: int, distill: str, seed: int) -> str:
+  return f"w{bits}a8_{regime}_n{steps}_{'kd' if distill == 'logits' else 'ce'}_s{seed}"
+
+
+def plan(lengths, length: int, bn_distill: str) -> list[dict]:
+  """Every row, in the order they run: ``{"name", "regime", "seed"}`` plus, for a QAT
+  row, ``"bits", "steps", "distill"``; an FP row comes before the rows that need it."""
+  rows, seen = [], set()
+
+  def fp(regime, seed):
+    name = sr.Row(regime, "fp", seed).name
+    if name not in seen:
+      seen.add(name)
+      rows.append({"name": name, "regime": regime, "seed": seed})
+
+  def qat(regime, bits, steps, distill, seed):
+    fp(regime, seed)
+    name = qat_name(regime, bits, steps, distill, seed)
+    if name not in seen:
+      seen.add(name)
+      rows.append({"name": name, "regime": regime, "seed": seed, "bits": bits,
+                   "steps": steps, "distill": distill})
+
+  for n in lengths:
+    for b in CURVE_BITS:
+      for d in DISTILL:
+        qat("oabn_median", b, n, d, 0)
+  if length:
+    for seed in range(SEEDS):
+      for b in SEED_BITS:
+        for d in DISTILL:
+          qat("oabn_median", b, length, d, seed)
+    for seed in range(SEEDS):
+      for b in SEED_BITS:
+        qat("bn", b, length, bn_distill, seed)
+  return rows
+
+
+def row_config(row: dict, s: dict, workdir: str):
+  """The pipeline config of ``row``: the full-depth study's, with this row's QAT."""
+  from repvgg_jax.train import config as config_lib
+  if "bits" not in row:
+    return sr.row_config(sr.Row(row["regime"], "fp", row["seed"]), s, workdir)
+  cfg = sr.row_config(sr.Row(row["regime"], f"cluster_w{row['bits']}a8", row["seed"]), s,
+                      workdir)
+  n = 4 if s["smoke"] else row["steps"]
+  cfg.qat.num_steps = n
+  cfg.qat.eval_every = max(n // 4, 1)  # the curve within a run
+  cfg.qat.checkpoint_every = max(n // 4, 1)
+  cfg.qat.distill = row["distill"]
+  cfg.export.onnx = "off"  # the packed and StableHLO forms are evaluated; ONNX adds no row
+  config_lib.validate(cfg)
+  return cfg
+
+
+def load_ledger(path: str) -> dict:
+  return sr.read_json(path) or {"rows": {}}
+
+
+def qat_curve(row_dir: str) -> list[list[float]]:
+  """``[[step, eval accuracy], ...]`` of the QAT stage in the row's metrics.jsonl."""
+  out = {}
+  path = os.path.join(row_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for ln in f:
+        try:
+          m = json.loads(ln)
+        except ValueError:  # a line cut by a kill
+          continue
+        if "qat/eval_accuracy" in m:
+          out[int(m["step"])] = float(m["qat/eval_accuracy"])
+  return [[t, v] for t, v in sorted(out.items())]
+
+
+def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: str,
+           command: str) -> None:
+  """Adds the finished ``row`` to the ledger (re-read first: one writer at a time is
+  assumed, rows of another process are kept)."""
+  from experiments import ledger as study_ledger
+  ledger = load_ledger(ledger_path)
+  ledger["rows"][row["name"]] = {
+      **{k: v for k, v in row.items() if k != "name"},
+      "forms": {k: v.get("accuracy") for k, v in report["forms"].items()},
+      "seconds": round(seconds, 1), "curve": qat_curve(row_dir), "command": command,
+      "machine": sr.machine(),
+      "config": study_ledger.portable(report.get("config", {}), os.path.dirname(row_dir))}
+  os.makedirs(os.path.dirname(ledger_path), exist_ok=True)
+  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+
+
+def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command: str,
+             started: float) -> None:
+  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.loop import NonFiniteLoss
+  done = load_ledger(ledger_path)["rows"]
+  todo = [r for r in rows if r["name"] not in done]
+  if _ONLY.value:
+    todo = [r for r in todo if re.search(_ONLY.value, r["name"])]
+  print(f"qat_length: {len(rows)} rows, {len(rows) - len(todo)} in the ledger or not "
+        f"selected, {len(todo)} to run", flush=True)
+  for i, row in enumerate(todo):
+    if _MAX_MINUTES.value and time.time() - started >= 60 * _MAX_MINUTES.value:
+      print(f"--max_minutes spent: stopping before {row['name']}", flush=True)
+      return
+    if "bits" in row and sr.Row(row["regime"], "fp", row["seed"]).name not in \
+        load_ledger(ledger_path)["rows"]:
+      print(f"[{i + 1}/{len(todo)}] {row['name']}: skipped, its FP row has not finished",
+            flush=True)
+      continue
+    print(f"[{i + 1}/{len(todo)}] {row['name']} ...", flush=True)
+    t, row_dir = time.time(), os.path.join(workdir, row["name"])
+    try:
+      report = pipeline.run(row_config(row, s, workdir), row_dir)
+    except NonFiniteLoss as e:
+      print(f"{row['name']}: diverged: {e}", flush=True)
+      report = {"forms": {}, "diverged": str(e)}
+    seconds = time.time() - t
+    record(ledger_path, row, report, seconds, row_dir, command)
+    acc = ", ".join(f"{k} {100 * v['accuracy']:.2f}%" for k, v in report["forms"].items()
+                    if "accuracy" in v)
+    print(f"[{i + 1}/{len(todo)}] {row['name']}: {acc} ({seconds:.0f} s)", flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  started = time.time()
+  workdir = os.path.abspath(_WORKDIR.value)
+  try:
+    lengths = [int(n) for n in _LENGTHS.value]
+  except ValueError:
+    raise app.UsageError(f"--lengths={','.join(_LENGTHS.value)}: expected integers") from None
+  if any(n < 1 for n in lengths) or _LENGTH.value < 0:
+    raise app.UsageError("--lengths and --length must be positive")
+  ledger_path = os.path.join(workdir, "qat_length_rows.json") if _SMOKE.value else LEDGER
+  out = os.path.join(workdir, "qat_length.md") if _SMOKE.value else OUT
+  rows = plan(lengths, _LENGTH.value, _BN_DISTILL.value)
+  if not _REPORT_ONLY.value:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    from experiments import ledger as study_ledger
+    run_rows(workdir, rows, study_settings(_SMOKE.value), ledger_path,
+             study_ledger.command(sys.argv), started)
+  from experiments import qat_length_report
+  qat_length_report.write(load_ledger(ledger_path), out)
+  print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
