@@ -43,8 +43,6 @@ from experiments import rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
-LEDGER = os.path.join(RESULTS, "qat_length_rows.json")
-OUT = os.path.join(RESULTS, "qat_length.md")
 LENGTHS = (200, 500, 1000, 2000)
 CURVE_BITS = (2, 4)
 SEED_BITS = (4, 3, 2)
@@ -61,6 +59,8 @@ _ONLY = flags.DEFINE_string("only", "", "Run only the rows whose name matches th
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", 0.0, "Start no row after this many minutes "
                                   "(0 = no limit).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write the report from the ledger.")
+_RESULTS = flags.DEFINE_string("results", RESULTS, "Directory of the ledger and report (a "
+                                "checkout's experiments/results, to commit rows from).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The tiny config on synthetic data, a few steps "
                            "(checks the script); ledger and report go into the workdir.")
 flags.mark_flags_as_required(["workdir"])
@@ -209,8 +209,9 @@ def main(argv):
     raise app.UsageError(f"--lengths={','.join(_LENGTHS.value)}: expected integers") from None
   if any(n < 1 for n in lengths) or _LENGTH.value < 0:
     raise app.UsageError("--lengths and --length must be positive")
-  ledger_path = os.path.join(workdir, "qat_length_rows.json") if _SMOKE.value else LEDGER
-  out = os.path.join(workdir, "qat_length.md") if _SMOKE.value else OUT
+  results = workdir if _SMOKE.value else _RESULTS.value
+  ledger_path = os.path.join(results, "qat_length_rows.json")
+  out = os.path.join(results, "qat_length.md")
   rows = plan(lengths, _LENGTH.value, _BN_DISTILL.value)
   if not _REPORT_ONLY.value:
     import jax
