@@ -23,7 +23,7 @@ __all__ += ["DeployedModel", "calibrate", "export_coreml", "export_onnx", "expor
 # modules' internals.
 __getattr__ = renamed(__name__, {
     "export": "repvgg_jax.quant.packed.pack",
-    "describe": "repvgg_jax.deploy.runtime.model_description",
+    "describe": "repvgg_jax.deploy.graph.model_description",
     "quantize": "repvgg_jax.quant.cluster.quantize",
     "bound": "repvgg_jax.layers.oabn.bound",
 })

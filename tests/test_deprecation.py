@@ -11,7 +11,7 @@ import repvgg_jax
 import repvgg_jax.deploy
 import repvgg_jax.layers.act_quant
 import repvgg_jax.quant
-from repvgg_jax.deploy.runtime import model_description
+from repvgg_jax.deploy.graph import model_description
 from repvgg_jax.layers.oabn import bound
 from repvgg_jax.quant.activation import ActQuant
 from repvgg_jax.quant.cluster import quantize
@@ -22,11 +22,11 @@ from _util import subprocess_env
 
 @pytest.mark.parametrize("module, old, new, obj", [
     (repvgg_jax, "export", "repvgg_jax.quant.packed.pack", pack),
-    (repvgg_jax, "describe", "repvgg_jax.deploy.runtime.model_description", model_description),
+    (repvgg_jax, "describe", "repvgg_jax.deploy.graph.model_description", model_description),
     (repvgg_jax, "quantize", "repvgg_jax.quant.cluster.quantize", quantize),
     (repvgg_jax, "bound", "repvgg_jax.layers.oabn.bound", bound),
     (repvgg_jax.quant, "export", "repvgg_jax.quant.packed.pack", pack),
-    (repvgg_jax.deploy, "describe", "repvgg_jax.deploy.runtime.model_description",
+    (repvgg_jax.deploy, "describe", "repvgg_jax.deploy.graph.model_description",
      model_description),
     (repvgg_jax.layers.act_quant, "ActQuant", "repvgg_jax.quant.activation.ActQuant",
      ActQuant),

@@ -2,10 +2,12 @@
 
 * ``calibration``: :func:`calibrate`, activation steps of a deploy model with ``act_bits``
   from a few batches (min-max, percentile or MSE).
-* ``runtime``: :func:`model_description` (what the packed file records about its network, so that
-  :func:`load_packed` needs no config), :func:`normalize_images`, :func:`apply_fn` (on
-  decoded variables) and :func:`forward_fn`
-  (uint8 NHWC images -> float32 logits: decode, normalize, deploy forward).
+* ``graph``: :func:`model_description` (what the packed file records about its network, so
+  that :func:`load_packed` needs no config) and :func:`deploy_graph`, the ONE description of
+  the deployed network (its layers in order, each with its kernel, bias, stride, groups,
+  input fake-quant, SE, ReLU) that every runtime and exporter below walks.
+* ``runtime``: :func:`forward_fn` (uint8 NHWC images -> float32 logits: decode, normalize,
+  the graph's layers in JAX) and :func:`normalize_images`.
 * ``model``: :func:`load_packed` -> :class:`DeployedModel`, callable on uint8 images.
 * ``integer``: :func:`integer_forward_fn`, the same network as int8 x int8 -> int32
   convolutions and a float requantization (every codebook on a per-channel int8 grid).
@@ -21,13 +23,14 @@ from repvgg_jax.deploy.coreml import export_coreml
 from repvgg_jax.deploy.integer import integer_forward_fn
 from repvgg_jax.deploy.model import DeployedModel, load_packed
 from repvgg_jax.deploy.onnx import export_onnx
-from repvgg_jax.deploy.runtime import forward_fn, model_description, normalize_images
+from repvgg_jax.deploy.graph import Graph, Layer, deploy_graph, model_description
+from repvgg_jax.deploy.runtime import forward_fn, normalize_images
 from repvgg_jax.deploy.stablehlo import export_stablehlo
 
-__all__ = ["DeployedModel", "calibrate", "export_coreml", "export_onnx", "export_stablehlo",
+__all__ = ["DeployedModel", "Graph", "Layer", "calibrate", "deploy_graph", "export_coreml", "export_onnx", "export_stablehlo",
            "forward_fn", "integer_forward_fn", "load_packed", "model_description",
            "normalize_images"]
 
 from repvgg_jax.deprecation import renamed  # noqa: E402
 
-__getattr__ = renamed(__name__, {"describe": "repvgg_jax.deploy.runtime.model_description"})
+__getattr__ = renamed(__name__, {"describe": "repvgg_jax.deploy.graph.model_description"})

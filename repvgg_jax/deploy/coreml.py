@@ -9,7 +9,7 @@ float16, double, int32; int8 from iOS 26 on), so the input ``images`` is int32
 holding the uint8 pixels; a gray image (``channels=1``) is tiled to RGB as
 ``load_packed`` repeats it.
 
-* Weights: every quantized kernel (stem, blocks, head) is one iOS 18
+* Weights: every quantized kernel (first conv, blocks, head) is one iOS 18
   ``constexpr_lut_to_dense`` of *our* per-output-channel codebook (float32 LUT)
   and *our* indices from the packed file: nothing re-clustered or re-quantized, the
   decoded kernel is the packed file's, bit for bit. A vector codebook
@@ -21,12 +21,12 @@ holding the uint8 pixels; a gray image (``channels=1``) is tiled to RGB as
   per-output-channel codebook is a LUT of shape ``(O, 1, 1, 1, 2^n, 1)`` against
   the ``(O, I / groups, 3, 3)`` conv weight (grouped convs: the same rule, the
   palette per output channel), ``(O, 1, 2^n, 1)`` against the head's ``(O, I)``;
-  a per-tensor codebook has ones in place of ``O``. The stem and head, stored at
+  a per-tensor codebook has ones in place of ``O``. The first and last layers, stored at
   ``first_last_bits`` (8) like every other layer (indices + codebook), are 8-bit
   LUTs; a kernel the packed file keeps as float is a plain float32 const.
 * Activations (``act_bits``): the input of every conv and of the head goes through
   ``quantize -> dequantize`` at *our* step (zero-point 0): ``uint8`` for the
-  unsigned post-ReLU inputs, ``int8`` for the stem's signed input (Core ML's
+  unsigned post-ReLU inputs, ``int8`` for a signed input, the image's (Core ML's
   quantize takes int8 with zero-point 0, which holds the signed 8-bit grid
   [-128, 127] exactly). Below 8 bits a ``clip`` to the grid's range comes first
   (quantize saturates only at the type's range).
@@ -54,8 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from repvgg_jax.deploy.runtime import model_from
-from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
+from repvgg_jax.deploy.graph import Graph, deploy_graph
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
 
@@ -148,7 +147,7 @@ def _quant_act(mb, x, layer: str, step: np.float32, bits: int, signed: bool):
 
 
 def _squeeze_excite(mb, x, p: dict, name: str):
-  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  """Float SE of ``repvgg_jax.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
   s = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True, name=f"{name}_pool")
   for part, act in (("down", mb.relu), ("up", mb.sigmoid)):
     k = np.ascontiguousarray(np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None])
@@ -158,18 +157,13 @@ def _squeeze_excite(mb, x, p: dict, name: str):
   return mb.mul(x=x, y=s, name=f"{name}_scaled")
 
 
-def _step(quant_layer: Any) -> np.float32:
-  """The float32 step of an activation quantizer, as the forward uses it."""
-  return np.float32(np.asarray(uniform.learned_step(np.asarray(quant_layer["step"], np.float32))))
-
-
 def _atomic_save(model, path: str) -> None:
   """``model.save`` to a sibling temporary package, then swapped in for ``path`` (the
   old package renamed aside and deleted after): ``path`` is never half-written."""
   parent = os.path.dirname(os.path.abspath(path))
-  stem = os.path.basename(path)[:-len(SUFFIX)]
-  tmp = os.path.join(parent, f"{stem}.tmp-{os.getpid()}{SUFFIX}")
-  old = os.path.join(parent, f"{stem}.old-{os.getpid()}{SUFFIX}")
+  base = os.path.basename(path)[:-len(SUFFIX)]
+  tmp = os.path.join(parent, f"{base}.tmp-{os.getpid()}{SUFFIX}")
+  old = os.path.join(parent, f"{base}.old-{os.getpid()}{SUFFIX}")
   for p in (tmp, old):
     if os.path.lexists(p):
       shutil.rmtree(p)
@@ -190,12 +184,16 @@ def _atomic_save(model, path: str) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_coreml(packed: PackedModel, path, *, batch_size: int = 1, channels: int = 3):
-  """The packed model as a Core ML ML program (see the module doc), written atomically to
-  ``path`` (a ``.mlpackage`` directory); returns the coremltools ``MLModel`` (not loaded:
-  Core ML's runtime is macOS-only). Input ``images``: int32 ``(batch_size, H, W,
-  channels)`` pixel values 0..255, ``channels`` 1 or 3; output ``logits``: float32
-  ``(batch_size, num_classes)``."""
+# Our kernels' axes -> Core ML's (output channels first): HWIO -> OIHW, (in, out) -> (out, in).
+LAYOUTS = {"conv": (3, 2, 0, 1), "dense": (1, 0)}
+
+
+def export_coreml(packed: PackedModel | Graph, path, *, batch_size: int = 1, channels: int = 3):
+  """The packed model (or its deploy graph) as a Core ML ML program (see the module doc),
+  written atomically to ``path`` (a ``.mlpackage`` directory); returns the coremltools
+  ``MLModel`` (not loaded: Core ML's runtime is macOS-only). Input ``images``: int32
+  ``(batch_size, H, W, channels)`` pixel values 0..255, ``channels`` 1 or 3; output
+  ``logits``: float32 ``(batch_size, num_classes)``."""
   path = os.fspath(path)
   if not path.endswith(SUFFIX):
     raise ValueError(f"export_coreml: path {path!r} must end in {SUFFIX!r} (an ML program "
@@ -208,14 +206,10 @@ def export_coreml(packed: PackedModel, path, *, batch_size: int = 1, channels: i
   from coremltools.converters.mil import Builder as mb
   from coremltools.converters.mil.mil import types
 
-  desc = packed.model
-  model = model_from(desc, "packed model")
-  bits = desc["act_bits"]
-  variables = packed.to_variables()
-  p, quant = variables["params"], variables.get("quant", {})
-  size = desc["image_size"]
-  mean = np.asarray(desc["mean"], np.float32).reshape(1, 3, 1, 1)
-  std = np.asarray(desc["std"], np.float32).reshape(1, 3, 1, 1)
+  graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
+  bits, size = graph.act_bits, graph.image_size
+  mean = np.asarray(graph.mean, np.float32).reshape(1, 3, 1, 1)
+  std = np.asarray(graph.std, np.float32).reshape(1, 3, 1, 1)
 
   @mb.program(input_specs=[mb.TensorSpec(shape=(batch_size, size, size, channels),
                                          dtype=types.int32)],
@@ -228,24 +222,27 @@ def export_coreml(packed: PackedModel, path, *, batch_size: int = 1, channels: i
     x = mb.mul(x=x, y=np.float32(1 / 255), name="images_01")
     x = mb.sub(x=x, y=mean, name="images_centred")
     x = mb.real_div(x=x, y=std, name="images_normalized")
-    for b in model.layers():
-      if bits:
-        x = _quant_act(mb, x, b.name, _step(quant[b.name]["act"]), bits,
-                       b.name == SIGNED_INPUT_LAYER)
-      w = _weight(mb, packed, f"{b.name}/reparam_conv/kernel", (3, 2, 0, 1),
-                  f"{b.name}_reparam_conv_kernel")
-      x = mb.conv(x=x, weight=w, bias=np.asarray(p[b.name]["reparam_conv"]["bias"], np.float32),
-                  strides=[b.strides, b.strides], pad_type="custom", pad=[1, 1, 1, 1],
-                  groups=b.groups, name=f"{b.name}_conv")
-      if desc["se"]:
-        x = _squeeze_excite(mb, x, p[b.name]["se"], f"{b.name}_se")
-      x = mb.relu(x=x, name=f"{b.name}_relu")
-    x = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=False, name="pooled")
-    if bits:
-      x = _quant_act(mb, x, "head", _step(quant["head_act"]), bits, False)
-    w = _weight(mb, packed, "head/kernel", (1, 0), "head_kernel")
-    return mb.linear(x=x, weight=w, bias=np.asarray(p["head"]["bias"], np.float32),
-                     name="logits")
+    last = graph.layers[-1]
+    for layer in graph.layers:
+      if layer.pool:
+        x = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=False, name=f"{layer.name}_pooled")
+      if layer.act_step is not None:
+        x = _quant_act(mb, x, layer.name, layer.act_step, bits, layer.act_signed)
+      w = _weight(mb, graph.packed, layer.kernel, LAYOUTS[layer.kind],
+                  layer.kernel.replace("/", "_"))
+      out = "logits" if layer is last and not layer.relu else None
+      if layer.kind == "conv":
+        p = layer.padding
+        x = mb.conv(x=x, weight=w, bias=layer.bias, strides=[layer.strides, layer.strides],
+                    pad_type="custom", pad=[p, p, p, p], groups=layer.groups,
+                    name=out or f"{layer.name}_conv")
+        if layer.se is not None:
+          x = _squeeze_excite(mb, x, layer.se, f"{layer.name}_se")
+      else:
+        x = mb.linear(x=x, weight=w, bias=layer.bias, name=out or f"{layer.name}_linear")
+      if layer.relu:
+        x = mb.relu(x=x, name="logits" if layer is last else f"{layer.name}_relu")
+    return x
 
   mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                        compute_precision=ct.precision.FLOAT32, skip_model_load=True,

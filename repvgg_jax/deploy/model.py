@@ -8,9 +8,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from repvgg_jax.deploy.graph import Graph, deploy_graph
 from repvgg_jax.deploy.integer import integer_forward_fn
-from repvgg_jax.deploy.runtime import apply_fn, model_from
+from repvgg_jax.deploy.runtime import decoded_kernels, graph_forward
 from repvgg_jax.quant.packed import PackedModel, read_packed
 
 
@@ -19,11 +21,14 @@ class DeployedModel:
   """A packed model ready to run: ``model(images)`` on uint8 NHWC images of
   ``image_size`` (1 or 3 channels) returns float32 logits ``(N, num_classes)``."""
   packed: PackedModel
+  graph: Graph | None = None  # the packed model's deploy graph (built when not given)
 
   def __post_init__(self):
-    # Decoded once here, not in every call (what export_stablehlo's program does).
-    self._forward = jax.jit(apply_fn(self.packed.model))  # validates the description
-    self._variables = None
+    if self.graph is None:
+      self.graph = deploy_graph(self.packed)  # validates the description
+    # Decoded once (on the first call), not in every call as export_stablehlo's program does.
+    self._forward = jax.jit(graph_forward(self.graph))
+    self._kernels = None
     self._integer = None
 
   @property
@@ -32,7 +37,7 @@ class DeployedModel:
 
   def _check(self, images) -> jax.Array:
     images = jnp.asarray(images)
-    size = self.packed.model["image_size"]
+    size = self.graph.image_size
     if (images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[1:3] != (size, size)
         or images.shape[3] not in (1, 3)):
       raise ValueError(f"expected uint8 images of shape (N, {size}, {size}, 1 or 3), got "
@@ -42,14 +47,14 @@ class DeployedModel:
   def __call__(self, images) -> jax.Array:
     """Logits of the fake-quant deploy forward (float arithmetic on the quantized values)."""
     images = self._check(images)
-    if self._variables is None:
-      self._variables = jax.device_put(self.packed.to_variables())
-    return self._forward(self._variables, images)
+    if self._kernels is None:
+      self._kernels = jax.device_put(decoded_kernels(self.graph, np))
+    return self._forward(self._kernels, images)
 
   def integer(self, images) -> jax.Array:
     """Logits of the integer forward (:func:`integer_forward_fn`)."""
     if self._integer is None:
-      self._integer = jax.jit(integer_forward_fn(self.packed))
+      self._integer = jax.jit(integer_forward_fn(self.graph))
     return self._integer(self._check(images))
 
   def to_variables(self) -> dict[str, Any]:
@@ -63,7 +68,7 @@ class DeployedModel:
 
 
 def load_packed(path) -> DeployedModel:
-  """Reads a packed file (validated: format, version, sizes) into a callable model."""
+  """Reads a packed file (validated: format, version, sizes, the model it describes) into
+  a callable model."""
   packed = read_packed(path)
-  model_from(packed.model, os.fspath(path))
-  return DeployedModel(packed)
+  return DeployedModel(packed, deploy_graph(packed, f"load_packed: {os.fspath(path)}"))

@@ -6,7 +6,7 @@ channels), float32 logits out, the input normalization inside the graph.
 
 * Activations: the input of every conv and of the head goes through a
   ``QuantizeLinear -> DequantizeLinear`` pair at *our* calibrated or learned step
-  (zero-point 0; the stem's signed input at zero-point 128 in ``uint8`` mode), so the
+  (zero-point 0; a signed input, the image's, at zero-point 128 in ``uint8`` mode), so the
   graph rounds where the fake-quant forward rounds. ``activations="uint8"`` is the
   form ONNX Runtime fuses on x86 (``QLinearConv``); ``"int8"`` is TensorRT's explicit
   quantization (signed, zero-point 0), which cannot hold an unsigned 8-bit grid
@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from repvgg_jax.deploy.integer import int32_bias, int8_weights
-from repvgg_jax.deploy.runtime import model_from
+from repvgg_jax.deploy.graph import Graph, Layer, deploy_graph
+from repvgg_jax.deploy.integer import int32_bias
 from repvgg_jax.fileio import atomic_write_bytes
-from repvgg_jax.models.repvgg import SIGNED_INPUT_LAYER
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
 
@@ -131,15 +130,19 @@ def _quant_act(g: _Graph, x: str, layer: str, step: float, bits: int, signed: bo
   return g.op("DequantizeLinear", [q, scale, zero], f"{layer}/act/dequantized")
 
 
-def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
+# Our kernels' axes -> ONNX's (output channels first): HWIO -> OIHW, (in, out) -> (out, in).
+LAYOUTS = {"conv": (3, 2, 0, 1), "dense": (1, 0)}
+
+
+def _weight(g: _Graph, graph: Graph, layer: Layer,
             activations: str) -> tuple[str, np.ndarray | None]:
-  """The float weight tensor of kernel ``path`` (transposed by ``layout`` into ONNX's
-  layout, output channels first): ``(name, per-channel int8 scale or None)``."""
-  name, layer = path, packed.layers.get(path)
-  if layer is not None and "int_scale" in layer:
-    k, scale = int8_weights(packed, path)
+  """The float weight tensor of the layer's kernel in ONNX's layout: ``(name, per-channel
+  int8 scale or None)``."""
+  name, entry, layout = layer.kernel, graph.quantized(layer), LAYOUTS[layer.kind]
+  if entry is not None and "int_scale" in entry:
+    k, scale = graph.int8_weights(layer)
     if activations == "int8" and k.min() == -128:
-      raise ValueError(f"export_onnx(activations='int8'): {path} has an int8 level at -128; "
+      raise ValueError(f"export_onnx(activations='int8'): {name} has an int8 level at -128; "
                        "TensorRT's explicit quantization wants [-127, 127] (quantize with "
                        "cluster int8_levels=True, whose grid is narrow, or export "
                        "activations='uint8')")
@@ -147,10 +150,11 @@ def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
     s = g.const(f"{name}/scale", scale)
     zero = g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int8))
     return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
-  if layer is not None:
-    d = layer.get("cluster_dim", 1)
-    idx = packed.indices(path).transpose(layout)  # a vector's index: (O, I / d, ...)
-    c = np.asarray(packed.codebook(path), np.float32)
+  if entry is not None:
+    packed = graph.packed
+    d = entry.get("cluster_dim", 1)
+    idx = packed.indices(name).transpose(layout)  # a vector's index: (O, I / d, ...)
+    c = np.asarray(packed.codebook(name), np.float32)
     indices = g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
                    f"{name}/indices_int64", to=g.onnx.TensorProto.INT64)
     if c.ndim == (3 if d > 1 else 2):  # per output channel: row o starts at o * K
@@ -166,7 +170,7 @@ def _weight(g: _Graph, packed: PackedModel, path: str, layout: tuple[int, ...],
       shape = np.array([idx.shape[0], idx.shape[1] * d, *idx.shape[2:]], np.int64)
       w = g.op("Reshape", [w, g.const(f"{name}/shape", shape)], f"{name}/kernel")
     return w, None
-  return g.const(name, np.asarray(packed.floats[f"params/{path}"]).transpose(layout)), None
+  return g.const(name, np.asarray(graph.kernel(layer)).transpose(layout)), None
 
 
 def _bias(g: _Graph, name: str, bias: np.ndarray, act_step: float | None,
@@ -184,7 +188,7 @@ def _bias(g: _Graph, name: str, bias: np.ndarray, act_step: float | None,
 
 
 def _squeeze_excite(g: _Graph, x: str, p: dict, name: str) -> str:
-  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  """Float SE of ``repvgg_jax.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
   s = g.op("GlobalAveragePool", [x], f"{name}/pool")
   for part, act in (("down", "Relu"), ("up", "Sigmoid")):
     k = np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None]
@@ -195,62 +199,59 @@ def _squeeze_excite(g: _Graph, x: str, p: dict, name: str) -> str:
   return g.op("Mul", [x, s], f"{name}/scaled")
 
 
-def export_onnx(packed: PackedModel, path=None, *, activations: str = "uint8",
+def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "uint8",
                 opset: int = OPSET):
-  """The packed model as an ONNX ``ModelProto`` (see the module doc); written
-  atomically to ``path`` when given. Input ``images``: uint8 ``(N, H, W, 1 or 3)``;
-  output ``logits``: float32 ``(N, num_classes)``."""
+  """The packed model (or its deploy graph) as an ONNX ``ModelProto`` (see the module
+  doc); written atomically to ``path`` when given. Input ``images``: uint8 ``(N, H, W, 1
+  or 3)``; output ``logits``: float32 ``(N, num_classes)``."""
   onnx = _import_onnx()
   check_activations(activations, 0)
-  desc = packed.model
-  model = model_from(desc, "packed model")
-  bits = desc["act_bits"]
-  variables = packed.to_variables()
-  p, quant = variables["params"], variables.get("quant", {})
-
-  def step(layer_quant) -> float | None:
-    return float(uniform.learned_step(layer_quant["step"])) if bits else None
+  graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
+  bits = graph.act_bits
 
   g = _Graph(onnx)
   x = g.op("Cast", ["images"], "images_float", to=onnx.TensorProto.FLOAT)
   x = g.op("Expand", [x, g.const("rgb_shape", np.array([1, 1, 1, 3], np.int64))], "images_rgb")
   x = g.op("Transpose", [x], "images_nchw", perm=[0, 3, 1, 2])
   x = g.op("Mul", [x, g.const("inv_255", np.float32(1 / 255))], "images_01")
-  stats = {k: np.asarray(desc[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std")}
+  stats = {k: np.asarray(getattr(graph, k), np.float32).reshape(1, 3, 1, 1)
+           for k in ("mean", "std")}
   x = g.op("Sub", [x, g.const("mean", stats["mean"])], "images_centred")
   x = g.op("Div", [x, g.const("std", stats["std"])], "images_normalized")
-  def int8_grid(path: str) -> bool:
-    return "int_scale" in packed.layers.get(path, {})
 
-  for b in model.layers():
-    s = step(quant[b.name]["act"]) if bits else None
-    kernel = f"{b.name}/reparam_conv/kernel"
-    if bits:
-      x = _quant_act(g, x, b.name, s, bits, b.name == SIGNED_INPUT_LAYER, activations,
-                     int8_grid(kernel))
-    w, w_scale = _weight(g, packed, kernel, (3, 2, 0, 1), activations)
-    bias = _bias(g, f"{b.name}/reparam_conv/bias", np.asarray(p[b.name]["reparam_conv"]["bias"]),
-                 s, w_scale)
-    x = g.op("Conv", [x, w, bias], f"{b.name}/conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-             strides=[b.strides, b.strides], group=b.groups)
-    if desc["se"]:
-      x = _squeeze_excite(g, x, p[b.name]["se"], f"{b.name}/se")
-    x = g.op("Relu", [x], f"{b.name}/relu")
-  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "pooled")
-  if bits:
-    x = _quant_act(g, x, "head", step(quant["head_act"]), bits, False, activations,
-                   int8_grid("head/kernel"))
-  w, _ = _weight(g, packed, "head/kernel", (1, 0), activations)
-  g.op("Gemm", [x, w, g.const("head/bias", np.asarray(p["head"]["bias"], np.float32))],
-       "logits", transB=1)
+  for layer in graph.layers:
+    if layer.pool:
+      x = g.op("Flatten", [g.op("GlobalAveragePool", [x], f"{layer.name}/pool")],
+               f"{layer.name}/pooled")
+    entry = graph.quantized(layer)
+    if layer.act_step is not None:
+      x = _quant_act(g, x, layer.name, layer.act_step, bits, layer.act_signed, activations,
+                     entry is not None and "int_scale" in entry)
+    w, w_scale = _weight(g, graph, layer, activations)
+    if layer.kind == "conv":
+      bias = _bias(g, f"{layer.kernel.rsplit('/', 1)[0]}/bias", layer.bias, layer.act_step,
+                   w_scale)
+      p = layer.padding
+      kh, kw = graph.kernel_shape(layer)[:2]
+      x = g.op("Conv", [x, w, bias], f"{layer.name}/conv", kernel_shape=[kh, kw],
+               pads=[p, p, p, p], strides=[layer.strides, layer.strides], group=layer.groups)
+      if layer.se is not None:
+        x = _squeeze_excite(g, x, layer.se, f"{layer.name}/se")
+    else:
+      x = g.op("Gemm", [x, w, g.const(f"{layer.name}/bias", layer.bias)],
+               f"{layer.name}/gemm", transB=1)
+    if layer.relu:
+      x = g.op("Relu", [x], f"{layer.name}/relu")
+  g.nodes[-1].output[0] = "logits"
 
-  size, classes = desc["image_size"], desc["num_classes"]
-  graph = onnx.helper.make_graph(
+  size, classes = graph.image_size, graph.num_classes
+  onnx_graph = onnx.helper.make_graph(
       g.nodes, "repvgg_jax", [onnx.helper.make_tensor_value_info(
           "images", onnx.TensorProto.UINT8, ["N", size, size, "C"])],
       [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", classes])],
       g.inits)
-  proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
+  proto = onnx.helper.make_model(onnx_graph,
+                                 opset_imports=[onnx.helper.make_opsetid("", opset)],
                                  producer_name="repvgg-jax")
   # The oldest IR version of the opset: runtimes older than this onnx package read it.
   proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))

@@ -1,17 +1,20 @@
-"""The packed model's network: its description (:func:`model_description`), the deploy model
-rebuilt from it, and the float forward on uint8 images (:func:`apply_fn` on decoded
-variables, :func:`forward_fn` with the decode inside), which every runtime of the packed
-file reproduces."""
+"""The packed model's float forward in JAX, one loop over its :class:`~repvgg_jax.deploy.graph.Graph`:
+uint8 images -> normalized floats -> each layer's input fake-quant, conv or dense, bias,
+SE, ReLU -> logits. The same arithmetic, op for op, as the merged flax model
+(``RepVGG(deploy=True, conv_impl="xla")``) applied to the decoded variables, which every
+other runtime of the packed file reproduces."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from repvgg_jax.data.transforms import normalize
-from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.deploy.graph import Graph, Layer, deploy_graph
+from repvgg_jax.layers.conv import lax_conv_general_dilated
+from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
 
 
@@ -24,44 +27,60 @@ def normalize_images(images: jax.Array, mean: Any, std: Any) -> jax.Array:
   return normalize(images, mean, std)
 
 
-def model_description(model: RepVGG, *, image_size: int, mean: Any, std: Any,
-                      **extra: Any) -> dict[str, Any]:
-  """The ``model`` metadata of a packed file: enough to rebuild ``model``'s
-  deploy form and feed it uint8 images (``extra``: e.g. the dataset name)."""
-  v = model.variant
-  return {"blocks": list(v.blocks), "widths": [float(w) for w in v.widths],
-          "groups": v.groups, "se": v.se, "num_classes": model.num_classes,
-          "cifar_stem": model.cifar_stem, "act_bits": model.act_bits,
-          "image_size": int(image_size), "mean": [float(m) for m in mean],
-          "std": [float(s) for s in std], **extra}
+def _dense(x: jax.Array, kernel: jax.Array, bias: Any) -> jax.Array:
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y + jnp.reshape(jnp.asarray(bias), (1,) * (y.ndim - 1) + (-1,))
 
 
-def model_from(desc: Mapping[str, Any], path: str) -> RepVGG:
-  need = ("blocks", "widths", "groups", "se", "num_classes", "cifar_stem", "act_bits",
-          "image_size", "mean", "std")
-  missing = [k for k in need if k not in desc]
-  if missing:
-    raise ValueError(f"load_packed: {path} does not describe its model (missing {missing}); "
-                     "export it again with repvgg_jax.deploy.model_description(...)")
-  variant = Variant(tuple(desc["blocks"]), tuple(desc["widths"]), desc["groups"], desc["se"])
-  # XLA's conv: the program is the same on every backend (and exportable).
-  return RepVGG(variant, num_classes=desc["num_classes"], deploy=True,
-                cifar_stem=desc["cifar_stem"], act_bits=desc["act_bits"], conv_impl="xla")
+def _squeeze_excite(x: jax.Array, se: Any) -> jax.Array:
+  s = jnp.mean(x, axis=(1, 2), keepdims=True)
+  s = jax.nn.relu(_dense(s, jnp.asarray(se["down"]["kernel"]), se["down"]["bias"]))
+  return x * jax.nn.sigmoid(_dense(s, jnp.asarray(se["up"]["kernel"]), se["up"]["bias"]))
 
 
-def apply_fn(desc: Mapping[str, Any]):
-  """``f(variables, images uint8 NHWC) -> logits float32`` of the deploy network that
-  ``desc`` (a packed file's ``model``) describes: normalize, deploy forward."""
-  model = model_from(desc, "packed model")
+def layer_forward(graph: Graph, layer: Layer, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """One layer of the graph on a float input ``x`` with its decoded ``kernel``."""
+  if layer.pool:
+    x = jnp.mean(x, axis=(1, 2))
+  if layer.act_step is not None:
+    qmin, qmax = uniform.int_range(graph.act_bits, layer.act_signed)
+    x = uniform.int_values(x, jnp.float32(layer.act_step), qmin, qmax) * jnp.float32(
+        layer.act_step)
+  if layer.kind == "conv":
+    p = layer.padding
+    y = lax_conv_general_dilated(x, kernel, (layer.strides, layer.strides), ((p, p), (p, p)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=layer.groups)
+    y = y + jnp.asarray(layer.bias).reshape((1,) * (y.ndim - 1) + (-1,))
+    if layer.se is not None:
+      y = _squeeze_excite(y, layer.se)
+  else:
+    y = _dense(x, kernel, layer.bias)
+  return jax.nn.relu(y) if layer.relu else y
 
-  def apply(variables, images):
-    return model.apply(variables, normalize_images(images, desc["mean"], desc["std"]))
-  return apply
+
+def graph_forward(graph: Graph) -> Callable[[dict[str, jax.Array], jax.Array], jax.Array]:
+  """``f(kernels, images uint8 NHWC) -> logits float32``: ``kernels`` maps each layer's
+  kernel path to its decoded kernel (:func:`decoded_kernels`); the small leaves (biases,
+  steps, SE) are constants of the program."""
+  def forward(kernels, images):
+    x = normalize_images(images, graph.mean, graph.std)
+    for layer in graph.layers:
+      x = layer_forward(graph, layer, x, kernels[layer.kernel])
+    return x.astype(jnp.float32)
+  return forward
 
 
-def forward_fn(packed: PackedModel):
-  """``f(images uint8 NHWC) -> logits float32``: decode, normalize, deploy forward. Traced,
-  the packed bytes stay constants of the program and are decoded inside it (on every
-  call, unless the compiler folds the decode: :class:`DeployedModel` decodes once)."""
-  apply = apply_fn(packed.model)
-  return lambda images: apply(packed.to_variables(xp=jnp), images)
+def decoded_kernels(graph: Graph, xp: Any = jnp) -> dict[str, Any]:
+  """Every layer's decoded float32 kernel by its path (``xp=jax.numpy`` inside a program)."""
+  return {layer.kernel: graph.kernel(layer, xp) for layer in graph.layers}
+
+
+def forward_fn(packed: PackedModel | Graph) -> Callable[[jax.Array], jax.Array]:
+  """``f(images uint8 NHWC) -> logits float32``: decode, normalize, forward. Traced, the
+  packed bytes stay constants of the program and are decoded inside it (on every call,
+  unless the compiler folds the decode: :class:`~repvgg_jax.deploy.model.DeployedModel`
+  decodes once)."""
+  graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
+  forward = graph_forward(graph)
+  return lambda images: forward(decoded_kernels(graph), images)

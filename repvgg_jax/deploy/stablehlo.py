@@ -18,6 +18,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from repvgg_jax.deploy.graph import Graph, deploy_graph
 from repvgg_jax.deploy.runtime import forward_fn
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant.packed import PackedModel
@@ -33,14 +34,16 @@ def _batch_dim(batch_size):
   return int(batch_size)
 
 
-def export_stablehlo(packed: PackedModel, path=None, *, batch_size: int | None = None) -> bytes:
-  """The quantized deploy forward (uint8 images -> logits) serialized by ``jax.export``;
-  written atomically to ``path`` when given. ``batch_size=None``: any batch size (a
+def export_stablehlo(packed: PackedModel | Graph, path=None, *,
+                     batch_size: int | None = None) -> bytes:
+  """The quantized deploy forward (uint8 images -> logits) of a packed model (or its deploy
+  graph) serialized by ``jax.export``; written atomically to ``path`` when given. ``batch_size=None``: any batch size (a
   symbolic dimension; runs with ``jax.export``, not IREE); an int: that batch only
   (static shapes, which IREE compiles)."""
-  size = packed.model["image_size"]
+  graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
+  size = graph.image_size
   spec = jax.ShapeDtypeStruct((_batch_dim(batch_size), size, size, 3), jnp.uint8)
-  data = jax.export.export(jax.jit(forward_fn(packed)))(spec).serialize()
+  data = jax.export.export(jax.jit(forward_fn(graph)))(spec).serialize()
   if path is not None:
     atomic_write_bytes(path, data)
   return data
