@@ -1,7 +1,7 @@
 """Per-channel outliers of a trained FP checkpoint's merged kernels.
 
   python benchmarks/channel_outliers.py --checkpoint runs/demo_fp/checkpoints/fp \
-      --out docs/channel_outliers.md
+      --out experiments/results/channel_outliers.md
 
 ``--checkpoint``: an FP-stage orbax directory (or .npz / .msgpack) of the model
 of ``--config`` (default ``configs/demo.py``; ``--set FIELD=VALUE`` overrides), e.g. the one the demo writes

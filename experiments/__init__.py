@@ -1,5 +1,5 @@
-"""The studies behind docs/results*.md and docs/mixed_precision.md: rows of pipeline runs,
-a committed ledger of finished rows, and the Markdown written from it. Run from the
+"""The studies behind experiments/results/ (results*.md, mixed_precision.md, ...): rows of
+pipeline runs, a committed ledger of finished rows, and the Markdown written from it. Run from the
 repository root:
 
   python -m experiments.study --workdir runs/study     # FP regimes x quantization rows

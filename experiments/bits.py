@@ -19,8 +19,8 @@ ClusterQAT with 8-bit activations (stem and head at 8 bits, 200 QAT steps):
 
 Row ``<workdir>/<method>_s<seed>`` (FP: ``fp_oabn_branch_s<seed>``) runs ``pipeline.run``: a row with a
 ``report.json`` is done, any other resumes from its checkpoints. Each finished row goes at once
-into the ledger ``docs/mixed_precision_rows.json`` (the packed accuracy and bytes, the weight
-bits, the chosen bits per layer, the seconds; committed), from which ``docs/mixed_precision.md``
+into the ledger ``experiments/results/mixed_precision_rows.json`` (the packed accuracy and bytes, the weight
+bits, the chosen bits per layer, the seconds; committed), from which ``experiments/results/mixed_precision.md``
 and its Pareto figure are written; the text after ``<!-- findings -->`` of that file is kept.
 """
 
@@ -39,7 +39,7 @@ from experiments import ledger as study_ledger, rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bits_study", "One subdirectory per row.")
-_OUT = flags.DEFINE_string("out", "docs/mixed_precision.md", "Markdown file (ledger beside it).")
+_OUT = flags.DEFINE_string("out", "experiments/results/mixed_precision.md", "Markdown file (ledger beside it).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "FP seeds.")
 _ONLY = flags.DEFINE_string("only", "", "Run only the methods whose name contains this.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only regenerate the Markdown.")

@@ -86,13 +86,13 @@ assert sorted(SEED0_FIRST + SEED0_LAST) == sorted(QUANT_ROWS)
 # steps (the demo's 3000 left the deep network still climbing on seed 0: the report's
 # convergence column shows the last two evals of every seed).
 RECIPES = {
-    "demo": {"blocks": ["1", "2", "4", "1"], "fp_steps": 3000, "out": "docs/results.md"},
+    "demo": {"blocks": ["1", "2", "4", "1"], "fp_steps": 3000, "out": "experiments/results/results.md"},
     "full_a0": {"blocks": [], "fp_steps": 6000, "seeds": 3,
                 "regimes": ["bn", "oabn_branch", "qarepvgg", "oabn_median", "kure",
                             "oabn_branch_warm"],
                 "goal_regimes": ["bn", "oabn_branch", "qarepvgg", "oabn_branch_warm",
                                  "oabn_median"],
-                "out": "docs/results_full_a0.md"},
+                "out": "experiments/results/results_full_a0.md"},
 }
 
 # Fields of study.json that fix every row's config: a resumed study must keep them.

@@ -22,9 +22,9 @@ W4A8/W3A8 ClusterQAT too; the other rows on seed 0. A regime the installed
 ``repvgg_jax`` config cannot express is refused, naming its field.
 
 ``--recipe`` names a study (``experiments.rows.RECIPES``): ``demo`` (default: the demo's
-shallow A0, 3000 FP steps, docs/results.md) and ``full_a0`` (A0's own 2, 4, 14, 1
+shallow A0, 3000 FP steps, experiments/results/results.md) and ``full_a0`` (A0's own 2, 4, 14, 1
 blocks, 6000 FP steps, BN, OABN median and branch, KURE and QARepVGG, the goal rows
-of BN, branch and QARepVGG on every seed, docs/results_full_a0.md); a flag given on
+of BN, branch and QARepVGG on every seed, experiments/results/results_full_a0.md); a flag given on
 the command line wins over its recipe.
 
 Each row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>``: a row

@@ -1,7 +1,7 @@
 """One table from studies that differ in one setting (a sweep), seed 0.
 
   python -m experiments.sweep --setting branch_tau --regimes oabn_branch \\
-      --studies runs/study_tau1.5,runs/study2,runs/study_tau6 --out docs/sweep_branch_tau.md
+      --studies runs/study_tau1.5,runs/study2,runs/study_tau6 --out experiments/results/sweep_branch_tau.md
 
 Each ``--studies`` entry is a ``experiments/study.py`` workdir or the ledger of one
 (``<out stem>_rows.json``, beside its Markdown). Their settings must agree on every

@@ -370,8 +370,8 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
       than 4 blocks, ``"median"`` for the zoo's deeper variants (every one of them).
       At full depth ``branch`` caps every block's skip: it cost FP accuracy on every
       seed of the study and ClusterQAT accuracy on average, where ``median`` was the
-      best regime (docs/results_full_a0.md); pass ``oabn_form="branch"`` for uniform
-      low-bit grids, whose outliers only it removes.
+      best regime (experiments/results/results_full_a0.md); pass
+      ``oabn_form="branch"`` for uniform low-bit grids, whose outliers only it removes.
     deploy: the merged single-conv form.
     **kwargs: other :class:`RepVGG` fields: ``block``, ``oabn_form``, ``oabn_bound``, ``oabn_tau``,
       ``oabn_relative``, ``cifar_stem``, ``dtype``, ``conv_impl``, ``act_bits``.
