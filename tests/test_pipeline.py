@@ -242,3 +242,11 @@ def test_a_split_too_large_to_keep_is_read_again_for_each_form():
   fn = lambda x: np.eye(3)[x[:, 0]]  # noqa: E731
   measured = export.evaluate_deployed({"a": fn, "b": fn}, loader, keep_bytes=0)
   assert loader.passes == 2 and measured["a"] == measured["b"]
+
+
+def test_a_launch_validates_its_config_once(tiny_run, tmp_path, monkeypatch):
+  calls = []
+  validate = config_lib.validate
+  monkeypatch.setattr(config_lib, "validate", lambda cfg: calls.append(cfg) or validate(cfg))
+  train_and_evaluate(tiny.get_config(), copy_run(tiny_run, tmp_path))  # as launch/main.py
+  assert len(calls) == 1
