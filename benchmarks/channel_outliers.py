@@ -48,7 +48,7 @@ def main() -> None:
   matplotlib.use("Agg")
   from repvgg_jax import analysis, plots
   from repvgg_jax.fileio import atomic_write, atomic_write_text
-  from repvgg_jax.train.pipeline import load_variables
+  from repvgg_jax.train.checkpoint import load_variables
   from repvgg_jax.train.state import build_model, init_variables
 
   cfg = load_config(args.config)

@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import bench_common  # noqa: E402
-from repvgg_jax.train import forms  # noqa: E402
+from repvgg_jax.train import export  # noqa: E402
 
 
 def _test_split(config: str):
@@ -49,7 +49,7 @@ def _test_split(config: str):
 
 
 def _predictions(fn, images, batch=500):
-  return forms.in_batches_of(fn, batch)(images).argmax(-1)
+  return export.in_batches_of(fn, batch)(images).argmax(-1)
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
   if os.path.exists(path("model.onnx")):
     try:
       with open(path("model.onnx"), "rb") as f:
-        ort = forms.onnx_runtime_fn(f.read())
+        ort = export.onnx_runtime_fn(f.read())
     except ImportError:
       notes.append("model.onnx: onnxruntime not installed")
     else:

@@ -33,7 +33,7 @@ import numpy as np
 import bench_common as bc
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, Variant
-from repvgg_jax.train.forms import onnx_runtime_fn
+from repvgg_jax.train.export import onnx_runtime_fn
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 

@@ -48,7 +48,7 @@ import bench_common as bc
 import repvgg_jax as rv
 from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.config import base_config
-from repvgg_jax.train.pipeline import make_refit
+from repvgg_jax.train.qat import make_refit
 from repvgg_jax.train.state import build_model, create_train_state
 
 CONV_IMPLS = ("xla", "auto")

@@ -1,6 +1,6 @@
 """RepVGG-A0 (CIFAR stem) on CIFAR-10 from tfds ArrayRecord: 200 epochs, batch 128."""
 
-from repvgg_jax.train.config import base_config, finalize
+from repvgg_jax.train.config import base_config
 
 TRAIN_EXAMPLES = 50_000
 
@@ -28,4 +28,4 @@ def cifar_base():
 def get_config():
   c = cifar_base()
   c.quant.method = "none"
-  return finalize(c)
+  return c.lock()

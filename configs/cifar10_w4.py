@@ -1,7 +1,6 @@
 """CIFAR-10: FP training with OABN, then 4-bit ClusterQAT (20 epochs) and packed export."""
 
 from configs.cifar10_fp import TRAIN_EXAMPLES, cifar_base
-from repvgg_jax.train.config import finalize
 
 
 def get_config():
@@ -13,4 +12,4 @@ def get_config():
   c.qat.num_steps = 20 * TRAIN_EXAMPLES // c.qat.batch_size
   c.qat.base_lr = 0.02
   c.qat.weight_decay = 0.0
-  return finalize(c)
+  return c.lock()

@@ -15,7 +15,7 @@ calibrated (MSE) on 16 training batches and then learned (LSQ). Float
 activations: ``--config.quant.act_bits=0``.
 """
 
-from repvgg_jax.train.config import base_config, finalize
+from repvgg_jax.train.config import base_config
 
 
 def get_config():
@@ -51,4 +51,4 @@ def get_config():
   # model.stablehlo for one image per call: static shapes, what IREE compiles
   # (docs/deploy.md); 0 = any batch, for JAX only.
   c.export.stablehlo_batch = 1
-  return finalize(c)
+  return c.lock()

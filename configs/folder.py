@@ -10,7 +10,7 @@ training images and stored in the workdir (or set ``--config.data.mean`` and
 --config.data.augment=rrc_flip --config.model.cifar_stem=False``.
 """
 
-from repvgg_jax.train.config import base_config, finalize
+from repvgg_jax.train.config import base_config
 
 
 def get_config():
@@ -38,4 +38,4 @@ def get_config():
   c.quant.method = "cluster"
   c.quant.bits = 4
   c.quant.refit_every = 50
-  return finalize(c)
+  return c.lock()

@@ -10,7 +10,7 @@ crop, ImageNet statistics) and model family on a synthetic imagenet2012 of 256
 images written into ``<workdir>/local_tfds``, shrunk to a few minutes on a laptop.
 """
 
-from repvgg_jax.train.config import base_config, finalize
+from repvgg_jax.train.config import base_config
 
 TRAIN_EXAMPLES = 1_281_167
 
@@ -68,4 +68,4 @@ def get_config(arg=None):
     c = local(c)
   elif arg:
     raise ValueError(f"configs/imagenet_fp.py:{arg}: unknown mode, expected 'local' or none")
-  return finalize(c)
+  return c.lock()

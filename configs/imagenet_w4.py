@@ -6,7 +6,6 @@ starts QAT from an existing FP-stage checkpoint directory (and skips FP).
 """
 
 from configs.imagenet_fp import TRAIN_EXAMPLES, imagenet_base, local
-from repvgg_jax.train.config import finalize
 
 
 def get_config(arg=None):
@@ -22,4 +21,4 @@ def get_config(arg=None):
     c = local(c)
   elif arg:
     raise ValueError(f"configs/imagenet_w4.py:{arg}: unknown mode, expected 'local' or none")
-  return finalize(c)
+  return c.lock()

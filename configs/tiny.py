@@ -1,6 +1,6 @@
 """A seconds-long smoke run for tests: RepVGG-A0 at 1 block a stage and a quarter width, synthetic 16 px data, a few steps each stage."""
 
-from repvgg_jax.train.config import base_config, finalize
+from repvgg_jax.train.config import base_config
 
 
 def tiny_config():
@@ -28,4 +28,4 @@ def tiny_config():
 
 
 def get_config():
-  return finalize(tiny_config())
+  return tiny_config().lock()

@@ -17,8 +17,9 @@ ClusterQAT with 8-bit activations (stem and head at 8 bits, 200 QAT steps):
 * ``vector2_w4``: 2-vectors with 16 centroids, 2 bits a weight; ``vector2_w4_g16``: the same
   with one codebook per 16 output channels (a vector codebook per channel costs 128 bytes).
 
-Row ``<workdir>/<method>_s<seed>`` (FP: ``fp_oabn_branch_s<seed>``) runs ``pipeline.run``: a row with a
-``report.json`` is done, any other resumes from its checkpoints. Each finished row goes at once
+Row ``<workdir>/<method>_s<seed>`` (FP: ``fp_oabn_branch_s<seed>``) runs
+``train_and_evaluate``: a row with a ``report.json`` is done, any other resumes from its
+checkpoints. Each finished row goes at once
 into the ledger ``experiments/results/mixed_precision_rows.json`` (the packed accuracy and bytes, the weight
 bits, the chosen bits per layer, the seconds; committed), from which ``experiments/results/mixed_precision.md``
 and its Pareto figure are written; the text after ``<!-- findings -->`` of that file is kept.
@@ -104,7 +105,7 @@ def entry(report: dict, seconds: float) -> dict:
 
 
 def run(workdir: str, ledger_path: str, s: dict) -> dict:
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   ledger = sr.read_json(ledger_path) or {"settings": s, "runs": [], "rows": {}}
   sr.check_fixed(ledger["settings"], s, ledger_path)
   ledger["runs"].append({**sr.machine(), "command": study_ledger.command(sys.argv)})
@@ -123,7 +124,7 @@ def run(workdir: str, ledger_path: str, s: dict) -> dict:
         continue
       print(f"{name} ...", flush=True)
       t = time.time()
-      report = pipeline.run(row_config(method, seed, s, workdir), os.path.join(workdir, name))
+      report = train_and_evaluate(row_config(method, seed, s, workdir), os.path.join(workdir, name))
       ledger["rows"][name] = entry(report, time.time() - t)
       atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
       e = ledger["rows"][name]

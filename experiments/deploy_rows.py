@@ -4,7 +4,7 @@
   python -m experiments.deploy_rows --fp_workdir runs/demo_fp --workdir runs/deploy_rows
 
 From the demo's FP checkpoint (``<fp_workdir>/checkpoints/fp``, ``init_from``),
-each row runs ``repvgg_jax.train.pipeline.run`` with ``configs/demo.py`` and
+each row runs ``repvgg_jax.train.train.train_and_evaluate`` with ``configs/demo.py`` and
 the row's overrides in ``<workdir>/<row>`` (a row with a ``report.json`` is
 skipped, so the same command continues a stopped run), then prints one
 Markdown table: QAT fake-quant, packed file, ``model.stablehlo`` and integer
@@ -105,14 +105,14 @@ def read_json(path: str):
 def main(argv):
   del argv
   from benchmarks import bench_common
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   fp = read_json(os.path.join(_FP.value, "report.json"))["forms"]["fp"]["accuracy"]
   for name, (_, overrides) in ROWS.items():
     row_dir = os.path.join(_WORKDIR.value, name)
     if (_ONLY.value and name not in _ONLY.value) or os.path.exists(
         os.path.join(row_dir, "report.json")):
       continue
-    pipeline.run(row_config(overrides, _FP.value), row_dir)
+    train_and_evaluate(row_config(overrides, _FP.value), row_dir)
 
   pct = lambda f, key="accuracy": f"{100 * f[key]:.2f}%" if key in f else "-"  # noqa: E731
   print(bench_common.header("Deployment rows, demo model (Fashion-MNIST, shallow RepVGG-A0, "

@@ -88,7 +88,7 @@ def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
   """Train-form variables of the seed-0 FP row of ``regime`` (None before that row has
   finished: a stage in progress has checkpoints of a half-trained model)."""
   from repvgg_jax import data
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.checkpoint import load_variables
   from repvgg_jax.train.state import build_model, init_variables
   row = sr.Row(regime, "fp", 0)
   if sr.status(workdir, row) != "report":
@@ -97,8 +97,8 @@ def fp_variables(workdir: str, regime: str, s: dict) -> dict | None:
   loader = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size, train=False)
   model = build_model(cfg.model, loader.num_classes, deploy=False)
   try:
-    return pipeline.load_variables(sr.fp_ckpt_dir(workdir, regime, 0),
-                                   init_variables(model, loader.image_shape, cfg.seed))
+    return load_variables(sr.fp_ckpt_dir(workdir, regime, 0),
+                          init_variables(model, loader.image_shape, cfg.seed))
   except FileNotFoundError:
     return None
 

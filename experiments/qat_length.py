@@ -19,7 +19,7 @@ Two phases:
      with ``--bn_distill`` (the better of the two), so OABN-vs-BN is measured at a QAT
      that has converged.
 
-Every row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>`` and resumes
+Every row runs ``repvgg_jax.train.train.train_and_evaluate`` in ``<workdir>/<row>`` and resumes
 there; a finished row goes at once into the ledger
 (``experiments/results/qat_length_rows.json``, commit it as rows finish), which the
 report (``experiments/results/qat_length.md`` and its figure) is written from alone. A
@@ -167,7 +167,7 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
 
 def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command: str,
              started: float) -> None:
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   from repvgg_jax.train.loop import NonFiniteLoss
   done = load_ledger(ledger_path)["rows"]
   todo = [r for r in rows if r["name"] not in done]
@@ -187,7 +187,7 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
     print(f"[{i + 1}/{len(todo)}] {row['name']} ...", flush=True)
     t, row_dir = time.time(), os.path.join(workdir, row["name"])
     try:
-      report = pipeline.run(row_config(row, s, workdir), row_dir)
+      report = train_and_evaluate(row_config(row, s, workdir), row_dir)
     except NonFiniteLoss as e:
       print(f"{row['name']}: diverged: {e}", flush=True)
       report = {"forms": {}, "diverged": str(e)}

@@ -93,7 +93,7 @@ def final_train_loss(rows: dict, regime: str, seeds, share: float = 0.1) -> str:
 
 def worst_per_seed(reports: dict, regime: str) -> list[float]:
   """The worst merged-channel max/rms of each finished FP seed of ``regime``, in seed
-  order, from the summary ``pipeline.run`` writes into its report."""
+  order, from the summary ``train_and_evaluate`` writes into its report."""
   return [r["channel_outliers"]["worst_ratio"] for _, r in sorted(
       reports.get(("fp", regime), {}).items()) if "channel_outliers" in r]
 

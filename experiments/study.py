@@ -27,7 +27,7 @@ blocks, 6000 FP steps, BN, OABN median and branch, KURE and QARepVGG, the goal r
 of BN, branch and QARepVGG on every seed, experiments/results/results_full_a0.md); a flag given on
 the command line wins over its recipe.
 
-Each row runs ``repvgg_jax.train.pipeline.run`` in ``<workdir>/<row>``: a row
+Each row runs ``repvgg_jax.train.train.train_and_evaluate`` in ``<workdir>/<row>``: a row
 with a ``report.json`` is skipped, any other resumes from its checkpoints; a row
 whose training hits a NaN/inf is recorded (``diverged.json``) and reported as
 diverged. Rows run in an order that makes a partial study informative (seed 0
@@ -128,7 +128,7 @@ def _minutes(seconds: float | None) -> str:
 def run_rows(workdir: str, study: dict, ledger_path: str, started: float) -> None:
   """Runs the rows that neither the workdir nor the ledger has; the ledger takes each
   finished row at once."""
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   from repvgg_jax.train.loop import NonFiniteLoss
   s = study["settings"]
   rows = sr.rows_of(s)
@@ -162,7 +162,7 @@ def run_rows(workdir: str, study: dict, ledger_path: str, started: float) -> Non
     t = time.time()
     row_dir = os.path.join(workdir, row.name)
     try:
-      report = pipeline.run(sr.row_config(row, s, workdir), row_dir)
+      report = train_and_evaluate(sr.row_config(row, s, workdir), row_dir)
     except NonFiniteLoss as e:
       # A diverged row is a result: record it and go on with the others.
       atomic_write_text(os.path.join(row_dir, sr.DIVERGED), json.dumps({"error": str(e)}))

@@ -7,7 +7,7 @@ from _util import CACHE_DIR, MIN_COMPILE_SECONDS, ROOT
 
 sys.path.insert(0, ROOT)  # configs/
 # Re-used compilations across tests (and runs) keep the suite fast on 2 cores. Every
-# compilation is kept, however quick: the op-by-op calls of a pipeline run (decode, k-means
+# compilation is kept, however quick: the op-by-op calls of a trainer run (decode, k-means
 # on host arrays, ...) are a few hundred compilations of ~0.1 s each, made again by every
 # subprocess and xdist worker unless cached (about a third of a tiny run's time, warm).
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
@@ -20,6 +20,6 @@ def tiny_run(tmp_path_factory):
   report), once per test process: ``(workdir, report)``. Tests that change the workdir
   copy it first."""
   from configs import tiny
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, pipeline.run(tiny.tiny_config(), workdir)
+  return workdir, train_and_evaluate(tiny.tiny_config(), workdir)

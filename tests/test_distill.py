@@ -129,13 +129,13 @@ def test_bad_distillation_fields_are_refused_by_name(changes, field, value):
   assert f"{field}={value}" in str(err.value)
 
 
-def test_distillation_runs_in_the_pipeline_and_logs_its_loss(tmp_path):
+def test_distillation_runs_in_the_trainer_and_logs_its_loss(tmp_path):
   import json
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   cfg = tiny.tiny_config()
   cfg.qat.distill = "logits"
   cfg.export.onnx = "off"
-  report = pipeline.run(cfg, str(tmp_path))
+  report = train_and_evaluate(cfg, str(tmp_path))
   assert "packed" in report["forms"]
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(ln) for ln in f]

@@ -3,6 +3,8 @@ long recipes, and an image folder trained end to end."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from repvgg_jax.train import config as config_lib
+from repvgg_jax.train.checkpoint import StageCheckpoints
 
 from _util import ROOT, deployed_accuracy, subprocess_env
 from configs import demo
@@ -82,7 +85,7 @@ def test_short_run_of_a_long_recipe_shortens_the_warmup(caplog):
 
 def test_unknown_field_in_python_names_the_nearest():
   cfg = demo.get_config()
-  cfg.unlock()  # A config built in Python without finalize: a typo can get in.
+  cfg.unlock()  # A config built in Python, unlocked: a typo can get in.
   cfg.fp.warmup_step = 3
   with pytest.raises(config_lib.ConfigError, match="unknown field fp.warmup_step "
                                                    r"\(did you mean fp.warmup_steps\?\)"):
@@ -119,3 +122,39 @@ def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_pat
   assert os.path.exists(workdir / "data_stats.json")
   # orbax's INFO lines stay out of the log unless --verbose.
   assert "orbax" not in out.stderr
+
+
+def _interrupt_once_training(args, wait_for):
+  """Runs launch/main.py, sends Ctrl-C (SIGINT) once a stderr line holds ``wait_for``;
+  returns (exit status, that line, stderr after it)."""
+  proc = subprocess.Popen([sys.executable, "launch/main.py", *args], cwd=ROOT,
+                          env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True)
+  try:
+    for seen in proc.stderr:
+      if wait_for in seen:
+        break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=300)[1]
+  finally:
+    proc.kill()
+  return proc.returncode, seen, rest
+
+
+def test_ctrl_c_saves_the_step_in_one_line_exits_130_and_the_rerun_resumes_there(tmp_path):
+  workdir = tmp_path / "run"
+  args = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.log_every=1",
+          "--config.fp.num_steps=100000", "--config.fp.checkpoint_every=100000"]
+  code, _, rest = _interrupt_once_training(args, "fp: step 3/")
+  assert code == 130, rest
+  said = [line for line in rest.splitlines() if "interrupted" in line]
+  assert len(said) == 1 and said[0].startswith("fp: interrupted at step "), rest
+  assert "rerun the same command to resume" in said[0]
+  assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+  step = int(re.search(r"at step (\d+)", said[0]).group(1))
+  assert step >= 3
+  fp = StageCheckpoints(str(workdir / "checkpoints" / "fp"), keep=1, create=False)
+  assert fp.latest_step() == step
+
+  code, resumed, _ = _interrupt_once_training(args, "fp: resumed from step")
+  assert code == 130 and f"fp: resumed from step {step} " in resumed

@@ -19,7 +19,7 @@ from repvgg_jax.models.repvgg import RepVGG, Variant
 from repvgg_jax.models.settings import check_settings, join_settings, split_settings
 from repvgg_jax.reparam import SETTING_KEYS
 from repvgg_jax.train.checkpoint import StageCheckpoints
-from repvgg_jax.train.pipeline import load_variables
+from repvgg_jax.train.checkpoint import load_variables
 from repvgg_jax.train.state import create_train_state, init_variables
 
 from _util import ROOT

@@ -12,7 +12,7 @@ import pytest
 from repvgg_jax import analysis, penalties
 from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.train import config as config_lib
-from repvgg_jax.train import pipeline
+from repvgg_jax.train.train import train_and_evaluate
 from _util import random_variables, tiny_variant
 from configs import tiny  # on sys.path from conftest.py
 
@@ -74,7 +74,7 @@ def test_fp_stage_logs_and_trains_with_the_penalty(tmp_path):
   cfg.model.norm = "bn"
   cfg.quant.method = "none"
   cfg.fp.penalty, cfg.fp.penalty_weight = "channel_max", 0.1
-  report = pipeline.run(cfg, str(tmp_path))
+  report = train_and_evaluate(cfg, str(tmp_path))
   assert report["config"]["fp"]["penalty"] == "channel_max"
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     logged = [json.loads(ln) for ln in f]
@@ -85,11 +85,11 @@ def test_fp_stage_logs_and_trains_with_the_penalty(tmp_path):
 def test_init_from_with_other_oabn_settings_names_both(tmp_path):
   cfg = tiny.tiny_config()  # OABN, branch form, tau 0 = the form's default 3
   cfg.quant.method = "none"
-  pipeline.run(cfg, str(tmp_path / "fp"))
+  train_and_evaluate(cfg, str(tmp_path / "fp"))
   other = tiny.tiny_config()
   other.model.oabn_tau = 2.0
   other.init_from = str(tmp_path / "fp" / "checkpoints" / "fp")
   with pytest.raises(ValueError, match=r"init_from=.*bound_tau=3\.0 \(and \d+ more\) but the model "
                                        r"config says 2\.0"):
-    pipeline.run(other, str(tmp_path / "qat"))
+    train_and_evaluate(other, str(tmp_path / "qat"))
   assert not os.path.exists(tmp_path / "qat" / "checkpoints" / "qat")

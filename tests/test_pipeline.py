@@ -1,18 +1,23 @@
 """End to end on tiny synthetic data: FP -> merge -> ClusterQAT -> packed export -> report.
 
-The whole pipeline runs once per test process (``tiny_run`` in conftest.py); its wall time is
+The whole trainer runs once per test process (``tiny_run`` in conftest.py); its wall time is
 reported by ``pytest --durations`` rather than asserted, since a timed test
 fails on a loaded machine for no fault of the code.
 """
 
 import json
+import logging
 import os
+import re
 
 import jax
+import numpy as np
 import pytest
 
 import repvgg_jax
-from repvgg_jax.train import config as config_lib, forms as forms_lib, pipeline
+from repvgg_jax.train import config as config_lib, export, report as report_lib
+from repvgg_jax.train import train as train_module
+from repvgg_jax.train.train import train_and_evaluate
 from repvgg_jax.train.writers import event_files, tensorboard_dir
 
 from _util import copy_run, deployed_accuracy
@@ -59,7 +64,7 @@ def test_rerun_resumes_finished_stages_without_training(tiny_run, tmp_path):
   before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
   cfg.quant.method = "none"
-  pipeline.run(cfg, workdir)
+  train_and_evaluate(cfg, workdir)
   # Both stages restore step num_steps and run no step, so no new train metrics.
   lines = open(os.path.join(workdir, "metrics.jsonl")).read()[before:]
   assert "fp/loss" not in lines
@@ -68,7 +73,7 @@ def test_rerun_resumes_finished_stages_without_training(tiny_run, tmp_path):
 def test_qat_starts_from_an_fp_checkpoint_directory(tiny_run, tmp_path):
   cfg = tiny.tiny_config()
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
-  report = pipeline.run(cfg, str(tmp_path))
+  report = train_and_evaluate(cfg, str(tmp_path))
   assert report["forms"]["fp"]["accuracy"] == tiny_run[1]["forms"]["fp"]["accuracy"]
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "fp"))
 
@@ -78,7 +83,7 @@ def test_eval_fp_forms_false_skips_fp_and_merged_accuracy(tiny_run, tmp_path):
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.qat.enabled = False
-  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  forms = train_and_evaluate(cfg, str(tmp_path))["forms"]
   assert "fp" not in forms and "accuracy" not in forms["merged"]
   assert forms["merged"]["size_bytes"] == tiny_run[1]["forms"]["merged"]["size_bytes"]
   assert forms["packed"]["accuracy"] == deployed_accuracy(str(tmp_path))
@@ -90,7 +95,7 @@ def test_w4a8_cluster_qat_reports_stablehlo_and_integer_forms(tiny_run, tmp_path
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.quant.act_bits, cfg.quant.int8_levels = 8, True
-  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  forms = train_and_evaluate(cfg, str(tmp_path))["forms"]
   assert forms["stablehlo"]["accuracy"] == forms["packed"]["accuracy"]
   assert forms["packed"]["weight_bits"] == 4 and forms["stablehlo"]["act_bits"] == 8
   packed_bytes = os.path.getsize(os.path.join(tmp_path, "model.packed"))
@@ -108,7 +113,7 @@ def test_w8a8_ptq_from_the_command_line_config(tiny_run, tmp_path):
   cfg.eval_fp_forms, cfg.qat.enabled = False, False
   cfg.quant.method, cfg.quant.bits, cfg.quant.clipping = "uniform", 8, "mse"
   cfg.quant.act_bits, cfg.quant.act_calibration = 8, "mse"
-  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  forms = train_and_evaluate(cfg, str(tmp_path))["forms"]
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "qat"))  # no training
   assert forms["qat"]["accuracy"] == forms["packed"]["accuracy"] == forms["stablehlo"]["accuracy"]
   assert "integer" in forms  # uniform grids are int8 grids
@@ -131,7 +136,7 @@ def test_onnx_coreml_and_static_batch_stablehlo_exports(tiny_run, tmp_path):
   cfg.quant.act_bits, cfg.quant.int8_levels = 7, True
   cfg.export.onnx, cfg.export.onnx_activations, cfg.export.stablehlo_batch = "on", "int8", 5
   cfg.export.coreml = "on"
-  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  forms = train_and_evaluate(cfg, str(tmp_path))["forms"]
   package = os.path.join(tmp_path, "model.mlpackage")
   assert forms["coreml"]["size_bytes"] == sum(
       os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(package) for f in fs) > 0
@@ -148,7 +153,7 @@ def test_onnx_coreml_and_static_batch_stablehlo_exports(tiny_run, tmp_path):
   assert "model.mlpackage (Core ML) | W4A7 | not evaluated |" in report_md
   # The same workdir without ONNX and Core ML: nothing retrains, and the earlier files go.
   cfg.export.onnx = cfg.export.coreml = "off"
-  forms = pipeline.run(cfg, str(tmp_path))["forms"]
+  forms = train_and_evaluate(cfg, str(tmp_path))["forms"]
   assert "onnx" not in forms and not os.path.exists(onnx_path)
   assert "coreml" not in forms and not os.path.exists(package)
 
@@ -158,7 +163,7 @@ def test_a_size_budget_allocates_bits_per_layer_and_the_files_keep_them(tiny_run
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.quant.budget.avg_bits, cfg.quant.budget.batches = 2.5, 2
-  report = pipeline.run(cfg, str(tmp_path))
+  report = train_and_evaluate(cfg, str(tmp_path))
   a = json.load(open(os.path.join(tmp_path, "report.json")))["bit_allocation"]
   assert a["kernel_bytes"] <= a["budget_bytes"]
   assert len({l["bits"] for l in a["layers"].values()}) >= 2, a["layers"]
@@ -178,7 +183,7 @@ def test_an_unmeetable_budget_is_refused_before_training(tmp_path):
   cfg.quant.budget.bytes = 100
   with pytest.raises(ValueError, match=r"quant\.budget\.bytes=100 is below the smallest "
                                        r"achievable size [\d,]+ \(every block layer at 1 bits\)"):
-    pipeline.run(cfg, str(tmp_path / "run"))
+    train_and_evaluate(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
@@ -189,14 +194,59 @@ def test_a_finished_run_returns_its_report_without_training_or_evaluating(tiny_r
   def refuse(*args, **kwargs):
     raise AssertionError("a finished run trained, evaluated or exported again")
   for name in ("train_stage", "create_train_state"):
-    monkeypatch.setattr(pipeline, name, refuse)
-  monkeypatch.setattr(forms_lib, "evaluate_deployed", refuse)
+    monkeypatch.setattr(train_module, name, refuse)
+  monkeypatch.setattr(export, "evaluate_deployed", refuse)
   monkeypatch.setattr(repvgg_jax, "export_stablehlo", refuse)
-  again = pipeline.run(tiny.tiny_config(), workdir)
+  again = train_and_evaluate(tiny.tiny_config(), workdir)
   assert again == json.load(open(os.path.join(workdir, "report.json")))
   assert again["forms"] == tiny_run[1]["forms"]
   # A file the report names gone, or another config: the run's end runs again.
   os.remove(os.path.join(workdir, "model.stablehlo"))
   with pytest.raises(AssertionError, match="again"):
-    pipeline.run(tiny.tiny_config(), workdir)
-  assert pipeline.finished_report(config_lib.resolve(tiny.tiny_config()), workdir) is None
+    train_and_evaluate(tiny.tiny_config(), workdir)
+  assert report_lib.finished_report(config_lib.resolve(tiny.tiny_config()), workdir) is None
+
+
+class _Batches:
+  """A test split of 3 batches of 2 images (the last one half padding), counting its passes."""
+
+  def __init__(self):
+    self.passes = 0
+
+  def __iter__(self):
+    self.passes += 1
+    for k in range(3):
+      yield {"image": np.full((2, 1), k), "label": np.array([k, 0]),
+             "mask": np.array([True, k < 2])}
+
+
+def test_deployed_forms_are_evaluated_one_by_one_with_a_log_line_each(caplog):
+  caplog.set_level(logging.INFO, logger="absl")
+  loader = _Batches()
+  right = lambda x: np.eye(3)[x[:, 0]]  # noqa: E731  predicts the image's k: labels [k, 0]
+  wrong = lambda x: np.eye(3)[np.full(len(x), 2)]  # noqa: E731  always 2
+  measured = export.evaluate_deployed({"packed": right, "onnx": wrong}, loader)
+  # 5 real images; right: k=0 both, k=1 first, k=2 first -> 4/5; wrong: only k=2's 1/5.
+  assert measured["packed"] == {"accuracy": 4 / 5, "agreement": 1.0}
+  assert measured["onnx"] == {"accuracy": 1 / 5, "agreement": 1 / 5}
+  assert loader.passes == 1  # the split fits: the second form replays the first pass
+  text = caplog.text
+  assert "evaluating packed" in text and "evaluating onnx" in text
+  assert re.search(r"packed: top-1 80\.00% on 5 test images, [\d.]+ s", text)
+  assert re.search(r"onnx: top-1 20\.00% on 5 test images", text)
+  assert text.index("evaluating onnx") > text.index("packed: top-1")
+
+
+def test_a_split_too_large_to_keep_is_read_again_for_each_form():
+  loader = _Batches()
+  fn = lambda x: np.eye(3)[x[:, 0]]  # noqa: E731
+  measured = export.evaluate_deployed({"a": fn, "b": fn}, loader, keep_bytes=0)
+  assert loader.passes == 2 and measured["a"] == measured["b"]
+
+
+def test_a_launch_validates_its_config_once(tiny_run, tmp_path, monkeypatch):
+  calls = []
+  validate = config_lib.validate
+  monkeypatch.setattr(config_lib, "validate", lambda cfg: calls.append(cfg) or validate(cfg))
+  train_and_evaluate(tiny.get_config(), copy_run(tiny_run, tmp_path))  # as launch/main.py
+  assert len(calls) == 1

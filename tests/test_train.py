@@ -491,7 +491,7 @@ def test_kill_during_save_leaves_a_readable_latest_checkpoint(tmp_path):
 def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
   import flax
   from flax import traverse_util
-  from repvgg_jax.train.pipeline import load_variables
+  from repvgg_jax.train.checkpoint import load_variables
   cfg = tiny.tiny_config()
   model = build_model(cfg.model, 10, deploy=False)
   variables = init_variables(model, (16, 16, 3), 0)
@@ -516,9 +516,9 @@ def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
 
 
 def test_remote_workdir_is_refused_by_name():
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   with pytest.raises(ValueError, match="workdir='gs://bucket/run'"):
-    pipeline.run(tiny.tiny_config(), "gs://bucket/run")
+    train_and_evaluate(tiny.tiny_config(), "gs://bucket/run")
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -534,3 +534,18 @@ def test_validate_names_bad_budget_fields(changes, needle):
   cfg.quant.budget.update(changes)
   with pytest.raises(ValueError, match=re.escape(needle)):
     config_lib.validate(cfg)
+
+
+def test_run_eta_adds_the_later_stages_images_at_this_stages_image_rate():
+  from repvgg_jax.train.loop import run_eta
+  # 100 steps at 2 steps/s; then 50 QAT steps of 128 images at 64 images/s.
+  assert run_eta(100, 2.0, 64.0, later_images=50 * 128) == (50.0, 150.0)
+  assert run_eta(100, 2.0, 64.0, later_images=0) == (50.0, 50.0)
+
+
+def test_eta_text_gives_the_run_eta_only_before_a_later_stage():
+  from repvgg_jax.train.loop import eta_text
+  text = eta_text(100, 2.0, 64.0, [("qat", 50, 128)])
+  assert "stage ETA 0:00:50" in text and "run ETA ~0:02:30" in text
+  assert "qat's 50 steps" in text
+  assert eta_text(100, 2.0, 64.0) == "ETA 0:00:50"

@@ -140,7 +140,7 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   from configs import tiny
   from repvgg_jax import data
   from repvgg_jax.quant import Quantizer, make_quantizer
-  from repvgg_jax.train import quant_setup, sharding, steps
+  from repvgg_jax.train import qat, sharding, steps
   from repvgg_jax.train.loop import Preempted, schedule, train_stage
   from repvgg_jax.train.state import build_model, create_train_state, init_variables
   from repvgg_jax.train.writers import MetricWriter
@@ -155,13 +155,13 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   model = build_model(cfg.model, 10, deploy=False)
   merged = jax.device_get(repvgg_jax.merge(init_variables(model, (16, 16, 3), 0)))
   q = make_quantizer("cluster", bits=2)
-  quant = quant_setup.init_codebooks(q, merged["params"])
+  quant = qat.init_codebooks(q, merged["params"])
   books = {0: jax.tree_util.tree_leaves(quant)}  # step -> codebooks held after it
   state = create_train_state(build_model(cfg.model, 10, deploy=True), merged, cfg.qat,
                              quant=quant)
-  refit_fn = quant_setup.make_refit(q, mesh)
+  refit_fn = qat.make_refit(q, mesh)
 
-  def refit(step, s):  # the pipeline's refit, plus a host copy for the test (test-only sync)
+  def refit(step, s):  # the trainer's refit, plus a host copy for the test (test-only sync)
     if step % 2:
       return s
     s = s.replace(quant=refit_fn(s.params, s.quant))

@@ -15,7 +15,8 @@ import pytest
 
 from repvgg_jax import data
 from repvgg_jax.fileio import atomic_write_text
-from repvgg_jax.train import pipeline, sharding, steps, workdir as workdir_lib
+from repvgg_jax.train import checkpoint, sharding, steps, workdir as workdir_lib
+from repvgg_jax.train.train import train_and_evaluate
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import schedule, train_stage
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
@@ -33,7 +34,7 @@ def test_changed_fp_config_is_refused_naming_the_field(tiny_run):
   cfg.fp.num_steps = 6
   before = sorted(glob.glob(os.path.join(tiny_run[0], "checkpoints", "*", "*")))
   with pytest.raises(workdir_lib.StaleWorkdir) as e:
-    pipeline.run(cfg, tiny_run[0])
+    train_and_evaluate(cfg, tiny_run[0])
   msg = str(e.value)
   assert "fp (fp.num_steps: 4 -> 6)" in msg
   assert "qat (trained from that fp stage)" in msg
@@ -45,7 +46,7 @@ def test_changed_qat_config_keeps_fp_and_names_qat_fields(tiny_run):
   cfg = tiny.tiny_config()
   cfg.quant.bits = 3
   with pytest.raises(workdir_lib.StaleWorkdir) as e:
-    pipeline.run(cfg, tiny_run[0])
+    train_and_evaluate(cfg, tiny_run[0])
   assert "qat (quant.bits: 4 -> 3)" in str(e.value) and "fp (" not in str(e.value)
 
 
@@ -58,11 +59,11 @@ def test_a_field_added_since_the_record_counts_as_unchanged_at_its_default(tiny_
   del record["config"]["model.block"]
   atomic_write_text(path, json.dumps(record))
   os.remove(os.path.join(dest, "report.json"))  # else the finished run is not run again
-  pipeline.run(tiny.tiny_config(), dest)  # resumes: model.block is at its default
+  train_and_evaluate(tiny.tiny_config(), dest)  # resumes: model.block is at its default
   cfg = tiny.tiny_config()
   cfg.model.block, cfg.model.oabn_form = "qarepvgg", "median"  # and the record holds the field
   with pytest.raises(workdir_lib.StaleWorkdir, match=r"model.block: 'repvgg' -> 'qarepvgg'"):
-    pipeline.run(cfg, dest)
+    train_and_evaluate(cfg, dest)
 
 
 def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(tiny_run, tmp_path):
@@ -76,10 +77,10 @@ def test_a_workdir_without_records_of_another_model_is_named_and_not_recorded(ti
                                        r"configured one \(10 keys differ: unexpected settings/"
                                        r"stages_0_0/bound_smooth; .*\(and 8 more\)\); pass a new "
                                        r"--workdir"):
-    pipeline.run(cfg, dest)
+    train_and_evaluate(cfg, dest)
   assert not os.path.exists(os.path.join(dest, "checkpoints", "fp.json"))  # vouches for nothing
   os.remove(os.path.join(dest, "report.json"))  # else the finished run is not run again
-  pipeline.run(tiny.tiny_config(), dest)  # its own config resumes, and records it
+  train_and_evaluate(tiny.tiny_config(), dest)  # its own config resumes, and records it
   assert os.path.exists(os.path.join(dest, "checkpoints", "fp.json"))
 
 
@@ -94,7 +95,7 @@ def test_checkpoint_and_log_settings_are_not_part_of_the_fingerprint():
 
 def test_oabn_settings_do_not_tell_two_bn_runs_apart():
   # A BN run recorded when the default OABN form was another resumes; an OABN run does not.
-  # The pipeline records resolved configs: the tiny network's form by depth is branch.
+  # The trainer records resolved configs: the tiny network's form by depth is branch.
   from repvgg_jax.train import config as config_lib
   old, new = tiny.tiny_config(), tiny.tiny_config()
   old.model.oabn_form, old.model.oabn_tau = "median", 4.0
@@ -112,7 +113,7 @@ def test_discard_stale_moves_stages_aside_and_trains_them_again(tiny_run, tmp_pa
   metrics_before = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
   cfg = tiny.tiny_config()
   cfg.fp.num_steps = 6
-  report = pipeline.run(cfg, workdir, discard_stale=True)
+  report = train_and_evaluate(cfg, workdir, discard_stale=True)
   (aside,) = glob.glob(os.path.join(workdir, "stale", "*"))
   assert sorted(os.listdir(aside)) == ["fp", "fp.json", "qat", "qat.json"]
   assert StageCheckpoints(os.path.join(aside, "fp"), keep=2).latest_step() == 4
@@ -194,7 +195,7 @@ def test_when_no_checkpoint_is_readable_nothing_is_moved(tmp_path):
 def test_init_from_a_missing_path_creates_nothing(tmp_path, name):
   path = str(tmp_path / name)
   with pytest.raises(FileNotFoundError, match="init_from="):
-    pipeline.load_variables(path, {})
+    checkpoint.load_variables(path, {})
   assert os.listdir(tmp_path) == []
 
 
@@ -298,5 +299,5 @@ def test_report_seconds_include_earlier_invocations(tiny_run, tmp_path):
   workdir = copy_run(tiny_run, tmp_path)
   first = tiny_run[1]["seconds"]
   os.remove(os.path.join(workdir, "report.json"))  # else the finished run is not run again
-  again = pipeline.run(tiny.tiny_config(), workdir)["seconds"]
+  again = train_and_evaluate(tiny.tiny_config(), workdir)["seconds"]
   assert again["fp"] > first["fp"] and again["qat"] > first["qat"]

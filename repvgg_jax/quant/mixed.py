@@ -1,7 +1,7 @@
 """Bits where they matter: per-layer weight bits chosen under a size budget.
 
 The pieces, each usable alone; the trainer's ``quant.budget`` uses them
-(``train.quant_setup.plan_budget``, ``train.quant_setup.allocate_bits``; docs/quantization.md):
+(``train.qat.plan_budget``, ``train.qat.allocate_bits``; docs/quantization.md):
 
 * :func:`layer_bytes`: what the packed file stores for one kernel at ``b`` bits (bit-packed
   indices, the codebook, the int8-grid scale when there is one): the accounting of

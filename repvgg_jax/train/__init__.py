@@ -1,1 +1,2 @@
-"""Training: state, optimizer, sharding, checkpoints, steps and the staged pipeline."""
+"""Training: the trainer (``train.train_and_evaluate``) and its state, optimizer, sharding,
+checkpoints, steps, QAT, export and report."""

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from repvgg_jax.models.settings import join_settings, split_settings
+from repvgg_jax.models.settings import check_settings, join_settings, split_settings
 from repvgg_jax.layers.oabn import SETTINGS
 
 ITEMS = ("state", "data", "meta")
@@ -192,3 +192,60 @@ class StageCheckpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_variables(path: str, template: dict) -> dict:
+  """Train-form variables from an FP-stage orbax directory, a .npz or a .msgpack file.
+
+  ``template`` (freshly initialised variables of the configured model) gives the
+  structure: missing, unexpected or mis-shaped entries raise one ValueError naming
+  them all. A .npz holds flattened ``"params/stem/conv_kxk/conv/kernel"``-style
+  keys; a .msgpack is ``flax.serialization.to_bytes(variables)``.
+  """
+  from flax import traverse_util
+  if path.endswith((".msgpack", ".npz")) and not os.path.isfile(path):
+    raise FileNotFoundError(f"init_from={path!r}: no such file")
+  if path.endswith(".msgpack"):
+    with open(path, "rb") as f:
+      loaded = flax.serialization.msgpack_restore(f.read())
+  elif path.endswith(".npz"):
+    with np.load(path) as z:
+      loaded = traverse_util.unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
+  else:
+    if not os.path.isdir(path):  # Never create it: a typo must not become a directory.
+      raise FileNotFoundError(f"init_from={path!r} is not a directory (an FP-stage "
+                              f"checkpoint directory) nor a .npz or .msgpack file")
+    ckpt = StageCheckpoints(path, keep=1, create=False)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"init_from={path!r}: no checkpoint in this directory")
+    state_dict = ckpt.restore_host()
+    ckpt.close()
+    loaded = {k: state_dict[k] for k in ("params", "batch_stats", SETTINGS) if k in state_dict}
+  loaded = split_settings(loaded)  # files saved before settings had their own collection
+  want = traverse_util.flatten_dict(template, sep="/")
+  got = traverse_util.flatten_dict(loaded, sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {np.shape(got[k])}, model wants {np.shape(want[k])}"
+               for k in sorted(set(want) & set(got)) if np.shape(got[k]) != np.shape(want[k])]
+  if problems:
+    raise ValueError(f"init_from={path!r} does not match the configured model (model.name, "
+                     f"model.norm, model.block, model.oabn_form, number of classes): "
+                     + "; ".join(problems))
+  return traverse_util.unflatten_dict(
+      {tuple(k.split("/")): np.asarray(v) for k, v in got.items()})
+
+
+def import_variables(init_from: str, model: Any, template: dict) -> dict:
+  """The train-form variables an FP stage that does not train starts from: those of
+  ``init_from`` (:func:`load_variables`, their OABN settings checked against ``model``), or
+  without it the random initialisation ``template``."""
+  if not init_from:
+    logging.warning("fp.enabled=False and no init_from: using the random initialisation")
+    return template
+  variables = load_variables(init_from, template)
+  try:
+    check_settings(model, variables)
+  except ValueError as e:
+    raise ValueError(f"init_from={init_from!r}: {e}") from None
+  return variables

@@ -1,8 +1,10 @@
-"""Validation of the pipeline config: unknown or invalid fields fail at start, by name.
+"""The trainer's config: every field and its default (:func:`base_config`), and its
+validation: unknown or invalid fields fail at start, by name.
 
 The ``ConfigDict`` returned by ``configs/*.py`` is locked, so a misspelt
 ``--config.x.y`` override is rejected by ml_collections itself; ``validate``
-checks enums and ranges that a lock cannot.
+checks enums and ranges that a lock cannot. ``train_and_evaluate`` validates once, in
+:func:`resolve`, after every command-line override.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field the pipeline reads, with defaults; configs override a few and lock."""
+  """Every field the trainer reads, with defaults; configs override a few and lock."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.log_every = 50
@@ -387,9 +389,3 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg.lock()
   return cfg
 
-
-def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates and locks ``cfg`` (configs/*.py call this in ``get_config``)."""
-  validate(cfg)
-  cfg.lock()
-  return cfg

@@ -1,4 +1,5 @@
-"""The training loop of one stage: resume, steps, periodic eval and checkpoints, NaN guard, preemption.
+"""The training loop of one stage: resume, steps, periodic eval and checkpoints, NaN guard,
+preemption and Ctrl-C.
 
 Nothing leaves the device between sync points. The step's metrics stay device
 arrays, queued; at a *sync step* (a log step, an eval step, a save step, the
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from repvgg_jax.train import sharding
 from repvgg_jax.train.checkpoint import StageCheckpoints
+from repvgg_jax.train.writers import tensorboard_dir
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -36,30 +38,43 @@ class Preempted(SystemExit):
   """Preemption (SIGTERM) arrived; every process saved the same step first."""
 
 
+class Interrupted(Preempted):
+  """Ctrl-C (SIGINT) on one process: the step was saved as on a preemption. The message is
+  one line; ``launch/main.py`` prints it and exits with status 130."""
+
+
 class _Preemption:
   """Whether to stop at a step, agreed by all processes.
 
-  One process: a SIGTERM handler sets a flag. Several: JAX's preemption sync
-  manager (started by ``jax.distributed.initialize``) sees the SIGTERM of any
-  process and ``reached_preemption_sync_point`` returns True on every process at
-  the same step, so all save that step together (orbax saves are collective).
+  One process: a SIGTERM or SIGINT (Ctrl-C) handler sets a flag (a second Ctrl-C stops at
+  once, saving nothing). Several: JAX's preemption sync manager (started by
+  ``jax.distributed.initialize``) sees the SIGTERM of any process and
+  ``reached_preemption_sync_point`` returns True on every process at the same step, so all
+  save that step together (orbax saves are collective).
   """
 
   def __init__(self):
-    self.raised = False
-    self._previous = None
+    self.signum = None
+    self._previous = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
     if not self._multi:  # A Python handler would replace JAX's notifier on several hosts.
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # Not the main thread: no handler, no preemption save.
-        self._previous = None
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+          self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # Not the main thread: no handler, no preemption save.
+          pass
     return self
 
   def _handle(self, signum, frame):
-    self.raised = True
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the step to end
+    self.signum = signum
+
+  @property
+  def raised(self) -> bool:
+    return self.signum is not None
 
   def reached(self, step: int) -> bool:
     if not self._multi:
@@ -69,9 +84,16 @@ class _Preemption:
     except RuntimeError:  # The preemption service is disabled.
       return False
 
+  def stop(self, name: str, step: int, ckpt_dir: str) -> Preempted:
+    """The exception that ends the stage once ``step`` is saved."""
+    if self.signum == signal.SIGINT:
+      return Interrupted(f"{name}: interrupted at step {step}; saved in {ckpt_dir}, rerun the "
+                         f"same command to resume")
+    return Preempted(f"{name}: preempted (SIGTERM); saved step {step} in {ckpt_dir}")
+
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _progress(total: int, initial: int, name: str):
@@ -118,6 +140,29 @@ def _fetch_checked(name: str, pending: list, ckpt: StageCheckpoints) -> list[dic
 
 def _eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def run_eta(steps_left: int, steps_per_s: float, images_per_s: float,
+            later_images: int) -> tuple[float, float]:
+  """``(stage seconds, run seconds)`` left: the stage's ``steps_left`` at its step rate, and
+  the run's adds the ``later_images`` of the training stages after it (steps x global
+  batch) at this stage's image rate. A QAT step is usually slower than an FP step, so the
+  run's figure is an estimate, most likely low."""
+  stage = steps_left / max(steps_per_s, 1e-9)
+  return stage, stage + later_images / max(images_per_s, 1e-9)
+
+
+def eta_text(steps_left: int, steps_per_s: float, images_per_s: float,
+             later_stages: Sequence[tuple[str, int, int]] = ()) -> str:
+  """The log line's ETA: ``ETA 0:01:40`` for the last training stage; before later stages
+  (``(name, num_steps, global batch)`` each) ``stage ETA 0:01:40, run ETA ~0:03:20 (qat's 500
+  steps at this stage's images/s)``."""
+  later_images = sum(n * b for _, n, b in later_stages)
+  stage, run = run_eta(steps_left, steps_per_s, images_per_s, later_images)
+  if not later_stages:
+    return f"ETA {_eta(stage)}"
+  later = ", ".join(f"{name}'s {n} steps" for name, n, _ in later_stages)
+  return f"stage ETA {_eta(stage)}, run ETA ~{_eta(run)} ({later} at this stage's images/s)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +237,23 @@ def schedule(stage_cfg: Any) -> dict[str, int]:
   return {k: stage_cfg[k] for k in ("num_steps", "checkpoint_every", "keep", "eval_every")}
 
 
+def stage_args(cfg: Any, stage: str, workdir: str, writer: Any,
+               hooks: Sequence[Callable[[int, Any], Any]] = ()) -> dict[str, Any]:
+  """The :func:`train_stage` arguments of ``stage`` that the config and the workdir set: its
+  schedule, checkpoints (``<workdir>/checkpoints/<stage>``), log, and ``hooks`` followed by
+  the :class:`Profile` that ``<stage>.profile_steps`` asks for."""
+  s = cfg[stage]
+  profile = [Profile(tensorboard_dir(workdir, stage), s.profile_steps)] if s.profile_steps else []
+  return {"ckpt_dir": os.path.join(workdir, "checkpoints", stage), **schedule(s),
+          "writer": writer, "log_every": cfg.log_every, "hooks": [*hooks, *profile]}
+
+
 def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mesh: Any,
                 ckpt_dir: str, num_steps: int, checkpoint_every: int, keep: int = 2,
                 eval_every: int = 0, writer: Any, log_every: int,
                 hooks: Sequence[Callable[[int, Any], Any]] = (),
-                evaluate: Callable[[Any], float] | None = None) -> Any:
+                evaluate: Callable[[Any], float] | None = None,
+                later_stages: Sequence[tuple[str, int, int]] = ()) -> Any:
   """Trains ``state`` to ``num_steps``, resuming from ``ckpt_dir`` if it has a checkpoint.
 
   Each step runs ``train_step`` and then the ``hooks`` on device; at sync steps the
@@ -211,11 +268,14 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
       refits, :class:`Profile`); none may fetch anything to the host.
     evaluate: ``f(state) -> accuracy``, run every ``eval_every`` steps;
       ``<name>/eval_accuracy`` and ``<name>/best_eval_accuracy`` are logged.
+    later_stages: ``(name, num_steps, global batch)`` of the training stages the run has
+      after this one: the log line's run ETA (:func:`eta_text`).
   Returns:
     The final state (replicated on ``mesh``).
   Raises:
     NonFiniteLoss: naming the first bad step; the checkpoints keep the last finite state.
-    Preempted: after SIGTERM (on any process), once every process saved the same step.
+    Preempted: after SIGTERM (on any process), once every process saved the same step;
+      :class:`Interrupted` after Ctrl-C (SIGINT, one process), once the step is saved.
   """
   ckpt = StageCheckpoints(ckpt_dir, keep=keep)
   it = iter(loader)
@@ -242,8 +302,9 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
     m[f"{name}/images_per_s"] = images_per_s
     writer.write_scalars(step, m)
     if jax.process_index() == 0:
-      logging.info("%s: step %d/%d, %.1f images/s, %.2f steps/s, ETA %s", name, step,
-                   total, images_per_s, steps_per_s, _eta((total - step) / steps_per_s))
+      logging.info("%s: step %d/%d, %.1f images/s, %.2f steps/s, %s", name, step, total,
+                   images_per_s, steps_per_s,
+                   eta_text(total - step, steps_per_s, images_per_s, later_stages))
     if bar is not None:
       bar.set_postfix(loss=f"{m[f'{name}/loss']:.3f}", acc=f"{m[f'{name}/accuracy']:.3f}")
     logged = []
@@ -292,7 +353,7 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
             speed.pause(t_sync)
         if preempted:
           ckpt.wait()
-          raise Preempted(f"{name}: preempted (SIGTERM); saved step {step} in {ckpt_dir}")
+          raise preemption.stop(name, step, ckpt_dir)
   finally:
     if bar is not None:
       bar.close()

@@ -1,4 +1,5 @@
-"""report.json, report.md and figures in the workdir (process 0 only)."""
+"""report.json, report.md and figures in the workdir (process 0 only), and whether a workdir
+holds a finished run (:func:`finished_report`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import json
 import os
 from typing import Any, Mapping
 
+import ml_collections
 import numpy as np
 
 from repvgg_jax import analysis, plots
+from repvgg_jax.deploy import coreml, onnx
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
 FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx", "coreml")
@@ -36,6 +39,36 @@ def dataset_info(loader: Any) -> dict:
           "classes": list(loader.classes)}
 
 
+def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The report of ``workdir`` when it holds a finished run of ``cfg`` (resolved): the
+  same config in report.json, and every file that report and the installed exporters
+  call for present; else None."""
+  path = os.path.join(workdir, "report.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      report = json.load(f)
+  except ValueError:
+    return None
+  if report.get("config") != json.loads(cfg.to_json_best_effort()):
+    return None
+  forms, ec = report.get("forms", {}), cfg.export
+  files = []
+  if cfg.quant.method != "none":
+    files += ["model.packed", "model.stablehlo"]
+    for form, switch, available in (("onnx", ec.onnx, onnx.available),
+                                    ("coreml", ec.coreml, coreml.available)):
+      wanted = switch == "on" or (switch == "auto" and available())
+      if wanted != (form in forms):
+        return None  # an exporter installed or removed since: export again
+      if form in forms and "error" not in forms[form]:
+        files.append("model.onnx" if form == "onnx" else "model.mlpackage")
+  if not all(os.path.exists(os.path.join(workdir, f)) for f in files):
+    return None
+  return report
+
+
 def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: Any,
                  histograms: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
                  dataset: Mapping[str, Any] | None = None,
@@ -53,7 +86,7 @@ def write_report(workdir: str, forms: Mapping[str, Mapping[str, Any]], config: A
     fp_variables: the train-form FP variables; if given, the per-channel
       outliers of their merge (:func:`analysis.channel_outliers`) go into the
       report as ``channel_outliers`` and channel_outliers.png.
-    bit_allocation: the ``quant.budget`` allocation (``quant_setup.allocate_bits``), if any:
+    bit_allocation: the ``quant.budget`` allocation (``qat.allocate_bits``), if any:
       ``bit_allocation`` in the report, its table and bits_by_layer.png.
   """
   report = {"forms": {k: dict(v) for k, v in forms.items()},

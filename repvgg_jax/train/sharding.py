@@ -1,4 +1,5 @@
-"""The one place that knows about devices: a 1-D ``data`` mesh, batch sharded, state replicated."""
+"""The one place that knows about devices: processes joined, a 1-D ``data`` mesh, batch sharded,
+state replicated."""
 
 from __future__ import annotations
 
@@ -6,8 +7,31 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def initialize_distributed(cfg: Any) -> None:
+  """``jax.distributed.initialize`` when ``cfg.distributed.initialize`` (before any jax use),
+  then one log line of the processes and devices.
+
+  Empty/unset fields are left to JAX's auto-detection (TPU VMs, SLURM).
+  """
+  d = cfg.distributed
+  if d.initialize:
+    kwargs = {}
+    if d.coordinator_address:
+      kwargs["coordinator_address"] = d.coordinator_address
+    if d.num_processes:
+      kwargs["num_processes"] = d.num_processes
+    if d.process_id >= 0:
+      kwargs["process_id"] = d.process_id
+    # CPU collectives across processes need gloo; the flag does not affect TPU/GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+  logging.info("JAX: %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
+               jax.devices()[:4])
 
 
 def make_mesh(devices: Any = None) -> Mesh:

@@ -98,6 +98,13 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
   return state.apply_fn(variables, images, train=train), state.batch_stats
 
 
+def stage_penalty(stage_cfg: Any) -> tuple[Callable, float] | None:
+  """``(f, weight)`` of the stage's ``penalty`` for :func:`make_train_step`, or None."""
+  from repvgg_jax import penalties
+  f = penalties.make_penalty(stage_cfg.penalty, stage_cfg.penalty_target)
+  return None if f is None else (f, stage_cfg.penalty_weight)
+
+
 def bound_warmup(cfg: Any) -> Callable | None:
   """``step -> factor`` on the ``branch`` bound's tau in the FP stage's training forward
   (:func:`make_train_step`'s ``bound_factor``): ``fp.bound_warmup_start`` at step 0,

@@ -12,11 +12,12 @@ unless the caller asked to discard stale stages; they are then moved aside to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 
@@ -27,6 +28,31 @@ STAGES = ("fp", "qat")
 # Fields that change how often a stage saves, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep", "profile_steps")
 MAX_FIELDS_NAMED = 6
+
+
+@contextlib.contextmanager
+def open_run(workdir: str, cfg: Any, stages: tuple[str, ...], *, discard_stale: bool = False,
+             write: bool = True) -> Iterator["Stages"]:
+  """The :class:`Stages` of a run in ``workdir`` (created by process 0, ``write``), closed
+  when the run ends or fails. A run that stops before writing anything (a bad data_dir,
+  say) leaves no empty workdir behind it."""
+  if "://" in workdir:
+    raise ValueError(f"workdir={workdir!r}: only local directories (or a mounted bucket) "
+                     "are supported for the workdir")
+  new = not os.path.exists(workdir)
+  try:
+    # Before anything is restored: orbax must never see another config's tree.
+    records = Stages(workdir, cfg, stages, discard_stale=discard_stale, write=write)
+    try:
+      if write:
+        os.makedirs(workdir, exist_ok=True)
+      yield records
+    finally:
+      records.close()
+  except BaseException:
+    if write and new and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
 
 
 class StaleWorkdir(RuntimeError):
@@ -156,7 +182,7 @@ class Stages:
       parts.append(f"{stage} ({'; '.join(named)})")
     return (f"workdir {self.workdir} holds checkpoints of another config: "
             f"{', '.join(parts)}. Nothing was changed. Either pass a new --workdir, or rerun "
-            f"with --discard_stale (pipeline.run(..., discard_stale=True)) to move the stale "
+            f"with --discard_stale (train_and_evaluate(..., discard_stale=True)) to move the stale "
             f"stages to {os.path.join(self.workdir, 'stale')}/ and train them again.")
 
   def _move_aside(self, stages: list[str]) -> None:

@@ -1,10 +1,11 @@
-"""The QAT stage's quantizer: layouts checked, bits allocated under a budget, codebooks and
-activation steps initialized (process 0 fits, every process gets the result).
+"""The QAT stage: the merged network fine-tuned with its weights (and activations) quantized.
 
-``pipeline.run`` calls these in order: :func:`quant_kernels` and :func:`plan_budget` before
-any training (bad layouts and unmeetable budgets stop the run at start), then after the merge
-:func:`allocate_bits`, :func:`weight_quantizer`, :func:`init_codebooks` and
-:func:`with_activation_steps`; :func:`make_refit` is the QAT loop's periodic refit.
+``train.train_and_evaluate`` calls :func:`quant_kernels` and :func:`plan_budget` before any
+training (bad layouts and unmeetable budgets stop the run at start), then after the merge
+:func:`allocate_bits` (under a budget) and :func:`initial_state` (the quantizer fitted:
+:func:`weight_quantizer`, :func:`init_codebooks`, :func:`with_activation_steps`), and trains
+with :func:`refit_hook` (the periodic codebook refit) and :func:`teacher` (distillation).
+Process 0 fits and measures; every process gets the result.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from absl import logging
 import repvgg_jax
 from repvgg_jax.quant import make_quantizer
 from repvgg_jax.train import sharding, steps
-from repvgg_jax.train.state import build_model
+from repvgg_jax.train.state import build_model, create_train_state
 
 
 def weight_quantizer(qc: ml_collections.ConfigDict, layer_bits_of: Any = ()) -> Any:
@@ -129,3 +130,54 @@ def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
                                  method=cfg.quant.act_calibration,
                                  percentile=cfg.quant.act_percentile)
   return sharding.broadcast_from_primary(jax.device_get(quant))
+
+
+def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int, loader: Any,
+                  allocation: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+  """``(quantizer, quantized deploy-form model, host TrainState)`` the QAT stage starts from:
+  the weight quantizer of ``cfg.quant`` (per-layer bits of ``allocation``, if any) fitted to
+  the merged variables ``merged``, and its activation steps calibrated (``quant.act_bits``)."""
+  qc = cfg.quant
+  q = weight_quantizer(qc, {p: l["bits"] for p, l in (allocation or {"layers": {}})["layers"]
+                            .items()})
+  qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
+  logging.info("fitting the %s %s-bit weight quantizer of %d kernels", qc.method,
+               qc.bits if allocation is None else allocation["mean_bits"],
+               len(q.kernels(merged["params"])))
+  quant = init_codebooks(q, merged["params"])
+  if qc.act_bits:
+    logging.info("calibrating %d-bit activation steps (%s) on %d training batches",
+                 qc.act_bits, qc.act_calibration, qc.calib_batches)
+    quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
+  return q, qmodel, create_train_state(qmodel, merged, cfg.qat, quant=quant)
+
+
+def refit_hook(quantizer: Any, mesh: Any, every: int) -> Any:
+  """The QAT loop's hook ``f(step, state) -> state``: the codebooks refitted to the latent
+  weights every ``every`` steps (:func:`make_refit`)."""
+  refit_fn = make_refit(quantizer, mesh)
+
+  def refit(step: int, state: Any) -> Any:
+    if step % every:
+      return state
+    return state.replace(quant=refit_fn(state.params, state.quant))
+  return refit
+
+
+def teacher(qat_cfg: ml_collections.ConfigDict, deploy_model: Any,
+            merged: Any) -> steps.Distill | None:
+  """The ``qat.distill`` teacher: the merged float network, frozen; None when off."""
+  if qat_cfg.distill != "logits":
+    return None
+  return steps.Distill(
+      apply=lambda p, x: deploy_model.apply({"params": p}, x, train=False),
+      variables=merged["params"], weight=qat_cfg.distill_weight,
+      temperature=qat_cfg.distill_temperature)
+
+
+def form_bits(qc: ml_collections.ConfigDict, allocation: dict[str, Any] | None) -> dict:
+  """``{"weight_bits", "act_bits"}`` of the quantized forms in the report: the block layers'
+  index bits per weight (a vector index covers ``cluster_dim`` weights)."""
+  index_bits = qc.bits if allocation is None else allocation["mean_bits"]
+  return {"weight_bits": index_bits if qc.cluster_dim == 1 else index_bits / qc.cluster_dim,
+          "act_bits": qc.act_bits or None}

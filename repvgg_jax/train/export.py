@@ -1,12 +1,13 @@
-"""The deployed forms of a quantized run: the packed file, its StableHLO program, the
-integer forward, ONNX (run by ONNX Runtime) and Core ML, each written, read back and
-evaluated on the test split (:func:`deploy_forms`); the report's ``forms`` entries.
+"""Export and evaluate every deployed form of a quantized run: the packed file, its StableHLO
+program, the integer forward, ONNX (run by ONNX Runtime) and Core ML, each written, read back
+and evaluated on the test split (:func:`export_and_evaluate`); the report's ``forms`` entries.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 import jax
@@ -24,9 +25,9 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
-def deploy_forms(cfg: ml_collections.ConfigDict, q: Any, params: Any, quant: Any, qmodel: Any,
-                 eval_loader: Any, workdir: str, primary: bool,
-                 bits: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Any]:
+def export_and_evaluate(cfg: ml_collections.ConfigDict, q: Any, params: Any, quant: Any,
+                        qmodel: Any, eval_loader: Any, workdir: str, primary: bool,
+                        bits: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Any]:
   """Exports the QAT result as ``model.packed`` and ``model.stablehlo`` (and ONNX, Core ML
   as ``cfg.export`` asks), reads each back and evaluates it on ``eval_loader``.
 
@@ -53,7 +54,6 @@ def deploy_forms(cfg: ml_collections.ConfigDict, q: Any, params: Any, quant: Any
   onnx_fn, onnx_entry = export_onnx_form(cfg.export, packed, workdir, primary)
   if onnx_fn is not None:
     fns["onnx"] = onnx_fn
-  logging.info("evaluating %s on the test split", ", ".join(fns))
   measured = evaluate_deployed(fns, eval_loader,
                                {"onnx": "integer" if "integer" in fns else "packed"})
   forms = {"packed": {"accuracy": measured["packed"]["accuracy"],
@@ -72,23 +72,63 @@ def deploy_forms(cfg: ml_collections.ConfigDict, q: Any, params: Any, quant: Any
 
 
 def evaluate_deployed(fns: dict[str, Callable], loader: Any,
-                      references: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+                      references: dict[str, str] | None = None,
+                      keep_bytes: int = 1 << 30) -> dict[str, dict[str, float]]:
   """Top-1 of each ``fn(uint8 images) -> logits`` over one pass of ``loader`` (each
   process its shard, summed), and the fraction of predictions equal to those of its
-  reference (``references[name]``; the first fn's by default)."""
+  reference (``references[name]``; the first fn's by default), which comes before it.
+
+  One form at a time, each logged as it starts and with its accuracy and seconds when
+  done. The first pass keeps the batches while they fit in ``keep_bytes`` and the later
+  forms reuse them; a bigger split is read (decoded) again for each form."""
   names = list(fns)
   ref = [names.index((references or {}).get(n, names[0])) for n in names]
+  batches = _Replay(loader, keep_bytes)
   totals = np.zeros((len(fns), 3), np.int64)  # correct, count, agree
-  for batch in loader:
-    mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
-    preds = [np.asarray(fn(batch["image"])).argmax(-1) for fn in fns.values()]
-    for i, pred in enumerate(preds):
+  preds: list[list[np.ndarray]] = []
+  for i, (name, fn) in enumerate(fns.items()):
+    logging.info("evaluating %s on the test split", name)
+    t0 = time.time()
+    preds.append([])
+    for k, batch in enumerate(batches):
+      mask, labels = np.asarray(batch["mask"]), np.asarray(batch["label"])
+      pred = np.asarray(fn(batch["image"])).argmax(-1)
+      preds[i].append(pred)
       totals[i] += [((pred == labels) & mask).sum(), mask.sum(),
-                    ((pred == preds[ref[i]]) & mask).sum()]
+                    ((pred == preds[ref[i]][k]) & mask).sum()]
+    done = totals[i]
+    if jax.process_count() > 1:
+      done = np.asarray(multihost_utils.process_allgather(done)).sum(axis=0)
+    logging.info("%s: top-1 %.2f%% on %d test images, %.1f s", name,
+                 100 * done[0] / max(done[1], 1), done[1], time.time() - t0)
   if jax.process_count() > 1:
     totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
   return {name: {"accuracy": t[0] / max(t[1], 1), "agreement": t[2] / max(t[1], 1)}
           for name, t in zip(fns, totals)}
+
+
+class _Replay:
+  """Passes over ``loader``: the first reads it and keeps its batches while they fit in
+  ``keep_bytes``; later passes replay them, or read the loader again when they did not fit
+  (decoding a large test split once per form is slow; holding it may not fit)."""
+
+  def __init__(self, loader: Any, keep_bytes: int):
+    self.loader, self.keep_bytes, self.kept = loader, keep_bytes, None
+
+  def __iter__(self):
+    return iter(self.kept) if self.kept is not None else self._read()
+
+  def _read(self):
+    kept, size = [], 0
+    for batch in self.loader:
+      if kept is not None:
+        size += sum(np.asarray(v).nbytes for v in batch.values())
+        if size <= self.keep_bytes:
+          kept.append(batch)
+        else:
+          kept = None
+      yield batch
+    self.kept = kept
 
 
 def in_batches_of(fn: Callable, n: int) -> Callable:
