@@ -14,6 +14,8 @@
 * ``stablehlo``: :func:`export_stablehlo`, the forward serialized with ``jax.export``.
 * ``onnx``: :func:`export_onnx`, an ONNX QDQ graph for ONNX Runtime and TensorRT
   (needs the ``[onnx]`` extra; imported when called).
+* ``openvino``: :func:`repvgg_jax.deploy.openvino.onnx_fn`, ``model.onnx`` compiled by
+  OpenVINO for the CPU (the ``[openvino]`` extra; imported when called).
 * ``coreml``: :func:`export_coreml`, a Core ML ML program whose weights are the packed
   codebooks as LUTs (needs the ``[coreml]`` extra; imported when called).
 """

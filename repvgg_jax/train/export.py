@@ -1,6 +1,7 @@
 """Export and evaluate every deployed form of a quantized run: the packed file, its StableHLO
-program, the integer forward, ONNX (run by ONNX Runtime) and Core ML, each written, read back
-and evaluated on the test split (:func:`export_and_evaluate`); the report's ``forms`` entries.
+program, the integer forward, ONNX (run by ONNX Runtime, and by OpenVINO where installed) and
+Core ML, each written, read back and evaluated on the test split (:func:`export_and_evaluate`);
+the report's ``forms`` entries.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import repvgg_jax
-from repvgg_jax.deploy import coreml, onnx
+from repvgg_jax.deploy import coreml, onnx, openvino
 
 
 def _read(path: str) -> bytes:
@@ -51,11 +52,10 @@ def export_and_evaluate(cfg: ml_collections.ConfigDict, q: Any, params: Any, qua
          "stablehlo": in_batches_of(hlo_fn, hlo_batch) if hlo_batch else hlo_fn}
   if cfg.quant.act_bits and q.int_scales(params, quant) is not None and not qmodel.variant.se:
     fns["integer"] = deployed.integer
-  onnx_fn, onnx_entry = export_onnx_form(cfg.export, packed, workdir, primary)
-  if onnx_fn is not None:
-    fns["onnx"] = onnx_fn
-  measured = evaluate_deployed(fns, eval_loader,
-                               {"onnx": "integer" if "integer" in fns else "packed"})
+  onnx_fns, onnx_entry = export_onnx_form(cfg.export, packed, workdir, primary)
+  fns.update(onnx_fns)
+  ref = "integer" if "integer" in fns else "packed"
+  measured = evaluate_deployed(fns, eval_loader, {"onnx": ref, "openvino": ref})
   forms = {"packed": {"accuracy": measured["packed"]["accuracy"],
                       "size_bytes": int(deployed.size_bytes()), **bits},
            "stablehlo": {"accuracy": measured["stablehlo"]["accuracy"],
@@ -64,6 +64,9 @@ def export_and_evaluate(cfg: ml_collections.ConfigDict, q: Any, params: Any, qua
     forms["integer"] = {**measured["integer"], **bits}
   if onnx_entry is not None:
     forms["onnx"] = {**measured.get("onnx", {}), **onnx_entry, **bits}
+  if "openvino" in measured:
+    forms["openvino"] = {**measured["openvino"], "size_bytes": onnx_entry["size_bytes"],
+                         "precision": "f32", **bits}
   coreml_entry = (export_coreml_form(cfg.export, packed, workdir, image_shape[-1])
                   if primary else None)
   if coreml_entry is not None:
@@ -187,13 +190,14 @@ def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
 
 
 def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
-                     primary: bool) -> tuple[Callable | None, dict[str, Any] | None]:
-  """``(ONNX Runtime fn, report entry)`` of ``model.onnx`` as ``ec`` (``cfg.export``)
-  asks, or ``(None, None)`` when skipped; a model the export refuses gets an entry
+                     primary: bool) -> tuple[dict[str, Callable], dict[str, Any] | None]:
+  """``({"onnx": ONNX Runtime fn, "openvino": OpenVINO fn}, report entry)`` of
+  ``model.onnx`` as ``ec`` (``cfg.export``) asks (``"openvino"`` where OpenVINO is
+  installed), or ``({}, None)`` when skipped; a model the export refuses gets an entry
   with the reason and no file (the run's other files stand). Process 0 writes the
   file and evaluates what it reads back."""
   path = os.path.join(workdir, "model.onnx")
-  entry, fn = None, None
+  entry, fns = None, {}
   if ec.onnx == "auto" and not onnx.available():
     logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
                  "(pip install 'repvgg-jax[onnx]')")
@@ -207,9 +211,11 @@ def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
       entry = {"error": str(e)}
     else:
       data = _read(path) if primary else proto.SerializeToString()
-      fn, entry = onnx_runtime_fn(data), {"size_bytes": len(data),
-                                          "activations": ec.onnx_activations}
-  if fn is None and primary and os.path.exists(path):
+      entry = {"size_bytes": len(data), "activations": ec.onnx_activations}
+      fns["onnx"] = onnx_runtime_fn(data)
+      if (ov_fn := openvino.report_fn(data)) is not None:
+        fns["openvino"] = ov_fn  # the same file in OpenVINO, where it is installed
+  if not fns and primary and os.path.exists(path):
     os.remove(path)  # an earlier run's file would not match this model.packed
     logging.info("removed the earlier run's model.onnx")
-  return fn, entry
+  return fns, entry

@@ -14,11 +14,13 @@ from repvgg_jax import analysis, plots
 from repvgg_jax.deploy import coreml, onnx
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
-FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx", "coreml")
+FORMS = ("fp", "merged", "qat", "packed", "stablehlo", "integer", "onnx", "openvino",
+         "coreml")
 LABELS = {"fp": "train-form FP", "merged": "merged FP", "qat": "QAT (fake-quant)",
           "packed": "packed export", "stablehlo": "model.stablehlo",
           "integer": "integer forward (int8 x int8 -> int32)",
           "onnx": "model.onnx in ONNX Runtime",
+          "openvino": "model.onnx in OpenVINO (CPU, f32)",
           "coreml": "model.mlpackage (Core ML)"}
 
 
@@ -131,10 +133,16 @@ def markdown(report: Mapping[str, Any]) -> str:
     out += (f"\nThe integer forward predicts as the packed model on "
             f"{100 * report['forms']['integer']['agreement']:.2f}% of the test images.\n")
   onnx = report["forms"].get("onnx", {})
+  ref = "the integer forward" if "integer" in report["forms"] else "the packed model"
   if "agreement" in onnx:
-    ref = "the integer forward" if "integer" in report["forms"] else "the packed model"
-    out += (f"\nONNX Runtime runs model.onnx (activations {onnx['activations']}) and predicts "
+    acts = (f"{onnx['act_bits']}-bit activations as {onnx['activations']}"
+            if onnx.get("act_bits") else "float activations")
+    out += (f"\nONNX Runtime runs model.onnx ({acts}) and predicts "
             f"as {ref} on {100 * onnx['agreement']:.2f}% of the test images.\n")
+    ov = report["forms"].get("openvino", {})
+    if "agreement" in ov:
+      out += (f"OpenVINO runs the same file (CPU, {ov['precision']} float ops) and predicts "
+              f"as {ref} on {100 * ov['agreement']:.2f}% of them.\n")
   elif "error" in onnx:
     out += f"\nmodel.onnx was not written: {onnx['error']}\n"
   coreml = report["forms"].get("coreml", {})
