@@ -11,7 +11,6 @@ import jax
 import numpy as np
 
 from repvgg_jax import reparam
-from repvgg_jax.deprecation import renamed
 from repvgg_jax.layers.oabn import bound
 from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
 
@@ -270,9 +269,3 @@ def _median_bns(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> list:
     return [(path, stats)]
   return [hit for k, v in stats.items() if isinstance(v, Mapping)
           for hit in _median_bns(v, path + (k,))]
-
-
-__getattr__ = renamed(__name__, {
-    "plot_weight_histograms": "repvgg_jax.plots.plot_weight_histograms",
-    "plot_channel_outliers": "repvgg_jax.plots.plot_channel_outliers",
-})

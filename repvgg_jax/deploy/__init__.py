@@ -27,7 +27,3 @@ from repvgg_jax.deploy.stablehlo import export_stablehlo
 __all__ = ["DeployedModel", "calibrate", "export_coreml", "export_onnx", "export_stablehlo",
            "forward_fn", "integer_forward_fn", "load_packed", "model_description",
            "normalize_images"]
-
-from repvgg_jax.deprecation import renamed  # noqa: E402
-
-__getattr__ = renamed(__name__, {"describe": "repvgg_jax.deploy.runtime.model_description"})

@@ -294,12 +294,6 @@ class RepVGG(nn.Module):
         layer += 1
     return out
 
-  def blocks(self) -> list["BlockSpec"]:
-    """Deprecated name of :meth:`layers` (goes in the next release)."""
-    from repvgg_jax.deprecation import warn_renamed
-    warn_renamed("RepVGG.blocks()", "RepVGG.layers()")
-    return self.layers()
-
 
 # OABN's form by depth (docs/oabn.md, "At full depth"): ``branch`` up to this many blocks in
 # every stage (measured better than ``median`` at 4, the demo network), ``median`` deeper

@@ -13,7 +13,6 @@ import optax
 from flax.training import train_state
 
 from repvgg_jax.models.repvgg import RepVGG, create_model, default_oabn_form
-from repvgg_jax.deprecation import renamed
 from repvgg_jax.layers.oabn import SETTINGS
 from repvgg_jax.train.optimizer import make_optimizer
 
@@ -89,8 +88,3 @@ def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: A
                            tx=make_optimizer(stage_cfg, params, quant),
                            batch_stats=dict(variables.get("batch_stats", {})),
                            settings=dict(variables.get(SETTINGS, {})), quant=quant)
-
-
-# (make_optimizer is imported above: it still reads from here, without a warning.)
-__getattr__ = renamed(__name__, {n: f"repvgg_jax.train.optimizer.{n}" for n in (
-    "weight_decay_mask", "learning_rate_schedule")})
