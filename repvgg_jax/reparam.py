@@ -3,7 +3,7 @@
 ``merge(variables)`` turns the train-form (multi-branch) RepVGG variables
 into deploy-form variables (one 3x3 conv with bias per block). It needs no
 module: blocks are found by their ``conv_kxk`` key, group counts are read off
-kernel shapes, and an OABN's bound lives in its ``batch_stats``.
+kernel shapes, and an OABN's bound settings live in the ``settings`` collection.
 
 Math (HWIO kernels, per output channel ``o``)::
 
@@ -16,7 +16,7 @@ Math (HWIO kernels, per output channel ``o``)::
 QARepVGG block (``post_bn`` present: 1x1 conv and identity without BN, one BN
 after the sum) merges as ``K = (K3' + pad1x1(K1) + g * I) * s_post``,
 ``b = (b3' - mean_post) * s_post + beta_post`` with ``g`` its
-``batch_stats/identity_gain`` (1; absent when the block has no identity).
+``settings/identity_gain`` (1; absent when the block has no identity).
 """
 
 from __future__ import annotations
@@ -225,8 +225,7 @@ def _overlay(stats: Any, settings: Any) -> Any:
 def norm_state(variables: Mapping[str, Any]) -> dict[str, Any]:
   """What the merge reads besides ``params``: ``batch_stats`` (running means and
   variances) with the ``settings`` collection (OABN bounds, QARepVGG identity gains)
-  laid over it, one tree. Variables saved before the settings had a collection of
-  their own hold them inside ``batch_stats``, and read the same."""
+  laid over it, one tree."""
   return _overlay(dict(variables.get("batch_stats", {})), dict(variables.get(SETTINGS, {})))
 
 

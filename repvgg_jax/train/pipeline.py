@@ -29,7 +29,7 @@ from repvgg_jax.train.quant_setup import (allocate_bits, init_codebooks, make_re
                                           with_activation_steps)
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import Profile, schedule, train_stage
-from repvgg_jax.models.settings import check_settings, split_settings
+from repvgg_jax.models.settings import check_settings
 from repvgg_jax.layers.oabn import SETTINGS
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
@@ -84,7 +84,6 @@ def load_variables(path: str, template: dict) -> dict:
     state_dict = ckpt.restore_host()
     ckpt.close()
     loaded = {k: state_dict[k] for k in ("params", "batch_stats", SETTINGS) if k in state_dict}
-  loaded = split_settings(loaded)  # files saved before settings had their own collection
   want = traverse_util.flatten_dict(template, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
