@@ -125,21 +125,19 @@ class RepVGGBlock(nn.Module):
   branch_bound: tuple[float, bool] | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, loosen: Any = 1.0) -> jax.Array:
-    """``loosen``: the ``branch`` bound's tau times this in this call (see
-    :class:`RepVGG`); the stored settings, which merge reads, stay the model's."""
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.deploy:
       if self.act_bits:
         x = ActQuant(self.act_bits, self.act_signed, name="act")(x)
       y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
                 "reparam_conv", self.conv_impl)(x)
     else:
-      y = self._branches(x, train, loosen)
+      y = self._branches(x, train)
     if self.se:
       y = SqueezeExcite(dtype=self.dtype, name="se")(y)
     return nn.relu(y)
 
-  def _branches(self, x: jax.Array, train: bool, loosen: Any) -> jax.Array:
+  def _branches(self, x: jax.Array, train: bool) -> jax.Array:
     """The train form's sum of branches (before SE and ReLU)."""
     branch = functools.partial(ConvBN, self.features, strides=self.strides, groups=self.groups,
                                norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl)
@@ -166,7 +164,7 @@ class RepVGGBlock(nn.Module):
     zi = si = bi = None
     if has_id:
       zi, si, bi = self.norm(name="identity")(x, use_running_average=not train, raw=True)
-    s1, si = branch_bound(s3, k3, s1, k1, si, tau * loosen, smooth)
+    s1, si = branch_bound(s3, k3, s1, k1, si, tau, smooth)
     y = z3 * s3 + b3 + (z1 * s1 + b1)
     if has_id:
       y = y + (zi * si + bi)
@@ -254,11 +252,8 @@ class RepVGG(nn.Module):
     return None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, loosen: Any = 1.0) -> jax.Array:
-    """Args: x, images ``(N, H, W, 3)``; loosen, a factor >= 1 (may be traced) on
-    the ``branch`` bound's tau in this call only: the FP stage's bound warm-up
-    (``fp.bound_warmup_steps``). Eval and :func:`repvgg_jax.merge` use the model's
-    bound. Returns logits ``(N, num_classes)``."""
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Args: x, images ``(N, H, W, 3)``. Returns logits ``(N, num_classes)``."""
     if x.ndim != 4:
       raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
     v = self.variant
@@ -272,7 +267,7 @@ class RepVGG(nn.Module):
     x = x.astype(self.dtype) if self.dtype is not None else x
     for b in self.layers():
       x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
-                name=b.name)(x, train, loosen)
+                name=b.name)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if self.act_bits:
       x = ActQuant(self.act_bits, name="head_act")(x)

@@ -71,11 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 1: FP training of the multi-branch network.
   c.fp = _stage_config()
-  # OABN's branch bound loosened in FP training (docs/oabn.md): oabn_tau x bound_warmup_start
-  # at step 0, tightening geometrically to oabn_tau at step bound_warmup_steps (0 = off);
-  # eval and merge always use the model's bound.
-  c.fp.bound_warmup_steps = 0
-  c.fp.bound_warmup_start = 10.0
   # Stage 2: QAT of the merged network (the "merge" stage has no training).
   c.qat = _stage_config()
   c.qat.base_lr = 0.01
@@ -313,8 +308,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-  from repvgg_jax.train.steps import bound_warmup_problems, check_distill
-  problems += bound_warmup_problems(cfg)
+  from repvgg_jax.train.steps import check_distill
   q = cfg.qat
   owned("qat.", check_distill, q.distill, q.distill_weight, q.distill_temperature)
   if q.distill != "off" and (not q.enabled or qc.method == "none"):

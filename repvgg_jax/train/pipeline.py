@@ -219,8 +219,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, stages: Stages, mesh: Any
     state = train_stage(
         "fp", state, mesh=mesh, loader=loader("train", cfg.fp.batch_size, True),
         train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
-                                         pixel_stats=pixels, penalty=stage_penalty(cfg.fp),
-                                         bound_factor=steps.bound_warmup(cfg)),
+                                         pixel_stats=pixels, penalty=stage_penalty(cfg.fp)),
         ckpt_dir=os.path.join(ckpt_root, "fp"), **schedule(cfg.fp), writer=writer,
         log_every=cfg.log_every, hooks=profile_hooks(cfg.fp, workdir, "fp"),
         evaluate=evaluate_with(eval_plain))
