@@ -14,8 +14,6 @@ from repvgg_jax import reparam
 from repvgg_jax.layers.oabn import bound
 from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
 
-STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
-
 
 def merged_kernels(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """:func:`repvgg_jax.reparam.merged_kernels` as float64 numpy arrays."""

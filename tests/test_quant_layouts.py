@@ -18,7 +18,7 @@ from repvgg_jax.quant.packed import pack, read_packed
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
 
-from _util import codebook_mse, random_variables
+from _util import codebook_mse, random_variables, vector_squared_error
 
 TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.125))  # 16, 32, 64, 64 channels
 
@@ -177,7 +177,6 @@ def test_vector_model_packs_loads_and_exports(tmp_path, opts):
 
 
 def test_vector_refit_keeps_a_fitted_codebook_and_follows_moved_weights():
-  from repvgg_jax.quant.vector import vector_squared_error
   params = _params()
   q = make_quantizer("cluster", bits=2, cluster_dim=2, first_last_bits=4)
   state = q.init(params)

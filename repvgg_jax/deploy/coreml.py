@@ -148,7 +148,7 @@ def _quant_act(mb, x, layer: str, step: np.float32, bits: int, signed: bool):
 
 
 def _squeeze_excite(mb, x, p: dict, name: str):
-  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  """Float SE of ``repvgg_jax.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
   s = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True, name=f"{name}_pool")
   for part, act in (("down", mb.relu), ("up", mb.sigmoid)):
     k = np.ascontiguousarray(np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None])

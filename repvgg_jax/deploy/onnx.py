@@ -184,7 +184,7 @@ def _bias(g: _Graph, name: str, bias: np.ndarray, act_step: float | None,
 
 
 def _squeeze_excite(g: _Graph, x: str, p: dict, name: str) -> str:
-  """Float SE of ``nn.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
+  """Float SE of ``repvgg_jax.models.repvgg.SqueezeExcite`` on an NCHW tensor."""
   s = g.op("GlobalAveragePool", [x], f"{name}/pool")
   for part, act in (("down", "Relu"), ("up", "Sigmoid")):
     k = np.asarray(p[part]["kernel"], np.float32).T[:, :, None, None]

@@ -25,9 +25,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-ITEMS = ("state", "data", "meta")
-
-
 def _registry() -> Any:
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler())

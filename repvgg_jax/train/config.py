@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_batch_size = 256
   # Evaluate the train-form FP and merged networks. False leaves their accuracy out of
-  # the report (QAT from an FP run that was already evaluated, e.g. in benchmarks/study.py).
+  # the report (QAT from an FP run that was already evaluated, e.g. in python -m experiments.study).
   c.eval_fp_forms = True
 
   c.model = ml_collections.ConfigDict()
