@@ -168,7 +168,7 @@ def test_tiny_repvgg_auto_equals_xla(deploy, any_backend):
 
 
 def test_default_conv_impl_and_bad_value():
-  assert rv.create_model("RepVGG-A0").conv_impl == "auto"
+  assert rv.create_model("RepVGG-A0").conv_impl == "xla"
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     rv.create_model("RepVGG-A0", conv_impl="cudnn")
 

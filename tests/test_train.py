@@ -54,6 +54,21 @@ def test_validate_names_every_invalid_field():
     assert name in str(e.value)
 
 
+def test_validate_names_a_bad_conv_impl():
+  cfg = tiny.tiny_config()
+  cfg.model.conv_impl = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match=r"model.conv_impl='cudnn'"):
+    config_lib.validate(cfg)
+
+
+def test_model_conv_impl_reaches_the_model():
+  cfg = tiny.tiny_config()
+  assert build_model(cfg.model, 10, deploy=False).conv_impl == "auto"  # tiny's (CPU)
+  cfg.model.conv_impl = "xla"
+  assert build_model(cfg.model, 10, deploy=True).conv_impl == "xla"
+  assert config_lib.base_config().model.conv_impl == "xla"
+
+
 def _direct_error(call):
   with pytest.raises(ValueError) as err:
     call()

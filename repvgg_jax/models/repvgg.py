@@ -50,7 +50,7 @@ SIGNED_INPUT_LAYER = "stem"
 
 
 def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
-          dtype: Any, name: str, conv_impl: str = "auto") -> nn.Conv:
+          dtype: Any, name: str, conv_impl: str = "xla") -> nn.Conv:
   # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
   # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
   # Both impls trim the high padding no window reads (conv_lib.read_padding):
@@ -73,7 +73,7 @@ class ConvBN(nn.Module):
   groups: int
   norm: Callable[..., nn.Module]
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, raw: bool = False) -> Any:
@@ -118,7 +118,7 @@ class RepVGGBlock(nn.Module):
   deploy: bool
   norm: Callable[..., nn.Module]
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   act_bits: int = 0
   act_signed: bool = False
   style: str = "repvgg"
@@ -206,10 +206,12 @@ class RepVGG(nn.Module):
     act_bits: deploy form only: fake-quantize the input of every conv and
       of the head to this many bits (2..8; per tensor, steps in the ``quant``
       collection, see ``quant/activation.py``); 0 = float activations.
-    conv_impl: ``"auto"`` (on CPU devices, convs whose output map has <= 4 pixels
-      run as matmuls: unrolled kernel or tap-pruned im2col, see
-      ``layers/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
-      ``lax.conv_general_dilated``). Same parameters and, up to float
+    conv_impl: ``"xla"`` (the default: every conv is ``lax.conv_general_dilated``,
+      plain flax/lax on every platform) or ``"auto"`` (on CPU devices, convs whose
+      output map has <= 4 pixels run as matmuls: unrolled kernel or tap-pruned
+      im2col, see ``layers/conv.py``; several times faster for the tiny maps of a
+      32 px input on XLA:CPU; XLA's conv elsewhere, chosen per platform at
+      lowering by ``lax.platform_dependent``). Same parameters and, up to float
       rounding, the same outputs; at 224 px both compile to the same program.
   """
   variant: Variant
@@ -223,7 +225,7 @@ class RepVGG(nn.Module):
   deploy: bool = False
   cifar_stem: bool = False
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   act_bits: int = 0
 
   def _norm_factory(self) -> Callable[..., nn.Module]:
@@ -336,7 +338,7 @@ def check_model(name: str | None, *, num_classes: int = 1000, norm: str = "bn",
   bound = kwargs.get("oabn_bound", "tanh")
   if bound not in BOUNDS:
     raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
-  conv_impl = kwargs.get("conv_impl", "auto")
+  conv_impl = kwargs.get("conv_impl", "xla")
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
   if check_act_bits(kwargs.get("act_bits", 0)) and not deploy:

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.blocks = ()
   c.model.widths = ()
   c.model.dtype = "float32"           # compute dtype; params stay float32
+  # "xla": every conv is lax.conv_general_dilated; "auto": on CPU, convs with <= 4 output
+  # pixels run as matmuls (layers/conv.py; several times faster for 32 px inputs there).
+  c.model.conv_impl = "xla"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"              # "idx" | "folder" | "tfds" | "synthetic"
@@ -232,7 +235,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from repvgg_jax.quant.quantizer import METHODS, check_options
   m = cfg.model
   owned("model.", check_model, m.name, norm=m.norm, block=m.block, oabn_form=m.oabn_form or None,
-        oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None)
+        oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None, conv_impl=m.conv_impl)
   if not isinstance(m.oabn_relative, bool):
     problems.append(f"model.oabn_relative={m.oabn_relative!r} must be True or False")
   for f, kind in (("blocks", int), ("widths", (int, float))):

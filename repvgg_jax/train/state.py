@@ -57,7 +57,8 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, block=model_cfg.block,
             oabn_form=model_cfg.oabn_form or None, oabn_tau=model_cfg.oabn_tau or None,
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
-            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
+            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype,
+            conv_impl=model_cfg.conv_impl, act_bits=act_bits)
   return RepVGG(model_variant(model_cfg), **kw)
 
 

@@ -26,6 +26,9 @@ from repvgg_jax.train.config import base_config
 STAGES = ("fp", "qat")
 # Fields that change how often a stage saves, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep", "profile_steps")
+# How the convs are computed, not what: the same parameters, outputs equal up to float
+# rounding (a run may switch, e.g. to resume a CPU run on a GPU).
+_NOT_DETERMINING_MODEL = ("model.conv_impl",)
 MAX_FIELDS_NAMED = 6
 
 
@@ -57,7 +60,8 @@ def fingerprint(cfg: Any, stage: str) -> dict[str, Any]:
     groups += ["quant", "qat", "init_from"]
   flat = _flat({g: c[g] for g in groups})
   return {k: v for k, v in flat.items()
-          if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)}
+          if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)
+          and k not in _NOT_DETERMINING_MODEL}
 
 
 def _unused(flat: dict) -> set[str]:
