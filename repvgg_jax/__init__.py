@@ -1,7 +1,7 @@
 """repvgg-jax: RepVGG in JAX/Flax with Outlier-Aware BatchNorm and ClusterQAT."""
 
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, create_model, list_models
-from repvgg_jax.layers.oabn import OABN
+from repvgg_jax.models.oabn import OABN
 from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 from repvgg_jax.quant import make_quantizer, pack
 from repvgg_jax.deploy import (DeployedModel, calibrate, export_coreml, export_onnx,

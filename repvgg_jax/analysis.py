@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from repvgg_jax import reparam
-from repvgg_jax.layers.oabn import bound
+from repvgg_jax.models.oabn import bound
 from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
 
 
@@ -229,11 +229,11 @@ def channel_outlier_table(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> 
 def bound_factors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Per output channel, the factor OABN's bound scales a BN's effective scale by in the
   merge (1: the bound is inactive there). ``branch`` form: per block, the factor on its
-  identity and 1x1 branches (``repvgg_jax.layers.oabn.branch_bound``), read as the
+  identity and 1x1 branches (``repvgg_jax.models.oabn.branch_bound``), read as the
   identity tap's folded scale with the recorded bound over the same without it (the 1x1
   tap's where there is no identity). ``median`` form: per OABN layer
   (``"stages_2_3/identity"``, ``"stages_2_3/conv_kxk"``, ...), ``bound(s) / s``
-  (``repvgg_jax.layers.oabn.bound``). Layers without a bound are left out. Train-form
+  (``repvgg_jax.models.oabn.bound``). Layers without a bound are left out. Train-form
   variables."""
   stats = norm_state(variables)
   out = {}

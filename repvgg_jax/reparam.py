@@ -12,7 +12,7 @@ Math (HWIO kernels, per output channel ``o``)::
   I[1, 1, o % (Cin/groups), o] = 1       (group-aware identity kernel)
 
 ``bound`` is OABN's (``median`` form, per BN) or, for a block with the
-``branch`` form, :func:`repvgg_jax.layers.oabn.branch_bound` on ``s1, s_id``. A
+``branch`` form, :func:`repvgg_jax.models.oabn.branch_bound` on ``s1, s_id``. A
 QARepVGG block (``post_bn`` present: 1x1 conv and identity without BN, one BN
 after the sum) merges as ``K = (K3' + pad1x1(K1) + g * I) * s_post``,
 ``b = (b3' - mean_post) * s_post + beta_post`` with ``g`` its
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from repvgg_jax.layers.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS, branch_bound, scale_shift
+from repvgg_jax.models.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS, branch_bound, scale_shift
 
 # Same as PyTorch's BatchNorm2d default; the models are built with it.
 BN_EPSILON = 1e-5

@@ -12,7 +12,7 @@ import repvgg_jax as rv
 from repvgg_jax.analysis import outlier_stats
 from repvgg_jax.models.repvgg import RepVGG
 from repvgg_jax.models.settings import check_settings
-from repvgg_jax.layers.oabn import OABN, bound, branch_bound
+from repvgg_jax.models.oabn import OABN, bound, branch_bound
 from _util import random_variables, rel_err, tiny_variant
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.layers.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS
+from repvgg_jax.models.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS
 from repvgg_jax.reparam import IDENTITY_GAIN, SETTING_KEYS
 
 

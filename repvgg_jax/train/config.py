@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   # OABN (docs/oabn.md): "branch" bounds each channel's 1x1 + identity centre taps by
   # oabn_tau x the rms of its 3x3 branch; "median" bounds each BN's scales by oabn_tau x
   # the layer's median; "" = by depth (branch up to 4 blocks a stage, median deeper:
-  # models.repvgg.default_oabn_form). oabn_tau 0 = the form's default (branch 3, median 4).
+  # models.oabn.resolve_bound). oabn_tau 0 = the form's default (branch 3, median 4).
   c.model.oabn_form = ""
   c.model.oabn_tau = 0.0
   c.model.oabn_bound = "tanh"         # "tanh" (smooth) | "clip"
@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.widths = ()
   c.model.dtype = "float32"           # compute dtype; params stay float32
   # "xla": every conv is lax.conv_general_dilated; "auto": on CPU, convs with <= 4 output
-  # pixels run as matmuls (layers/conv.py; several times faster for 32 px inputs there).
+  # pixels run as matmuls (models/conv.py; several times faster for 32 px inputs there).
   c.model.conv_impl = "xla"
 
   c.data = ml_collections.ConfigDict()
@@ -360,20 +360,17 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates ``cfg`` and returns a locked copy with the defaults that depend on other
   fields filled in, and warmups shortened to fit their stage.
 
-  ``model.oabn_form`` "" becomes the depth's form (``train.state.oabn_form``)
-  and ``model.oabn_tau`` 0 the form's default (``layers.oabn.DEFAULT_TAU``), so the
-  workdir records and the report state them. A ``warmup_steps`` of at least
+  ``model.oabn_form`` "" becomes the depth's form and ``model.oabn_tau`` 0 the form's
+  default (:func:`repvgg_jax.models.oabn.resolve_bound`), so the workdir records and
+  the report state them. A ``warmup_steps`` of at least
   ``num_steps`` (a short run of a long recipe, e.g. ``--config.fp.num_steps=50``
   with the demo's 100 warmup steps) becomes ``num_steps // 10``, with a log line;
   the report states the value used.
   """
-  from repvgg_jax.layers.oabn import DEFAULT_TAU
-  from repvgg_jax.train.state import oabn_form
+  from repvgg_jax.train.state import oabn_bound
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
-  cfg.model.oabn_form = oabn_form(cfg.model)
-  if not cfg.model.oabn_tau:
-    cfg.model.oabn_tau = DEFAULT_TAU[cfg.model.oabn_form]
+  cfg.model.oabn_form, cfg.model.oabn_tau = oabn_bound(cfg.model)
   for stage in ("fp", "qat"):
     s = cfg[stage]
     if s.warmup_steps >= s.num_steps:

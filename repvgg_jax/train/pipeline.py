@@ -30,7 +30,7 @@ from repvgg_jax.train.quant_setup import (allocate_bits, init_codebooks, make_re
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import Profile, schedule, train_stage
 from repvgg_jax.models.settings import check_settings
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.workdir import Stages
 from repvgg_jax.train.writers import create_writer, tensorboard_dir

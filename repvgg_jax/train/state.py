@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from repvgg_jax.models.repvgg import RepVGG, create_model, default_oabn_form
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import resolve_bound
+from repvgg_jax.models.repvgg import RepVGG, create_model
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train.optimizer import make_optimizer
 
 
@@ -62,10 +63,12 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   return RepVGG(model_variant(model_cfg), **kw)
 
 
-def oabn_form(model_cfg: Any) -> str:
-  """``model.oabn_form``, or the form the model's depth picks when it is ""
-  (:func:`repvgg_jax.models.repvgg.default_oabn_form`)."""
-  return model_cfg.oabn_form or default_oabn_form(model_variant(model_cfg), model_cfg.block)
+def oabn_bound(model_cfg: Any) -> tuple[str, float]:
+  """``(form, tau)`` of the config's OABN: ``model.oabn_form`` ("" = by depth) and
+  ``model.oabn_tau`` (0 = the form's), as the model resolves them
+  (:func:`repvgg_jax.models.oabn.resolve_bound`)."""
+  return resolve_bound(model_cfg.oabn_form or None, model_cfg.oabn_tau or None,
+                       model_variant(model_cfg).blocks, model_cfg.block)
 
 
 def model_variant(model_cfg: Any) -> Any:

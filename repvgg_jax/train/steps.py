@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from repvgg_jax.data.transforms import normalize
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train import sharding
 from repvgg_jax.train.state import TrainState
 
