@@ -185,7 +185,7 @@ class RepVGG(nn.Module):
   Attributes:
     variant: the zoo row (depths, widths, groups, SE).
     num_classes: size of the dense head.
-    norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
+    norm: ``"bn"`` (:class:`OABN` without a bound: a plain BN) or ``"oabn"`` (bounded).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
     oabn_form: ``"branch"`` (each block bounds its 1x1 and identity taps per
