@@ -11,8 +11,8 @@ so a shared, noisy machine affects them alike. Prints Markdown tables:
 * one block per stage at 32 px batch 128 (train fwd+bwd, deploy fwd), times
   the stage's block count, to show where the time goes;
 * with ``--layers``: single 3x3 convs, XLA vs the matmul forms forced on
-  (unrolled kernel or tap-pruned im2col, whichever ``layers/conv.py`` picks for
-  the shape), the data behind ``repvgg_jax.layers.conv.MAX_OUT_PIXELS``.
+  (unrolled kernel or tap-pruned im2col, whichever ``models/conv.py`` picks for
+  the shape), the data behind ``repvgg_jax.models.conv.MAX_OUT_PIXELS``.
 
   python benchmarks/conv_impl.py [--repeats 5] [--layers]
 """
@@ -33,7 +33,7 @@ from jax import lax
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGGBlock
-from repvgg_jax.layers import conv as conv_lib
+from repvgg_jax.models import conv as conv_lib
 
 from bench_common import cpu_model  # run as a script: benchmarks/ is on sys.path
 

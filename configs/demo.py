@@ -24,6 +24,7 @@ def get_config():
   c.model.norm = "oabn"          # the branch form (by depth: 4 blocks at most) at tau 3
   c.model.blocks = (1, 2, 4, 1)
   c.model.cifar_stem = False
+  c.model.conv_impl = "auto"     # matmuls for the 2x2 and 1x1 maps: several times faster on CPU
   c.data.source = "idx"
   c.data.name = "fashion_mnist"
   c.data.data_dir = ""          # "" = /usr/share/datasets/fashion-mnist

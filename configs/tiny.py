@@ -10,6 +10,7 @@ def tiny_config():
   c.model.widths = (0.25, 0.25, 0.25, 0.25)
   c.model.norm = "oabn"
   c.model.cifar_stem = True
+  c.model.conv_impl = "auto"  # matmuls for the tiny maps (CPU), as configs/demo.py
   c.data.source = "synthetic"
   c.data.image_size = 16
   c.data.augment = "none"

@@ -1,13 +1,12 @@
 """repvgg-jax: RepVGG in JAX/Flax with Outlier-Aware BatchNorm and ClusterQAT."""
 
 from repvgg_jax.models.repvgg import RepVGG, VARIANTS, create_model, list_models
-from repvgg_jax.layers.oabn import OABN
+from repvgg_jax.models.oabn import OABN
 from repvgg_jax.reparam import fold_bn, identity_kernel, merge, merge_block
 from repvgg_jax.quant import make_quantizer, pack
 from repvgg_jax.deploy import (DeployedModel, calibrate, export_coreml, export_onnx,
                                export_stablehlo, load_packed, model_description)
 from repvgg_jax import convert  # noqa: F401  (PyTorch checkpoints; torch is imported lazily)
-from repvgg_jax.deprecation import renamed
 
 __version__ = "0.1.0"
 
@@ -17,13 +16,3 @@ __all__ = [
 ]
 __all__ += ["DeployedModel", "calibrate", "export_coreml", "export_onnx", "export_stablehlo",
             "load_packed", "make_quantizer", "model_description", "pack"]
-
-# Renamed: ``export`` beside ``jax.export`` (it packs, it writes nothing), ``describe``
-# (it returns the packed file's model description); ``quantize`` and ``bound`` are their
-# modules' internals.
-__getattr__ = renamed(__name__, {
-    "export": "repvgg_jax.quant.packed.pack",
-    "describe": "repvgg_jax.deploy.graph.model_description",
-    "quantize": "repvgg_jax.quant.cluster.quantize",
-    "bound": "repvgg_jax.layers.oabn.bound",
-})

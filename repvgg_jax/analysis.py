@@ -11,11 +11,8 @@ import jax
 import numpy as np
 
 from repvgg_jax import reparam
-from repvgg_jax.deprecation import renamed
-from repvgg_jax.layers.oabn import bound
+from repvgg_jax.models.oabn import bound
 from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
-
-STAT_NAMES = ("max_over_std", "kurtosis", "frac_beyond_3std", "frac_beyond_6std")
 
 
 def merged_kernels(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -232,11 +229,11 @@ def channel_outlier_table(per_layer: Mapping[str, Mapping[str, np.ndarray]]) -> 
 def bound_factors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Per output channel, the factor OABN's bound scales a BN's effective scale by in the
   merge (1: the bound is inactive there). ``branch`` form: per block, the factor on its
-  identity and 1x1 branches (``repvgg_jax.layers.oabn.branch_bound``), read as the
+  identity and 1x1 branches (``repvgg_jax.models.oabn.branch_bound``), read as the
   identity tap's folded scale with the recorded bound over the same without it (the 1x1
   tap's where there is no identity). ``median`` form: per OABN layer
   (``"stages_2_3/identity"``, ``"stages_2_3/conv_kxk"``, ...), ``bound(s) / s``
-  (``repvgg_jax.layers.oabn.bound``). Layers without a bound are left out. Train-form
+  (``repvgg_jax.models.oabn.bound``). Layers without a bound are left out. Train-form
   variables."""
   stats = norm_state(variables)
   out = {}
@@ -270,9 +267,3 @@ def _median_bns(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> list:
     return [(path, stats)]
   return [hit for k, v in stats.items() if isinstance(v, Mapping)
           for hit in _median_bns(v, path + (k,))]
-
-
-__getattr__ = renamed(__name__, {
-    "plot_weight_histograms": "repvgg_jax.plots.plot_weight_histograms",
-    "plot_channel_outliers": "repvgg_jax.plots.plot_channel_outliers",
-})

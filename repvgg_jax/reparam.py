@@ -3,7 +3,7 @@
 ``merge(variables)`` turns the train-form (multi-branch) RepVGG variables
 into deploy-form variables (one 3x3 conv with bias per block). It needs no
 module: blocks are found by their ``conv_kxk`` key, group counts are read off
-kernel shapes, and an OABN's bound lives in its ``batch_stats``.
+kernel shapes, and an OABN's bound settings live in the ``settings`` collection.
 
 Math (HWIO kernels, per output channel ``o``)::
 
@@ -12,11 +12,11 @@ Math (HWIO kernels, per output channel ``o``)::
   I[1, 1, o % (Cin/groups), o] = 1       (group-aware identity kernel)
 
 ``bound`` is OABN's (``median`` form, per BN) or, for a block with the
-``branch`` form, :func:`repvgg_jax.layers.oabn.branch_bound` on ``s1, s_id``. A
+``branch`` form, :func:`repvgg_jax.models.oabn.branch_bound` on ``s1, s_id``. A
 QARepVGG block (``post_bn`` present: 1x1 conv and identity without BN, one BN
 after the sum) merges as ``K = (K3' + pad1x1(K1) + g * I) * s_post``,
 ``b = (b3' - mean_post) * s_post + beta_post`` with ``g`` its
-``batch_stats/identity_gain`` (1; absent when the block has no identity).
+``settings/identity_gain`` (1; absent when the block has no identity).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from repvgg_jax.layers.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS, branch_bound, scale_shift
+from repvgg_jax.models.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS, branch_bound, scale_shift
 
 # Same as PyTorch's BatchNorm2d default; the models are built with it.
 BN_EPSILON = 1e-5
@@ -225,8 +225,7 @@ def _overlay(stats: Any, settings: Any) -> Any:
 def norm_state(variables: Mapping[str, Any]) -> dict[str, Any]:
   """What the merge reads besides ``params``: ``batch_stats`` (running means and
   variances) with the ``settings`` collection (OABN bounds, QARepVGG identity gains)
-  laid over it, one tree. Variables saved before the settings had a collection of
-  their own hold them inside ``batch_stats``, and read the same."""
+  laid over it, one tree."""
   return _overlay(dict(variables.get("batch_stats", {})), dict(variables.get(SETTINGS, {})))
 
 

@@ -160,3 +160,13 @@ def codebook_mse(w, codebook) -> float:
   with jax.enable_x64(True):
     sse = squared_error(jnp.asarray(w), jnp.asarray(codebook, jnp.float64))
   return float(np.sum(sse)) / w.size
+
+
+def vector_squared_error(w, codebook, d):
+  """Sum of squared distances of ``w``'s d-vectors to the centroids they quantize to: a
+  scalar for a ``(K, d)`` codebook, ``(Cout,)`` for ``(Cout, K, d)``."""
+  from repvgg_jax.quant.vector import quantize_vectors
+  err = jnp.square(w - quantize_vectors(w, codebook, d))
+  if jnp.ndim(codebook) == 2:
+    return jnp.sum(err)
+  return jnp.sum(err.reshape(-1, err.shape[-1]), axis=0)

@@ -237,7 +237,7 @@ def test_bound_factors_of_the_median_form_are_each_bns_bounded_over_raw_scale():
 
 
 def test_bound_factors_are_the_branch_bounds_scale_per_channel():
-  from repvgg_jax.layers.oabn import branch_bound
+  from repvgg_jax.models.oabn import branch_bound
   net = tiny_variant((1, 2, 1, 1))
   x = jnp.zeros((1, 32, 32, 3))
   model = RepVGG(net, num_classes=5, norm="oabn", oabn_form="branch", oabn_tau=1.0)

@@ -1,4 +1,4 @@
-"""Matmul conv for tiny maps (``repvgg_jax.layers.conv``) == ``lax.conv_general_dilated``."""
+"""Matmul conv for tiny maps (``repvgg_jax.models.conv``) == ``lax.conv_general_dilated``."""
 
 import re
 
@@ -10,7 +10,7 @@ from jax import lax
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG, Variant
-from repvgg_jax.layers import conv as conv_lib
+from repvgg_jax.models import conv as conv_lib
 from _util import random_variables, rel_err
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -168,7 +168,7 @@ def test_tiny_repvgg_auto_equals_xla(deploy, any_backend):
 
 
 def test_default_conv_impl_and_bad_value():
-  assert rv.create_model("RepVGG-A0").conv_impl == "auto"
+  assert rv.create_model("RepVGG-A0").conv_impl == "xla"
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     rv.create_model("RepVGG-A0", conv_impl="cudnn")
 

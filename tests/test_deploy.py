@@ -133,11 +133,12 @@ def test_load_packed_names_truncated_and_other_version_files(tmp_path):
   old = dict(packed._arrays())
   import json
   meta = json.loads(old["__meta__"].tobytes())
-  meta["version"] = 1
+  meta["version"] = 2  # the version before grouped and vector codebooks
   old["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-  np.savez(tmp_path / "v1.packed", **old)
-  with pytest.raises(ValueError, match="version 1"):
-    rv.load_packed(tmp_path / "v1.packed.npz")
+  np.savez(tmp_path / "v2.packed", **old)
+  with pytest.raises(ValueError, match=r"v2.packed.npz has format 'repvgg-jax-packed' "
+                                       r"version 2; this repvgg-jax reads .* version 3"):
+    rv.load_packed(tmp_path / "v2.packed.npz")
 
 
 _STANDALONE = textwrap.dedent("""

@@ -1,7 +1,7 @@
 """``model.stablehlo`` compiled by IREE (llvm-cpu) and run by its runtime: the packed
 model's predictions. The model has the ImageNet stem (stride-2 convs on even maps down
 to 2x2 -> 1x1), the case IREE rejects unless the padding no window reads is trimmed
-(``repvgg_jax.layers.conv.read_padding``)."""
+(``repvgg_jax.models.conv.read_padding``)."""
 
 import functools
 

@@ -2,13 +2,15 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax.models.repvgg import RepVGG, Variant, default_oabn_form
+from repvgg_jax.models.oabn import resolve_bound
+from repvgg_jax.models.repvgg import RepVGG, Variant
 from _util import random_variables, rel_err
 
 # Official train / deploy parameter counts in millions (RepVGG README, mmpretrain).
@@ -70,8 +72,10 @@ def test_oabn_picks_its_form_by_depth_at_the_forms_default_tau():
   # A0's 14-block stage: median; the demo's (1, 2, 4, 1): branch; QARepVGG: median.
   model = rv.create_model("RepVGG-A0", norm="oabn")
   assert (model.bound_form, model.bound_tau, model.branch_bound()) == ("median", 4.0, None)
-  assert all(default_oabn_form(rv.create_model(n).variant) == "median"
+  assert all(resolve_bound(None, None, rv.create_model(n).variant.blocks) == ("median", 4.0)
              for n in rv.list_models())
+  assert resolve_bound(None, 2.5, (1, 2, 4, 1)) == ("branch", 2.5)
+  assert resolve_bound("median", None, (1, 2, 4, 1)) == ("median", 4.0)
   shallow = RepVGG(dataclasses.replace(model.variant, blocks=(1, 2, 4, 1)), norm="oabn")
   assert (shallow.bound_form, shallow.bound_tau, shallow.branch_bound()) == (
       "branch", 3.0, (3.0, True))
@@ -80,6 +84,27 @@ def test_oabn_picks_its_form_by_depth_at_the_forms_default_tau():
   assert RepVGG(shallow.variant, norm="oabn", block="qarepvgg").bound_form == "median"
   branch = rv.create_model("RepVGG-A0", norm="oabn", oabn_form="branch", oabn_tau=2.0)
   assert branch.branch_bound() == (2.0, True)
+
+
+def test_bn_is_oabn_without_a_bound_bit_for_bit():
+  """One batch-statistics implementation: norm="bn" and an OABN whose bound never acts
+  (median form, hard clip at 1e30 times the median) give the same training forward, the
+  same running statistics and the same eval forward, bit for bit."""
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  bn = RepVGG(dataclasses.replace(rv.VARIANTS["RepVGG-A0"], blocks=(1, 1, 1, 1)),
+               num_classes=10, norm="bn")
+  loose = RepVGG(bn.variant, num_classes=10, norm="oabn", oabn_form="median",
+                 oabn_bound="clip", oabn_tau=1e30)
+  v_bn = bn.init(jax.random.key(0), x)
+  v_loose = loose.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal(v_bn["params"], v_loose["params"])
+  v_loose = {**v_loose, "params": v_bn["params"]}
+  y_bn, up_bn = bn.apply(v_bn, x, train=True, mutable=["batch_stats"])
+  y_loose, up_loose = loose.apply(v_loose, x, train=True, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(y_bn, y_loose)
+  chex.assert_trees_all_equal(up_bn, up_loose)
+  chex.assert_trees_all_equal(bn.apply(v_bn, x), loose.apply(v_loose, x))
+  assert "settings" not in v_bn  # plain BN records no bound
 
 
 def test_groups_on_even_layers_for_both_branches():

@@ -18,7 +18,7 @@ from repvgg_jax.quant.packed import pack, read_packed
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
 
-from _util import codebook_mse, random_variables
+from _util import codebook_mse, random_variables, vector_squared_error
 
 TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.125))  # 16, 32, 64, 64 channels
 
@@ -120,24 +120,6 @@ def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
   assert np.abs(fake - integer).max() <= 0.05 * np.abs(fake).max()
 
 
-def test_a_version_2_file_reads_as_per_channel(tmp_path):
-  params = _params()
-  q = make_quantizer("cluster", bits=2, first_last_bits=2)
-  packed = pack(params, q, q.init(params))
-  arrays = dict(packed._arrays())
-  import json
-  meta = json.loads(arrays["__meta__"].tobytes())
-  meta["version"] = 2
-  for layer in meta["layers"].values():
-    del layer["group_size"]
-  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-  np.savez(tmp_path / "v2.npz", **arrays)
-  old = read_packed(tmp_path / "v2.npz")
-  flat = traverse_util.flatten_dict(old.to_variables())
-  for k, v in traverse_util.flatten_dict(packed.to_variables()).items():
-    np.testing.assert_array_equal(flat[k], v)
-
-
 def test_bad_group_sizes_are_refused_naming_the_field():
   params = _params()
   q = make_quantizer("cluster", bits=2, granularity="group", group_size=5)
@@ -195,7 +177,6 @@ def test_vector_model_packs_loads_and_exports(tmp_path, opts):
 
 
 def test_vector_refit_keeps_a_fitted_codebook_and_follows_moved_weights():
-  from repvgg_jax.quant.vector import vector_squared_error
   params = _params()
   q = make_quantizer("cluster", bits=2, cluster_dim=2, first_last_bits=4)
   state = q.init(params)

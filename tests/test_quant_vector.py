@@ -14,7 +14,9 @@ from threadpoolctl import threadpool_limits
 from repvgg_jax.quant.levels import nearest_index
 from repvgg_jax.quant.vector import (check_cluster_dim, decode_vectors, fit_vector_codebook,
                                      from_vectors, nearest_vector_index, quantize_vectors,
-                                     to_vectors, vector_squared_error)
+                                     to_vectors)
+
+from _util import vector_squared_error
 
 # The fits share this kernel shape (and bits, d) so they share compilations.
 FIT_SHAPE, FIT_BITS, FIT_D = (3, 3, 8, 16), 4, 2
@@ -107,17 +109,6 @@ def test_quantize_is_decoded_nearest_and_straight_through(per_channel):
     gw, gc = grad(w, c)
     np.testing.assert_array_equal(gw, g)
     np.testing.assert_array_equal(gc, jnp.zeros_like(c))
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_squared_error_is_distance_to_decoded(per_channel):
-  d, w = 2, _rand((3, 3, 4, 6))
-  c = _rand((6, 8, d) if per_channel else (8, d), seed=1)
-  err = np.asarray(w, np.float64) - np.asarray(quantize_vectors(w, c, d), np.float64)
-  want = np.sum(err.reshape(-1, 6) ** 2, axis=0)
-  got = vector_squared_error(w, c, d)
-  assert got.shape == ((6,) if per_channel else ())
-  np.testing.assert_allclose(got, want if per_channel else want.sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -54,49 +54,19 @@ def test_validate_names_every_invalid_field():
     assert name in str(e.value)
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"fp.bound_warmup_steps": 10, "model.norm": "bn"},
-     "fp.bound_warmup_steps=10 loosens OABN's branch bound: it needs model.norm='oabn'"),
-    ({"fp.bound_warmup_steps": 10, "model.oabn_form": "median"}, "oabn_form='median'"),
-    ({"fp.bound_warmup_steps": -1}, "fp.bound_warmup_steps=-1 must be an int >= 0"),
-    ({"fp.bound_warmup_start": 0.5}, "fp.bound_warmup_start=0.5 must be >= 1"),
-])
-def test_validate_names_bad_bound_warmup_fields(changes, needle):
-  cfg = tiny.tiny_config()  # OABN, branch form
-  cfg.update_from_flattened_dict(changes)
-  with pytest.raises(config_lib.ConfigError, match=re.escape(needle)):
+def test_validate_names_a_bad_conv_impl():
+  cfg = tiny.tiny_config()
+  cfg.model.conv_impl = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match=r"model.conv_impl='cudnn'"):
     config_lib.validate(cfg)
 
 
-def test_bound_warmup_tightens_geometrically_to_the_models_bound():
+def test_model_conv_impl_reaches_the_model():
   cfg = tiny.tiny_config()
-  assert steps.bound_warmup(cfg) is None  # off by default
-  cfg.fp.bound_warmup_steps, cfg.fp.bound_warmup_start = 100, 16.0
-  f = steps.bound_warmup(cfg)
-  np.testing.assert_allclose([float(f(s)) for s in (0, 25, 50, 100, 400)],
-                             [16.0, 8.0, 4.0, 1.0, 1.0], rtol=1e-5)
-
-
-def test_train_step_loosens_the_bound_by_its_factor_of_the_step():
-  cfg = tiny.tiny_config()
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  model = build_model(cfg.model, 10, deploy=False)
-  # Host copies: each step donates the state it is given.
-  variables = jax.tree.map(np.asarray, init_variables(model, (16, 16, 3), 0))
-  batch = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((16, 16, 16, 3)),
-                                jnp.float32),
-           "label": jnp.arange(16) % 10}
-
-  def first_loss(**kw):
-    state = sharding.replicate(create_train_state(model, variables, cfg.fp), mesh)
-    step = steps.make_train_step(mesh, 10, **kw)
-    return float(step(state, sharding.shard_batch(batch, mesh))[1]["loss"])
-
-  plain = first_loss()
-  # The factor of the state's step (0 here) loosens the bound; factor 1 is the model's.
-  assert abs(first_loss(bound_factor=lambda s: jnp.where(s == 0, 50.0, 1.0)) - plain) > 1e-3
-  assert first_loss(bound_factor=lambda s: jnp.where(s == 0, 1.0, 50.0)) == pytest.approx(
-      plain, rel=1e-6)
+  assert build_model(cfg.model, 10, deploy=False).conv_impl == "auto"  # tiny's (CPU)
+  cfg.model.conv_impl = "xla"
+  assert build_model(cfg.model, 10, deploy=True).conv_impl == "xla"
+  assert config_lib.base_config().model.conv_impl == "xla"
 
 
 def _direct_error(call):

@@ -99,6 +99,22 @@ def test_a_regime_the_config_cannot_express_names_its_field():
   assert sr.missing_fields("oabn_branch", cfg) == ["model.oabn_form"]
 
 
+def test_a_retired_regime_is_reported_from_a_ledger_but_never_run(tmp_path):
+  # oabn_branch_warm's config fields are gone: the study refuses it, a ledger's rows of it
+  # are still listed, with the overrides it ran with.
+  with pytest.raises(ValueError, match="'oabn_branch_warm'"):
+    sr.make_rows(1, ("bn", "oabn_branch_warm"))
+  with pytest.raises(ValueError, match="'oabn_branch_warm'"):
+    sr.settings(False, regimes=("bn", "oabn_branch_warm"))
+  s = dict(sr.settings(False, seeds=1, regimes=("bn",), fp_steps=6000),
+           regimes=["bn", "oabn_branch_warm"])
+  assert sr.Row("oabn_branch_warm", "fp", 0) in sr.rows_of(s)
+  assert sr.regime_overrides("oabn_branch_warm", s)["fp.bound_warmup_steps"] == 2000
+  with pytest.raises(ValueError, match=r"fp_oabn_branch_warm_s0: the config has no field "
+                                       r"fp.bound_warmup_steps"):
+    sr.row_config(sr.Row("oabn_branch_warm", "fp", 0), s, str(tmp_path))
+
+
 def test_regime_settings_reach_the_overrides():
   s = sr.settings(True, regimes=("bn",), branch_tau=2.5, merged_weight=0.1, kure_weight=1.0)
   assert sr.regime_overrides("oabn_branch", s)["model.oabn_tau"] == 2.5

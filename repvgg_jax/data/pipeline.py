@@ -20,6 +20,9 @@ import numpy as np
 
 from repvgg_jax.data import sources, transforms
 
+# grain threads reading records (and twice as many batches prefetched).
+READ_THREADS = 2
+
 
 def _even_split(n: int, index: int, count: int) -> tuple[int, int]:
   """[start, end) of shard ``index`` of ``count``: contiguous, sizes differ by at most one."""
@@ -145,7 +148,7 @@ def check_fields(cfg: Any) -> dict[str, int]:
   if _int_field(cfg, "image_size", 0) == 0:
     raise ValueError(f"data.image_size={getattr(cfg, 'image_size', None)!r} must be positive")
   return {name: _int_field(cfg, name, default) for name, default in (
-      ("image_size", 0), ("train_subset", 0), ("worker_count", 0), ("read_threads", 2))}
+      ("image_size", 0), ("train_subset", 0), ("worker_count", 0))}
 
 
 def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, seed: int = 0,
@@ -159,7 +162,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
       ``image_size``, ``augment`` ("none" | "pad_crop_flip" | "rrc_flip"),
       ``train_subset`` (0 = all; the first N examples of the train split) and
       ``worker_count`` (grain worker processes, 0 = in-process). Optional:
-      ``read_threads`` (default 2), ``num_classes``, ``mean``, ``std`` and
+      ``num_classes``, ``mean``, ``std`` and
       ``synthetic_examples`` (synthetic source).
     split: "train" or "test" ("test" reads ImageNet's "validation").
     global_batch_size: batch over all processes; must divide by ``process_count``.
@@ -190,7 +193,7 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
   ints = check_fields(cfg)
   augment = getattr(cfg, "augment", "none")
   image_size, subset = ints["image_size"], ints["train_subset"]
-  worker_count, read_threads = ints["worker_count"], ints["read_threads"]
+  worker_count = ints["worker_count"]
 
   source, stats = sources.make_source(cfg, split, cache_dir=cache_dir)
   n = len(source)
@@ -218,8 +221,8 @@ def make_loader(cfg: Any, split: str, *, global_batch_size: int, train: bool, se
     ds = grain.MapDataset.source(_Window(source, start, stop, steps * local_batch,
                                          stats.num_classes))
     ds = ds.map(preprocess).batch(local_batch)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=max(2, 2 * read_threads)))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                            prefetch_buffer_size=2 * READ_THREADS))
   if worker_count:
     # grain reads its absl flags when it starts workers and raises if they were never
     # parsed, as in a script or test that does not run under absl.app (google/grain#1355).

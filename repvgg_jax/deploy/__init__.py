@@ -32,7 +32,3 @@ from repvgg_jax.deploy.stablehlo import export_stablehlo
 __all__ = ["DeployedModel", "Graph", "Layer", "calibrate", "deploy_graph", "export_coreml", "export_onnx", "export_stablehlo",
            "forward_fn", "integer_forward_fn", "load_packed", "model_description",
            "normalize_images"]
-
-from repvgg_jax.deprecation import renamed  # noqa: E402
-
-__getattr__ = renamed(__name__, {"describe": "repvgg_jax.deploy.graph.model_description"})

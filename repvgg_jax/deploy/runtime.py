@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.data.transforms import normalize
 from repvgg_jax.deploy.graph import Graph, Layer, deploy_graph
-from repvgg_jax.layers.conv import lax_conv_general_dilated
+from repvgg_jax.models.conv import lax_conv_general_dilated
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
 

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from repvgg_jax.layers import conv as conv_lib
+from repvgg_jax.models import conv as conv_lib
 from repvgg_jax.models.zoo import GROUPED_LAYERS, VARIANTS, Variant, list_models, zoo_name
-from repvgg_jax.layers.oabn import (BOUNDS, BRANCH_KEYS, DEFAULT_TAU, FORMS, OABN, SETTINGS,
+from repvgg_jax.models.oabn import (BOUNDS, BRANCH_KEYS, FORMS, OABN, SETTINGS, resolve_bound,
                                 branch_bound, check_tau)
 from repvgg_jax.quant.activation import ActQuant, check_act_bits
 from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
@@ -40,7 +40,7 @@ from repvgg_jax.reparam import BN_EPSILON, IDENTITY_GAIN
 NORMS = ("bn", "oabn")
 # Train-form block: RepVGG's (a BN per branch) or QARepVGG's (one BN after the sum).
 STYLES = ("repvgg", "qarepvgg")
-# "auto": matmuls for convs with tiny output maps on CPU (``layers/conv.py``); "xla": lax conv.
+# "auto": matmuls for convs with tiny output maps on CPU (``models/conv.py``); "xla": lax conv.
 CONV_IMPLS = ("auto", "xla")
 # PyTorch's default BN momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
@@ -50,7 +50,7 @@ SIGNED_INPUT_LAYER = "stem"
 
 
 def _conv(features: int, kernel: int, strides: int, groups: int, use_bias: bool,
-          dtype: Any, name: str, conv_impl: str = "auto") -> nn.Conv:
+          dtype: Any, name: str, conv_impl: str = "xla") -> nn.Conv:
   # Explicit symmetric padding: 'SAME' pads (0, 1) at stride 2 on even inputs,
   # which misaligns the 3x3 and 1x1 branches and breaks PyTorch weight import.
   # Both impls trim the high padding no window reads (conv_lib.read_padding):
@@ -73,7 +73,7 @@ class ConvBN(nn.Module):
   groups: int
   norm: Callable[..., nn.Module]
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, raw: bool = False) -> Any:
@@ -109,7 +109,7 @@ class RepVGGBlock(nn.Module):
   (its input fake-quantized when ``act_bits``). Then optional SE, then ReLU.
 
   ``branch_bound=(tau, smooth)``: OABN's ``branch`` form, the 1x1 and identity
-  scales bounded per channel by :func:`repvgg_jax.layers.oabn.branch_bound`.
+  scales bounded per channel by :func:`repvgg_jax.models.oabn.branch_bound`.
   """
   features: int
   strides: int
@@ -118,28 +118,26 @@ class RepVGGBlock(nn.Module):
   deploy: bool
   norm: Callable[..., nn.Module]
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   act_bits: int = 0
   act_signed: bool = False
   style: str = "repvgg"
   branch_bound: tuple[float, bool] | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, loosen: Any = 1.0) -> jax.Array:
-    """``loosen``: the ``branch`` bound's tau times this in this call (see
-    :class:`RepVGG`); the stored settings, which merge reads, stay the model's."""
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.deploy:
       if self.act_bits:
         x = ActQuant(self.act_bits, self.act_signed, name="act")(x)
       y = _conv(self.features, 3, self.strides, self.groups, True, self.dtype,
                 "reparam_conv", self.conv_impl)(x)
     else:
-      y = self._branches(x, train, loosen)
+      y = self._branches(x, train)
     if self.se:
       y = SqueezeExcite(dtype=self.dtype, name="se")(y)
     return nn.relu(y)
 
-  def _branches(self, x: jax.Array, train: bool, loosen: Any) -> jax.Array:
+  def _branches(self, x: jax.Array, train: bool) -> jax.Array:
     """The train form's sum of branches (before SE and ReLU)."""
     branch = functools.partial(ConvBN, self.features, strides=self.strides, groups=self.groups,
                                norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl)
@@ -166,7 +164,7 @@ class RepVGGBlock(nn.Module):
     zi = si = bi = None
     if has_id:
       zi, si, bi = self.norm(name="identity")(x, use_running_average=not train, raw=True)
-    s1, si = branch_bound(s3, k3, s1, k1, si, tau * loosen, smooth)
+    s1, si = branch_bound(s3, k3, s1, k1, si, tau, smooth)
     y = z3 * s3 + b3 + (z1 * s1 + b1)
     if has_id:
       y = y + (zi * si + bi)
@@ -187,20 +185,20 @@ class RepVGG(nn.Module):
   Attributes:
     variant: the zoo row (depths, widths, groups, SE).
     num_classes: size of the dense head.
-    norm: ``"bn"`` (flax BatchNorm) or ``"oabn"`` (:class:`OABN`).
+    norm: ``"bn"`` (:class:`OABN` without a bound: a plain BN) or ``"oabn"`` (bounded).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
     oabn_form: ``"branch"`` (each block bounds its 1x1 and identity taps per
       channel, the only form that removes the merged kernels' outliers;
       ``block="repvgg"`` only), ``"median"`` (each BN bounds its scales), or None:
-      picked by depth, :func:`default_oabn_form` (``branch`` where no stage has
+      picked by depth, :func:`repvgg_jax.models.oabn.resolve_bound` (``branch`` where no stage has
       more than 4 blocks, ``median`` deeper: on A0's 14-block stage ``branch``
       caps every skip and costs FP accuracy; docs/oabn.md, "At full depth"). See
       :attr:`bound_form`.
-    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``layers/oabn.py``);
+    oabn_bound, oabn_tau, oabn_relative: OABN settings (see ``models/oabn.py``);
       ``oabn_tau`` is the multiple of the channel's 3x3 rms (``branch``) or of
       the layer's median ``|s|`` (``median``); None = the form's
-      ``DEFAULT_TAU`` (branch 3, median 4), see :attr:`bound_tau`.
+      ``models.oabn.DEFAULT_TAU`` (branch 3, median 4), see :attr:`bound_tau`.
     deploy: single-conv deploy form (the output of :func:`repvgg_jax.merge`).
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
@@ -208,10 +206,12 @@ class RepVGG(nn.Module):
     act_bits: deploy form only: fake-quantize the input of every conv and
       of the head to this many bits (2..8; per tensor, steps in the ``quant``
       collection, see ``quant/activation.py``); 0 = float activations.
-    conv_impl: ``"auto"`` (on CPU devices, convs whose output map has <= 4 pixels
-      run as matmuls: unrolled kernel or tap-pruned im2col, see
-      ``layers/conv.py``; XLA's conv elsewhere) or ``"xla"`` (always
-      ``lax.conv_general_dilated``). Same parameters and, up to float
+    conv_impl: ``"xla"`` (the default: every conv is ``lax.conv_general_dilated``,
+      plain flax/lax on every platform) or ``"auto"`` (on CPU devices, convs whose
+      output map has <= 4 pixels run as matmuls: unrolled kernel or tap-pruned
+      im2col, see ``models/conv.py``; several times faster for the tiny maps of a
+      32 px input on XLA:CPU; XLA's conv elsewhere, chosen per platform at
+      lowering by ``lax.platform_dependent``). Same parameters and, up to float
       rounding, the same outputs; at 224 px both compile to the same program.
   """
   variant: Variant
@@ -225,12 +225,14 @@ class RepVGG(nn.Module):
   deploy: bool = False
   cifar_stem: bool = False
   dtype: Any = None
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   act_bits: int = 0
 
   def _norm_factory(self) -> Callable[..., nn.Module]:
+    """Every BN of the model: :class:`OABN`, bounded by the model's form, or with no bound
+    for ``norm="bn"`` (the same batch statistics either way)."""
     if self.norm == "bn":
-      return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+      return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, form=None,
                                dtype=self.dtype)
     return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              form=self.bound_form, bound=self.oabn_bound, tau=self.bound_tau,
@@ -238,14 +240,13 @@ class RepVGG(nn.Module):
 
   @property
   def bound_form(self) -> str:
-    """The OABN form in use: ``oabn_form``, or the depth's (:func:`default_oabn_form`)
-    when it is None."""
-    return self.oabn_form or default_oabn_form(self.variant, self.block)
+    """The OABN form in use (:func:`repvgg_jax.models.oabn.resolve_bound`)."""
+    return resolve_bound(self.oabn_form, self.oabn_tau, self.variant.blocks, self.block)[0]
 
   @property
   def bound_tau(self) -> float:
-    """The OABN tau in use: ``oabn_tau``, or the form's default when it is None."""
-    return DEFAULT_TAU[self.bound_form] if self.oabn_tau is None else self.oabn_tau
+    """The OABN tau in use (:func:`repvgg_jax.models.oabn.resolve_bound`)."""
+    return resolve_bound(self.oabn_form, self.oabn_tau, self.variant.blocks, self.block)[1]
 
   def branch_bound(self) -> tuple[float, bool] | None:
     """``(tau, smooth)`` of OABN's ``branch`` form, None for every other model."""
@@ -254,11 +255,8 @@ class RepVGG(nn.Module):
     return None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, loosen: Any = 1.0) -> jax.Array:
-    """Args: x, images ``(N, H, W, 3)``; loosen, a factor >= 1 (may be traced) on
-    the ``branch`` bound's tau in this call only: the FP stage's bound warm-up
-    (``fp.bound_warmup_steps``). Eval and :func:`repvgg_jax.merge` use the model's
-    bound. Returns logits ``(N, num_classes)``."""
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Args: x, images ``(N, H, W, 3)``. Returns logits ``(N, num_classes)``."""
     if x.ndim != 4:
       raise ValueError(f"RepVGG expects NHWC images, got shape {x.shape}")
     v = self.variant
@@ -272,7 +270,7 @@ class RepVGG(nn.Module):
     x = x.astype(self.dtype) if self.dtype is not None else x
     for b in self.layers():
       x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
-                name=b.name)(x, train, loosen)
+                name=b.name)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if self.act_bits:
       x = ActQuant(self.act_bits, name="head_act")(x)
@@ -293,27 +291,6 @@ class RepVGG(nn.Module):
         out.append(BlockSpec(f"stages_{i}_{j}", int(64 * 2 ** i * width), strides, groups))
         layer += 1
     return out
-
-  def blocks(self) -> list["BlockSpec"]:
-    """Deprecated name of :meth:`layers` (goes in the next release)."""
-    from repvgg_jax.deprecation import warn_renamed
-    warn_renamed("RepVGG.blocks()", "RepVGG.layers()")
-    return self.layers()
-
-
-# OABN's form by depth (docs/oabn.md, "At full depth"): ``branch`` up to this many blocks in
-# every stage (measured better than ``median`` at 4, the demo network), ``median`` deeper
-# (measured better at A0's 14); depths between are untested.
-BRANCH_MAX_BLOCKS = 4
-
-
-def default_oabn_form(variant: Variant, block: str = "repvgg") -> str:
-  """The OABN form a model gets when none is given: ``branch`` when no stage of
-  ``variant`` has more than ``BRANCH_MAX_BLOCKS`` blocks, else ``median`` (and always
-  ``median`` for ``block="qarepvgg"``, which has no branches to bound)."""
-  if block == "repvgg" and max(variant.blocks) <= BRANCH_MAX_BLOCKS:
-    return "branch"
-  return "median"
 
 
 def check_options(norm: str, block: str, oabn_form: str | None) -> None:
@@ -347,7 +324,7 @@ def check_model(name: str | None, *, num_classes: int = 1000, norm: str = "bn",
   bound = kwargs.get("oabn_bound", "tanh")
   if bound not in BOUNDS:
     raise ValueError(f"oabn_bound={bound!r}: expected one of {BOUNDS}")
-  conv_impl = kwargs.get("conv_impl", "auto")
+  conv_impl = kwargs.get("conv_impl", "xla")
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
   if check_act_bits(kwargs.get("act_bits", 0)) and not deploy:
@@ -366,7 +343,7 @@ def create_model(name: str, *, num_classes: int = 1000, norm: str = "bn",
       ``"A0"`` are accepted).
     num_classes: classifier width.
     norm: ``"bn"`` or ``"oabn"``. With ``"oabn"`` and no ``oabn_form``, the form is
-      picked by depth (:func:`default_oabn_form`): ``"branch"`` when no stage has more
+      picked by depth (:func:`repvgg_jax.models.oabn.resolve_bound`): ``"branch"`` when no stage has more
       than 4 blocks, ``"median"`` for the zoo's deeper variants (every one of them).
       At full depth ``branch`` caps every block's skip: it cost FP accuracy on every
       seed of the study and ClusterQAT accuracy on average, where ``median`` was the

@@ -1,6 +1,5 @@
 """The settings a train-form RepVGG records in its ``settings`` collection (OABN
-bounds, QARepVGG identity gains), the check that variables agree with a model's, and
-the reading of variables saved before the settings had a collection of their own.
+bounds, QARepVGG identity gains) and the check that variables agree with a model's.
 
 The forward pass uses the model's attributes (the config); :func:`repvgg_jax.merge`
 reads the recorded copy, so the two must agree for a checkpoint to merge into the
@@ -14,8 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from repvgg_jax.models.repvgg import RepVGG
-from repvgg_jax.layers.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS
-from repvgg_jax.reparam import IDENTITY_GAIN, SETTING_KEYS, norm_state
+from repvgg_jax.models.oabn import BOUND_KEYS, BRANCH_KEYS, SETTINGS
+from repvgg_jax.reparam import IDENTITY_GAIN, SETTING_KEYS
 
 
 def expected_records(model: RepVGG) -> dict[str, Any]:
@@ -36,8 +35,7 @@ def check_settings(model: RepVGG, variables: Any) -> None:
   by a model whose norm/bound settings differ from ``model``'s.
 
   The forward pass uses ``model``'s attributes while :func:`repvgg_jax.merge`
-  reads the settings recorded in ``settings`` (or, in variables saved before that
-  collection, in ``batch_stats``): they must agree. The error
+  reads the settings recorded in ``settings``: they must agree. The error
   names each disagreeing entry with the stored and the configured value.
   Deploy-form ``model``s (no ``batch_stats``) pass.
   """
@@ -58,8 +56,7 @@ def check_settings(model: RepVGG, variables: Any) -> None:
           bad.setdefault((k, stored), []).append("/".join(path + (k,)))
 
   if isinstance(variables, Mapping):
-    for collection in ("batch_stats", SETTINGS):
-      walk(variables.get(collection, {}), (collection,))
+    walk(variables.get(SETTINGS, {}), (SETTINGS,))
   problems = []
   for (k, stored), paths in bad.items():
     where = f"{paths[0]}={stored!r}" + (f" (and {len(paths) - 1} more)" if len(paths) > 1
@@ -73,45 +70,6 @@ def check_settings(model: RepVGG, variables: Any) -> None:
   if problems:
     raise ValueError("variables made with other norm settings than the model's: "
                      + "; ".join(problems))
-
-
-def split_settings(variables: Mapping[str, Any]) -> dict[str, Any]:
-  """``variables`` with every setting (:data:`repvgg_jax.reparam.SETTING_KEYS`) found in
-  ``batch_stats`` moved to the ``settings`` collection, at the same path: the layout of
-  variables saved before the settings had a collection of their own, read as today's.
-  Variables in today's layout come back as they are (as plain dicts)."""
-  def split(tree: Mapping[str, Any]) -> tuple[dict, dict]:
-    stats, found = {}, {}
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        sub_stats, sub_found = split(v)
-        stats[k] = sub_stats
-        if sub_found:
-          found[k] = sub_found
-      elif k in SETTING_KEYS:
-        found[k] = v
-      else:
-        stats[k] = v
-    return stats, found
-
-  out = dict(variables)
-  if "batch_stats" in out:
-    out["batch_stats"], found = split(out["batch_stats"])
-    if found and out.get(SETTINGS):
-      raise ValueError(f"variables hold settings both in batch_stats and in {SETTINGS}")
-    if found:
-      out[SETTINGS] = found
-  return out
-
-
-def join_settings(variables: Mapping[str, Any]) -> dict[str, Any]:
-  """The inverse of :func:`split_settings`: ``settings`` laid back into
-  ``batch_stats`` (the old layout; how a checkpoint written before the change is
-  matched against today's state)."""
-  out = {k: v for k, v in variables.items() if k != SETTINGS}
-  if variables.get(SETTINGS):
-    out["batch_stats"] = norm_state(variables)
-  return out
 
 
 def _describe(model: RepVGG) -> str:

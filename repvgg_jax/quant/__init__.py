@@ -26,7 +26,3 @@ __all__ = [
     "nearest_index", "optimal_codebook", "pack", "pack_bits", "ptq", "quantize", "read_packed",
     "snap_to_int8", "squared_error", "unpack_bits",
 ]
-
-from repvgg_jax.deprecation import renamed  # noqa: E402
-
-__getattr__ = renamed(__name__, {"export": "repvgg_jax.quant.packed.pack"})

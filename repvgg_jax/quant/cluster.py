@@ -7,7 +7,6 @@ A codebook is sorted float32 levels ``(K,)`` (per tensor) or ``(Cout, K)``
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,20 +50,16 @@ def assign(w: jax.Array, codebook: jax.Array) -> jax.Array:
   return nearest_index(w, codebook)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ste(w, codebook, mask_outside):
+@jax.custom_vjp
+def _ste(w, codebook):
   return nearest_level(w, codebook).astype(w.dtype)
 
 
-def _ste_fwd(w, codebook, mask_outside):
-  return _ste(w, codebook, mask_outside), (w, codebook)
+def _ste_fwd(w, codebook):
+  return _ste(w, codebook), codebook
 
 
-def _ste_bwd(mask_outside, res, g):
-  w, codebook = res
-  if mask_outside:
-    lo, hi = codebook[..., 0], codebook[..., -1]
-    g = jnp.where((w >= lo) & (w <= hi), g, jnp.zeros_like(g))
+def _ste_bwd(codebook, g):
   # Codebooks are refitted by k-means, not trained by gradient.
   return g, jnp.zeros_like(codebook)
 
@@ -72,16 +67,15 @@ def _ste_bwd(mask_outside, res, g):
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def quantize(w: jax.Array, codebook: jax.Array, mask_outside: bool = False) -> jax.Array:
+def quantize(w: jax.Array, codebook: jax.Array) -> jax.Array:
   """Straight-through codebook quantizer.
 
   Forward: ``decode(assign(w, codebook), codebook)`` (exact, same dtype as
-  ``w``). Backward: the gradient passes straight to ``w`` (identity), or only
-  where ``w`` lies inside ``[codebook[0], codebook[-1]]`` with
-  ``mask_outside=True``; the codebook gets a zero gradient.
+  ``w``). Backward: the gradient passes straight to ``w`` (identity); the
+  codebook gets a zero gradient.
   """
   check_codebook(w, codebook)
-  return _ste(w, codebook, bool(mask_outside))
+  return _ste(w, codebook)
 
 
 def int8_scale(codebook: jax.Array) -> jax.Array:

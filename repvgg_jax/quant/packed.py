@@ -33,8 +33,7 @@ from repvgg_jax.quant.levels import decode
 from repvgg_jax.quant.vector import check_vector_codebook, decode_vectors, index_shape
 
 FORMAT = "repvgg-jax-packed"
-VERSION = 3
-READS = (2, 3)  # 3 added group_size and cluster_dim; version 2 reads as 1 and 1
+VERSION = 3  # 3 added group_size and cluster_dim
 
 
 def index_bytes(count: int, bits: int) -> int:
@@ -218,10 +217,10 @@ def read_packed(path) -> PackedModel:
     meta = json.loads(arrays["__meta__"].tobytes().decode())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"read_packed: {path} has corrupt metadata ({e})") from e
-  if meta.get("format") != FORMAT or meta.get("version") not in READS:
+  if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise ValueError(f"read_packed: {path} has format {meta.get('format')!r} version "
-                     f"{meta.get('version')!r}; this repvgg-jax reads {FORMAT!r} versions "
-                     f"{', '.join(map(str, READS))} (re-export it from its checkpoint)")
+                     f"{meta.get('version')!r}; this repvgg-jax reads {FORMAT!r} version "
+                     f"{VERSION} (re-export it from its checkpoint)")
   layers, floats = {}, {}
   for p, l in meta["layers"].items():
     parts = ("packed", "codebook") + (("int_scale",) if l.get("int_scale") else ())
@@ -229,7 +228,7 @@ def read_packed(path) -> PackedModel:
       if f"q/{p}/{part}" not in arrays:
         raise ValueError(f"read_packed: {path} is missing q/{p}/{part}")
     shape, bits = tuple(l["shape"]), l["bits"]
-    g, d = l.get("group_size", 1), l.get("cluster_dim", 1)
+    g, d = l.get("group_size"), l.get("cluster_dim")
     packed, c = arrays[f"q/{p}/packed"], arrays[f"q/{p}/codebook"]
     if not (isinstance(g, int) and g >= 1 and shape[-1] % g == 0):
       raise ValueError(f"read_packed: {p} has group_size {g!r}, which does not divide its "

@@ -93,7 +93,6 @@ class Quantizer:
   first_last: tuple[str, ...] = ("stem", "head")
   layer_bits_of: tuple[tuple[str, int], ...] = ()
   skip: tuple[str, ...] = ("se",)
-  mask_outside: bool = False
   iters: int = 300
   refit_iters: int = 20
 
@@ -220,7 +219,7 @@ class Quantizer:
       if self.method == "cluster" and self.dim_of(p) > 1:
         flat[p] = quantize_vectors(w, self._codebook(p, w, st), self.dim_of(p))
       elif self.method == "cluster":
-        flat[p] = quantize(w, self._codebook(p, w, st), self.mask_outside)
+        flat[p] = quantize(w, self._codebook(p, w, st))
       else:
         qmin, qmax = uniform.int_range(self.layer_bits(p), True)
         count = w.size // w.shape[-1] if self.per_channel else w.size

@@ -157,17 +157,6 @@ def quantize_vectors(w: jax.Array, codebook: jax.Array, d: int) -> jax.Array:
   return _ste(w, codebook, int(d))
 
 
-def vector_squared_error(w: jax.Array, codebook: jax.Array, d: int) -> jax.Array:
-  """Sum of squared distances of the d-vectors to their nearest centroids: a
-  scalar for a ``(K, d)`` codebook, ``(Cout,)`` for ``(Cout, K, d)``. In the
-  dtype of ``w``."""
-  check_vector_codebook(w, codebook, d)
-  err = jnp.min(_distances(to_vectors(w, d), jnp.asarray(codebook)), axis=-1)
-  if jnp.ndim(codebook) == 2:
-    return jnp.sum(err)
-  return jnp.sum(err.reshape(-1, err.shape[-1]), axis=0)
-
-
 def _row_error(x, c):
   return jnp.sum(jnp.min(_distances(x, c), axis=-1))
 

@@ -24,10 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from repvgg_jax.models.settings import check_settings, join_settings, split_settings
-from repvgg_jax.layers.oabn import SETTINGS
-
-ITEMS = ("state", "data", "meta")
+from repvgg_jax.models.oabn import SETTINGS
+from repvgg_jax.models.settings import check_settings
 
 
 def _registry() -> Any:
@@ -78,10 +76,6 @@ class StageCheckpoints:
         meta=ocp.args.JsonSave(meta or {}))
     self.manager.save(step, args=args, force=True)
 
-  def _has_item(self, step: int, name: str) -> bool:
-    from etils import epath
-    return (epath.Path(self.directory) / str(step) / name).exists()
-
   def restore(self, state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
     """(state, data iterator state, meta) at ``step`` (default: the latest readable one).
 
@@ -89,18 +83,10 @@ class StageCheckpoints:
     shardings; numpy leaves are restored as numpy.
     """
     target = jax.tree_util.tree_map(_abstract, flax.serialization.to_state_dict(state))
-    # A checkpoint written before the settings had a collection of their own has no
-    # settings node (a model with settings holds them in batch_stats): read it in that
-    # layout, then move them (models/settings.py).
-    has_settings, saved = SETTINGS in target, self._saved_tree()
-    if saved is not None and has_settings and SETTINGS not in saved:
-      target = join_settings(target)
 
     def args(step: int) -> Any:
-      items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
-      if self._has_item(step, "meta"):  # Absent in checkpoints of older versions.
-        items["meta"] = ocp.args.JsonRestore()
-      return ocp.args.Composite(**items)
+      return ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
 
     try:
       step, out = self._restore_readable(step, args)
@@ -109,13 +95,8 @@ class StageCheckpoints:
       if mismatch:
         raise ValueError(mismatch) from e
       raise
-    meta = out["meta"] if self._has_item(step, "meta") else {}
-    # split_settings leaves a state of today's layout as it is; an old one of a model
-    # without settings gets the empty collection today's state holds.
-    restored = split_settings(out["state"])
-    if has_settings:
-      restored.setdefault(SETTINGS, {})
-    return (flax.serialization.from_state_dict(state, restored), out["data"], meta or {})
+    return (flax.serialization.from_state_dict(state, out["state"]), out["data"],
+            out["meta"] or {})
 
   def _saved_tree(self) -> dict | None:
     """The metadata tree of the latest checkpoint's state, or None when unreadable."""
@@ -221,7 +202,6 @@ def load_variables(path: str, template: dict) -> dict:
     state_dict = ckpt.restore_host()
     ckpt.close()
     loaded = {k: state_dict[k] for k in ("params", "batch_stats", SETTINGS) if k in state_dict}
-  loaded = split_settings(loaded)  # files saved before settings had their own collection
   want = traverse_util.flatten_dict(template, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]

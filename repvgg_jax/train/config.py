@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_batch_size = 256
   # Evaluate the train-form FP and merged networks. False leaves their accuracy out of
-  # the report (QAT from an FP run that was already evaluated, e.g. in benchmarks/study.py).
+  # the report (QAT from an FP run that was already evaluated, e.g. in python -m experiments.study).
   c.eval_fp_forms = True
 
   c.model = ml_collections.ConfigDict()
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   # OABN (docs/oabn.md): "branch" bounds each channel's 1x1 + identity centre taps by
   # oabn_tau x the rms of its 3x3 branch; "median" bounds each BN's scales by oabn_tau x
   # the layer's median; "" = by depth (branch up to 4 blocks a stage, median deeper:
-  # models.repvgg.default_oabn_form). oabn_tau 0 = the form's default (branch 3, median 4).
+  # models.oabn.resolve_bound). oabn_tau 0 = the form's default (branch 3, median 4).
   c.model.oabn_form = ""
   c.model.oabn_tau = 0.0
   c.model.oabn_bound = "tanh"         # "tanh" (smooth) | "clip"
@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.blocks = ()
   c.model.widths = ()
   c.model.dtype = "float32"           # compute dtype; params stay float32
+  # "xla": every conv is lax.conv_general_dilated; "auto": on CPU, convs with <= 4 output
+  # pixels run as matmuls (models/conv.py; several times faster for 32 px inputs there).
+  c.model.conv_impl = "xla"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"              # "idx" | "folder" | "tfds" | "synthetic"
@@ -73,11 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 1: FP training of the multi-branch network.
   c.fp = _stage_config()
-  # OABN's branch bound loosened in FP training (docs/oabn.md): oabn_tau x bound_warmup_start
-  # at step 0, tightening geometrically to oabn_tau at step bound_warmup_steps (0 = off);
-  # eval and merge always use the model's bound.
-  c.fp.bound_warmup_steps = 0
-  c.fp.bound_warmup_start = 10.0
   # Stage 2: QAT of the merged network (the "merge" stage has no training).
   c.qat = _stage_config()
   c.qat.base_lr = 0.01
@@ -239,7 +237,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   from repvgg_jax.quant.quantizer import METHODS, check_options
   m = cfg.model
   owned("model.", check_model, m.name, norm=m.norm, block=m.block, oabn_form=m.oabn_form or None,
-        oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None)
+        oabn_bound=m.oabn_bound, oabn_tau=m.oabn_tau or None, conv_impl=m.conv_impl)
   if not isinstance(m.oabn_relative, bool):
     problems.append(f"model.oabn_relative={m.oabn_relative!r} must be True or False")
   for f, kind in (("blocks", int), ("widths", (int, float))):
@@ -315,8 +313,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       problems.append(f"{stage}.momentum={s.momentum!r} must be in [0, 1)")
     if not 0 <= s.label_smoothing < 1:
       problems.append(f"{stage}.label_smoothing={s.label_smoothing!r} must be in [0, 1)")
-  from repvgg_jax.train.steps import bound_warmup_problems, check_distill
-  problems += bound_warmup_problems(cfg)
+  from repvgg_jax.train.steps import check_distill
   q = cfg.qat
   owned("qat.", check_distill, q.distill, q.distill_weight, q.distill_temperature)
   if q.distill != "off" and (not q.enabled or qc.method == "none"):
@@ -365,20 +362,17 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates ``cfg`` and returns a locked copy with the defaults that depend on other
   fields filled in, and warmups shortened to fit their stage.
 
-  ``model.oabn_form`` "" becomes the depth's form (``train.state.oabn_form``)
-  and ``model.oabn_tau`` 0 the form's default (``layers.oabn.DEFAULT_TAU``), so the
-  workdir records and the report state them. A ``warmup_steps`` of at least
+  ``model.oabn_form`` "" becomes the depth's form and ``model.oabn_tau`` 0 the form's
+  default (:func:`repvgg_jax.models.oabn.resolve_bound`), so the workdir records and
+  the report state them. A ``warmup_steps`` of at least
   ``num_steps`` (a short run of a long recipe, e.g. ``--config.fp.num_steps=50``
   with the demo's 100 warmup steps) becomes ``num_steps // 10``, with a log line;
   the report states the value used.
   """
-  from repvgg_jax.layers.oabn import DEFAULT_TAU
-  from repvgg_jax.train.state import oabn_form
+  from repvgg_jax.train.state import oabn_bound
   validate(cfg)
   cfg = cfg.copy_and_resolve_references()
-  cfg.model.oabn_form = oabn_form(cfg.model)
-  if not cfg.model.oabn_tau:
-    cfg.model.oabn_tau = DEFAULT_TAU[cfg.model.oabn_form]
+  cfg.model.oabn_form, cfg.model.oabn_tau = oabn_bound(cfg.model)
   for stage in ("fp", "qat"):
     s = cfg[stage]
     if s.warmup_steps >= s.num_steps:

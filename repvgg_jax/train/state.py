@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from repvgg_jax.models.repvgg import RepVGG, create_model, default_oabn_form
-from repvgg_jax.deprecation import renamed
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import resolve_bound
+from repvgg_jax.models.repvgg import RepVGG, create_model
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train.optimizer import make_optimizer
 
 
@@ -58,14 +58,17 @@ def build_model(model_cfg: Any, num_classes: int, *, deploy: bool, act_bits: int
   kw = dict(num_classes=num_classes, norm=model_cfg.norm, block=model_cfg.block,
             oabn_form=model_cfg.oabn_form or None, oabn_tau=model_cfg.oabn_tau or None,
             oabn_bound=model_cfg.oabn_bound, oabn_relative=model_cfg.oabn_relative,
-            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype, act_bits=act_bits)
+            deploy=deploy, cifar_stem=model_cfg.cifar_stem, dtype=dtype,
+            conv_impl=model_cfg.conv_impl, act_bits=act_bits)
   return RepVGG(model_variant(model_cfg), **kw)
 
 
-def oabn_form(model_cfg: Any) -> str:
-  """``model.oabn_form``, or the form the model's depth picks when it is ""
-  (:func:`repvgg_jax.models.repvgg.default_oabn_form`)."""
-  return model_cfg.oabn_form or default_oabn_form(model_variant(model_cfg), model_cfg.block)
+def oabn_bound(model_cfg: Any) -> tuple[str, float]:
+  """``(form, tau)`` of the config's OABN: ``model.oabn_form`` ("" = by depth) and
+  ``model.oabn_tau`` (0 = the form's), as the model resolves them
+  (:func:`repvgg_jax.models.oabn.resolve_bound`)."""
+  return resolve_bound(model_cfg.oabn_form or None, model_cfg.oabn_tau or None,
+                       model_variant(model_cfg).blocks, model_cfg.block)
 
 
 def model_variant(model_cfg: Any) -> Any:
@@ -89,8 +92,3 @@ def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: A
                            tx=make_optimizer(stage_cfg, params, quant),
                            batch_stats=dict(variables.get("batch_stats", {})),
                            settings=dict(variables.get(SETTINGS, {})), quant=quant)
-
-
-# (make_optimizer is imported above: it still reads from here, without a warning.)
-__getattr__ = renamed(__name__, {n: f"repvgg_jax.train.optimizer.{n}" for n in (
-    "weight_decay_mask", "learning_rate_schedule")})

@@ -12,9 +12,9 @@ import optax
 from jax.sharding import Mesh
 
 from repvgg_jax.data.transforms import normalize
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train import sharding
-from repvgg_jax.train.state import TrainState, oabn_form
+from repvgg_jax.train.state import TrainState
 
 # A batch's images as the model sees them: uint8 pixels normalized on device with the
 # loader's (mean, std), or already-normalized floats when ``pixel_stats`` is None.
@@ -79,10 +79,9 @@ def check_distill(mode: Any, weight: Any, temperature: Any) -> None:
 
 
 def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, train: bool,
-             quantizer: Any, loosen: Any = None) -> tuple[jax.Array, Any]:
+             quantizer: Any) -> tuple[jax.Array, Any]:
   """Logits and new batch stats; QAT quantizes the merged params first (STE gradient)
-  and hands the model its activation steps (the ``quant`` collection). ``loosen``: the
-  train-form model's ``loosen`` (OABN bound warm-up)."""
+  and hands the model its activation steps (the ``quant`` collection)."""
   if quantizer is not None:
     params = quantizer.apply(params, quant)
   variables = {"params": params, **({"quant": quant} if quant else {}),
@@ -90,9 +89,7 @@ def _forward(state: TrainState, params: Any, quant: Any, images: jax.Array, trai
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
     if train:
-      extra = {} if loosen is None else {"loosen": loosen}
-      logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"],
-                                       **extra)
+      logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
       return logits, updates["batch_stats"]
     return state.apply_fn(variables, images, train=False), state.batch_stats
   return state.apply_fn(variables, images, train=train), state.batch_stats
@@ -105,43 +102,9 @@ def stage_penalty(stage_cfg: Any) -> tuple[Callable, float] | None:
   return None if f is None else (f, stage_cfg.penalty_weight)
 
 
-def bound_warmup(cfg: Any) -> Callable | None:
-  """``step -> factor`` on the ``branch`` bound's tau in the FP stage's training forward
-  (:func:`make_train_step`'s ``bound_factor``): ``fp.bound_warmup_start`` at step 0,
-  falling geometrically to 1 at ``fp.bound_warmup_steps``, 1 after; None when the
-  warm-up is off (0 steps)."""
-  if not cfg.fp.bound_warmup_steps:
-    return None
-  start = float(cfg.fp.bound_warmup_start)
-  return optax.exponential_decay(start, cfg.fp.bound_warmup_steps, 1 / start, end_value=1.0)
-
-
-def bound_warmup_problems(cfg: Any) -> list[str]:
-  """What is wrong with the config's ``fp.bound_warmup_*`` fields, each naming the field
-  (``config.validate`` reports them): steps an int >= 0, used only on a model with the
-  ``branch`` bound; start >= 1."""
-  problems, w, m = [], cfg.fp.bound_warmup_steps, cfg.model
-  try:  # as config.resolve fills it in
-    form = oabn_form(m)
-  except (ValueError, TypeError):  # a bad name or blocks: validate names those
-    form = m.oabn_form
-  if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
-    problems.append(f"fp.bound_warmup_steps={w!r} must be an int >= 0")
-  elif w and (m.norm, form, m.block) != ("oabn", "branch", "repvgg"):
-    problems.append(f"fp.bound_warmup_steps={w} loosens OABN's branch bound: it needs "
-                    f"model.norm='oabn' and model.oabn_form='branch' (a RepVGG block), not "
-                    f"norm={m.norm!r}, oabn_form={form!r}, block={m.block!r}")
-  start = cfg.fp.bound_warmup_start
-  if not (isinstance(start, (int, float)) and start >= 1):
-    problems.append(f"fp.bound_warmup_start={start!r} must be >= 1 (a factor that loosens "
-                    "the bound)")
-  return problems
-
-
 def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
                     quantizer: Any = None, pixel_stats: PixelStats = None,
                     penalty: tuple[Callable, float] | None = None,
-                    bound_factor: Callable[[jax.Array], jax.Array] | None = None,
                     distill: Distill | None = None) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted; the state is donated.
 
@@ -152,9 +115,7 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
   f({"params", "batch_stats", "settings"})`` is added to the loss (``repvgg_jax.penalties``; the
   latent params, before any quantizer). Metrics: ``loss`` (with the penalty) and
   ``accuracy`` (means over the batch), ``grad_norm``, ``penalty`` (unweighted, when
-  there is one), all scalars, left on device. ``bound_factor``: step -> the train-form
-  model's ``loosen`` (OABN's bound warm-up: the stored settings, which eval and merge
-  read, stay the model's). ``distill``: one teacher forward per step and the loss of
+  there is one), all scalars, left on device. ``distill``: one teacher forward per step and the loss of
   :class:`Distill` (metrics add ``distill_loss``, unweighted); the teacher's variables
   are replicated once and passed to every call.
   """
@@ -162,10 +123,8 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
     images = model_input(batch["image"], pixel_stats)
     teacher_logits = None if distill is None else distill.apply(teacher, images)
 
-    loosen = None if bound_factor is None else bound_factor(state.step)
-
     def loss_fn(params, quant):
-      logits, new_stats = _forward(state, params, quant, images, True, quantizer, loosen)
+      logits, new_stats = _forward(state, params, quant, images, True, quantizer)
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       extra = {}
       if distill is not None:

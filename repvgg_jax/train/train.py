@@ -23,7 +23,7 @@ from absl import logging
 
 import repvgg_jax
 from repvgg_jax import data
-from repvgg_jax.layers.oabn import SETTINGS
+from repvgg_jax.models.oabn import SETTINGS
 from repvgg_jax.train import config as config_lib
 from repvgg_jax.train import export, qat, sharding, steps
 from repvgg_jax.train import report as report_lib
@@ -86,8 +86,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: An
           loader=loader("train", cfg.fp.batch_size, True),
           train_step=steps.make_train_step(mesh, num_classes, cfg.fp.label_smoothing,
                                            pixel_stats=pixels,
-                                           penalty=steps.stage_penalty(cfg.fp),
-                                           bound_factor=steps.bound_warmup(cfg)),
+                                           penalty=steps.stage_penalty(cfg.fp)),
           evaluate=evaluate_with(eval_plain),
           later_stages=[("qat", cfg.qat.num_steps, cfg.qat.batch_size)] if "qat" in trained
           else [],

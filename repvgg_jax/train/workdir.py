@@ -27,6 +27,9 @@ from repvgg_jax.train.config import base_config
 STAGES = ("fp", "qat")
 # Fields that change how often a stage saves, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep", "profile_steps")
+# How the convs are computed, not what: the same parameters, outputs equal up to float
+# rounding (a run may switch, e.g. to resume a CPU run on a GPU).
+_NOT_DETERMINING_MODEL = ("model.conv_impl",)
 MAX_FIELDS_NAMED = 6
 
 
@@ -83,7 +86,8 @@ def fingerprint(cfg: Any, stage: str) -> dict[str, Any]:
     groups += ["quant", "qat", "init_from"]
   flat = _flat({g: c[g] for g in groups})
   return {k: v for k, v in flat.items()
-          if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)}
+          if not (k.split(".")[0] in STAGES and k.split(".")[-1] in _NOT_DETERMINING)
+          and k not in _NOT_DETERMINING_MODEL}
 
 
 def _unused(flat: dict) -> set[str]:
@@ -127,9 +131,6 @@ class Stages:
     self.fingerprints = {s: fingerprint(cfg, s) for s in STAGES}
     self._defaults = {s: fingerprint(base_config(), s) for s in STAGES}
     self._running: dict[str, tuple[float, float]] = {}
-    # Stages with checkpoints but no record (an older version's workdir): recorded only
-    # once they finish, so a failed restore does not vouch for checkpoints it never read.
-    self._unverified: set[str] = set()
     stale = self._stale(stages)
     if stale and not discard_stale:
       raise StaleWorkdir(self._refusal(stale))
@@ -160,11 +161,10 @@ class Stages:
       if not os.path.isdir(self.ckpt_dir(stage)):
         continue
       record = self._read(stage)
-      if record is None:
-        logging.warning("%s has no %s.json (written by an older version): its config "
-                        "cannot be checked; resuming from it", self.ckpt_dir(stage), stage)
-        continue
-      changed = _changes(record["config"], self.fingerprints[stage], self._defaults[stage])
+      # A stage records its config before its first checkpoint: checkpoints without a
+      # record are of no config this run can vouch for.
+      changed = ([f"no {stage}.json record of its config"] if record is None else
+                 _changes(record["config"], self.fingerprints[stage], self._defaults[stage]))
       if changed or earlier_changed:
         stale.append((stage, changed))
       earlier_changed = earlier_changed or changed
@@ -202,14 +202,10 @@ class Stages:
 
   def start(self, stage: str) -> None:
     """Records the stage's fingerprint (before its first checkpoint) and starts its clock."""
-    record = self._read(stage)
-    if record is None and os.path.isdir(self.ckpt_dir(stage)):
-      self._unverified.add(stage)
-    record = record or {}
+    record = self._read(stage) or {}
     same = record.get("config") == self.fingerprints[stage]
     self._running[stage] = (record.get("seconds", 0.0) if same else 0.0, time.time())
-    if stage not in self._unverified:
-      self._save(stage, self._running[stage][0])
+    self._save(stage, self._running[stage][0])
 
   def stop(self, stage: str) -> float:
     """Stops the stage's clock; returns its seconds summed over invocations."""
@@ -219,10 +215,6 @@ class Stages:
     return seconds
 
   def close(self) -> None:
-    """Adds the time of a stage that stopped on an error or SIGTERM (a SIGKILL loses it);
-    an unverified stage that did not finish stays without a record."""
+    """Adds the time of a stage that stopped on an error or SIGTERM (a SIGKILL loses it)."""
     for stage in list(self._running):
-      if stage in self._unverified:
-        self._running.pop(stage)
-      else:
-        self.stop(stage)
+      self.stop(stage)

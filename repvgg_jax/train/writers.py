@@ -79,10 +79,6 @@ class MetricWriter:
     if len(kept) != len(lines):
       atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -1,8 +1,12 @@
-"""Outlier-Aware Batch Normalization (OABN).
+"""Outlier-Aware Batch Normalization (OABN), and the model's one BatchNorm.
 
 A BatchNorm whose effective per-channel scale ``s = gamma / sqrt(var + eps)``
 is bounded, so that the kernels produced by RepVGG's branch merge (which
-multiplies every kernel by ``s``) carry no outliers.
+multiplies every kernel by ``s``) carry no outliers. ``norm="bn"`` is the same
+module without a bound (``form=None``): BN and OABN compute their batch statistics
+with the same code, so a BN-vs-OABN comparison differs only by the bound.
+Everything OABN is here: the bounds, the module, the form a model gets by depth and
+the tau it gets by form (:func:`resolve_bound`, the one place every caller asks).
 
 This is our reconstruction of the OABN of "Outlier-Aware Training for Low-Bit
 Quantization of Structural Re-Parameterized Networks" (arXiv 2402.07200) from
@@ -46,6 +50,22 @@ BOUNDS = ("clip", "tanh")
 FORMS = ("median", "branch")
 # The tau a model uses when none is given, per form (docs/oabn.md: the study's choices).
 DEFAULT_TAU = {"median": 4.0, "branch": 3.0}
+# OABN's form by depth (docs/oabn.md, "At full depth"): ``branch`` up to this many blocks in
+# every stage (measured better than ``median`` at 4, the demo network), ``median`` deeper
+# (measured better at A0's 14); depths between are untested.
+BRANCH_MAX_BLOCKS = 4
+
+
+def resolve_bound(form: str | None, tau: float | None, blocks: Any,
+                  block: str = "repvgg") -> tuple[str, float]:
+  """The OABN ``(form, tau)`` a model with ``blocks`` per stage and ``block`` style uses:
+  ``form``, or when None the depth's (``branch`` when no stage has more than
+  ``BRANCH_MAX_BLOCKS`` blocks, else ``median``; always ``median`` for
+  ``block="qarepvgg"``, which has no branches to bound); ``tau``, or when None the
+  form's ``DEFAULT_TAU``. The model, the config and the report all ask here."""
+  if form is None:
+    form = "branch" if block == "repvgg" and max(blocks) <= BRANCH_MAX_BLOCKS else "median"
+  return form, DEFAULT_TAU[form] if tau is None else tau
 # The collection of constants a train-form model records for merge (never trained, never
 # averaged): the bounds' settings, the QARepVGG identity gain.
 SETTINGS = "settings"
@@ -161,8 +181,9 @@ class OABN(nn.Module):
     use_running_average: eval mode (running statistics) when True.
     momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
     epsilon: added to the variance.
-    form: ``"median"`` (this layer bounds its scales) or ``"branch"`` (it does
-      not: the RepVGG block bounds them, see :func:`branch_bound`).
+    form: ``"median"`` (this layer bounds its scales), ``"branch"`` (it does
+      not: the RepVGG block bounds them, see :func:`branch_bound`), or None: no
+      bound anywhere, a plain BatchNorm (the model's ``norm="bn"``).
     bound: ``"clip"`` or ``"tanh"``.
     tau: the bound, or its multiple of the layer's median ``|s|`` when
       ``relative`` (``median`` form only).
@@ -173,7 +194,7 @@ class OABN(nn.Module):
   use_running_average: bool | None = None
   momentum: float = 0.9
   epsilon: float = 1e-5
-  form: str = "median"
+  form: str | None = "median"
   bound: str = "tanh"
   tau: float = 4.0
   relative: bool = True
@@ -183,8 +204,8 @@ class OABN(nn.Module):
   bias_init: Any = nn.initializers.zeros
 
   def __post_init__(self):
-    if self.form not in FORMS:
-      raise ValueError(f"OABN form={self.form!r}: expected one of {FORMS}")
+    if self.form is not None and self.form not in FORMS:
+      raise ValueError(f"OABN form={self.form!r}: expected one of {FORMS} or None")
     if self.bound not in BOUNDS:
       raise ValueError(f"OABN bound={self.bound!r}: expected one of {BOUNDS}")
     check_tau(self.tau, "OABN tau")
