@@ -217,8 +217,8 @@ def allocate_measured(costs: Mapping[Any, Mapping[int, float]],
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """What :func:`allocate` is given for a model: the layers whose bits it chooses
-  (``free``: every quantized kernel but the stem and head, which keep
-  ``first_last_bits``), their packed bytes at each bit choice, and the bytes left for
+  (``free``: every quantized kernel no quantizer rule gives bits to; the stem and head
+  keep ``first_last_bits``), their packed bytes at each bit choice, and the bytes left for
   them under the budget."""
   free: tuple[Path, ...]
   sizes: dict[Path, dict[int, int]]
