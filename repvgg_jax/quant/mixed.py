@@ -217,8 +217,8 @@ def allocate_measured(costs: Mapping[Any, Mapping[int, float]],
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """What :func:`allocate` is given for a model: the layers whose bits it chooses
-  (``free``: every quantized kernel but the stem and head, which keep
-  ``first_last_bits``), their packed bytes at each bit choice, and the bytes left for
+  (``free``: every quantized kernel no quantizer rule gives bits to; the stem and head
+  keep ``first_last_bits``), their packed bytes at each bit choice, and the bytes left for
   them under the budget."""
   free: tuple[Path, ...]
   sizes: dict[Path, dict[int, int]]
@@ -247,20 +247,20 @@ def plan_budget(kernel_shapes: Mapping[Path, Sequence[int]], quantizer, *,
   if problems:
     raise ValueError("; ".join(problems))
   choices = check_bit_choices(bit_choices, quantizer.method)
-  int8 = quantizer.method != "cluster" or quantizer.int8_levels
+  spec = {p: quantizer.layer(p) for p in kernel_shapes}
 
   def size(p: Path, bits: int) -> int:
-    return layer_bytes(kernel_shapes[p], bits, per_channel=quantizer.per_channel,
-                       group_size=quantizer.group_of(p), cluster_dim=quantizer.dim_of(p),
-                       int8_levels=int8)
+    return layer_bytes(kernel_shapes[p], bits, per_channel=spec[p].per_channel,
+                       group_size=spec[p].group_size, cluster_dim=spec[p].cluster_dim,
+                       int8_levels=quantizer.int_grid(p))
 
-  fixed = {p: s for p, s in kernel_shapes.items()
-           if quantizer.first_last_bits is not None and p[0] in quantizer.first_last}
+  # A layer whose bits a rule sets (the stem and head) keeps them; the others are free.
+  fixed = tuple(p for p in kernel_shapes if spec[p].pinned)
   free = tuple(p for p in kernel_shapes if p not in fixed)
   if not free:
     raise ValueError("no layer to allocate bits to (every quantized kernel is a stem or head)")
   sizes = {p: {b: size(p, b) for b in choices} for p in free}
-  fixed_bytes = sum(size(p, quantizer.first_last_bits) for p in fixed)
+  fixed_bytes = sum(size(p, spec[p].bits) for p in fixed)
   smallest = sum(min(s.values()) for s in sizes.values())
   if total_bytes > 0:
     budget, what = total_bytes - fixed_bytes, f"bytes={total_bytes:,}"

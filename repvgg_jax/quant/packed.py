@@ -178,8 +178,8 @@ def pack(params: Mapping[str, Any], quantizer, state,
   layers, floats = {}, {}
   for path, v in traverse_util.flatten_dict(dict(params)).items():
     if path in kernels:
-      g = quantizer.group_of(path) if quantizer.per_channel else 1
-      d = quantizer.dim_of(path)
+      spec = quantizer.layer(path)
+      g, d = spec.group_size if spec.per_channel else 1, spec.cluster_dim
       idx, c = (np.asarray(a) for a in kernels[path])
       c = c.astype(np.float32)[::g]  # rows repeat within a group (g = 1 per tensor)
       bits = _check_layer_codebook(np.shape(v), c, g, d)

@@ -149,7 +149,8 @@ def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int,
     logging.info("calibrating %d-bit activation steps (%s) on %d training batches",
                  qc.act_bits, qc.act_calibration, qc.calib_batches)
     quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
-  return q, qmodel, create_train_state(qmodel, merged, cfg.qat, quant=quant)
+  return q, qmodel, create_train_state(qmodel, merged, cfg.qat, quant=quant,
+                                       learned=q.learned_mask(quant))
 
 
 def refit_hook(quantizer: Any, mesh: Any, every: int) -> Any:

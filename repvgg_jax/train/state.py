@@ -27,7 +27,9 @@ class TrainState(train_state.TrainState):
   identity gains): carried and checkpointed so a checkpoint alone merges, never updated.
   The optimizer updates ``{"params": params, "quant": quant}``: the learned
   steps in ``quant`` (LSQ weight steps, activation steps) train with the
-  weights; codebooks get zero gradients (they are refitted by k-means).
+  weights; the fitted leaves (codebooks, refitted by k-means; MSE steps) are masked
+  out of the optimizer when :func:`create_train_state` is given the quantizer's
+  ``learned_mask`` (the QAT stage does), so no gradient moves them.
   """
   batch_stats: Any = flax.core.FrozenDict()
   settings: Any = flax.core.FrozenDict()
@@ -85,10 +87,12 @@ def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) 
 
 
 def create_train_state(model: RepVGG, variables: Mapping[str, Any], stage_cfg: Any,
-                       quant: Any = None) -> TrainState:
+                       quant: Any = None, learned: Any = None) -> TrainState:
+  """``learned``: ``quant``'s tree of bools, True where the optimizer trains the leaf
+  (the weight quantizer's ``learned_mask(quant)``); None trains every leaf."""
   params = variables["params"]
   quant = quant if quant is not None else {}
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=make_optimizer(stage_cfg, params, quant),
+                           tx=make_optimizer(stage_cfg, params, quant, learned),
                            batch_stats=dict(variables.get("batch_stats", {})),
                            settings=dict(variables.get(SETTINGS, {})), quant=quant)
