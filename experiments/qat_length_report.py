@@ -52,16 +52,19 @@ def figure(rows: dict, path: str) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for bits in sorted({c[0] for c in curve}, reverse=True):
+  for color, bits in enumerate(sorted({c[0] for c in curve}, reverse=True)):
     for distill, style in (("off", "--"), ("logits", "-")):
       pts = sorted((n, 100 * (fp - acc)) for b, d, n, acc in curve if b == bits and d == distill)
       if pts:
-        ax.plot(*zip(*pts), style, marker="o",
+        ax.plot(*zip(*pts), style, marker="o", color=f"C{color}",
                 label=f"W{bits}A8, distill {distill}")
   for bits, goal in GOALS.items():
     if any(c[0] == bits for c in curve):
       ax.axhline(goal, color="grey", lw=0.5, ls=":")
   ax.set_xscale("log")
+  steps = sorted({c[2] for c in curve})
+  ax.set_xticks(steps, [str(n) for n in steps])
+  ax.minorticks_off()
   ax.set_xlabel("QAT steps (batch 64; cosine decay over the run)")
   ax.set_ylabel("points below the float network")
   ax.set_title("RepVGG-A0 full depth, oabn_median seed 0: packed accuracy")
