@@ -29,9 +29,15 @@ def integer_forward_fn(packed: PackedModel | Graph):
   """``f(images uint8 NHWC) -> logits``: every layer as int8 x int8 -> int32
   (``lax.conv_general_dilated`` / ``lax.dot_general`` with
   ``preferred_element_type=int32``) plus the int32 bias (:func:`int32_bias`),
-  requantized in float32: ``acc * (act_step * weight_scale[o])``, then ReLU where the
-  layer has one; a dense layer adds its float bias after the requantization. Unsigned 8-bit activations are shifted by 128 into int8 and the shift
-  is added back as ``128 * sum(w)`` per output channel (padding uses the shifted zero)."""
+  requantized in float32: ``(acc + bias) * (act_step * weight_scale[o])``, then ReLU where
+  the layer has one (the dense head too adds its bias on the accumulator's grid, as ONNX
+  Runtime's ``QGemm`` does: within half an accumulator step of the float bias). A pooled
+  layer with a ``pool_step`` pools integers, as ONNX Runtime's
+  ``QLinearGlobalAveragePool``: the map's integers at ``pool_step``, summed over the
+  ``n`` pixels in int32, times the float32 ``pool_step / (act_step * n)``, rounded (half
+  to even) and clipped to the layer's input grid. Unsigned 8-bit activations are shifted
+  by 128 into int8 and the shift is added back as ``128 * sum(w)`` per output channel
+  (padding uses the shifted zero)."""
   graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
   bits = graph.act_bits
   if not bits:
@@ -42,23 +48,31 @@ def integer_forward_fn(packed: PackedModel | Graph):
       raise ValueError(f"integer inference: layer {layer.name} has an SE block (D2se), which "
                        "is not supported")
     k, scale = graph.int8_weights(layer)
-    if layer.kind == "conv":
-      bias, acc_scale = int32_bias(layer.bias, layer.act_step, scale)
-    else:  # the dense head adds its float bias to the dequantized product
-      bias, acc_scale = None, np.float32(layer.act_step) * scale
+    bias, acc_scale = int32_bias(layer.bias, layer.act_step, scale)
     plan.append((layer, k, bias, acc_scale))
 
-  def to_int8(x, layer: Layer):
+  def to_int8(values, layer: Layer):
+    """The layer's input integers (float ``values`` on its grid) as int8, and the shift."""
+    zp = 128 if uniform.int_range(bits, layer.act_signed)[1] > 127 else 0
+    return (values - zp).astype(jnp.int8), zp
+
+  def input_values(x, layer: Layer):
+    """The integers of the layer's quantized input (float dtype)."""
     qmin, qmax = uniform.int_range(bits, layer.act_signed)
-    zp = 128 if qmax > 127 else 0
-    return (uniform.int_values(x, layer.act_step, qmin, qmax) - zp).astype(jnp.int8), zp
+    if not layer.pool:
+      return uniform.int_values(x, layer.act_step, qmin, qmax)
+    if layer.pool_step is None:
+      return uniform.int_values(jnp.mean(x, axis=(1, 2)), layer.act_step, qmin, qmax)
+    n = x.shape[1] * x.shape[2]
+    total = jnp.sum(uniform.int_values(x, layer.pool_step, *uniform.int_range(bits, False))
+                    .astype(jnp.int32), axis=(1, 2))
+    mult = np.float32(layer.pool_step) / (np.float32(layer.act_step) * np.float32(n))
+    return jnp.clip(jnp.round(total.astype(jnp.float32) * mult), qmin, qmax)
 
   def forward(images):
     x = normalize_images(images, graph.mean, graph.std)
     for layer, k, bias, acc_scale in plan:
-      if layer.pool:
-        x = jnp.mean(x, axis=(1, 2))
-      xi, zp = to_int8(x, layer)
+      xi, zp = to_int8(input_values(x, layer), layer)
       in_axes = (0, 1, 2) if layer.kind == "conv" else (0,)
       if layer.kind == "conv":
         p = layer.padding
@@ -75,10 +89,7 @@ def integer_forward_fn(packed: PackedModel | Graph):
                                   preferred_element_type=jnp.int32)
       if zp:
         acc = acc + zp * jnp.asarray(k.astype(np.int32).sum(axis=in_axes))
-      if bias is None:
-        x = acc.astype(jnp.float32) * acc_scale + layer.bias
-      else:
-        x = (acc + jnp.asarray(bias)).astype(jnp.float32) * acc_scale
+      x = (acc + jnp.asarray(bias)).astype(jnp.float32) * acc_scale
       if layer.relu:
         x = jax.nn.relu(x)
     return x
