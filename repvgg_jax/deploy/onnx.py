@@ -12,10 +12,16 @@ channels), float32 logits out, the input normalization inside the graph.
   quantization (signed, zero-point 0), which cannot hold an unsigned 8-bit grid
   ``[0, 255]``: such a model is refused (train with ``quant.act_bits=7``, whose
   ``[0, 127]`` fits int8 exactly). Below 8 bits a ``Clip`` to the grid's range comes
-  first (QuantizeLinear saturates only at the type's range).
+  first (QuantizeLinear saturates only at the type's range). The map a layer pools is
+  quantized at its ``pool_step`` and the pooled vector at the layer's step, with the
+  ``Flatten`` on the quantized tensor: ``Relu -> Q -> DQ -> GlobalAveragePool -> Q ->
+  Flatten -> DQ -> Gemm``, which ONNX Runtime runs as ``QLinearConv``,
+  ``QLinearGlobalAveragePool`` and ``QGemm`` (int8-grid weights): no float conv, pool or
+  product, and no weight dequantized at run time.
 * Weights on an int8 grid (``int8_levels=True``, uniform, LSQ): int8 initializers with
   per-output-channel scales (``DequantizeLinear`` axis 0) and an int32 bias at scale
-  ``s_in * s_w[o]``: integer convolutions in the runtime. ``"int8"`` mode needs the
+  ``s_in * s_w[o]`` (the convs' and the head's): integer convolutions and products in
+  the runtime, the same numbers as :func:`repvgg_jax.deploy.integer_forward_fn`. ``"int8"`` mode needs the
   narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
 * Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
   codebook, decoded in the graph by one ``Gather`` to the exact float kernel (a vector
