@@ -189,8 +189,10 @@ def test_int8_export_refuses_a_weight_level_at_minus_128():
                          ids=["groups2", "se"])
 def test_grouped_and_se_variants_export(variant):
   packed = tiny_packed("cluster", variant=variant)
-  images = uint8_images(8, 15)
-  _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
+  images = uint8_images(48, 15)
+  # Float convs (and SE), rounded in ONNX Runtime's order, then the pooled map's grid.
+  _assert_same_but_rare_flips(_run(export_onnx(packed), images),
+                              np.asarray(rv.DeployedModel(packed)(images)))
   if not variant.se:
     packed = tiny_packed("cluster", variant=variant, int8_levels=True)
     _assert_same_logits(_run(export_onnx(packed), images),
