@@ -107,10 +107,11 @@ def test_activations_are_quantized_at_our_steps(tmp_path, act_bits):
   quant = packed.to_variables()["quant"]
   layers = [b.name for b in RepVGG(TINY_DEPLOY, deploy=True).layers()] + ["head"]
   quantizes = [op for op in ops.values() if op.op_type == "quantize"]
+  layers.append("head_pool")  # the map the head's pool averages
   assert len(quantizes) == len(layers)
   for layer in layers:
-    step = np.float32(uniform.learned_step(
-        np.asarray((quant["head_act"] if layer == "head" else quant[layer]["act"])["step"])))
+    var = {"head": quant["head_act"], "head_pool": quant["pool_act"]}.get(layer)
+    step = np.float32(uniform.learned_step(np.asarray((var or quant[layer]["act"])["step"])))
     q, dq = ops[f"{layer}_act_quantized"], ops[f"{layer}_act_dequantized"]
     assert q.scale.val.dtype == np.float32 and q.scale.val == step, layer
     assert dq.scale.val == step and int(q.zero_point.val) == 0, layer

@@ -100,17 +100,31 @@ def test_float_activation_export_matches_load_packed():
   _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
 
 
-def test_onnx_runtime_fuses_every_conv_with_a_quantized_output(tmp_path):
+@pytest.mark.parametrize("level", ["ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
+def test_onnx_runtime_runs_every_layer_of_an_int8_grid_export_as_integer_ops(tmp_path, level):
+  # The tiny model's maps go down to 2x2 and 1x1 (the last conv's, which the pool reads).
   packed = tiny_packed("cluster", int8_levels=True)
-  _session(export_onnx(packed), level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-           optimized_path=tmp_path / "optimized.onnx")
-  nodes = onnx.load(tmp_path / "optimized.onnx").graph.node
-  fused = [n.name for n in nodes if n.op_type == "QLinearConv"]
+  proto = export_onnx(packed)
+  path = tmp_path / "optimized.onnx"
+  _session(proto, level=getattr(ort.GraphOptimizationLevel, level), optimized_path=path)
+  optimized = onnx.load(path).graph
+  ops = [n.op_type for n in optimized.node]
   convs = len(RepVGG(TINY_DEPLOY, deploy=True).layers())
-  # The last conv's float output feeds the pooling (the network quantizes the pooled
-  # vector, not the map), so it has no QuantizeLinear to fuse with.
-  assert len(fused) == convs - 1, [n.op_type for n in nodes]
-  assert not any(n.op_type == "Conv" and not n.name.startswith("stages_3_0") for n in nodes)
+  assert ops.count("QLinearConv") == convs, ops
+  assert ops.count("QLinearGlobalAveragePool") == 1 and ops.count("QGemm") == 1, ops
+  float_ops = {"Conv", "FusedConv", "Gemm", "MatMul", "GlobalAveragePool", "ReduceMean",
+               "DequantizeLinear"}
+  assert not float_ops & set(ops), ops
+  # No weight is dequantized at run time: every int8 and int32 initializer feeds an integer op.
+  inits = {i.name for i in optimized.initializer}
+  for n in optimized.node:
+    if n.op_type in ("DequantizeLinear", "Cast"):
+      assert n.input[0] not in inits, n.name
+  images = uint8_images(48, 21)
+  got = _run(proto, images, level=getattr(ort.GraphOptimizationLevel, level))
+  want = np.asarray(rv.DeployedModel(packed).integer(images))
+  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+  _assert_same_logits(got, want)
 
 
 def _mutated(proto, name, change):
@@ -129,6 +143,8 @@ def _mutated(proto, name, change):
     ("stages_1_0/reparam_conv/kernel/scale", lambda s: (s * (1 + 2.0 ** -7)).astype(np.float32)),
     ("stem/act/zero_point", lambda z: np.uint8(z + 1)),
     ("stages_0_0/reparam_conv/bias/int32", lambda b: b + 1),
+    ("head/pool/act/scale", lambda s: (s * (1 + 2.0 ** -7)).astype(np.float32)),
+    ("head/bias/int32", lambda b: b + np.int32(np.abs(b).max() // 64 + 1)),
     ("stages_2_0/reparam_conv/kernel/int8", lambda k: np.where(k == k.max(), k - 1, k).astype(
         np.int8)),
 ])
@@ -173,8 +189,10 @@ def test_int8_export_refuses_a_weight_level_at_minus_128():
                          ids=["groups2", "se"])
 def test_grouped_and_se_variants_export(variant):
   packed = tiny_packed("cluster", variant=variant)
-  images = uint8_images(8, 15)
-  _assert_same_logits(_run(export_onnx(packed), images), np.asarray(rv.DeployedModel(packed)(images)))
+  images = uint8_images(48, 15)
+  # Float convs (and SE), rounded in ONNX Runtime's order, then the pooled map's grid.
+  _assert_same_but_rare_flips(_run(export_onnx(packed), images),
+                              np.asarray(rv.DeployedModel(packed)(images)))
   if not variant.se:
     packed = tiny_packed("cluster", variant=variant, int8_levels=True)
     _assert_same_logits(_run(export_onnx(packed), images),

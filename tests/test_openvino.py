@@ -48,13 +48,13 @@ def int8_run(tiny_run, tmp_path_factory):
   """The tiny run's FP checkpoint through W4A8 ClusterQAT on an int8 grid."""
   _openvino()
   from configs import tiny
-  from repvgg_jax.train import pipeline
+  from repvgg_jax.train.train import train_and_evaluate
   cfg = tiny.tiny_config()
   cfg.init_from = os.path.join(tiny_run[0], "checkpoints", "fp")
   cfg.eval_fp_forms = False
   cfg.quant.act_bits, cfg.quant.int8_levels = 8, True
   workdir = str(tmp_path_factory.mktemp("int8_run"))
-  return workdir, pipeline.run(cfg, workdir)
+  return workdir, train_and_evaluate(cfg, workdir)
 
 
 def test_openvino_runs_the_codebook_model_onnx_as_load_packed(tiny_run):

@@ -24,7 +24,8 @@ holding the uint8 pixels; a gray image (``channels=1``) is tiled to RGB as
   a per-tensor codebook has ones in place of ``O``. The first and last layers, stored at
   ``first_last_bits`` (8) like every other layer (indices + codebook), are 8-bit
   LUTs; a kernel the packed file keeps as float is a plain float32 const.
-* Activations (``act_bits``): the input of every conv and of the head goes through
+* Activations (``act_bits``): the input of every conv and of the head, and the map
+  the head's pool averages (a layer's ``pool_step``), go through
   ``quantize -> dequantize`` at *our* step (zero-point 0): ``uint8`` for the
   unsigned post-ReLU inputs, ``int8`` for a signed input, the image's (Core ML's
   quantize takes int8 with zero-point 0, which holds the signed 8-bit grid
@@ -225,6 +226,8 @@ def export_coreml(packed: PackedModel | Graph, path, *, batch_size: int = 1, cha
     last = graph.layers[-1]
     for layer in graph.layers:
       if layer.pool:
+        if layer.pool_step is not None:  # the map's fake-quant before the mean
+          x = _quant_act(mb, x, f"{layer.name}_pool", layer.pool_step, bits, False)
         x = mb.reduce_mean(x=x, axes=[2, 3], keep_dims=False, name=f"{layer.name}_pooled")
       if layer.act_step is not None:
         x = _quant_act(mb, x, layer.name, layer.act_step, bits, layer.act_signed)

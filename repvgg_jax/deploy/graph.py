@@ -41,6 +41,9 @@ class Layer:
   step of the input's fake-quant at the graph's ``act_bits`` (None: float input),
   ``act_signed`` whether that grid is signed. ``se``: float squeeze-excite variables
   ``{"down": {kernel, bias}, "up": {kernel, bias}}`` applied to the conv's output.
+  ``pool_step``: the float32 step of the unsigned fake-quant of the map that ``pool``
+  averages, at the graph's ``act_bits`` (None: the pool averages the float map), so an
+  integer runtime pools integers: quantize the map, average, then ``act_step``.
   """
   name: str
   kind: str
@@ -54,6 +57,7 @@ class Layer:
   se: Mapping[str, Any] | None = None
   relu: bool = False
   pool: bool = False
+  pool_step: np.float32 | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +142,9 @@ def _step(floats: Mapping[str, np.ndarray], path: str) -> np.float32:
 
 def repvgg_layers(desc: Mapping[str, Any], floats: Mapping[str, np.ndarray]) -> list[Layer]:
   """RepVGG's deploy network: one 3x3 conv (+ SE) + ReLU a block, stem first (its input,
-  the normalized image, is the one signed activation), then the pooled dense head."""
+  the normalized image, is the one signed activation), then the pooled dense head (its
+  pool's map quantized by ``pool_act``; a file packed before ``pool_act`` existed pools
+  the float map)."""
   bits = desc["act_bits"]
 
   def act(name: str) -> np.float32 | None:
@@ -165,7 +171,8 @@ def repvgg_layers(desc: Mapping[str, Any], floats: Mapping[str, np.ndarray]) -> 
         se=params(f"params/{b.name}/se/") if desc["se"] else None, relu=True))
   layers.append(Layer(name="head", kind="dense", kernel="head/kernel",
                       bias=np.asarray(floats["params/head/bias"], np.float32),
-                      act_step=act("head_act"), pool=True))
+                      act_step=act("head_act"), pool=True,
+                      pool_step=act("pool_act") if "quant/pool_act/step" in floats else None))
   return layers
 
 

@@ -28,10 +28,18 @@ def int32_bias(bias, act_step: float, w_scale: np.ndarray) -> tuple[np.ndarray, 
 def integer_forward_fn(packed: PackedModel | Graph):
   """``f(images uint8 NHWC) -> logits``: every layer as int8 x int8 -> int32
   (``lax.conv_general_dilated`` / ``lax.dot_general`` with
-  ``preferred_element_type=int32``) plus the int32 bias (:func:`int32_bias`),
-  requantized in float32: ``acc * (act_step * weight_scale[o])``, then ReLU where the
-  layer has one; a dense layer adds its float bias after the requantization. Unsigned 8-bit activations are shifted by 128 into int8 and the shift
-  is added back as ``128 * sum(w)`` per output channel (padding uses the shifted zero)."""
+  ``preferred_element_type=int32``) plus the int32 bias (:func:`int32_bias`; the dense
+  head's too, as ONNX Runtime's ``QGemm`` adds it: within half an accumulator step of the
+  float bias), then ReLU on the integers where the layer has one. The accumulator is
+  requantized straight to the next layer's input grid, as ONNX Runtime's ``QLinearConv``
+  does: ``round(clip(acc * m[o]))`` with the float32 multiplier ``m[o] = (act_step *
+  weight_scale[o]) / next_step`` (half to even). A pooled layer with a ``pool_step`` pools
+  integers, as ``QLinearGlobalAveragePool``: the map requantized to ``pool_step``, summed
+  over its ``n`` pixels in int32, times the float32 ``pool_step / (act_step * n)``,
+  rounded and clipped to the layer's input grid. The last layer's accumulator times its
+  scale are the logits. Unsigned 8-bit activations are shifted by 128 into int8 and the
+  shift is added back as ``128 * sum(w)`` per output channel (padding uses the shifted
+  zero)."""
   graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
   bits = graph.act_bits
   if not bits:
@@ -42,23 +50,42 @@ def integer_forward_fn(packed: PackedModel | Graph):
       raise ValueError(f"integer inference: layer {layer.name} has an SE block (D2se), which "
                        "is not supported")
     k, scale = graph.int8_weights(layer)
-    if layer.kind == "conv":
-      bias, acc_scale = int32_bias(layer.bias, layer.act_step, scale)
-    else:  # the dense head adds its float bias to the dequantized product
-      bias, acc_scale = None, np.float32(layer.act_step) * scale
+    bias, acc_scale = int32_bias(layer.bias, layer.act_step, scale)
     plan.append((layer, k, bias, acc_scale))
 
-  def to_int8(x, layer: Layer):
+  def grid(x, step, signed: bool):
+    """The integers (float dtype) of ``x`` on the grid of ``step``: ``x`` the float
+    input, or ``(int32 accumulator, its float32 scale)`` requantized by one multiply."""
+    qmin, qmax = uniform.int_range(bits, signed)
+    if not isinstance(x, tuple):
+      return uniform.int_values(x, step, qmin, qmax)
+    acc, scale = x
+    m = (np.asarray(scale, np.float32) / np.float32(step)).astype(np.float32)
+    return jnp.round(jnp.clip(acc.astype(jnp.float32) * m, qmin, qmax))
+
+  def input_values(x, layer: Layer):
+    """The integers (float dtype) of the layer's quantized input."""
     qmin, qmax = uniform.int_range(bits, layer.act_signed)
-    zp = 128 if qmax > 127 else 0
-    return (uniform.int_values(x, layer.act_step, qmin, qmax) - zp).astype(jnp.int8), zp
+    if not layer.pool:
+      return grid(x, layer.act_step, layer.act_signed)
+    if layer.pool_step is None:  # the float map's mean
+      x = x[0].astype(jnp.float32) * x[1] if isinstance(x, tuple) else x
+      return grid(jnp.mean(x, axis=(1, 2)), layer.act_step, layer.act_signed)
+    values = grid(x, layer.pool_step, False)
+    n = values.shape[1] * values.shape[2]
+    total = jnp.sum(values.astype(jnp.int32), axis=(1, 2))
+    mult = np.float32(layer.pool_step) / (np.float32(layer.act_step) * np.float32(n))
+    return jnp.round(jnp.clip(total.astype(jnp.float32) * mult, qmin, qmax))
+
+  def to_int8(values, layer: Layer):
+    """The layer's input integers as int8, and the shift."""
+    zp = 128 if uniform.int_range(bits, layer.act_signed)[1] > 127 else 0
+    return (values - zp).astype(jnp.int8), zp
 
   def forward(images):
     x = normalize_images(images, graph.mean, graph.std)
     for layer, k, bias, acc_scale in plan:
-      if layer.pool:
-        x = jnp.mean(x, axis=(1, 2))
-      xi, zp = to_int8(x, layer)
+      xi, zp = to_int8(input_values(x, layer), layer)
       in_axes = (0, 1, 2) if layer.kind == "conv" else (0,)
       if layer.kind == "conv":
         p = layer.padding
@@ -75,11 +102,9 @@ def integer_forward_fn(packed: PackedModel | Graph):
                                   preferred_element_type=jnp.int32)
       if zp:
         acc = acc + zp * jnp.asarray(k.astype(np.int32).sum(axis=in_axes))
-      if bias is None:
-        x = acc.astype(jnp.float32) * acc_scale + layer.bias
-      else:
-        x = (acc + jnp.asarray(bias)).astype(jnp.float32) * acc_scale
+      acc = acc + jnp.asarray(bias)
       if layer.relu:
-        x = jax.nn.relu(x)
-    return x
+        acc = jnp.maximum(acc, 0)
+      x = (acc, acc_scale)
+    return x[0].astype(jnp.float32) * x[1]
   return forward

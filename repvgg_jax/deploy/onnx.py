@@ -12,10 +12,16 @@ channels), float32 logits out, the input normalization inside the graph.
   quantization (signed, zero-point 0), which cannot hold an unsigned 8-bit grid
   ``[0, 255]``: such a model is refused (train with ``quant.act_bits=7``, whose
   ``[0, 127]`` fits int8 exactly). Below 8 bits a ``Clip`` to the grid's range comes
-  first (QuantizeLinear saturates only at the type's range).
+  first (QuantizeLinear saturates only at the type's range). The map a layer pools is
+  quantized at its ``pool_step`` and the pooled vector at the layer's step, with the
+  ``Flatten`` on the quantized tensor: ``Relu -> Q -> DQ -> GlobalAveragePool -> Q ->
+  Flatten -> DQ -> Gemm``, which ONNX Runtime runs as ``QLinearConv``,
+  ``QLinearGlobalAveragePool`` and ``QGemm`` (int8-grid weights): no float conv, pool or
+  product, and no weight dequantized at run time.
 * Weights on an int8 grid (``int8_levels=True``, uniform, LSQ): int8 initializers with
   per-output-channel scales (``DequantizeLinear`` axis 0) and an int32 bias at scale
-  ``s_in * s_w[o]``: integer convolutions in the runtime. ``"int8"`` mode needs the
+  ``s_in * s_w[o]`` (the convs' and the head's): integer convolutions and products in
+  the runtime, the same numbers as :func:`repvgg_jax.deploy.integer_forward_fn`. ``"int8"`` mode needs the
   narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
 * Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
   codebook, decoded in the graph by one ``Gather`` to the exact float kernel (a vector
@@ -106,12 +112,14 @@ def _act_grid(bits: int, signed: bool, activations: str, layer: str):
 
 
 def _quant_act(g: _Graph, x: str, layer: str, step: float, bits: int, signed: bool,
-               activations: str, qdq: bool) -> str:
+               activations: str, qdq: bool, on_integers=None) -> str:
   """The layer's activation fake-quant: ``DequantizeLinear(QuantizeLinear(x))``
-  (``qdq``), or the same grid in float ops, ``Round(Clip(x / step)) * step``, for a
+  (``qdq``; ``on_integers(name) -> name``: ops on the quantized tensor between the two,
+  a Flatten), or the same grid in float ops, ``Round(Clip(x / step)) * step``, for a
   layer whose weights are no int8 grid: ONNX Runtime's default optimizations turn a
   QDQ activation feeding a float-weight conv into an int8 conv with weights
-  quantized by the runtime (``WeightBiasQuantization``), which changes the numbers."""
+  quantized by the runtime (``WeightBiasQuantization``), which changes the numbers.
+  ``layer`` prefixes the names (``{layer}/act/scale``, ...)."""
   scale = g.const(f"{layer}/act/scale", np.float32(step))
   if not qdq:
     qmin, qmax = uniform.int_range(bits, signed)
@@ -127,6 +135,8 @@ def _quant_act(g: _Graph, x: str, layer: str, step: float, bits: int, signed: bo
                       g.const(f"{layer}/act/max", np.float32(clip[1] * step))],
              f"{layer}/act/clip")
   q = g.op("QuantizeLinear", [x, scale, zero], f"{layer}/act/quantized")
+  if on_integers is not None:
+    q = on_integers(q)
   return g.op("DequantizeLinear", [q, scale, zero], f"{layer}/act/dequantized")
 
 
@@ -199,6 +209,20 @@ def _squeeze_excite(g: _Graph, x: str, p: dict, name: str) -> str:
   return g.op("Mul", [x, s], f"{name}/scaled")
 
 
+def _check_integer_pool(graph: Graph, layer: Layer) -> None:
+  """ValueError naming the layer where ONNX Runtime's QLinearGlobalAveragePool would
+  refuse its requantization ``pool_step / (act_step * pixels)`` (it takes [2^-32, 256):
+  at one pixel, a pool step 256 times the pooled vector's step or more)."""
+  if layer.act_step is None:
+    raise ValueError(f"export_onnx: layer {layer.name} quantizes the map it pools but not "
+                     "the pooled vector (pool_step without act_step)")
+  ratio = np.float32(layer.pool_step) / np.float32(layer.act_step)
+  if not 2.0 ** -32 <= ratio < 256:
+    raise ValueError(f"export_onnx: layer {layer.name}: pool step / input step = "
+                     f"{float(ratio):g}, outside the range [2^-32, 256) of ONNX Runtime's "
+                     "QLinearGlobalAveragePool requantization")
+
+
 def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "uint8",
                 opset: int = OPSET):
   """The packed model (or its deploy graph) as an ONNX ``ModelProto`` (see the module
@@ -220,13 +244,25 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
   x = g.op("Div", [x, g.const("std", stats["std"])], "images_normalized")
 
   for layer in graph.layers:
-    if layer.pool:
-      x = g.op("Flatten", [g.op("GlobalAveragePool", [x], f"{layer.name}/pool")],
-               f"{layer.name}/pooled")
     entry = graph.quantized(layer)
+    qdq = entry is not None and "int_scale" in entry
+    flatten = None
+    if layer.pool:
+      if layer.pool_step is not None:
+        # Conv -> Relu -> Q -> DQ -> GlobalAveragePool -> Q -> Flatten -> DQ -> Gemm: ONNX
+        # Runtime runs QLinearConv, QLinearGlobalAveragePool and an integer Gemm.
+        _check_integer_pool(graph, layer)
+        x = _quant_act(g, x, f"{layer.name}/pool", layer.pool_step, bits, False, activations,
+                       qdq)
+      x = g.op("GlobalAveragePool", [x], f"{layer.name}/pool")
+
+      def flatten(v, name=f"{layer.name}/pooled"):
+        return g.op("Flatten", [v], name)
+      if layer.act_step is None or not qdq:
+        x, flatten = flatten(x), None
     if layer.act_step is not None:
       x = _quant_act(g, x, layer.name, layer.act_step, bits, layer.act_signed, activations,
-                     entry is not None and "int_scale" in entry)
+                     qdq, flatten)
     w, w_scale = _weight(g, graph, layer, activations)
     if layer.kind == "conv":
       bias = _bias(g, f"{layer.kernel.rsplit('/', 1)[0]}/bias", layer.bias, layer.act_step,
@@ -238,8 +274,8 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
       if layer.se is not None:
         x = _squeeze_excite(g, x, layer.se, f"{layer.name}/se")
     else:
-      x = g.op("Gemm", [x, w, g.const(f"{layer.name}/bias", layer.bias)],
-               f"{layer.name}/gemm", transB=1)
+      x = g.op("Gemm", [x, w, _bias(g, f"{layer.name}/bias", layer.bias, layer.act_step,
+                                    w_scale)], f"{layer.name}/gemm", transB=1)
     if layer.relu:
       x = g.op("Relu", [x], f"{layer.name}/relu")
   g.nodes[-1].output[0] = "logits"

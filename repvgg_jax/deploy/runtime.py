@@ -1,6 +1,7 @@
 """The packed model's float forward in JAX, one loop over its :class:`~repvgg_jax.deploy.graph.Graph`:
-uint8 images -> normalized floats -> each layer's input fake-quant, conv or dense, bias,
-SE, ReLU -> logits. The same arithmetic, op for op, as the merged flax model
+uint8 images -> normalized floats -> each layer's input fake-quant (a pooled layer's:
+the map's fake-quant, the mean, the pooled vector's), conv or dense, bias, SE, ReLU ->
+logits. The same arithmetic, op for op, as the merged flax model
 (``RepVGG(deploy=True, conv_impl="xla")``) applied to the decoded variables, which every
 other runtime of the packed file reproduces."""
 
@@ -38,14 +39,19 @@ def _squeeze_excite(x: jax.Array, se: Any) -> jax.Array:
   return x * jax.nn.sigmoid(_dense(s, jnp.asarray(se["up"]["kernel"]), se["up"]["bias"]))
 
 
+def _fake_quant(x: jax.Array, step: Any, bits: int, signed: bool) -> jax.Array:
+  qmin, qmax = uniform.int_range(bits, signed)
+  return uniform.int_values(x, jnp.float32(step), qmin, qmax) * jnp.float32(step)
+
+
 def layer_forward(graph: Graph, layer: Layer, x: jax.Array, kernel: jax.Array) -> jax.Array:
   """One layer of the graph on a float input ``x`` with its decoded ``kernel``."""
   if layer.pool:
+    if layer.pool_step is not None:
+      x = _fake_quant(x, layer.pool_step, graph.act_bits, False)
     x = jnp.mean(x, axis=(1, 2))
   if layer.act_step is not None:
-    qmin, qmax = uniform.int_range(graph.act_bits, layer.act_signed)
-    x = uniform.int_values(x, jnp.float32(layer.act_step), qmin, qmax) * jnp.float32(
-        layer.act_step)
+    x = _fake_quant(x, layer.act_step, graph.act_bits, layer.act_signed)
   if layer.kind == "conv":
     p = layer.padding
     y = lax_conv_general_dilated(x, kernel, (layer.strides, layer.strides), ((p, p), (p, p)),

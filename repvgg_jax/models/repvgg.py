@@ -203,8 +203,9 @@ class RepVGG(nn.Module):
     cifar_stem: stride 1 in the stem and first stage, for 28-32 px inputs.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
       logits are returned in float32.
-    act_bits: deploy form only: fake-quantize the input of every conv and
-      of the head to this many bits (2..8; per tensor, steps in the ``quant``
+    act_bits: deploy form only: fake-quantize the input of every conv, the
+      map the global pool averages (``pool_act``) and the pooled input of the
+      head to this many bits (2..8; per tensor, steps in the ``quant``
       collection, see ``quant/activation.py``); 0 = float activations.
     conv_impl: ``"xla"`` (the default: every conv is ``lax.conv_general_dilated``,
       plain flax/lax on every platform) or ``"auto"`` (on CPU devices, convs whose
@@ -271,6 +272,8 @@ class RepVGG(nn.Module):
     for b in self.layers():
       x = block(b.features, b.strides, b.groups, act_signed=b.name == SIGNED_INPUT_LAYER,
                 name=b.name)(x, train)
+    if self.act_bits:  # the map the pool averages, on a grid: an integer pool (ONNX Runtime)
+      x = ActQuant(self.act_bits, name="pool_act")(x)
     x = jnp.mean(x, axis=(1, 2))
     if self.act_bits:
       x = ActQuant(self.act_bits, name="head_act")(x)
