@@ -15,7 +15,6 @@ from repvgg_jax import deploy
 from repvgg_jax.models.repvgg import RepVGG, Variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # benchmarks/, configs/
 # The one random-variables filler, the benchmarks' (tests import it from here).
 from benchmarks.bench_common import random_variables  # noqa: E402,F401
 # The persistent compilation cache of the suite (conftest.py) and of its subprocesses:
@@ -28,7 +27,8 @@ def subprocess_env(**extra):
   """The environment of a test's Python subprocess: the repository on PYTHONPATH, the CPU
   platform, the suite's compilation cache, and no XLA_FLAGS of this process (a test that
   fakes devices passes its own); ``extra`` is added last."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(MIN_COMPILE_SECONDS))
   env.pop("XLA_FLAGS", None)
   env.update(extra)

@@ -51,8 +51,7 @@ def test_tiny_run_without_ml_collections_tfds_grain(tmp_path):
 
 
 def test_peak_table_matches_device_kinds():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import accelerator
+  from benchmarks import accelerator
   assert accelerator.peak_tflops("NVIDIA H200") == 989.0
   assert accelerator.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert accelerator.peak_tflops("TPU v5 lite") == 197.0

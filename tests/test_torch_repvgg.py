@@ -1,8 +1,5 @@
 """benchmarks/torch_repvgg.py: the plain PyTorch RepVGG the speed benchmark can time."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import torch_repvgg  # noqa: E402
+from benchmarks import torch_repvgg  # noqa: E402
 
 import repvgg_jax  # noqa: E402
 

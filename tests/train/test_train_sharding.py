@@ -32,7 +32,6 @@ def _batch(step):
 def _train(devices, rows):
   """Trains the tiny model STEPS steps on ``devices``; this process feeds batch ``rows``."""
   import jax
-  sys.path.insert(0, ROOT)
   from configs import tiny
   from repvgg_jax.train import sharding, steps
   from repvgg_jax.train.state import build_model, create_train_state, init_variables
@@ -135,7 +134,6 @@ def _qat_worker(pid, nproc, port, workdir, out, num_steps, progress):
   if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid)
-  sys.path.insert(0, ROOT)
   import repvgg_jax
   from configs import tiny
   from repvgg_jax import data
@@ -249,7 +247,6 @@ def _resume_worker(workdir, devices, kill_after, out):
   if kill_after:
     _resume_worker(os.path.join(workdir, "straight"), devices, 0, out)
     workdir = os.path.join(workdir, "killed")
-  sys.path.insert(0, ROOT)
   from configs import tiny
   from repvgg_jax import data
   from repvgg_jax.train import sharding, steps
