@@ -24,7 +24,7 @@ def tiny_config():
     s.keep = 2
   c.quant.method = "cluster"
   c.quant.refit_every = 2
-  c.export.coreml = "off"  # seconds per run; tests/test_pipeline.py turns it on once
+  c.export.coreml = "off"  # seconds per run; tests/train/test_pipeline.py turns it on once
   return c
 
 

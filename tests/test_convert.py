@@ -49,7 +49,7 @@ def _forward(name, deploy):
   """Jitted ``apply`` of our model, shared by tests so each compiles once.
 
   XLA's own conv: it compiles faster on large variants than the matmul convs of
-  ``conv_impl="auto"``, which tests/test_conv.py checks against it."""
+  ``conv_impl="auto"``, which tests/models/test_conv.py checks against it."""
   return jax.jit(rv.create_model(name, num_classes=NUM_CLASSES, deploy=deploy,
                                  conv_impl="xla").apply)
 

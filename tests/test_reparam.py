@@ -47,7 +47,7 @@ def test_merge_is_exact_for_every_structure_of_the_zoo(name):
   # Odd input size (33 px); norms alternate to bound the run time, every block kind x
   # every OABN mode is covered by the tiny tests below.
   # XLA's conv throughout: compiling the matmul convs of tiny maps for these
-  # widths costs more than the test; tests/test_conv.py checks them against it.
+  # widths costs more than the test; tests/models/test_conv.py checks them against it.
   norm = "oabn" if EXACT_VARIANTS.index(name) % 2 else "bn"
   x = _images(33, n=1)
   model = rv.create_model(name, num_classes=10, norm=norm, conv_impl="xla")

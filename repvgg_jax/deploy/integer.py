@@ -90,7 +90,7 @@ def integer_forward_fn(packed: PackedModel | Graph):
       if layer.kind == "conv":
         p = layer.padding
         # The barrier keeps XLA from folding a zero pad into the int8 convolution: XLA CPU
-        # (jaxlib 0.10) then sums garbage on maps of 2x2 and smaller (tests/test_deploy.py).
+        # (jaxlib 0.10) then sums garbage on maps of 2x2 and smaller (tests/deploy/test_deploy.py).
         xi = jax.lax.optimization_barrier(
             jnp.pad(xi, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-zp))
         acc = jax.lax.conv_general_dilated(

@@ -46,7 +46,7 @@ def _merged():
 
 @pytest.fixture(scope="module")
 def packed_path(tmp_path_factory):
-  """A ClusterQAT W4A8 packed file of the tiny model (as tests/test_deploy.py makes it)."""
+  """A ClusterQAT W4A8 packed file of the tiny model (as tests/deploy/test_deploy.py makes it)."""
   params = _merged()
   q = rv.make_quantizer("cluster", bits=4)
   state = q.init(params)

@@ -89,7 +89,7 @@ def test_fp_train_step_lowers_for_accelerators(conv_impl):
 
 def _qat_setup(conv_impl):
   """The tiny config's merged network with 8-bit activations, a 2-bit cluster quantizer
-  and its state (as tests/test_distill.py builds them)."""
+  and its state (as tests/train/test_distill.py builds them)."""
   cfg = tiny.tiny_config()
   cfg.model.conv_impl = conv_impl
   model = build_model(cfg.model, CLASSES, deploy=False)
