@@ -3,8 +3,9 @@
 A BatchNorm whose effective per-channel scale ``s = gamma / sqrt(var + eps)``
 is bounded, so that the kernels produced by RepVGG's branch merge (which
 multiplies every kernel by ``s``) carry no outliers. ``norm="bn"`` is the same
-module without a bound (``form=None``): BN and OABN compute their batch statistics
-with the same code, so a BN-vs-OABN comparison differs only by the bound.
+module without a bound (``form=None``), whose statistics and normalization are
+``flax.linen.BatchNorm``'s op for op: BN and OABN compute their batch statistics with the
+same code, so a BN-vs-OABN comparison differs only by the bound.
 Everything OABN is here: the bounds, the module, the form a model gets by depth and
 the tau it gets by form (:func:`resolve_bound`, the one place every caller asks).
 
@@ -241,9 +242,12 @@ class OABN(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
+      # flax.linen.BatchNorm's statistics, op for op (E[x^2] - E[x]^2, clipped at 0): a
+      # BN of this module is flax's BatchNorm bit for bit (tested), and OABN is that BN
+      # with a bound.
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      var = jnp.maximum(0.0, jnp.mean(jax.lax.square(x32), axis=axes) - jax.lax.square(mean))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

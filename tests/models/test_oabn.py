@@ -249,3 +249,21 @@ def test_oabn_removes_merged_kernel_outliers_and_stays_exact():
     assert rel_err(model.apply(v, x), y_deploy) <= 1e-5
     stats[norm] = outlier_stats(v)["summary"]["max_over_std"]
   assert stats["bn"] > 5 * stats["oabn"], stats
+
+
+def test_oabn_without_a_bound_is_flax_batchnorm_bit_for_bit():
+  """BN and OABN share one statistics implementation, flax's: OABN(form=None), the model's
+  norm="bn", equals flax.linen.BatchNorm in training (output and running statistics) and
+  in eval, on inputs with a large mean."""
+  x = 3.0 + jax.random.normal(jax.random.key(0), (8, 5, 5, 16)) * jnp.arange(1, 17) / 8
+  ours = OABN(form=None, momentum=0.9, epsilon=1e-5)
+  theirs = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
+  v = theirs.init(jax.random.key(1), x, use_running_average=False)
+  v = {**v, "params": {"scale": jnp.linspace(0.5, 2.0, 16), "bias": jnp.linspace(-1, 1, 16)}}
+  y_ours, up_ours = ours.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  y_theirs, up_theirs = theirs.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(y_ours, y_theirs)
+  chex.assert_trees_all_equal(up_ours, up_theirs)
+  v = {**v, **up_ours}
+  chex.assert_trees_all_equal(ours.apply(v, x, use_running_average=True),
+                              theirs.apply(v, x, use_running_average=True))
