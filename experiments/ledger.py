@@ -66,10 +66,10 @@ def load(path: str, settings: dict | None = None) -> dict:
   return ledger
 
 
-def logged(row_dir: str) -> dict[str, list[list]]:
-  """``{key: [[step, value], ...]}`` of each metric in CURVES in the row's
+def logged(row_dir: str, keys: tuple[str, ...] = CURVES) -> dict[str, list[list]]:
+  """``{key: [[step, value], ...]}`` of each metric in ``keys`` in the row's
   ``metrics.jsonl`` (one pass over the file), by step."""
-  out = {k: {} for k in CURVES}
+  out = {k: {} for k in keys}
   path = os.path.join(row_dir, "metrics.jsonl")
   if os.path.exists(path):
     with open(path) as f:
@@ -78,7 +78,7 @@ def logged(row_dir: str) -> dict[str, list[list]]:
           m = json.loads(ln)
         except ValueError:  # a line cut by a kill
           continue
-        for k in CURVES:
+        for k in keys:
           if k in m:
             out[k][int(m["step"])] = float(m[k])
   return {k: [[t, v] for t, v in sorted(c.items())] for k, c in out.items()}

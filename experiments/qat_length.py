@@ -135,18 +135,22 @@ def load_ledger(path: str) -> dict:
 
 def qat_curve(row_dir: str) -> list[list[float]]:
   """``[[step, eval accuracy], ...]`` of the QAT stage in the row's metrics.jsonl."""
-  out = {}
-  path = os.path.join(row_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for ln in f:
-        try:
-          m = json.loads(ln)
-        except ValueError:  # a line cut by a kill
-          continue
-        if "qat/eval_accuracy" in m:
-          out[int(m["step"])] = float(m["qat/eval_accuracy"])
-  return [[t, v] for t, v in sorted(out.items())]
+  from experiments.ledger import logged
+  return logged(row_dir, ("qat/eval_accuracy",))["qat/eval_accuracy"]
+
+
+def code_version() -> str:
+  """The repository's commit (``+`` when the tree has uncommitted changes): rows of one
+  study compare only when they ran the same code."""
+  import subprocess
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           text=True, capture_output=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("+" if dirty else "")
 
 
 def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: str,
@@ -159,6 +163,7 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
       **{k: v for k, v in row.items() if k != "name"},
       "forms": {k: v.get("accuracy") for k, v in report["forms"].items()},
       "seconds": round(seconds, 1), "curve": qat_curve(row_dir), "command": command,
+      "commit": code_version(),
       "machine": sr.machine(),
       "config": study_ledger.portable(report.get("config", {}), os.path.dirname(row_dir))}
   os.makedirs(os.path.dirname(ledger_path), exist_ok=True)

@@ -72,13 +72,18 @@ def test_every_runtime_follows_a_layer_added_to_the_graph():
     assert np.abs(out - jax_out).max() < 0.25 * np.abs(out - before).max(), name
 
 
+def _with_step(g, i, factor):
+  """``g`` with layer ``i``'s activation step times ``factor``: (graph, layer, new step)."""
+  layer = g.layers[i]
+  step = np.float32(layer.act_step * factor)
+  return (g.replace(layers=tuple(dataclasses.replace(l, act_step=step) if l is layer else l
+                                 for l in g.layers)), layer, step)
+
+
 def test_every_exporter_follows_a_changed_activation_step():
   pytest.importorskip("onnxruntime")
   g = graph_lib.deploy_graph(tiny_packed())
-  layer = g.layers[2]
-  step = np.float32(layer.act_step * 3)
-  changed = g.replace(layers=tuple(dataclasses.replace(l, act_step=step) if l is layer else l
-                                   for l in g.layers))
+  changed, layer, step = _with_step(g, 2, 3)
   proto = onnx.export_onnx(changed)
   scales = {i.name: i for i in proto.graph.initializer}
   got = np.frombuffer(scales[f"{layer.name}/act/scale"].raw_data, np.float32)
@@ -93,10 +98,7 @@ def test_every_exporter_follows_a_changed_activation_step():
 def test_core_ml_follows_a_changed_activation_step(tmp_path):
   pytest.importorskip("coremltools")
   g = graph_lib.deploy_graph(tiny_packed())
-  layer = g.layers[1]
-  step = np.float32(layer.act_step * 5)
-  changed = g.replace(layers=tuple(dataclasses.replace(l, act_step=step) if l is layer else l
-                                   for l in g.layers))
+  changed, layer, step = _with_step(g, 1, 5)
   path = str(tmp_path / "m.mlpackage")
   coreml.export_coreml(changed, path)
   import coremltools as ct
