@@ -4,8 +4,9 @@ A BatchNorm whose effective per-channel scale ``s = gamma / sqrt(var + eps)``
 is bounded, so that the kernels produced by RepVGG's branch merge (which
 multiplies every kernel by ``s``) carry no outliers. ``norm="bn"`` is the same
 module without a bound (``form=None``), whose statistics and normalization are
-``flax.linen.BatchNorm``'s op for op: BN and OABN compute their batch statistics with the
-same code, so a BN-vs-OABN comparison differs only by the bound.
+``flax.linen.BatchNorm``'s op for op (the forward pass and the running statistics are
+flax's bit for bit; the backward pass agrees to float32 rounding), so a BN-vs-OABN
+comparison differs only by the bound.
 Everything OABN is here: the bounds, the module, the form a model gets by depth and
 the tau it gets by form (:func:`resolve_bound`, the one place every caller asks).
 
@@ -252,7 +253,7 @@ class OABN(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
 
-    s = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+    s = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)  # flax's order
     # (x - mean) * s, not x * s - mean * s: no cancellation when |mean| >> std.
     if raw:
       return x32 - mean, s, bias.astype(jnp.float32)

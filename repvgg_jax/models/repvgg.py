@@ -185,7 +185,8 @@ class RepVGG(nn.Module):
   Attributes:
     variant: the zoo row (depths, widths, groups, SE).
     num_classes: size of the dense head.
-    norm: ``"bn"`` (:class:`OABN` without a bound: a plain BN) or ``"oabn"`` (bounded).
+    norm: ``"bn"`` (flax's BatchNorm) or ``"oabn"`` (:class:`OABN`: the same statistics,
+      bounded).
     block: ``"repvgg"`` (a BN per branch) or ``"qarepvgg"`` (QARepVGG, arXiv
       2212.01593: bare 1x1 conv and identity, one BN after the sum).
     oabn_form: ``"branch"`` (each block bounds its 1x1 and identity taps per
@@ -230,10 +231,10 @@ class RepVGG(nn.Module):
   act_bits: int = 0
 
   def _norm_factory(self) -> Callable[..., nn.Module]:
-    """Every BN of the model: :class:`OABN`, bounded by the model's form, or with no bound
-    for ``norm="bn"`` (the same batch statistics either way)."""
+    """Every BN of the model: flax's ``BatchNorm`` for ``norm="bn"``, or :class:`OABN`, which
+    computes flax's batch statistics op for op and bounds the scale."""
     if self.norm == "bn":
-      return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, form=None,
+      return functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                dtype=self.dtype)
     return functools.partial(OABN, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              form=self.bound_form, bound=self.oabn_bound, tau=self.bound_tau,

@@ -87,12 +87,12 @@ def test_oabn_picks_its_form_by_depth_at_the_forms_default_tau():
 
 
 def test_bn_is_oabn_without_a_bound_bit_for_bit():
-  """One batch-statistics implementation: norm="bn" and an OABN whose bound never acts
-  (median form, hard clip at 1e30 times the median) give the same training forward, the
-  same running statistics and the same eval forward, bit for bit."""
+  """One batch-statistics implementation: norm="bn" (flax's BatchNorm) and an OABN whose
+  bound never acts (median form, hard clip at 1e30 times the median) give the same
+  training forward, the same running statistics and the same eval forward, bit for bit."""
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   bn = RepVGG(dataclasses.replace(rv.VARIANTS["RepVGG-A0"], blocks=(1, 1, 1, 1)),
-               num_classes=10, norm="bn")
+              num_classes=10, norm="bn")
   loose = RepVGG(bn.variant, num_classes=10, norm="oabn", oabn_form="median",
                  oabn_bound="clip", oabn_tau=1e30)
   v_bn = bn.init(jax.random.key(0), x)
