@@ -104,7 +104,7 @@ def _stage(batch: int) -> Any:
   """The optimizer fields ``create_train_state`` reads: SGD momentum, constant small lr."""
   return types.SimpleNamespace(base_lr=1e-3 * 256 / batch, batch_size=batch, warmup_steps=0,
                                num_steps=10 ** 9, momentum=0.9, nesterov=False,
-                               weight_decay=1e-4, grad_clip_norm=0.0)
+                               weight_decay=1e-4, grad_clip_norm=0.0, quant_lr_scale=1.0)
 
 
 class JaxStep:

@@ -278,14 +278,23 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
       :class:`Interrupted` after Ctrl-C (SIGINT, one process), once the step is saved.
   """
   ckpt = StageCheckpoints(ckpt_dir, keep=keep)
-  it = iter(loader)
-  state = sharding.replicate(state, mesh)
-  meta: dict = {}
-  if ckpt.latest_step() is not None:
-    state, data_state, meta = ckpt.restore(state)
-    it.set_state(data_state)
-    logging.info("%s: resumed from step %d in %s", name, int(sharding.to_host(state.step)),
-                 ckpt_dir)
+  # From here on a Ctrl-C or SIGTERM (a restore included) is answered at the next step by a
+  # save and an exit; before the loop, the checkpoint manager is closed however we leave.
+  preemption = _Preemption()
+  preemption.__enter__()
+  try:
+    it = iter(loader)
+    state = sharding.replicate(state, mesh)
+    meta: dict = {}
+    if ckpt.latest_step() is not None:
+      state, data_state, meta = ckpt.restore(state)
+      it.set_state(data_state)
+      logging.info("%s: resumed from step %d in %s", name, int(sharding.to_host(state.step)),
+                   ckpt_dir)
+  except BaseException:
+    preemption.__exit__()
+    ckpt.close()
+    raise
   best = meta.get("best_eval_accuracy")
   step = int(sharding.to_host(state.step))
   writer.start_stage(name, step)  # Steps logged after the checkpoint are logged again.
@@ -326,35 +335,35 @@ def train_stage(name: str, state: Any, *, train_step: Callable, loader: Any, mes
              Periodic(checkpoint_every, save, last=True)]  # after eval: saves its best
   first = step + 1
   try:
-    with _Preemption() as preemption:
-      while step < total:
-        batch = next(it)
-        state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
-        step += 1
-        speed.count(batch["image"].shape[0] * jax.process_count())
-        if step == first and step < total and step % log_every:
-          jax.block_until_ready(metrics)  # waits for the compiled step; reads nothing
-          speed.restart()
-        pending.append((step, metrics))
-        for hook in hooks:
-          state = hook(step, state)
-        if bar is not None:
-          bar.update(1)
-        preempted = preemption.reached(step)
-        due = [a for a in actions if a.due(step, total) or (preempted and a.run is save)]
-        if not due:
-          continue
-        logged += _fetch_checked(name, pending, ckpt)
-        pending = []
-        for action in due:
-          t_sync = time.time()
-          action.run(step, state)
-          if action.run is not log:  # Eval and save time is not training time.
-            speed.pause(t_sync)
-        if preempted:
-          ckpt.wait()
-          raise preemption.stop(name, step, ckpt_dir)
+    while step < total:
+      batch = next(it)
+      state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
+      step += 1
+      speed.count(batch["image"].shape[0] * jax.process_count())
+      if step == first and step < total and step % log_every:
+        jax.block_until_ready(metrics)  # waits for the compiled step; reads nothing
+        speed.restart()
+      pending.append((step, metrics))
+      for hook in hooks:
+        state = hook(step, state)
+      if bar is not None:
+        bar.update(1)
+      preempted = preemption.reached(step)
+      due = [a for a in actions if a.due(step, total) or (preempted and a.run is save)]
+      if not due:
+        continue
+      logged += _fetch_checked(name, pending, ckpt)
+      pending = []
+      for action in due:
+        t_sync = time.time()
+        action.run(step, state)
+        if action.run is not log:  # Eval and save time is not training time.
+          speed.pause(t_sync)
+      if preempted:
+        ckpt.wait()
+        raise preemption.stop(name, step, ckpt_dir)
   finally:
+    preemption.__exit__()
     if bar is not None:
       bar.close()
     for hook in hooks:  # a trace still open when the stage ends or fails

@@ -145,15 +145,17 @@ def make_train_step(mesh: Mesh, num_classes: int, label_smoothing: float = 0.0,
     return state, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  if distill is None:  # the plain step: (state, batch), as lowered and compiled by callers
+    return jax.jit(lambda state, batch: step(state, batch, None), in_shardings=(rep, data),
+                   out_shardings=(rep, rep), donate_argnums=0)
+  check_distill("logits", distill.weight, distill.temperature)
+  teacher = sharding.replicate(distill.variables, mesh)
   jitted = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                    donate_argnums=0)
-  teacher = None
-  if distill is not None:
-    check_distill("logits", distill.weight, distill.temperature)
-    teacher = sharding.replicate(distill.variables, mesh)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     return jitted(state, batch, teacher)
+  # Lowered (and compiled) with the teacher's variables as a third argument.
   train_step.lower = lambda state, batch: jitted.lower(state, batch, teacher)
   return train_step
 
