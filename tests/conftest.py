@@ -32,7 +32,8 @@ SLOW_MODULES = ("tests/train/test_pipeline.py", "tests/train/test_launch.py",
                 "tests/test_notebook.py", "tests/data/test_prepare.py",
                 "tests/test_accelerator.py", "tests/test_readme.py",
                 "experiments/tests/test_study.py", "tests/deploy/test_coreml.py",
-                "tests/models/test_lowering.py")
+                "tests/models/test_lowering.py", "tests/test_convert.py",
+                "tests/test_torch_repvgg.py")
 SLOW_TESTS = (
     "tests/data/test_data.py::test_worker_processes_give_the_same_stream_and_resume",
     "tests/deploy/test_deploy.py::test_integer_forward_compiled_is_the_integer_chain_eager",
