@@ -36,6 +36,7 @@ keeps in ``quant``) pass through untouched.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Mapping, Protocol
 
@@ -99,7 +100,7 @@ class WeightQuantizer(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Quantizer:
+class Quantizer(abc.ABC):
   """The base of every method: the options, which kernels are quantized, each layer's
   :class:`LayerSpec` from the rules, and the loops over kernels; a subclass says what
   one kernel's state, quantized value, indices and int8 scale are (``_init_leaf``,
@@ -236,20 +237,25 @@ class Quantizer:
 
   # -- one kernel (per method) -------------------------------------------------
 
+  @abc.abstractmethod
   def _init_leaf(self, p: Path, w: jax.Array, spec: LayerSpec) -> jax.Array | None:
-    raise NotImplementedError
+    """Each method's own (:class:`CodebookQuantizer`, :class:`UniformQuantizer`)."""
 
+  @abc.abstractmethod
   def _codebook(self, p: Path, w: jax.Array, st: dict[Path, Any], spec: LayerSpec):
-    raise NotImplementedError
+    """Each method's own (:class:`CodebookQuantizer`, :class:`UniformQuantizer`)."""
 
+  @abc.abstractmethod
   def _quantize(self, p: Path, w: jax.Array, st: dict[Path, Any], spec: LayerSpec):
-    raise NotImplementedError
+    """Each method's own (:class:`CodebookQuantizer`, :class:`UniformQuantizer`)."""
 
+  @abc.abstractmethod
   def _index(self, p: Path, w: jax.Array, st: dict[Path, Any], spec: LayerSpec):
-    raise NotImplementedError
+    """Each method's own (:class:`CodebookQuantizer`, :class:`UniformQuantizer`)."""
 
+  @abc.abstractmethod
   def _int_scale(self, p: Path, w: jax.Array, st: dict[Path, Any], spec: LayerSpec):
-    raise NotImplementedError
+    """Each method's own (:class:`CodebookQuantizer`, :class:`UniformQuantizer`)."""
 
 
 @dataclasses.dataclass(frozen=True)
