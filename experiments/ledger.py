@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shlex
+import subprocess
 
 import numpy as np
 
@@ -50,6 +51,19 @@ def command(argv: list[str]) -> str:
   else:
     head = [script]
   return "python " + shlex.join(head + [_in_repo(a) for a in argv[1:]])
+
+
+def code_version() -> str:
+  """The repository's commit (``+`` when the tree has uncommitted changes): rows of one
+  study compare only when they ran the same code."""
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           text=True, capture_output=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("+" if dirty else "")
 
 
 def path_for(out: str) -> str:

@@ -23,8 +23,9 @@ Every row runs ``repvgg_jax.train.train.train_and_evaluate`` in ``<workdir>/<row
 there; a finished row goes at once into the ledger
 (``experiments/results/qat_length_rows.json``, commit it as rows finish), which the
 report (``experiments/results/qat_length.md`` and its figure) is written from alone. A
-row the ledger has is not run again. Pin a run to one core (``taskset -c 1``); the
-machine of each row is in the ledger.
+row the ledger has is not run again, except a QAT row of code older than ``CODE_EPOCH``
+(its workdir is cleared first). Pin a run to one core (``taskset -c 1``); the machine of
+each row is in the ledger.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -43,6 +45,10 @@ from experiments import rows as sr  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
+# QAT rows run before this commit are run again (their ledger entry replaced): from it on, the
+# QAT and deployed forms quantize the map the global pool averages (pool_act), which moved
+# a seed-0 W2A8 row by 0.27 points.
+CODE_EPOCH = "7afcff7"
 LENGTHS = (200, 500, 1000, 2000)
 CURVE_BITS = (2, 4)
 SEED_BITS = (4, 3, 2)
@@ -139,18 +145,14 @@ def qat_curve(row_dir: str) -> list[list[float]]:
   return logged(row_dir, ("qat/eval_accuracy",))["qat/eval_accuracy"]
 
 
-def code_version() -> str:
-  """The repository's commit (``+`` when the tree has uncommitted changes): rows of one
-  study compare only when they ran the same code."""
+def current(row: dict) -> bool:
+  """Whether a ledger row ran code that contains :data:`CODE_EPOCH` (``commit`` with ``+``:
+  uncommitted changes on top of it)."""
   import subprocess
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                          capture_output=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           text=True, capture_output=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return head + ("+" if dirty else "")
+  commit = row.get("commit", "").rstrip("+")
+  return bool(commit) and subprocess.run(
+      ["git", "merge-base", "--is-ancestor", CODE_EPOCH, commit], cwd=ROOT,
+      capture_output=True).returncode == 0
 
 
 def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: str,
@@ -163,7 +165,7 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
       **{k: v for k, v in row.items() if k != "name"},
       "forms": {k: v.get("accuracy") for k, v in report["forms"].items()},
       "seconds": round(seconds, 1), "curve": qat_curve(row_dir), "command": command,
-      "commit": code_version(),
+      "commit": study_ledger.code_version(),
       "machine": sr.machine(),
       "config": study_ledger.portable(report.get("config", {}), os.path.dirname(row_dir))}
   os.makedirs(os.path.dirname(ledger_path), exist_ok=True)
@@ -174,7 +176,8 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
              started: float) -> None:
   from repvgg_jax.train.train import train_and_evaluate
   from repvgg_jax.train.loop import NonFiniteLoss
-  done = load_ledger(ledger_path)["rows"]
+  done = {k for k, r in load_ledger(ledger_path)["rows"].items()
+          if "bits" not in r or current(r)}  # the FP stage has no pool_act
   todo = [r for r in rows if r["name"] not in done]
   if _ONLY.value:
     todo = [r for r in todo if re.search(_ONLY.value, r["name"])]
@@ -185,12 +188,15 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
       print(f"--max_minutes spent: stopping before {row['name']}", flush=True)
       return
     if "bits" in row and sr.Row(row["regime"], "fp", row["seed"]).name not in \
-        load_ledger(ledger_path)["rows"]:
+        load_ledger(ledger_path)["rows"]:  # an FP row of older code is still that FP network
       print(f"[{i + 1}/{len(todo)}] {row['name']}: skipped, its FP row has not finished",
             flush=True)
       continue
     print(f"[{i + 1}/{len(todo)}] {row['name']} ...", flush=True)
     t, row_dir = time.time(), os.path.join(workdir, row["name"])
+    if row["name"] in load_ledger(ledger_path)["rows"] and os.path.isdir(row_dir):
+      print(f"{row['name']}: ran code older than {CODE_EPOCH}: clearing {row_dir}", flush=True)
+      shutil.rmtree(row_dir)
     try:
       report = train_and_evaluate(row_config(row, s, workdir), row_dir)
     except NonFiniteLoss as e:

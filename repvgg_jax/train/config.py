@@ -30,6 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluate the train-form FP and merged networks. False leaves their accuracy out of
   # the report (QAT from an FP run that was already evaluated, e.g. in python -m experiments.study).
   c.eval_fp_forms = True
+  # Evaluate the stock baseline beside the QAT forms: the run's merged network quantized as
+  # a stock PTQ tool would at the same bits (uniform per-channel weights, MSE step, the same
+  # activation steps, no QAT; qat.stock_baseline), the report's "stock PTQ" row.
+  c.eval_baseline = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "RepVGG-A0"          # a zoo name; model.blocks, model.widths override its own
@@ -271,6 +275,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   positive("eval_batch_size", cfg.eval_batch_size)
   if not isinstance(cfg.eval_fp_forms, bool):
     problems.append(f"eval_fp_forms={cfg.eval_fp_forms!r} must be True or False")
+  if not isinstance(cfg.eval_baseline, bool):
+    problems.append(f"eval_baseline={cfg.eval_baseline!r} must be True or False")
   positive("log_every", cfg.log_every)
   qc = cfg.quant
   methods = METHODS + ("none",)  # "none": no QAT, no export

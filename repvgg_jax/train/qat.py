@@ -133,11 +133,13 @@ def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
 
 
 def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int, loader: Any,
-                  allocation: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+                  allocation: dict[str, Any] | None,
+                  qc: ml_collections.ConfigDict | None = None) -> tuple[Any, Any, Any]:
   """``(quantizer, quantized deploy-form model, host TrainState)`` the QAT stage starts from:
-  the weight quantizer of ``cfg.quant`` (per-layer bits of ``allocation``, if any) fitted to
-  the merged variables ``merged``, and its activation steps calibrated (``quant.act_bits``)."""
-  qc = cfg.quant
+  the weight quantizer of ``qc`` (default ``cfg.quant``; per-layer bits of ``allocation``,
+  if any) fitted to the merged variables ``merged``, and its activation steps calibrated
+  (``quant.act_bits``)."""
+  qc = cfg.quant if qc is None else qc
   q = weight_quantizer(qc, {p: l["bits"] for p, l in (allocation or {"layers": {}})["layers"]
                             .items()})
   qmodel = build_model(cfg.model, num_classes, deploy=True, act_bits=qc.act_bits)
@@ -151,6 +153,17 @@ def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int,
     quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
   return q, qmodel, create_train_state(qmodel, merged, cfg.qat, quant=quant,
                                        learned=q.learned_mask(quant))
+
+
+def stock_baseline(qc: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The quantizer a stock PTQ tool would use at ``qc``'s bits (what ``quantize_static``
+  or a uniform PTQ pass gives): uniform per-channel weights with the MSE step, the same
+  stem/head bits and activation steps, no codebooks. Fitted by :func:`initial_state` and
+  evaluated untrained, it is the report's ``ptq`` row beside ClusterQAT's."""
+  base = ml_collections.ConfigDict(qc.to_dict())
+  base.update(method="uniform", granularity="channel", clipping="mse", group_size=1,
+              cluster_dim=1, int8_levels=False)
+  return base
 
 
 def refit_hook(quantizer: Any, mesh: Any, every: int) -> Any:

@@ -140,6 +140,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, mesh: An
       timings["qat"] = stages.stop("qat")
       params, quant = sharding.to_host(state.params), sharding.to_host(state.quant)
       del state
+      if cfg.eval_baseline and cfg.quant.cluster_dim == 1:  # a stock tool has no vectors
+        logging.info("evaluating the stock baseline: uniform per-channel PTQ, same bits")
+        base_q, _, base = qat.initial_state(cfg, merged, num_classes, loader, allocation,
+                                            qat.stock_baseline(cfg.quant))
+        forms["ptq"] = {"accuracy": steps.evaluate(
+            steps.make_eval_step(mesh, base_q, pixel_stats=pixels),
+            sharding.replicate(base, mesh), eval_loader, mesh), **bits}
+        del base
 
       # Export every deployed form, read each back and evaluate it.
       deployed_forms, deployed = export.export_and_evaluate(

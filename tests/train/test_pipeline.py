@@ -33,6 +33,47 @@ def test_report_json_has_every_form(tiny_run):
   assert 0 < forms["packed"]["size_bytes"] < forms["merged"]["size_bytes"]
 
 
+def test_stock_baseline_row_is_uniform_ptq_of_the_merged_network(tiny_run):
+  """The report's stock-PTQ row, rebuilt here from the public API: the merged FP
+  checkpoint, uniform per-channel weights with the MSE step at the run's bits, activation
+  steps calibrated on the first training batches, no training; evaluated on the test split."""
+  from repvgg_jax import data
+  from repvgg_jax.quant import make_quantizer
+  from repvgg_jax.train import steps
+  from repvgg_jax.train.checkpoint import import_variables
+  from repvgg_jax.train.state import build_model, init_variables
+  workdir, report = tiny_run
+  cfg, forms = tiny.tiny_config(), report["forms"]
+  assert [forms["ptq"][k] for k in ("weight_bits", "act_bits")] == \
+      [forms["qat"][k] for k in ("weight_bits", "act_bits")]
+  test = data.make_loader(cfg.data, "test", global_batch_size=cfg.eval_batch_size,
+                          train=False, seed=cfg.seed, cache_dir=workdir)
+  model = build_model(cfg.model, test.num_classes, deploy=False)
+  fp = import_variables(os.path.join(workdir, "checkpoints", "fp"), model,
+                        init_variables(model, test.image_shape, cfg.seed))
+  params = repvgg_jax.merge(fp)["params"]
+  q = make_quantizer("uniform", bits=cfg.quant.bits, clipping="mse",
+                     first_last_bits=cfg.quant.first_last_bits)
+  quant = q.init(params)
+  qmodel = build_model(cfg.model, test.num_classes, deploy=True, act_bits=cfg.quant.act_bits)
+  if cfg.quant.act_bits:
+    calib = data.make_loader(cfg.data, "train", global_batch_size=cfg.qat.batch_size,
+                             train=False, seed=cfg.seed, cache_dir=workdir)
+    batches = [steps.model_input(b["image"], calib.pixel_stats) for b in calib]
+    quant = repvgg_jax.calibrate(qmodel, {"params": q.apply(params, quant), "quant": quant},
+                                 batches[:cfg.quant.calib_batches],
+                                 method=cfg.quant.act_calibration)
+  variables = {"params": q.apply(params, quant), "quant": quant}
+  correct = 0
+  for b in test:
+    logits = qmodel.apply(variables, steps.model_input(b["image"], test.pixel_stats))
+    correct += int(((np.asarray(logits).argmax(-1) == np.asarray(b["label"]))
+                    & np.asarray(b["mask"]).astype(bool)).sum())
+  assert forms["ptq"]["accuracy"] == correct / test.num_examples
+  assert f"| stock PTQ: uniform per-channel, no QAT | W4A{cfg.quant.act_bits or 32} |" in \
+      open(os.path.join(workdir, "report.md")).read()
+
+
 def test_merge_keeps_train_form_accuracy(tiny_run):
   forms = tiny_run[1]["forms"]
   assert abs(forms["fp"]["accuracy"] - forms["merged"]["accuracy"]) <= 1 / 64
