@@ -66,20 +66,22 @@ def _merged_params(variant):
   return jax.device_get(rv.merge(random_variables(RepVGG(variant, num_classes=5), x))["params"])
 
 
-def tiny_packed(method="cluster", act_bits=8, variant=None, bits=4, **opts):
+def tiny_packed(method="cluster", act_bits=8, variant=None, bits=4, image_size=IMAGE_SIZE,
+                **opts):
   """The packed model of a random 5-class ``variant`` (default TINY_DEPLOY) quantized by
   ``method`` at ``bits`` (``opts``: the quantizer's), activations calibrated (min-max
-  on random images) at ``act_bits`` (0: float)."""
+  on random ``image_size`` images) at ``act_bits`` (0: float)."""
   variant = variant or TINY_DEPLOY
   params = _merged_params(variant)
   q = rv.make_quantizer(method, bits=bits, **opts)
   state = q.init(params)
   model = RepVGG(variant, num_classes=5, deploy=True, act_bits=act_bits)
   if act_bits:
-    batches = [deploy.normalize_images(uint8_images(8, s), MEAN, STD) for s in range(2)]
+    batches = [deploy.normalize_images(uint8_images(8, s, size=image_size), MEAN, STD)
+               for s in range(2)]
     state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
-  return rv.pack(params, q, state, rv.model_description(model, image_size=IMAGE_SIZE, mean=MEAN,
-                                                 std=STD))
+  return rv.pack(params, q, state, rv.model_description(model, image_size=image_size,
+                                                        mean=MEAN, std=STD))
 
 
 def rel_err(a, b):

@@ -223,14 +223,39 @@ def _check_integer_pool(graph: Graph, layer: Layer) -> None:
                      "QLinearGlobalAveragePool requantization")
 
 
+def _not_integer(graph: Graph, layer: Layer) -> str | None:
+  """Why ONNX Runtime cannot run ``layer`` as integer ops (QLinearConv, QGemm), or None."""
+  entry = graph.quantized(layer)
+  if layer.act_step is None:
+    return "its input is float (act_bits=0)"
+  if entry is None:
+    return "its kernel is float (not quantized)"
+  if "int_scale" not in entry:
+    return ("its kernel is a codebook off the int8 grid, decoded to float (quantize with "
+            "int8_levels=True, or method 'uniform' / 'lsq')")
+  if layer.se is not None:
+    return "its squeeze-excite runs in float"
+  return None
+
+
 def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "uint8",
-                opset: int = OPSET):
+                opset: int = OPSET, integer: bool = False):
   """The packed model (or its deploy graph) as an ONNX ``ModelProto`` (see the module
   doc); written atomically to ``path`` when given. Input ``images``: uint8 ``(N, H, W, 1
-  or 3)``; output ``logits``: float32 ``(N, num_classes)``."""
+  or 3)``; output ``logits``: float32 ``(N, num_classes)``. ``integer=True`` asks for a
+  graph that ONNX Runtime runs as integer ops throughout: a layer that cannot be is a
+  ValueError naming it and why, before anything is written."""
   onnx = _import_onnx()
   check_activations(activations, 0)
   graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
+  if integer:
+    for layer in graph.layers:
+      why = _not_integer(graph, layer)
+      if why is not None:
+        raise ValueError(f"export_onnx(integer=True): layer {layer.name} cannot run as "
+                         f"integer ops in ONNX Runtime: {why}")
+      if layer.pool and layer.pool_step is not None:
+        _check_integer_pool(graph, layer)
   bits = graph.act_bits
 
   g = _Graph(onnx)

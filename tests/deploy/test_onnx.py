@@ -127,6 +127,43 @@ def test_onnx_runtime_runs_every_layer_of_an_int8_grid_export_as_integer_ops(tmp
   _assert_same_logits(got, want)
 
 
+def test_a0_at_224_px_runs_every_conv_and_the_head_as_integer_ops():
+  """The paper's network at ImageNet's size (random weights, uniform int8-grid kernels):
+  ONNX Runtime's optimized graph has one QLinearConv a layer, the integer pool and QGemm,
+  and predicts as the integer forward."""
+  from repvgg_jax.models.zoo import VARIANTS
+  variant = VARIANTS["RepVGG-A0"]
+  packed = tiny_packed("uniform", variant=variant, image_size=224, bits=8)
+  proto = export_onnx(packed, integer=True)
+  images = uint8_images(2, 22, size=224)
+  _assert_same_logits(_run(proto, images), np.asarray(rv.DeployedModel(packed).integer(images)))
+  ops = _optimized_ops(proto)
+  assert ops.count("QLinearConv") == len(RepVGG(variant, deploy=True).layers()) == 22, ops
+  assert ops.count("QLinearGlobalAveragePool") == 1 and ops.count("QGemm") == 1, ops
+  assert not {"Conv", "FusedConv", "Gemm", "MatMul", "GlobalAveragePool"} & set(ops), ops
+
+
+def _optimized_ops(proto):
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "optimized.onnx")
+    _session(proto, optimized_path=path)
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+@pytest.mark.parametrize("make, layer, why", [
+    (lambda: tiny_packed("cluster"), "stem", "codebook off the int8 grid"),
+    (lambda: tiny_packed("cluster", act_bits=0, int8_levels=True), "stem", "act_bits=0"),
+    (lambda: tiny_packed("cluster", int8_levels=True,
+                         variant=Variant((1, 1, 1, 1), (0.25,) * 4, se=True)),
+     "stem", "squeeze-excite")])
+def test_integer_export_names_the_layer_onnx_runtime_cannot_run_as_integer(make, layer, why):
+  with pytest.raises(ValueError) as e:
+    export_onnx(make(), integer=True)
+  assert all(name in str(e.value) for name in ("integer=True", f"layer {layer} ", why)), e.value
+  export_onnx(make())  # without integer=True the same model exports (float where it must)
+
+
 def _mutated(proto, name, change):
   """A copy of ``proto`` with initializer ``name`` replaced by ``change(array)``."""
   out = onnx.ModelProto()
