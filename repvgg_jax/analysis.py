@@ -8,16 +8,35 @@ import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from repvgg_jax import reparam
-from repvgg_jax.models.oabn import bound
+from repvgg_jax.models.oabn import bn_scale, bound
 from repvgg_jax.reparam import BN_EPSILON, BRANCHES, block_branches, merge, norm_state
 
 
 def merged_kernels(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """:func:`repvgg_jax.reparam.merged_kernels` as float64 numpy arrays."""
   return {k: np.asarray(w, np.float64) for k, w in reparam.merged_kernels(variables).items()}
+
+
+@jax.jit
+def kurtosis(w: jax.Array) -> jax.Array:
+  """Pearson's kurtosis of all entries of ``w`` (3 for a Gaussian, 1.8 uniform; 0 for a
+  constant tensor); differentiable, the KURE penalty's measure."""
+  z = w - jnp.mean(w)
+  m2 = jnp.mean(jnp.square(z))
+  return jnp.mean(jnp.square(jnp.square(z))) / jnp.maximum(jnp.square(m2), 1e-30)
+
+
+@jax.jit
+def channel_ratio(w: jax.Array) -> jax.Array:
+  """``max|w| / rms(w)`` per output channel of an HWIO kernel, ``(Cout,)`` (0 for an
+  all-zero channel); differentiable, the ``channel_max`` penalty's measure."""
+  w = w.reshape(-1, w.shape[-1])
+  return jnp.max(jnp.abs(w), axis=0) * jax.lax.rsqrt(
+      jnp.maximum(jnp.mean(jnp.square(w), axis=0), 1e-30))
 
 
 def kernel_stats(w: np.ndarray) -> dict[str, float]:
@@ -33,9 +52,8 @@ def kernel_stats(w: np.ndarray) -> dict[str, float]:
   if std == 0:
     return {"max_over_std": 0.0, "kurtosis": 0.0, "frac_beyond_3std": 0.0,
             "frac_beyond_6std": 0.0}
-  z = z / std
-  a = np.abs(z)
-  return {"max_over_std": float(a.max()), "kurtosis": float(np.mean(z ** 4)),
+  a = np.abs(z / std)
+  return {"max_over_std": float(a.max()), "kurtosis": float(kurtosis(jnp.asarray(w, jnp.float32))),
           "frac_beyond_3std": float(np.mean(a > 3)), "frac_beyond_6std": float(np.mean(a > 6))}
 
 
@@ -85,12 +103,8 @@ UNKNOWN = "unknown"
 
 
 def _channel_ratio(w: np.ndarray) -> np.ndarray:
-  """``max|w| / rms(w)`` per output channel of an HWIO kernel -> ``(Cout,)``
-  (0 for an all-zero channel)."""
-  w = w.reshape(-1, w.shape[-1])
-  peak = np.abs(w).max(axis=0)
-  rms = np.sqrt(np.mean(w ** 2, axis=0))
-  return np.divide(peak, rms, out=np.zeros_like(peak), where=rms > 0)
+  """:func:`channel_ratio` of a host kernel, as float64 numpy."""
+  return np.asarray(channel_ratio(jnp.asarray(w, jnp.float32)), np.float64)
 
 
 def _block_branches(params: Mapping[str, Any], stats: Mapping[str, Any],
@@ -254,7 +268,7 @@ def bound_factors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
       continue
     for path, bn_stats in _median_bns(st):
       bn = functools.reduce(lambda d, k: d[k], path, p)
-      scale = np.asarray(bn["scale"] * jax.lax.rsqrt(bn_stats["var"] + BN_EPSILON))  # as merged
+      scale = np.asarray(bn_scale(bn, bn_stats, BN_EPSILON))  # as merged
       bounded = np.asarray(bound(scale, bn_stats))
       out["/".join((name, *path[:1]))] = np.where(
           scale != 0, bounded / np.where(scale != 0, scale, 1.0), 1.0).astype(np.float64)

@@ -32,24 +32,11 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from repvgg_jax.analysis import channel_ratio, kurtosis  # noqa: F401 (the measures penalized)
 from repvgg_jax.reparam import merged_kernels
 
 PENALTIES = ("none", "kure", "channel_max")
 DEFAULT_TARGETS = {"kure": 1.8, "channel_max": 8.0}
-
-
-def kurtosis(w: jax.Array) -> jax.Array:
-  """Pearson's kurtosis of all entries of ``w`` (3 for a Gaussian, 1.8 uniform)."""
-  z = w - jnp.mean(w)
-  m2 = jnp.mean(jnp.square(z))
-  return jnp.mean(jnp.square(jnp.square(z))) / jnp.maximum(jnp.square(m2), 1e-30)
-
-
-def channel_ratio(w: jax.Array) -> jax.Array:
-  """``max|w| / rms(w)`` per output channel of an HWIO kernel, ``(Cout,)``."""
-  w = w.reshape(-1, w.shape[-1])
-  return jnp.max(jnp.abs(w), axis=0) * jax.lax.rsqrt(
-      jnp.maximum(jnp.mean(jnp.square(w), axis=0), 1e-30))
 
 
 def kure(kernels: list[jax.Array], target: float) -> jax.Array:

@@ -158,6 +158,12 @@ def branch_bound(s3: jax.Array, k3: jax.Array, s1: jax.Array, k1: jax.Array,
   return s1 * f, (None if s_id is None else s_id * f)
 
 
+def bn_scale(params: Mapping[str, Any], stats: Mapping[str, Any], epsilon: float) -> jax.Array:
+  """A BN layer's effective per-channel scale ``gamma / sqrt(var + eps)``, unbounded: what
+  the merge multiplies a kernel by (OABN bounds it: :func:`scale_shift`)."""
+  return params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon)
+
+
 def scale_shift(params: Mapping[str, Any], stats: Mapping[str, Any], epsilon: float,
                 scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The affine map ``y = x * s + shift`` of a BN/OABN layer in eval mode.
@@ -166,8 +172,7 @@ def scale_shift(params: Mapping[str, Any], stats: Mapping[str, Any], epsilon: fl
   ``scale`` given: ``s = scale`` (a scale bounded elsewhere, e.g. by
   :func:`branch_bound`).
   """
-  s = bound(params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon), stats) \
-      if scale is None else scale
+  s = bound(bn_scale(params, stats, epsilon), stats) if scale is None else scale
   return s, params["bias"] - stats["mean"] * s
 
 
