@@ -237,9 +237,9 @@ def read_packed(path) -> PackedModel:
       raise ValueError(f"read_packed: {p} has cluster_dim {d!r}, which does not divide its "
                        f"input channels (shape {shape})")
     count = int(np.prod(index_shape(shape, d)))
-    if packed.size != -(-count * bits // 8):
+    if packed.size != index_bytes(count, bits):
       raise ValueError(f"read_packed: {p} has {packed.size} packed bytes, expected "
-                       f"{-(-count * bits // 8)} for shape {shape} at {bits} bits")
+                       f"{index_bytes(count, bits)} for shape {shape} at {bits} bits")
     if _check_layer_codebook(shape, c, g, d) != bits:
       raise ValueError(f"read_packed: {p} codebook shape {c.shape} does not match bits={bits}")
     layers[p] = dict(bits=bits, shape=shape, packed=packed, codebook=c, group_size=g,

@@ -44,6 +44,13 @@ def _keys(tree: Any) -> set[str]:
       tree, is_leaf=lambda _, v: not isinstance(v, dict))}
 
 
+def key_diff(want: Any, have: Any) -> list[str]:
+  """``["missing k", ..., "unexpected k", ...]``: the keys of ``want`` not in ``have``, then
+  those of ``have`` not in ``want``, each sorted."""
+  return ([f"missing {k}" for k in sorted(set(want) - set(have))]
+          + [f"unexpected {k}" for k in sorted(set(have) - set(want))])
+
+
 def _abstract(x: Any) -> Any:
   """The restore target of one leaf: shape, dtype and sharding of a placed array."""
   if isinstance(x, jax.Array):
@@ -117,10 +124,10 @@ class StageCheckpoints:
     have, want = self._saved_keys(), _keys(target)
     if have is None or have == want:
       return None
-    missing = [f"missing {k}" for k in sorted(want - have)]
-    unexpected = [f"unexpected {k}" for k in sorted(have - want)]
-    named = missing[:2] + unexpected[:2]
-    n = len(missing) + len(unexpected)
+    diff = key_diff(want, have)
+    named = [d for d in diff if d.startswith("missing")][:2] + \
+        [d for d in diff if d.startswith("unexpected")][:2]
+    n = len(diff)
     more = f" (and {n - len(named)} more)" if n > len(named) else ""
     return (f"the checkpoints in {self.directory} are of another model than the configured "
             f"one ({n} keys differ: {'; '.join(named)}{more}); pass a new "
@@ -204,8 +211,7 @@ def load_variables(path: str, template: dict) -> dict:
     loaded = {k: state_dict[k] for k in ("params", "batch_stats", SETTINGS) if k in state_dict}
   want = traverse_util.flatten_dict(template, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems = key_diff(want, got)
   problems += [f"{k}: shape {np.shape(got[k])}, model wants {np.shape(want[k])}"
                for k in sorted(set(want) & set(got)) if np.shape(got[k]) != np.shape(want[k])]
   if problems:

@@ -163,6 +163,12 @@ def onnx_runtime_fn(model: bytes, threads: int | None = None) -> Callable:
   return lambda images: session.run(["logits"], {"images": np.asarray(images)})[0]
 
 
+def wanted(switch: str, available: Callable[[], bool]) -> bool:
+  """Whether an exporter runs: its ``cfg.export`` switch ``"on"``, or ``"auto"`` with its
+  package importable (``available``); ``"off"`` never."""
+  return switch == "on" or (switch == "auto" and available())
+
+
 def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
                        channels: int) -> dict[str, Any] | None:
   """The report entry of ``model.mlpackage`` as ``ec`` (``cfg.export``) asks (process 0
@@ -170,10 +176,11 @@ def export_coreml_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
   and no package. Not evaluated: Core ML predicts only on Apple platforms."""
   path = os.path.join(workdir, "model.mlpackage")
   entry = None
-  if ec.coreml == "auto" and not coreml.available():
-    logging.info("model.mlpackage skipped: coremltools is not installed "
-                 "(pip install 'repvgg-jax[coreml]')")
-  elif ec.coreml != "off":
+  if not wanted(ec.coreml, coreml.available):
+    if ec.coreml == "auto":
+      logging.info("model.mlpackage skipped: coremltools is not installed "
+                   "(pip install 'repvgg-jax[coreml]')")
+  else:
     logging.info("exporting model.mlpackage (Core ML, iOS 18 / macOS 15)")
     try:
       repvgg_jax.export_coreml(packed, path, channels=channels)
@@ -198,10 +205,11 @@ def export_onnx_form(ec: ml_collections.ConfigDict, packed: Any, workdir: str,
   file and evaluates what it reads back."""
   path = os.path.join(workdir, "model.onnx")
   entry, fns = None, {}
-  if ec.onnx == "auto" and not onnx.available():
-    logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
-                 "(pip install 'repvgg-jax[onnx]')")
-  elif ec.onnx != "off":
+  if not wanted(ec.onnx, onnx.available):
+    if ec.onnx == "auto":
+      logging.info("model.onnx skipped: onnx and onnxruntime are not installed "
+                   "(pip install 'repvgg-jax[onnx]')")
+  else:
     logging.info("exporting model.onnx (activations=%s)", ec.onnx_activations)
     try:
       proto = repvgg_jax.export_onnx(packed, path if primary else None,

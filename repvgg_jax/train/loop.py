@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from repvgg_jax.train import sharding
 from repvgg_jax.train.checkpoint import StageCheckpoints
+from repvgg_jax.train.workdir import checkpoint_dir
 from repvgg_jax.train.writers import tensorboard_dir
 
 
@@ -244,7 +245,7 @@ def stage_args(cfg: Any, stage: str, workdir: str, writer: Any,
   the :class:`Profile` that ``<stage>.profile_steps`` asks for."""
   s = cfg[stage]
   profile = [Profile(tensorboard_dir(workdir, stage), s.profile_steps)] if s.profile_steps else []
-  return {"ckpt_dir": os.path.join(workdir, "checkpoints", stage), **schedule(s),
+  return {"ckpt_dir": checkpoint_dir(workdir, stage), **schedule(s),
           "writer": writer, "log_every": cfg.log_every, "hooks": [*hooks, *profile]}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from repvgg_jax import analysis, plots
 from repvgg_jax.deploy import coreml, onnx
+from repvgg_jax.train import export
 from repvgg_jax.fileio import atomic_write, atomic_write_text
 
 FORMS = ("fp", "merged", "ptq", "qat", "packed", "stablehlo", "integer", "onnx", "openvino",
@@ -62,8 +63,7 @@ def finished_report(cfg: ml_collections.ConfigDict, workdir: str) -> dict | None
     files += ["model.packed", "model.stablehlo"]
     for form, switch, available in (("onnx", ec.onnx, onnx.available),
                                     ("coreml", ec.coreml, coreml.available)):
-      wanted = switch == "on" or (switch == "auto" and available())
-      if wanted != (form in forms):
+      if export.wanted(switch, available) != (form in forms):
         return None  # an exporter installed or removed since: export again
       if form in forms and "error" not in forms[form]:
         files.append("model.onnx" if form == "onnx" else "model.mlpackage")

@@ -58,6 +58,13 @@ def open_run(workdir: str, cfg: Any, stages: tuple[str, ...], *, discard_stale: 
     raise
 
 
+def checkpoint_dir(workdir: str, stage: str = "") -> str:
+  """``<workdir>/checkpoints/<stage>``, where a stage's checkpoints are (no ``stage``: the
+  folder of every stage's and its ``<stage>.json`` record)."""
+  return os.path.join(workdir, "checkpoints", stage) if stage else os.path.join(
+      workdir, "checkpoints")
+
+
 class StaleWorkdir(RuntimeError):
   """The workdir holds checkpoints of a stage trained with another config."""
 
@@ -127,7 +134,7 @@ class Stages:
   def __init__(self, workdir: str, cfg: Any, stages: tuple[str, ...], *,
                discard_stale: bool = False, write: bool = True):
     self.workdir, self.write = workdir, write
-    self.root = os.path.join(workdir, "checkpoints")
+    self.root = checkpoint_dir(workdir)
     self.fingerprints = {s: fingerprint(cfg, s) for s in STAGES}
     self._defaults = {s: fingerprint(base_config(), s) for s in STAGES}
     self._running: dict[str, tuple[float, float]] = {}
@@ -138,7 +145,7 @@ class Stages:
       self._move_aside([s for s, _ in stale])
 
   def ckpt_dir(self, stage: str) -> str:
-    return os.path.join(self.root, stage)
+    return checkpoint_dir(self.workdir, stage)
 
   def _record_path(self, stage: str) -> str:
     return os.path.join(self.root, f"{stage}.json")
