@@ -1,6 +1,7 @@
 """Shared test helpers: variables with random, non-trivial values; a small packed model;
-subprocess environments; copies of a finished run."""
+subprocess environments; copies of a finished run; checks of what an error names."""
 
+import contextlib
 import functools
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import deploy
@@ -33,6 +35,17 @@ def subprocess_env(**extra):
   env.pop("XLA_FLAGS", None)
   env.update(extra)
   return env
+
+
+@contextlib.contextmanager
+def raises_naming(exc_type, *names):
+  """``pytest.raises(exc_type)`` whose message must name each of ``names`` (substrings, not
+  regexes): the bad field and value, not the sentence around them. Yields the ExceptionInfo."""
+  with pytest.raises(exc_type) as info:
+    yield info
+  msg = str(info.value)
+  for name in names:
+    assert name in msg, f"the message does not name {name!r}: {msg!r}"
 
 
 def copy_run(run, tmp_path):

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 import repvgg_jax as rv
 from repvgg_jax.models.repvgg import RepVGG
-from _util import random_variables, rel_err, tiny_variant
+from _util import raises_naming, random_variables, rel_err, tiny_variant
 
 # A tiny network with every kind of block: strides 1/2, identity, g2 groups, SE.
 TINY = tiny_variant((2, 2, 2, 1), groups=2, se=True)
@@ -131,34 +131,34 @@ def _drop(tree, path):
   del tree[last]
 
 
-@pytest.mark.parametrize("path, needle", [
-    ("params/stages_0_1/conv_1x1", "missing variable params/stages_0_1/conv_1x1"),
-    ("params/stem/conv_kxk/bn/scale", "missing variable params/stem/conv_kxk/bn/scale"),
-    ("batch_stats/stages_1_1/identity/var",
-     "missing variable batch_stats/stages_1_1/identity/var"),
-    ("params/stages_1_1/identity", r"batch_stats \['identity'\] in block batch_stats/stages_1_1"),
+@pytest.mark.parametrize("path, names", [
+    ("params/stages_0_1/conv_1x1", ["params/stages_0_1/conv_1x1"]),
+    ("params/stem/conv_kxk/bn/scale", ["params/stem/conv_kxk/bn/scale"]),
+    ("batch_stats/stages_1_1/identity/var", ["batch_stats/stages_1_1/identity/var"]),
+    # The identity BN's params gone: its batch_stats are the odd ones.
+    ("params/stages_1_1/identity", ["['identity']", "batch_stats/stages_1_1"]),
 ])
-def test_merge_names_missing_paths(path, needle):
+def test_merge_names_missing_paths(path, names):
   v = _tiny_variables()
   _drop(v, path)
-  with pytest.raises(ValueError, match=needle):
+  with raises_naming(ValueError, *names):
     rv.merge(v)
 
 
 def test_merge_names_misshaped_and_odd_variables():
   v = _tiny_variables()
   v["params"]["stem"]["conv_kxk"]["bn"]["scale"] = jnp.ones(5)
-  with pytest.raises(ValueError, match=r"params/stem/conv_kxk/bn/scale has shape \(5,\)"):
+  with raises_naming(ValueError, "params/stem/conv_kxk/bn/scale", "(5,)"):
     rv.merge(v)
   v = _tiny_variables()
   v["params"]["stem"]["rbr_dense"] = {}
-  with pytest.raises(ValueError, match=r"unexpected variable\(s\) \['rbr_dense'\] in block params/stem"):
+  with raises_naming(ValueError, "['rbr_dense']", "params/stem"):
     rv.merge(v)
   v = _tiny_variables()
   v["batch_stats"]["stage9"] = {}
-  with pytest.raises(ValueError, match=r"batch_stats \['stage9'\] under batch_stats have no params"):
+  with raises_naming(ValueError, "['stage9']", "params"):
     rv.merge(v)
-  with pytest.raises(ValueError, match=r"unexpected collection\(s\) \['quant'\]"):
+  with raises_naming(ValueError, "collection", "'quant'"):
     rv.merge({**_tiny_variables(), "quant": {}})
   with pytest.raises(ValueError, match="'params' collection"):
     rv.merge({"batch_stats": {}})
@@ -168,10 +168,9 @@ def test_qarepvgg_merge_refuses_a_bn_on_its_bare_branches():
   model = RepVGG(TINY, num_classes=3, block="qarepvgg")
   v = random_variables(model, _images(8))
   v["params"]["stages_1_1"]["identity"] = {"scale": jnp.ones(32), "bias": jnp.zeros(32)}
-  with pytest.raises(ValueError, match=r"QARepVGG block params/stages_1_1 \(it has post_bn\) "
-                                       r"has params/stages_1_1/identity"):
+  with raises_naming(ValueError, "params/stages_1_1/identity", "post_bn"):
     rv.merge(v)
   v = random_variables(model, _images(8))
   del v["batch_stats"]["stages_1_1"]["post_bn"]
-  with pytest.raises(ValueError, match="missing variable batch_stats/stages_1_1/post_bn"):
+  with raises_naming(ValueError, "batch_stats/stages_1_1/post_bn"):
     rv.merge(v)

@@ -14,6 +14,8 @@ from PIL import Image
 from repvgg_jax import data
 from repvgg_jax.train import config as config_lib
 
+from _util import raises_naming
+
 FMNIST_DIR = data.DEFAULT_IDX_DIR  # Where the Debian package dataset-fashion-mnist installs.
 
 
@@ -183,7 +185,7 @@ def test_idx_source_missing_file_says_how_to_get_the_data(tmp_path):
 def test_idx_source_rejects_images_and_labels_of_different_lengths(tmp_path):
   d, _ = _fmnist_dir(tmp_path, n_train=6)
   _write(os.path.join(d, "train-labels-idx1-ubyte.gz"), _idx_u8(np.zeros(5, np.uint8)))
-  with pytest.raises(ValueError, match="do not match"):
+  with raises_naming(ValueError, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "(5,)"):
     data.make_source(_cfg(source="idx", data_dir=d), "train")
 
 
@@ -270,7 +272,7 @@ def test_tfds_default_data_dir_is_resolved_in_the_error(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError) as e:
     data.make_source(_cfg(source="tfds", name="imagenet2012", data_dir=""), "train")
   msg = str(e.value)
-  assert "data_dir None" not in msg and f"data_dir {tmp_path / 'tfds-default'}" in msg
+  assert "data_dir None" not in msg and str(tmp_path / "tfds-default") in msg
   assert (f"python -m repvgg_jax.data.prepare imagenet2012 --manual_dir=ARCHIVE_DIR "
           f"--data_dir={tmp_path / 'tfds-default'}") in msg
 
@@ -582,11 +584,10 @@ def test_labels_beyond_num_classes_name_the_first_bad_label_and_its_file(tmp_pat
     _write(d / f"{prefix}-labels-idx1-ubyte.gz", _idx_u8(labels))
   cfg = _cfg(source="idx", data_dir=str(d))
   cfg.num_classes = 0  # Fashion-MNIST's own: 10.
-  with pytest.raises(ValueError) as e:
+  # The file, the first bad example and its label, the range, how many, and the field.
+  with raises_naming(ValueError, str(d / "train-labels-idx1-ubyte.gz"), "example 3", "label 11",
+                     "[0, 10)", "2 of 6", "data.num_classes"):
     _loader(cfg)
-  msg = str(e.value)
-  assert str(d / "train-labels-idx1-ubyte.gz") in msg
-  assert "example 3 has label 11, outside [0, 10)" in msg and "2 of 6" in msg
   cfg.num_classes = 12
   assert _loader(cfg).num_classes == 12
 
@@ -607,7 +608,7 @@ def test_every_record_is_checked_against_num_classes(monkeypatch):
   monkeypatch.setattr(data.sources, "make_source", lambda cfg, split, cache_dir=None:
                       (Bad(), stats))
   it = iter(_loader(_cfg(), "test", batch=8, train=False))
-  with pytest.raises(ValueError, match=r"BadSource: record 5 has label 7, outside \[0, 4\)"):
+  with raises_naming(ValueError, "BadSource", "record 5", "label 7", "[0, 4)"):
     next(it)
 
 
@@ -622,7 +623,7 @@ def test_idx_dataset_under_its_own_name_is_reported_by_name(tmp_path):
     _write(d / f"emnist-letters-{prefix}-labels-idx1-ubyte.gz", _idx_u8(labels))
   cfg = _cfg(source="idx", data_dir=str(d))
   cfg.name, cfg.num_classes = "emnist-letters", 0
-  with pytest.raises(ValueError, match="data.num_classes must be set"):
+  with raises_naming(ValueError, "data.num_classes", "'emnist-letters'"):
     _loader(cfg)
   cfg.num_classes = 5
   loader = _loader(cfg, "test", batch=4, train=False)
@@ -693,14 +694,14 @@ def test_folder_statistics_are_computed_once_and_stored(tmp_path, monkeypatch):
   assert data.make_source(cfg, "test", cache_dir=cache)[1].mean == stats.mean
 
 
-@pytest.mark.parametrize("problem, pattern", [
-    ("num_classes", r"data.num_classes=5 but .*train has 3 class directories"),
-    ("val_class", r"val has class directories that .*train lacks: \['wolf'\]"),
-    ("empty_class", r"class directory .*train/ant has no images"),
-    ("no_val", r"has no val or test directory"),
-    ("broken", r"cannot read image .*broken.png"),
+@pytest.mark.parametrize("problem, names", [
+    ("num_classes", ["data.num_classes=5", "'cat', 'dog', 'fox'"]),
+    ("val_class", ["'wolf'", "val", "train"]),
+    ("empty_class", ["train/ant"]),
+    ("no_val", ["pets", "val", "test"]),
+    ("broken", ["broken.png"]),
 ])
-def test_folder_errors_name_the_problem(tmp_path, problem, pattern):
+def test_folder_errors_name_the_problem(tmp_path, problem, names):
   d, _ = _image_folder(tmp_path / "pets")
   cfg = _cfg(source="folder", data_dir=d)
   split = "train"
@@ -717,6 +718,6 @@ def test_folder_errors_name_the_problem(tmp_path, problem, pattern):
   else:
     with open(os.path.join(d, "train", "cat", "broken.png"), "wb") as f:
       f.write(b"not a png")
-  with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+  with raises_naming((ValueError, FileNotFoundError), *names):
     src, _ = data.make_source(cfg, split)
     [src[i] for i in range(len(src))]

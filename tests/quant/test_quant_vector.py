@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from repvgg_jax.quant.vector import (check_cluster_dim, decode_vectors, fit_vect
                                      from_vectors, nearest_vector_index, quantize_vectors,
                                      to_vectors)
 
-from _util import vector_squared_error
+from _util import raises_naming, vector_squared_error
 
 # The fits share this kernel shape (and bits, d) so they share compilations.
 FIT_SHAPE, FIT_BITS, FIT_D = (3, 3, 8, 16), 4, 2
@@ -181,26 +180,26 @@ def test_fit_with_fewer_vectors_than_centroids():
   assert float(vector_squared_error(w, c, 2)) == 0.0
 
 
-@pytest.mark.parametrize("call, needle", [
-    (lambda: check_cluster_dim((3, 3, 8, 5), 3), "cluster_dim=3"),
-    (lambda: check_cluster_dim((3, 3, 8, 5), 0), "cluster_dim=0"),
-    (lambda: check_cluster_dim((8,), 2), re.escape("shape (8,)")),
+@pytest.mark.parametrize("call, names", [
+    (lambda: check_cluster_dim((3, 3, 8, 5), 3), ["cluster_dim=3"]),
+    (lambda: check_cluster_dim((3, 3, 8, 5), 0), ["cluster_dim=0"]),
+    (lambda: check_cluster_dim((8,), 2), ["cluster_dim=2", "(8,)"]),
     (lambda: nearest_vector_index(jnp.zeros((3, 3, 8, 5)), jnp.zeros((16, 3)), 2),
-     re.escape("codebook of shape (16, 3)")),
+     ["codebook", "(16, 3)"]),
     (lambda: nearest_vector_index(jnp.zeros((3, 3, 8, 5)), jnp.zeros((4, 16, 2)), 2),
-     re.escape("codebook of shape (4, 16, 2)")),
+     ["codebook", "(4, 16, 2)"]),
     (lambda: quantize_vectors(jnp.zeros((3, 3, 8, 5)), jnp.zeros((3, 2)), 2),
-     re.escape("codebook of shape (3, 2)")),
+     ["codebook", "(3, 2)"]),
     (lambda: decode_vectors(jnp.zeros((3, 3, 3, 5), jnp.int32), jnp.zeros((4, 2)), (3, 3, 8, 5)),
-     re.escape("indices of shape (3, 3, 3, 5)")),
+     ["indices", "(3, 3, 3, 5)"]),
     (lambda: from_vectors(jnp.zeros((3, 3, 4, 5, 2)), (3, 3, 8, 6)),
-     re.escape("vectors of shape (3, 3, 4, 5, 2)")),
-    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 4, 2, rows=3), "rows=3"),
-    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 9, 2), "bits=9"),
-    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 4, 3), "cluster_dim=3"),
+     ["vectors", "(3, 3, 4, 5, 2)"]),
+    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 4, 2, rows=3), ["rows=3"]),
+    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 9, 2), ["bits=9"]),
+    (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 4, 3), ["cluster_dim=3"]),
     (lambda: fit_vector_codebook(jnp.zeros(FIT_SHAPE), 4, 2, init_codebook=jnp.zeros((8, 2))),
-     re.escape("init_codebook has shape (8, 2)")),
+     ["init_codebook", "(8, 2)"]),
 ])
-def test_bad_values_are_named(call, needle):
-  with pytest.raises(ValueError, match=needle):
+def test_bad_values_are_named(call, names):
+  with raises_naming(ValueError, *names):
     call()

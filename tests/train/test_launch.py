@@ -24,19 +24,21 @@ def _main(*args, timeout=120):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.fp.num_stpes=3", "--config.fp.num_stpes=3: fp has no field num_stpes; "
-                                "did you mean fp.num_steps?"),
-    ("--config.fpp.num_steps=3", "no config group or field fpp; did you mean fp?"),
-    ("--config.fp.num_steps=abc", "flag --config.fp.num_steps=abc: invalid literal"),
-    ("--config.quant.method=kmeans", "quant.method='kmeans' not in ('cluster', "),
+@pytest.mark.parametrize("override, names, nearest", [
+    ("--config.fp.num_stpes=3", ["--config.fp.num_stpes=3"], "fp.num_steps"),
+    ("--config.fpp.num_steps=3", ["--config.fpp.num_steps=3"], "fp"),
+    ("--config.fp.num_steps=abc", ["--config.fp.num_steps=abc"], None),
+    ("--config.quant.method=kmeans", ["quant.method='kmeans'", "'cluster'"], None),
 ])
-def test_config_mistakes_are_one_or_two_lines_naming_the_field(override, expected, tmp_path):
+def test_config_mistakes_are_one_or_two_lines_naming_the_field(override, names, nearest,
+                                                               tmp_path):
   out = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
   assert out.returncode != 0
   lines = out.stderr.strip().splitlines()
   assert 1 <= len(lines) <= 2, out.stderr
-  assert lines[0].startswith("error: ") and expected in lines[0]
+  assert lines[0].startswith("error: ") and all(n in lines[0] for n in names), lines[0]
+  # The nearest field, as a word of its own ("fp" is in "fpp" too).
+  assert nearest is None or nearest in re.findall(r"[\w.]+", lines[0]), lines[0]
   assert "Traceback" not in out.stderr and "\\n" not in out.stderr
 
 
@@ -51,7 +53,7 @@ def test_missing_config_file_is_named_as_such(tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines() == [
       out.stderr.strip().splitlines()[0]]  # one line
-  assert "config file configs/nope.py not found" in out.stderr
+  assert "configs/nope.py" in out.stderr
   assert "configs/demo.py" in out.stderr and "config_config" not in out.stderr
 
 
@@ -60,7 +62,7 @@ def test_a_missing_data_dir_is_named_and_leaves_no_workdir(tmp_path):
   out = _main("--config=configs/folder.py", f"--config.data.data_dir={tmp_path / 'nope'}",
               f"--workdir={workdir}")
   assert out.returncode != 0
-  assert f"error: folder: data_dir '{tmp_path / 'nope'}' is not a directory" in out.stderr
+  assert "data_dir" in out.stderr and str(tmp_path / "nope") in out.stderr
   assert not workdir.exists()
 
 
@@ -79,7 +81,7 @@ def test_short_run_of_a_long_recipe_shortens_the_warmup(caplog):
   cfg.fp.num_steps = 50
   resolved = config_lib.resolve(cfg)
   assert resolved.fp.warmup_steps == 5 and cfg.fp.warmup_steps == 100
-  assert "fp.warmup_steps=100 is not below fp.num_steps=50: warming up for 5" in caplog.text
+  assert "fp.warmup_steps=100" in caplog.text and "fp.num_steps=50" in caplog.text
   assert resolved.qat.warmup_steps == 0
 
 
@@ -87,9 +89,10 @@ def test_unknown_field_in_python_names_the_nearest():
   cfg = demo.get_config()
   cfg.unlock()  # A config built in Python, unlocked: a typo can get in.
   cfg.fp.warmup_step = 3
-  with pytest.raises(config_lib.ConfigError, match="unknown field fp.warmup_step "
-                                                   r"\(did you mean fp.warmup_steps\?\)"):
+  with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(cfg)
+  # The field and the nearest one, each a word of its own.
+  assert {"fp.warmup_step", "fp.warmup_steps"} <= set(re.findall(r"[\w.]+", str(e.value)))
 
 
 def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_path):
@@ -148,10 +151,9 @@ def test_ctrl_c_saves_the_step_in_one_line_exits_130_and_the_rerun_resumes_there
   code, _, rest = _interrupt_once_training(args, "fp: step 3/")
   assert code == 130, rest
   said = [line for line in rest.splitlines() if "interrupted" in line]
-  assert len(said) == 1 and said[0].startswith("fp: interrupted at step "), rest
-  assert "rerun the same command to resume" in said[0]
+  assert len(said) == 1 and said[0].startswith("fp: ") and "rerun" in said[0], rest
   assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
-  step = int(re.search(r"at step (\d+)", said[0]).group(1))
+  step = int(re.search(r"step (\d+)", said[0]).group(1))
   assert step >= 3
   fp = StageCheckpoints(str(workdir / "checkpoints" / "fp"), keep=1, create=False)
   assert fp.latest_step() == step

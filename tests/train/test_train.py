@@ -2,7 +2,6 @@
 
 import glob
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,7 @@ from repvgg_jax.train.optimizer import learning_rate_schedule, make_optimizer, w
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter
 
-from _util import ROOT, WrappedLoader, killed_after
+from _util import ROOT, WrappedLoader, killed_after, raises_naming
 from configs import tiny  # on sys.path from conftest.py
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -103,8 +102,7 @@ def test_validate_refuses_what_the_component_refuses_in_its_words(group, field, 
 def test_validate_refuses_the_branch_form_on_qarepvgg_blocks():
   cfg = tiny.tiny_config()  # OABN
   cfg.model.oabn_form, cfg.model.block = "branch", "qarepvgg"
-  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_form='branch'.*"
-                                                   r"block='qarepvgg' has none"):
+  with raises_naming(config_lib.ConfigError, "model.oabn_form='branch'", "block='qarepvgg'"):
     config_lib.validate(cfg)
 
 
@@ -118,7 +116,7 @@ def test_resolve_fills_in_the_forms_default_tau(form, tau, expected):
   assert build_model(resolved.model, 3, deploy=False).bound_tau == expected
   assert build_model(cfg.model, 3, deploy=False).bound_tau == expected  # unresolved: same
   cfg.model.oabn_tau = -1.0
-  with pytest.raises(config_lib.ConfigError, match=r"model.oabn_tau=-1.0: must be > 0"):
+  with raises_naming(config_lib.ConfigError, "model.oabn_tau=-1.0", "> 0"):
     config_lib.validate(cfg)
 
 
@@ -155,39 +153,41 @@ def test_validate_names_bad_blocks_or_widths(field, value):
 def test_validate_names_bad_quantization_fields(field, value, needle):
   cfg = tiny.tiny_config()
   cfg.quant[field] = value
-  with pytest.raises(ValueError, match=re.escape(needle)):
+  with raises_naming(ValueError, needle):
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("changes,needle", [
-    (dict(onnx="yes"), "export.onnx='yes' not in ('auto', 'on', 'off')"),
-    (dict(onnx_activations="int4"), "activations='int4'"),
-    (dict(onnx_activations="int8"), "cannot hold unsigned 8-bit activations"),
-    (dict(stablehlo_batch=-1), "export.stablehlo_batch=-1"),
-    (dict(coreml="true"), "export.coreml='true' not in ('auto', 'on', 'off')"),
+@pytest.mark.parametrize("changes,names", [
+    (dict(onnx="yes"), ["export.onnx='yes'", "'auto'", "'on'", "'off'"]),
+    (dict(onnx_activations="int4"), ["activations='int4'"]),
+    # act_bits 8: activations in [0, 255]; act_bits 7 would fit.
+    (dict(onnx_activations="int8"), ["export.onnx_activations", "'int8'", "[0, 255]",
+                                     "quant.act_bits=7"]),
+    (dict(stablehlo_batch=-1), ["export.stablehlo_batch=-1"]),
+    (dict(coreml="true"), ["export.coreml='true'", "'auto'", "'on'", "'off'"]),
 ])
-def test_validate_names_bad_export_fields(changes, needle):
+def test_validate_names_bad_export_fields(changes, names):
   cfg = tiny.tiny_config()
   cfg.quant.act_bits = 8
   cfg.export.update(changes)
-  with pytest.raises(ValueError, match=re.escape(needle)):
+  with raises_naming(ValueError, *names):
     config_lib.validate(cfg)
   cfg.quant.act_bits = 7  # [0, 127] fits int8: only the other fields stay wrong
   if changes == dict(onnx_activations="int8"):
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("field,needle", [
-    ("onnx", "export.onnx='on' needs onnx and onnxruntime"),
-    ("coreml", "export.coreml='on' needs coremltools"),
+@pytest.mark.parametrize("field,names", [
+    ("onnx", ["export.onnx='on'", "onnxruntime", "repvgg-jax[onnx]"]),
+    ("coreml", ["export.coreml='on'", "coremltools", "repvgg-jax[coreml]"]),
 ])
-def test_validate_export_on_needs_its_packages(monkeypatch, field, needle):
+def test_validate_export_on_needs_its_packages(monkeypatch, field, names):
   import importlib
   cfg = tiny.tiny_config()
   cfg.export[field] = "on"
   monkeypatch.setattr(importlib.import_module(f"repvgg_jax.deploy.{field}"), "available",
                       lambda: False)
-  with pytest.raises(ValueError, match=re.escape(needle)):
+  with raises_naming(ValueError, *names):
     config_lib.validate(cfg)
   cfg.export[field] = "auto"
   config_lib.validate(cfg)
@@ -196,14 +196,14 @@ def test_validate_export_on_needs_its_packages(monkeypatch, field, needle):
 def test_validate_uniform_and_lsq_need_two_bits():
   cfg = tiny.tiny_config()
   cfg.quant.method, cfg.quant.bits = "lsq", 1
-  with pytest.raises(ValueError, match=re.escape("quant.bits=1: expected an int in 2..8")):
+  with raises_naming(ValueError, "quant.bits=1", "2..8"):
     config_lib.validate(cfg)
 
 
 def test_validate_rejects_unknown_field():
   cfg = tiny.tiny_config()
   cfg.fp.lr = 0.1  # Unlocked config: the misspelling reaches validate.
-  with pytest.raises(ValueError, match="unknown field fp.lr"):
+  with raises_naming(ValueError, "fp.lr"):
     config_lib.validate(cfg)
 
 
@@ -477,11 +477,13 @@ def test_init_from_file_round_trips_and_names_mismatches(tmp_path, suffix):
   chex.assert_trees_all_equal(load_variables(path, shapes(model)), variables)
 
   other = shapes(build_model(cfg.model, 7, deploy=False))
-  with pytest.raises(ValueError, match=r"params/head/kernel: shape \(.*, 10\), model wants"):
+  with raises_naming(ValueError, "params/head/kernel",
+                     str(np.shape(variables["params"]["head"]["kernel"])),
+                     str(other["params"]["head"]["kernel"].shape)):
     load_variables(path, other)
   bn = cfg.model.copy_and_resolve_references()
   bn.norm = "bn"
-  with pytest.raises(ValueError, match="unexpected settings/stem/bound_tau"):
+  with raises_naming(ValueError, "settings/stem/bound_tau"):
     load_variables(path, shapes(build_model(bn, 10, deploy=False)))
 
 
@@ -491,18 +493,18 @@ def test_remote_workdir_is_refused_by_name():
     train_and_evaluate(tiny.tiny_config(), "gs://bucket/run")
 
 
-@pytest.mark.parametrize("changes,needle", [
-    (dict(avg_bits=2.0, bytes=1000), "quant.budget.avg_bits=2.0 and bytes=1000: give one budget"),
-    (dict(avg_bits=0.5), "quant.budget.avg_bits=0.5 must be in 1..8"),
-    (dict(bytes=-3), "quant.budget.bytes=-3 must be a positive int"),
-    (dict(avg_bits=2.0, bit_choices=(2, 9)), "quant.budget.bit_choices=(2, 9): bit choice 9"),
-    (dict(avg_bits=2.0, sensitivity="fisher"), "quant.budget.sensitivity='fisher' not in"),
-    (dict(avg_bits=2.0, batches=0), "quant.budget.batches=0 must be a positive int"),
+@pytest.mark.parametrize("changes,names", [
+    (dict(avg_bits=2.0, bytes=1000), ["quant.budget.avg_bits=2.0", "bytes=1000"]),
+    (dict(avg_bits=0.5), ["quant.budget.avg_bits=0.5", "1..8"]),
+    (dict(bytes=-3), ["quant.budget.bytes=-3"]),
+    (dict(avg_bits=2.0, bit_choices=(2, 9)), ["quant.budget.bit_choices=(2, 9)", "bit choice 9"]),
+    (dict(avg_bits=2.0, sensitivity="fisher"), ["quant.budget.sensitivity='fisher'"]),
+    (dict(avg_bits=2.0, batches=0), ["quant.budget.batches=0"]),
 ])
-def test_validate_names_bad_budget_fields(changes, needle):
+def test_validate_names_bad_budget_fields(changes, names):
   cfg = tiny.tiny_config()
   cfg.quant.budget.update(changes)
-  with pytest.raises(ValueError, match=re.escape(needle)):
+  with raises_naming(ValueError, *names):
     config_lib.validate(cfg)
 
 
