@@ -1,14 +1,17 @@
 """Shared helpers of the benchmarks (and the tests' random variables): machine header,
-random variables, interleaved timing, IREE."""
+random variables, interleaved timing, the deploy benchmarks' networks and packed models,
+ONNX Runtime sessions and its ``quantize_static`` baseline, IREE."""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -203,3 +206,109 @@ def iree_fn(exported: Any, threads: int | None = None,
   module = runtime.load_vm_flatbuffer(vmfb, driver="local-task")
   # to_host() can be a view of a buffer the runtime reuses: copy it out.
   return lambda images: np.array(module.main(images).to_host())
+
+
+# -- the deploy benchmarks' networks (runtimes.py, ort_vs_quantize_static.py) ----------
+
+# name -> (title, RepVGG variant (blocks, widths), image size, classes). "demo": the demo's
+# network; "a0": RepVGG-A0 at ImageNet size.
+NETS = {"demo": ("shallow RepVGG-A0 (1, 2, 4, 1 blocks), 32 px, 10 classes",
+                 (1, 2, 4, 1), 32, 10),
+        "a0": ("RepVGG-A0 (2, 4, 14, 1 blocks), 224 px, 1000 classes",
+               (2, 4, 14, 1), 224, 1000)}
+MEAN, STD = (0.286,) * 3, (0.353,) * 3
+
+
+def _variant(net: str):
+  from repvgg_jax.models.repvgg import VARIANTS, Variant
+  return Variant(NETS[net][1], VARIANTS["RepVGG-A0"].widths)
+
+
+@functools.lru_cache(maxsize=None)
+def merged_params(net: str) -> dict:
+  """The merged (deploy-form) float params of ``net``, random (:func:`random_variables`,
+  seed 0): speed depends on shapes and kernels, not on training."""
+  import jax
+  import repvgg_jax as rv
+  from repvgg_jax.models.repvgg import RepVGG
+  _, _, size, classes = NETS[net]
+  model = RepVGG(_variant(net), num_classes=classes)
+  return jax.device_get(rv.merge(random_variables(model, (size, size, 3)))["params"])
+
+
+def calibration_images(net: str, batches: int = 1, batch: int = 8) -> list[np.ndarray]:
+  """Random uint8 images of ``net``'s size (seed 1): the calibration batches."""
+  size = NETS[net][2]
+  rng = np.random.default_rng(1)
+  return [rng.integers(0, 256, (batch, size, size, 3), np.uint8) for _ in range(batches)]
+
+
+@functools.lru_cache(maxsize=None)
+def packed_model(net: str, act_bits: int, weights: str = "codebook"):
+  """``net``'s merged params packed (``repvgg_jax.pack``): ``weights`` "codebook" (4-bit
+  ClusterQAT codebooks, stem and head at 8 bits), "int8_grid" (the same on per-channel
+  int8 grids, ``int8_levels=True``) or "float" (no kernel quantized: the float merged
+  network); ``act_bits`` > 0: activations calibrated on :func:`calibration_images`."""
+  import jax
+  import repvgg_jax as rv
+  from repvgg_jax.models.repvgg import RepVGG
+  _, _, size, classes = NETS[net]
+  merged = merged_params(net)
+  if weights == "float":  # every kernel skipped: none is quantized
+    q = rv.make_quantizer("cluster", bits=4, skip=("reparam_conv", "head"))
+  elif weights in ("codebook", "int8_grid"):
+    q = rv.make_quantizer("cluster", bits=4, int8_levels=weights == "int8_grid")
+  else:
+    raise ValueError(f"weights={weights!r}: expected 'codebook', 'int8_grid' or 'float'")
+  state = q.init(merged)
+  deploy = RepVGG(_variant(net), num_classes=classes, deploy=True, act_bits=act_bits)
+  if act_bits:
+    batches = [rv.deploy.normalize_images(b, MEAN, STD) for b in calibration_images(net)]
+    # Jitted: one compile instead of an op-by-op dispatch (seconds on A0).
+    params = jax.jit(q.apply)(merged, state)
+    state = rv.calibrate(deploy, {"params": params, "quant": state}, batches)
+  return rv.pack(merged, q, state,
+                 rv.model_description(deploy, image_size=size, mean=MEAN, std=STD))
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------
+
+def ort_session(model: bytes | str, threads: int, optimized: str | None = None,
+                level: Any = None):
+  """An ONNX Runtime CPU session of ``model`` (bytes or a path) on ``threads`` intra-op
+  threads, at graph optimization ``level`` (default: all); ``optimized``: where ONNX
+  Runtime writes the optimized graph."""
+  import onnxruntime as ort
+  so = ort.SessionOptions()
+  so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level is None
+                                 else level)
+  so.intra_op_num_threads = threads
+  if optimized:
+    so.optimized_model_filepath = optimized
+  return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def quantize_static_onnx(float_onnx: bytes, calibration: list[np.ndarray]) -> bytes:
+  """ONNX Runtime's own W8A8 of a float export (``export_onnx`` of an ``act_bits=0``
+  model): the stock baseline. ONNX Runtime's basic optimizations first (constant folding:
+  a codebook graph's ``Gather`` decode becomes float32 initializers), then
+  ``onnxruntime.quantization.quantize_static``: QDQ, per-channel, QUInt8 activations,
+  QInt8 weights, min-max over the ``calibration`` batches (uint8 NHWC images)."""
+  import onnxruntime as ort
+  from onnxruntime import quantization as oq
+
+  class Images(oq.CalibrationDataReader):
+    def __init__(self):
+      self.it = iter([{"images": b} for b in calibration])
+
+    def get_next(self):
+      return next(self.it, None)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    folded, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "quantize_static.onnx")
+    ort_session(float_onnx, 1, folded, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    oq.quantize_static(folded, out, Images(), quant_format=oq.QuantFormat.QDQ,
+                       per_channel=True, activation_type=oq.QuantType.QUInt8,
+                       weight_type=oq.QuantType.QInt8)
+    with open(out, "rb") as f:
+      return f.read()
