@@ -29,15 +29,20 @@ ZERO_BITS = (2, 3, 4)  # bits and clippings of the zero-share table
 ZERO_CLIPS = ("minmax", "mse")
 _DIGITS = 6  # significant digits of the stored per-channel ratios
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+RESULTS_TAIL = os.path.join("experiments", "results")
 
 
 def _in_repo(arg: str) -> str:
   """A command-line argument as the ledger records it: a path (or ``--flag=path``) inside
-  the repository relative to it, so the committed commands name no machine's folders."""
+  the repository relative to it, so the committed commands name no machine's folders; a
+  checkout's ``experiments/results`` (a study run from one checkout writing its ledger into
+  another's, ``--results``) as ``experiments/results``."""
   flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else (
       "", "", arg)
   if os.path.isabs(value) and not os.path.relpath(value, ROOT).startswith(".."):
     value = os.path.relpath(value, ROOT)
+  elif os.path.isabs(value) and os.path.normpath(value).endswith(RESULTS_TAIL):
+    value = RESULTS_TAIL
   return flag + eq + value
 
 
