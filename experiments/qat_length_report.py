@@ -102,9 +102,11 @@ def markdown(ledger: dict, figure_name: str | None) -> str:
   out += ["", "## QAT rows", "",
           "Below FP: points under the same seed's merged float network; goal: the issue's "
           "(W4A8 0.3, W3A8 0.6, W2A8 1.0 points).", "",
-          "| regime | seed | bits | QAT steps | distill | packed | below FP | goal | "
+          "Stock PTQ: the report's baseline, uniform per-channel weights (MSE step) at the "
+          "row's bits with its activation steps and no QAT (rows of code from 18588dd on).", "",
+          "| regime | seed | bits | QAT steps | distill | packed | below FP | goal | stock PTQ | "
           "evals during QAT (step: accuracy) | seconds | code |",
-          "|---|---:|---|---:|---|---:|---:|---|---|---:|---|"]
+          "|---|---:|---|---:|---|---:|---:|---|---:|---|---:|---|"]
   for k, r in qat_rows(rows):
     acc, fp = r["forms"].get("packed"), fp_accuracy(rows, r["regime"], r["seed"])
     gap = None if acc is None or fp is None else 100 * (fp - acc)
@@ -112,7 +114,8 @@ def markdown(ledger: dict, figure_name: str | None) -> str:
     evals = ", ".join(f"{s}: {100 * a:.2f}" for s, a in r.get("curve", []))
     out.append(f"| {r['regime']} | {r['seed']} | W{r['bits']}A8 | {r['steps']} | "
                f"{r['distill']} | {_pct(acc)} | {'' if gap is None else f'{gap:.2f}'} | "
-               f"{met} | {evals} | {r['seconds']:.0f} | {r.get('commit', '')} |")
+               f"{met} | {_pct(r['forms'].get('ptq'))} | {evals} | {r['seconds']:.0f} | "
+               f"{r.get('commit', '')} |")
   groups: dict = {}
   for _, r in qat_rows(rows):
     acc, fp = r["forms"].get("packed"), fp_accuracy(rows, r["regime"], r["seed"])
