@@ -207,10 +207,10 @@ def _weight(g: _Graph, graph: Graph, layer: Layer,
     shape = index_shape(entry["shape"], d)  # the kernel's, one index per d-vector
     indices = g.op("Transpose", [_unpack_bits(g, name, entry["packed"], entry["bits"], shape)],
                    f"{name}/indices", perm=list(layout))  # a vector's: (O, I / d, ...)
-    c = np.asarray(graph.packed.codebook(name), np.float32)
-    if c.ndim == (3 if d > 1 else 2):  # per output channel: row o starts at o * K
-      offsets = (np.arange(c.shape[0], dtype=np.int32) * c.shape[1]).reshape(
-          (-1,) + (1,) * (len(shape) - 1))
+    c = np.asarray(entry["codebook"], np.float32)  # one row per group of output channels
+    if c.ndim == (3 if d > 1 else 2):  # output channel o reads row o // group_size
+      rows = np.arange(entry["shape"][-1], dtype=np.int32) // entry.get("group_size", 1)
+      offsets = (rows * c.shape[1]).reshape((-1,) + (1,) * (len(shape) - 1))
       indices = g.op("Add", [indices, g.const(f"{name}/row_offsets", offsets)],
                      f"{name}/flat_indices")
       c = c.reshape((-1, d) if d > 1 else -1)

@@ -91,11 +91,13 @@ def test_codebook_export_runs_load_packed_in_onnx_runtime(opts, tmp_path):
   _assert_same_but_rare_flips(got[0], want)
   ops = {n.op_type for n in proto.graph.node}
   assert "Gather" in ops and "QuantizeLinear" not in ops
-  # The indices stored as the packed file stores them: its bit-packed bytes, unchanged.
-  inits = {i.name: i for i in proto.graph.initializer}
+  # The indices stored as the packed file stores them: its bit-packed bytes, unchanged;
+  # a grouped codebook once per group, as there.
+  inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
   for p, l in packed.layers.items():
-    assert inits[f"{p}/packed"].data_type == onnx.TensorProto.UINT8
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[f"{p}/packed"]), l["packed"])
+    assert inits[f"{p}/packed"].dtype == np.uint8
+    np.testing.assert_array_equal(inits[f"{p}/packed"], l["packed"])
+    np.testing.assert_array_equal(inits[f"{p}/codebook"].ravel(), l["codebook"].ravel())
   # ONNX Runtime folds the whole decode at load: in its optimized graph no op of the
   # index path is left, and every conv's and the head's kernel is an initializer.
   for level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
