@@ -23,13 +23,17 @@ channels), float32 logits out, the input normalization inside the graph.
   ``s_in * s_w[o]`` (the convs' and the head's): integer convolutions and products in
   the runtime, the same numbers as :func:`repvgg_jax.deploy.integer_forward_fn`. ``"int8"`` mode needs the
   narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
-* Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
-  codebook, decoded in the graph by one ``Gather`` to the exact float kernel (a vector
-  codebook, ``cluster_dim=d``: the ``Gather`` of d-vectors, then a ``Transpose`` and
-  ``Reshape`` that lay each vector along the input channels). The
+* Other codebooks (plain ClusterQAT): the indices as the packed file stores them (its
+  ``b``-bit packed bytes, unchanged) and its codebook (a grouped one once per group),
+  decoded in the graph to the exact float kernel by ops on constants (opset 17): a
+  ``Gather`` from a 256-row table splits each byte into its ``b``-bit fields (single bits
+  where ``b`` does not divide 8, summed into indices by ``Mul`` and ``ReduceSum``), a
+  ``Slice``, ``Reshape`` and ``Transpose`` lay them out as ONNX's kernel, one ``Gather``
+  takes the codebook's levels (a vector codebook, ``cluster_dim=d``: its d-vectors, then
+  a ``Transpose`` and ``Reshape`` that lay each vector along the input channels). The
   runtime folds it into a float initializer at load and runs a float conv on the
-  quantized activations: the same network as ``load_packed``, a smaller file than
-  float32 (one byte per weight, not ``b`` bits), no integer kernels.
+  quantized activations: the same network as ``load_packed``, a file about the packed
+  file's size, no integer kernels.
 * SE layers (D2se) stay float (pool, 1x1 convs, sigmoid, multiply).
 
 Every export passes ``onnx.checker.check_model(..., full_check=True)``.
