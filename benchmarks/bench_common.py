@@ -244,11 +244,11 @@ def calibration_images(net: str, batches: int = 1, batch: int = 8) -> list[np.nd
 
 
 @functools.lru_cache(maxsize=None)
-def packed_model(net: str, act_bits: int, weights: str = "codebook"):
-  """``net``'s merged params packed (``repvgg_jax.pack``): ``weights`` "codebook" (4-bit
-  ClusterQAT codebooks, stem and head at 8 bits), "int8_grid" (the same on per-channel
-  int8 grids, ``int8_levels=True``) or "float" (no kernel quantized: the float merged
-  network); ``act_bits`` > 0: activations calibrated on :func:`calibration_images`."""
+def packed_model(net: str, act_bits: int, weights: str = "codebook", bits: int = 4):
+  """``net``'s merged params packed (``repvgg_jax.pack``): ``weights`` "codebook"
+  (``bits``-bit ClusterQAT codebooks, stem and head at 8 bits), "int8_grid" (the same on
+  per-channel int8 grids, ``int8_levels=True``) or "float" (no kernel quantized: the float
+  merged network); ``act_bits`` > 0: activations calibrated on :func:`calibration_images`."""
   import jax
   import repvgg_jax as rv
   from repvgg_jax.models.repvgg import RepVGG
@@ -257,7 +257,7 @@ def packed_model(net: str, act_bits: int, weights: str = "codebook"):
   if weights == "float":  # every kernel skipped: none is quantized
     q = rv.make_quantizer("cluster", bits=4, skip=("reparam_conv", "head"))
   elif weights in ("codebook", "int8_grid"):
-    q = rv.make_quantizer("cluster", bits=4, int8_levels=weights == "int8_grid")
+    q = rv.make_quantizer("cluster", bits=bits, int8_levels=weights == "int8_grid")
   else:
     raise ValueError(f"weights={weights!r}: expected 'codebook', 'int8_grid' or 'float'")
   state = q.init(merged)

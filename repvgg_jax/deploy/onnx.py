@@ -23,13 +23,17 @@ channels), float32 logits out, the input normalization inside the graph.
   ``s_in * s_w[o]`` (the convs' and the head's): integer convolutions and products in
   the runtime, the same numbers as :func:`repvgg_jax.deploy.integer_forward_fn`. ``"int8"`` mode needs the
   narrow range ``[-127, 127]`` (TensorRT, LiteRT); a level at -128 is refused.
-* Other codebooks (plain ClusterQAT): the indices as uint8 and the per-channel
-  codebook, decoded in the graph by one ``Gather`` to the exact float kernel (a vector
-  codebook, ``cluster_dim=d``: the ``Gather`` of d-vectors, then a ``Transpose`` and
-  ``Reshape`` that lay each vector along the input channels). The
+* Other codebooks (plain ClusterQAT): the indices as the packed file stores them (its
+  ``b``-bit packed bytes, unchanged) and its codebook (a grouped one once per group),
+  decoded in the graph to the exact float kernel by ops on constants (opset 17): a
+  ``Gather`` from a 256-row table splits each byte into its ``b``-bit fields (single bits
+  where ``b`` does not divide 8, summed into indices by ``Mul`` and ``ReduceSum``), a
+  ``Slice``, ``Reshape`` and ``Transpose`` lay them out as ONNX's kernel, one ``Gather``
+  takes the codebook's levels (a vector codebook, ``cluster_dim=d``: its d-vectors, then
+  a ``Transpose`` and ``Reshape`` that lay each vector along the input channels). The
   runtime folds it into a float initializer at load and runs a float conv on the
-  quantized activations: the same network as ``load_packed``, a smaller file than
-  float32 (one byte per weight, not ``b`` bits), no integer kernels.
+  quantized activations: the same network as ``load_packed``, a file about the packed
+  file's size, no integer kernels.
 * SE layers (D2se) stay float (pool, 1x1 convs, sigmoid, multiply).
 
 Every export passes ``onnx.checker.check_model(..., full_check=True)``.
@@ -47,6 +51,7 @@ from repvgg_jax.deploy.integer import int32_bias
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
+from repvgg_jax.quant.vector import index_shape
 
 ACTIVATIONS = ("uint8", "int8")
 # QuantizeLinear/DequantizeLinear with per-axis scales (13+); TensorRT 10 and ONNX
@@ -87,6 +92,12 @@ class _Graph:
 
   def const(self, name: str, value: np.ndarray) -> str:
     self.inits.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+  def const_once(self, name: str, value, dtype) -> str:
+    """``name``, a constant shared by every layer: added the first time."""
+    if all(i.name != name for i in self.inits):
+      self.const(name, np.asarray(value, dtype))
     return name
 
   def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
@@ -140,6 +151,41 @@ def _quant_act(g: _Graph, x: str, layer: str, step: float, bits: int, signed: bo
   return g.op("DequantizeLinear", [q, scale, zero], f"{layer}/act/dequantized")
 
 
+def _unpack_bits(g: _Graph, name: str, packed: np.ndarray, bits: int,
+                 shape: tuple[int, ...]) -> str:
+  """The int32 indices of ``shape`` (the kernel's layout) from layer ``name``'s bytes
+  in the packed file, stored as they are there (:func:`repvgg_jax.quant.packed.pack_bits`:
+  index i at stream bits ``[i*bits, (i+1)*bits)``, little-endian), decoded by ops on
+  constants that the runtime folds at load: a 256-row table gives each byte's fields of
+  ``u`` bits (``u = bits`` where it divides 8, else single bits), the stream is cut to
+  the kernel's fields, and where ``u = 1 < bits`` each index is the sum of its bits
+  times their powers of two, as :func:`~repvgg_jax.quant.packed.unpack_bits` computes it."""
+  count = int(np.prod(shape))
+  u = bits if 8 % bits == 0 else 1
+  table = g.const_once(f"fields_of_byte/{u}_bits",
+                       (np.arange(256)[:, None] >> (u * np.arange(8 // u))) & (2 ** u - 1),
+                       np.uint8)
+  x = g.op("Cast", [g.const(f"{name}/packed", np.asarray(packed, np.uint8))],
+           f"{name}/packed_int32", to=g.onnx.TensorProto.INT32)
+  x = g.op("Gather", [table, x], f"{name}/fields", axis=0)  # (bytes, 8 / u)
+  x = g.op("Reshape", [x, g.const(f"{name}/stream_shape", np.array([-1], np.int64))],
+           f"{name}/field_stream")
+  x = g.op("Slice", [x, g.const(f"{name}/stream_start", np.array([0], np.int64)),
+                     g.const(f"{name}/stream_end", np.array([count * bits // u], np.int64))],
+           f"{name}/kernel_fields")
+  x = g.op("Cast", [x], f"{name}/fields_int32", to=g.onnx.TensorProto.INT32)
+  if u < bits:
+    x = g.op("Reshape", [x, g.const(f"{name}/bits_shape", np.array([count, bits], np.int64))],
+             f"{name}/bits_per_index")
+    x = g.op("Mul", [x, g.const(f"{name}/bit_values", np.left_shift(1, np.arange(bits),
+                                                                     dtype=np.int32))],
+             f"{name}/bit_values_set")
+    x = g.op("ReduceSum", [x, g.const(f"{name}/bits_axis", np.array([1], np.int64))],
+             f"{name}/index_stream", keepdims=0)
+  return g.op("Reshape", [x, g.const(f"{name}/index_shape", np.array(shape, np.int64))],
+              f"{name}/indices_packed_layout")
+
+
 # Our kernels' axes -> ONNX's (output channels first): HWIO -> OIHW, (in, out) -> (out, in).
 LAYOUTS = {"conv": (3, 2, 0, 1), "dense": (1, 0)}
 
@@ -161,24 +207,23 @@ def _weight(g: _Graph, graph: Graph, layer: Layer,
     zero = g.const(f"{name}/zero_point", np.zeros(scale.shape, np.int8))
     return g.op("DequantizeLinear", [w, s, zero], f"{name}/dequantized", axis=0), scale
   if entry is not None:
-    packed = graph.packed
     d = entry.get("cluster_dim", 1)
-    idx = packed.indices(name).transpose(layout)  # a vector's index: (O, I / d, ...)
-    c = np.asarray(packed.codebook(name), np.float32)
-    indices = g.op("Cast", [g.const(f"{name}/indices", idx.astype(np.uint8))],
-                   f"{name}/indices_int64", to=g.onnx.TensorProto.INT64)
-    if c.ndim == (3 if d > 1 else 2):  # per output channel: row o starts at o * K
-      offsets = (np.arange(c.shape[0], dtype=np.int64) * c.shape[1]).reshape(
-          (-1,) + (1,) * (idx.ndim - 1))
+    shape = index_shape(entry["shape"], d)  # the kernel's, one index per d-vector
+    indices = g.op("Transpose", [_unpack_bits(g, name, entry["packed"], entry["bits"], shape)],
+                   f"{name}/indices", perm=list(layout))  # a vector's: (O, I / d, ...)
+    c = np.asarray(entry["codebook"], np.float32)  # one row per group of output channels
+    if c.ndim == (3 if d > 1 else 2):  # output channel o reads row o // group_size
+      rows = np.arange(entry["shape"][-1], dtype=np.int32) // entry.get("group_size", 1)
+      offsets = (rows * c.shape[1]).reshape((-1,) + (1,) * (len(shape) - 1))
       indices = g.op("Add", [indices, g.const(f"{name}/row_offsets", offsets)],
                      f"{name}/flat_indices")
       c = c.reshape((-1, d) if d > 1 else -1)
     w = g.op("Gather", [g.const(f"{name}/codebook", c), indices], f"{name}/decoded", axis=0)
     if d > 1:  # (O, I / d, *spatial, d) -> (O, I / d, d, *spatial) -> (O, I, *spatial)
-      w = g.op("Transpose", [w], f"{name}/vectors_in_place",
-               perm=[0, 1, idx.ndim, *range(2, idx.ndim)])
-      shape = np.array([idx.shape[0], idx.shape[1] * d, *idx.shape[2:]], np.int64)
-      w = g.op("Reshape", [w, g.const(f"{name}/shape", shape)], f"{name}/kernel")
+      n = len(shape)
+      w = g.op("Transpose", [w], f"{name}/vectors_in_place", perm=[0, 1, n, *range(2, n)])
+      out = np.array(entry["shape"], np.int64)[list(layout)]
+      w = g.op("Reshape", [w, g.const(f"{name}/shape", out)], f"{name}/kernel")
     return w, None
   return g.const(name, np.asarray(graph.kernel(layer)).transpose(layout)), None
 

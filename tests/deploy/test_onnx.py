@@ -65,10 +65,11 @@ def test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime(method, opts)
 
 @pytest.mark.parametrize("opts", [{}, dict(granularity="group", group_size=4),
                                   dict(cluster_dim=2), dict(cluster_dim=2, first_last_bits=4),
-                                  dict(cluster_dim=4, granularity="group", group_size=4)],
+                                  dict(cluster_dim=4, granularity="group", group_size=4),
+                                  dict(bits=2), dict(bits=3, first_last_bits=5)],
                          ids=["per_channel", "grouped", "vector2", "vector2_stem_head4",
-                              "vector4_grouped"])
-def test_codebook_export_runs_load_packed_in_onnx_runtime(opts):
+                              "vector4_grouped", "bits2", "bits3_stem_head5"])
+def test_codebook_export_runs_load_packed_in_onnx_runtime(opts, tmp_path):
   packed = tiny_packed("cluster", **opts)
   proto = export_onnx(packed)
   images = uint8_images(48, 12)
@@ -90,8 +91,25 @@ def test_codebook_export_runs_load_packed_in_onnx_runtime(opts):
   _assert_same_but_rare_flips(got[0], want)
   ops = {n.op_type for n in proto.graph.node}
   assert "Gather" in ops and "QuantizeLinear" not in ops
-  idx = {i.name: i for i in proto.graph.initializer}["stages_1_0/reparam_conv/kernel/indices"]
-  assert idx.data_type == onnx.TensorProto.UINT8
+  # The indices stored as the packed file stores them: its bit-packed bytes, unchanged;
+  # a grouped codebook once per group, as there.
+  inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+  for p, l in packed.layers.items():
+    assert inits[f"{p}/packed"].dtype == np.uint8
+    np.testing.assert_array_equal(inits[f"{p}/packed"], l["packed"])
+    np.testing.assert_array_equal(inits[f"{p}/codebook"].ravel(), l["codebook"].ravel())
+  # ONNX Runtime folds the whole decode at load: in its optimized graph no op of the
+  # index path is left, and every conv's and the head's kernel is an initializer.
+  for level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+    path = tmp_path / f"{level}.onnx"
+    _session(proto, level=getattr(ort.GraphOptimizationLevel, level), optimized_path=path)
+    optimized = onnx.load(path).graph
+    ops = [n.op_type for n in optimized.node]
+    assert not {"Gather", "ReduceSum", "Slice", "Reshape", "Add"} & set(ops), (level, ops)
+    assert ops.count("Cast") == 1, (level, ops)  # the images' (uint8 -> float)
+    kernels = [n.input[1] for n in optimized.node if n.op_type in ("Conv", "FusedConv", "Gemm")]
+    assert len(kernels) == len(packed.layers), (level, ops)
+    assert set(kernels) <= {i.name for i in optimized.initializer}, level
 
 
 def test_float_activation_export_matches_load_packed():

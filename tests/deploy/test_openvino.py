@@ -1,6 +1,7 @@
-"""OpenVINO runs the trainer's model.onnx: the codebook graph (Gather decode, float convs)
-with load_packed's predictions, the int8-grid graph as int8 kernels with the integer
-forward's; the trainer reports it; without OpenVINO, one line names the extra."""
+"""OpenVINO runs the trainer's model.onnx: the codebook graph (bit-packed indices decoded
+in the graph, float convs) with load_packed's predictions, the int8-grid graph as int8
+kernels with the integer forward's; the trainer reports it; without OpenVINO, one line
+names the extra."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax.deploy import openvino as ov_deploy
 
-from _util import raises_naming
+from _util import raises_naming, tiny_packed, uint8_images
 
 
 def _openvino():
@@ -76,6 +77,19 @@ def test_openvino_runs_the_codebook_model_onnx_as_load_packed(tiny_run):
   report_md = open(os.path.join(workdir, "report.md")).read()
   assert "| model.onnx in OpenVINO (CPU, f32) | W4A32 |" in report_md
   assert "ONNX Runtime runs model.onnx (float activations)" in report_md
+
+
+@pytest.mark.parametrize("opts", [dict(bits=2, granularity="group", group_size=4),
+                                  dict(bits=3, cluster_dim=2)],
+                         ids=["bits2_grouped", "bits3_vector2"])
+def test_openvino_unpacks_the_bit_packed_indices_as_load_packed(opts):
+  _openvino()
+  from repvgg_jax.deploy.onnx import export_onnx
+  packed = tiny_packed("cluster", act_bits=0, **opts)
+  images = uint8_images(32, 18)
+  got = ov_deploy.onnx_fn(export_onnx(packed).SerializeToString())(images)
+  want = np.asarray(rv.DeployedModel(packed)(images))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_openvino_runs_the_int8_grid_model_onnx_as_the_integer_forward(int8_run):
