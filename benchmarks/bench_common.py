@@ -288,12 +288,15 @@ def ort_session(model: bytes | str, threads: int, optimized: str | None = None,
   return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def quantize_static_onnx(float_onnx: bytes, calibration: list[np.ndarray]) -> bytes:
+def quantize_static_onnx(float_onnx: bytes, calibration: list[np.ndarray],
+                         weight_type: str = "QInt8", extra_options: dict | None = None) -> bytes:
   """ONNX Runtime's own W8A8 of a float export (``export_onnx`` of an ``act_bits=0``
   model): the stock baseline. ONNX Runtime's basic optimizations first (constant folding:
   a codebook graph's ``Gather`` decode becomes float32 initializers), then
   ``onnxruntime.quantization.quantize_static``: QDQ, per-channel, QUInt8 activations,
-  QInt8 weights, min-max over the ``calibration`` batches (uint8 NHWC images)."""
+  QInt8 weights, min-max over the ``calibration`` batches (uint8 NHWC images).
+  ``weight_type``: another ``QuantType`` of the weights by name ("QInt4"); ``extra_options``:
+  quantize_static's (``TensorQuantOverrides``, say)."""
   import onnxruntime as ort
   from onnxruntime import quantization as oq
 
@@ -309,6 +312,7 @@ def quantize_static_onnx(float_onnx: bytes, calibration: list[np.ndarray]) -> by
     ort_session(float_onnx, 1, folded, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     oq.quantize_static(folded, out, Images(), quant_format=oq.QuantFormat.QDQ,
                        per_channel=True, activation_type=oq.QuantType.QUInt8,
-                       weight_type=oq.QuantType.QInt8)
+                       weight_type=getattr(oq.QuantType, weight_type),
+                       extra_options=extra_options)
     with open(out, "rb") as f:
       return f.read()

@@ -63,6 +63,7 @@ SLOW_TESTS = (
     "tests/train/test_train.py::test_a_profile_longer_than_the_stage_is_closed_with_it",
     "tests/train/test_train.py::test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint",
     "tests/train/test_train.py::test_resume_after_kill_is_bit_exact",
+    "experiments/tests/test_stock_tools.py::test_smoke_run_writes_ledger_and_page",
 )
 
 
