@@ -37,6 +37,7 @@ _QAT_STEPS = flags.DEFINE_integer("qat_steps", 200, "QAT steps of the QAT rows."
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows (names below); default all.")
 flags.mark_flags_as_required(["fp_workdir", "workdir"])
 
+from experiments import rows as study_rows  # noqa: E402
 from experiments.rows import QUANT_ROWS  # noqa: E402
 
 # name -> (label, config overrides): the study's rows (one table), and one of its own.
@@ -48,8 +49,7 @@ ROWS["cluster_w4a8_int8"] = ("W4A8 ClusterQAT, codebooks on int8 grids",
 
 
 def row_config(overrides: dict, fp_workdir: str):
-  from configs import demo
-  cfg = demo.get_config()
+  cfg = study_rows.base_config(False)  # the demo's recipe, as the study rows run it
   cfg.unlock()
   cfg.init_from = os.path.abspath(os.path.join(fp_workdir, "checkpoints", "fp"))
   cfg.eval_fp_forms = False

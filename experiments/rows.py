@@ -201,11 +201,17 @@ def check_regimes(regimes) -> None:
 
 
 def base_config(smoke: bool):
+  """The studies' base: the demo config (the tiny one for ``smoke``) without distillation,
+  the recipe every study's rows ran with; a study that varies it sets ``qat.distill`` per
+  row (``experiments.qat_length``)."""
   if smoke:
     from configs.tiny import tiny_config
-    return tiny_config()
-  from configs.demo import get_config
-  return get_config()
+    cfg = tiny_config()
+  else:
+    from configs.demo import get_config
+    cfg = get_config()
+  cfg.qat.distill = "off"
+  return cfg
 
 
 def settings(smoke: bool, blocks=None, fp_steps: int = 3000, qat_steps: int = 200,
