@@ -48,7 +48,7 @@ SLOW_TESTS = (
     "tests/quant/test_quant_export.py::test_qat_forward_equals_packed_forward_bit_for_bit[cluster-channel]",
     "tests/deploy/test_onnx.py::test_codebook_export_runs_load_packed_in_onnx_runtime",
     "tests/deploy/test_onnx.py::test_grouped_and_se_variants_export",
-    "tests/deploy/test_onnx.py::test_a0_at_224_px_runs_every_conv_and_the_head_as_integer_ops",
+    "tests/deploy/test_onnx.py::test_demo_and_a0_run_every_conv_and_the_head_as_integer_ops",
     "tests/models/test_models.py::test_bn_is_oabn_without_a_bound_bit_for_bit",
     "tests/models/test_oabn.py::test_branch_form_bounds_every_merged_channel_and_merges_exactly",
     "tests/quant/test_quant_cluster.py::test_quantizer_apply_uses_few_levels_and_keeps_biases",
