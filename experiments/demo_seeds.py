@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -74,12 +73,6 @@ def run_seeds(workdir: str, ledger_path: str, smoke: bool, command: str) -> None
           flush=True)
 
 
-def _mean_std(values: list[float]) -> str:
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def markdown(ledger: dict) -> str:
   """The page: setup from the ledger's rows, one row per seed, mean ± std, the gain."""
   rows = [ledger["rows"][k] for k in sorted(ledger["rows"])]
@@ -109,8 +102,8 @@ def markdown(ledger: dict) -> str:
     out.append(f"| {r['seed']} | " + " | ".join(f"{100 * f[k]:.2f}" for k in FORMS)
                + f" | {gains[-1]:+.2f} | {r['seconds'] / 60:.1f} |")
   out.append("| mean ± std | " + " | ".join(
-      _mean_std([100 * r["forms"][k] for r in rows]) for k in FORMS)
-             + f" | {_mean_std(gains)} | |")
+      study_ledger.mean_std([100 * r["forms"][k] for r in rows]) for k in FORMS)
+             + f" | {study_ledger.mean_std(gains)} | |")
   return "\n".join(out) + "\n"
 
 
@@ -126,11 +119,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     run_seeds(workdir, ledger_path, _SMOKE.value, study_ledger.command(sys.argv))
   ledger = sr.read_json(ledger_path) or {"rows": {}}
-  findings = ""
-  if os.path.exists(out):
-    old = open(out).read()
-    marker = "<!-- findings -->"
-    findings = old[old.index(marker):] if marker in old else ""
+  findings = study_ledger.findings_of(out)
   atomic_write_text(out, markdown(ledger) + ("\n" + findings if findings else ""))
   print(f"wrote {out}", flush=True)
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 
 import numpy as np
@@ -69,6 +70,29 @@ def code_version() -> str:
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
   return head + ("+" if dirty else "")
+
+
+FINDINGS = "<!-- findings -->"  # a page's text from this line on is written by hand
+
+
+def findings_of(page: str, marker: str = FINDINGS, default: str = "") -> str:
+  """The hand-written end of the page at ``page``: everything from ``marker`` on (kept when
+  the page is written again from its ledger), or ``default`` when there is none."""
+  if not os.path.exists(page):
+    return default
+  with open(page) as f:
+    old = f.read()
+  return old[old.index(marker):] if marker in old else default
+
+
+def mean_std(values: list[float], empty: str = "") -> str:
+  """``"m ± s"`` (sample std) of ``values`` to 2 decimals, the value alone for one,
+  ``empty`` for none."""
+  if not values:
+    return empty
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def path_for(out: str) -> str:

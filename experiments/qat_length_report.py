@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import statistics
 
+from experiments import ledger as study_ledger
 from repvgg_jax.fileio import atomic_write_text
-
-FINDINGS = "<!-- findings -->"
 GOALS = {4: 0.3, 3: 0.6, 2: 1.0}  # points below float at which a row meets the goal
 
 
 def _pct(x: float | None) -> str:
   return "" if x is None else f"{100 * x:.2f}"
-
-
-def _mean_std(xs: list[float]) -> str:
-  if not xs:
-    return ""
-  if len(xs) == 1:
-    return f"{100 * xs[0]:.2f}"
-  return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
 def fp_accuracy(rows: dict, regime: str, seed: int) -> float | None:
@@ -128,7 +118,8 @@ def markdown(ledger: dict, figure_name: str | None) -> str:
             "below FP | worst seed below FP |", "|---|---|---:|---|---:|---:|---:|---:|"]
     for (regime, bits, steps, distill), v in sorted(many.items()):
       out.append(f"| {regime} | W{bits}A8 | {steps} | {distill} | {len(v)} | "
-                 f"{_mean_std([a for _, a, _ in v])} | {_mean_std([g for _, _, g in v])} | "
+                 f"{study_ledger.mean_std([100 * a for _, a, _ in v])} | "
+                 f"{study_ledger.mean_std([100 * g for _, _, g in v])} | "
                  f"{100 * max(g for _, _, g in v):.2f} |")
   if figure_name:
     out += ["", f"![points below float against QAT steps]({figure_name})"]
@@ -142,10 +133,5 @@ def write(ledger: dict, out: str) -> None:
   fig = stem + "_curve.png"
   name = os.path.basename(fig) if figure(ledger["rows"], fig) else None
   text = markdown(ledger, name)
-  findings = FINDINGS + "\n"
-  if os.path.exists(out):
-    with open(out) as f:
-      old = f.read()
-    if FINDINGS in old:
-      findings = old[old.index(FINDINGS):]
+  findings = study_ledger.findings_of(out, default=study_ledger.FINDINGS + "\n")
   atomic_write_text(out, text + "\n" + findings)

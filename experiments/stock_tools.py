@@ -54,7 +54,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -473,14 +472,6 @@ def run_all(fp_workdirs: list[str], given: list[str], scratch: str, ledger_path:
 
 # -- the page ---------------------------------------------------------------------------
 
-def _mean_std(values: list[float]) -> str:
-  if not values:
-    return "–"
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def _cells(ledger: dict, labels: list[str]) -> dict:
   """``{(tool, act): {bits: [accuracy % per run]}}`` of the runs ``labels``, with the
   float network under ``("float", None)`` and ClusterQAT's forms from the runs' entries."""
@@ -557,7 +548,8 @@ def markdown(ledger: dict) -> str:
     out += [f"## {title}", "",
             f"Top-1 (%) on {ledger['runs'][labels[0]]['test_images']:,} test images, mean ± "
             f"std over seeds {', '.join(map(str, seeds))} (a cell of fewer runs says how "
-            f"many). Float (merged network): {_mean_std(cells[('float', None)][None])}.", "",
+            f"many). Float (merged network): "
+            f"{study_ledger.mean_std(cells[('float', None)][None], '–')}.", "",
             "| tool | W8 | W4 | W3 | W2 |", "|---|---:|---:|---:|---:|"]
     for key, name in TITLES.items():
       if key not in cells:
@@ -565,7 +557,8 @@ def markdown(ledger: dict) -> str:
       row = []
       for b in BITS:
         v = cells[key].get(b, [])
-        row.append(_mean_std(v) + (f" ({len(v)} runs)" if v and len(v) != len(labels) else ""))
+        row.append(study_ledger.mean_std(v, "–")
+                   + (f" ({len(v)} runs)" if v and len(v) != len(labels) else ""))
       out.append(f"| {name} | " + " | ".join(row) + " |")
     out += ["", "Per seed:", "",
             "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -671,11 +664,7 @@ def main(argv):
     run_all(paths, shown, os.path.join(workdir, "scratch"), ledger_path, methods,
             study_ledger.command(sys.argv), started)
   ledger = load(ledger_path)
-  findings = ""
-  if os.path.exists(out):
-    old = open(out).read()
-    marker = "<!-- findings -->"
-    findings = old[old.index(marker):] if marker in old else ""
+  findings = study_ledger.findings_of(out)
   atomic_write_text(out, markdown(ledger) + ("\n" + findings if findings else ""))
   print(f"wrote {out}", flush=True)
 
