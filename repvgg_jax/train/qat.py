@@ -4,8 +4,9 @@
 training (bad layouts and unmeetable budgets stop the run at start), then after the merge
 :func:`allocate_bits` (under a budget) and :func:`initial_state` (the quantizer fitted:
 :func:`weight_quantizer`, :func:`init_codebooks`, :func:`with_activation_steps`), and trains
-with :func:`refit_hook` (the periodic codebook refit) and :func:`teacher` (distillation).
-Process 0 fits and measures; every process gets the result.
+with :func:`refit_hook` (the periodic codebook refit) and :func:`teacher` (distillation);
+:func:`stock_baseline` is the quantizer of the report's stock PTQ row, fitted by the same
+:func:`initial_state`. Process 0 fits and measures; every process gets the result.
 """
 
 from __future__ import annotations
