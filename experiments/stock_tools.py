@@ -123,10 +123,10 @@ class Run:
     import jax
     import ml_collections
     import repvgg_jax as rv
-    from repvgg_jax import data
     from repvgg_jax.train import sharding
     from repvgg_jax.train.checkpoint import load_variables
     from repvgg_jax.train.state import build_model, init_variables
+    from repvgg_jax.train.workdir import checkpoint_dir
     self.workdir = fp_workdir
     self.report = sr.read_json(os.path.join(fp_workdir, "report.json"))
     if self.report is None:
@@ -146,7 +146,7 @@ class Run:
     self.num_classes, self.image_shape = test.num_classes, test.image_shape
     self.pixel_stats, self.mean, self.std = test.pixel_stats, test.mean, test.std
     model = build_model(cfg.model, self.num_classes, deploy=False)
-    variables = load_variables(os.path.join(fp_workdir, "checkpoints", "fp"),
+    variables = load_variables(checkpoint_dir(fp_workdir, "fp"),
                                init_variables(model, self.image_shape, cfg.seed))
     self.merged = jax.device_get(rv.merge(variables))
     self.deploy = build_model(cfg.model, self.num_classes, deploy=True)
@@ -192,14 +192,11 @@ class Run:
     """Top-1 of our quantizer ``method`` ("uniform": the stock baseline's, "cluster": the
     k-means fit) at ``bits`` on the merged network, untrained, as the report's ``ptq`` row
     is evaluated (activation steps by MSE on the trainer's calibration batches)."""
-    import ml_collections
     from repvgg_jax.train import qat, sharding, steps
-    cfg = ml_collections.ConfigDict(self.cfg.to_dict())
-    qc = qat.stock_baseline(cfg.quant)
+    qc = qat.stock_baseline(self.cfg.quant)
     qc.update(method=method, bits=bits, act_bits=act_bits or 0, act_calibration="mse")
-    cfg.quant = qc
-    q, _, state = qat.initial_state(cfg, self.merged, self.num_classes,
-                                    lambda s, b, t: self.loader(s, b, t), None, qc)
+    q, _, state = qat.initial_state(self.cfg, self.merged, self.num_classes, self.loader,
+                                    None, qc)
     step = steps.make_eval_step(self.mesh, q, pixel_stats=self.pixel_stats)
     return steps.evaluate(step, sharding.replicate(state, self.mesh), self.batches, self.mesh)
 
@@ -298,6 +295,7 @@ def ort_row(run: Run, bits: int, calibration: list[np.ndarray]) -> tuple[float, 
 def coreml_row(run: Run, bits: int, scratch: str) -> tuple[float, dict]:
   """coremltools' k-means palettizer; the LUTs decoded into our float deploy network."""
   import coremltools.optimize.coreml as cto
+  from flax import traverse_util
   import repvgg_jax as rv
   from repvgg_jax.deploy.coreml import LAYOUTS
   from repvgg_jax.deploy.graph import deploy_graph
@@ -309,8 +307,9 @@ def coreml_row(run: Run, bits: int, scratch: str) -> tuple[float, dict]:
   convs = [op for op in mlmodel._mil_program.functions["main"].operations
            if op.op_type in ("conv", "linear") and not re.search(r"_se_(down|up)$", op.name)]
   shapes = [tuple(op.weight.shape) for op in convs]
-  want = [tuple(np.shape(_get(run.merged["params"], layer.kernel))[i]
-                for i in LAYOUTS[layer.kind]) for layer in layers]
+  merged = traverse_util.flatten_dict(run.merged["params"], sep="/")  # kernel path -> array
+  want = [tuple(np.shape(merged[layer.kernel])[i] for i in LAYOUTS[layer.kind])
+          for layer in layers]
   if shapes != want:
     raise ValueError(f"the ML program's weights {shapes} are not the graph's {want}")
   configs = {}
@@ -321,7 +320,7 @@ def coreml_row(run: Run, bits: int, scratch: str) -> tuple[float, dict]:
         weight_threshold=0)
   palettized = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
   ops = {op.name: op for op in palettized._mil_program.functions["main"].operations}
-  params = _copy_tree(run.merged["params"])
+  params = dict(merged)
   check = {"levels_per_channel_max": {}, "rel_rms_error": {}, "max_abs_vs_coremltools": 0.0}
   for i, (op, layer) in enumerate(zip(convs, layers)):
     lut_op = ops[op.name].weight.op
@@ -332,14 +331,14 @@ def coreml_row(run: Run, bits: int, scratch: str) -> tuple[float, dict]:
     ref = np.asarray(lut_op.materialized_val_inference(), np.float64)
     check["max_abs_vs_coremltools"] = max(check["max_abs_vs_coremltools"],
                                           float(np.max(np.abs(dense - ref))))
-    w = np.asarray(_get(run.merged["params"], layer.kernel), np.float64)
+    w = np.asarray(merged[layer.kernel], np.float64)
     dense_ours = dense.transpose(np.argsort(LAYOUTS[layer.kind]))  # back to HWIO / (in, out)
     name = layer.kernel.rsplit("/", 1)[0]
     per_out = dense.reshape(dense.shape[0], -1)
     check["levels_per_channel_max"][name] = int(max(len(np.unique(r)) for r in per_out))
     check["rel_rms_error"][name] = float(np.sqrt(np.mean((dense_ours - w) ** 2)
                                                  / np.mean(w ** 2)))
-    _set(params, layer.kernel, dense_ours.astype(np.float32))
+    params[layer.kernel] = dense_ours.astype(np.float32)
   ends = [layers[i].kernel.rsplit("/", 1)[0] for i in (0, -1)]
   blocks = [k for k in check["levels_per_channel_max"] if k not in ends]
   if max(check["levels_per_channel_max"][k] for k in blocks) > 2 ** bits:
@@ -348,7 +347,7 @@ def coreml_row(run: Run, bits: int, scratch: str) -> tuple[float, dict]:
   if check["max_abs_vs_coremltools"] != 0.0:
     raise AssertionError("our LUT decode differs from coremltools' by "
                          f"{check['max_abs_vs_coremltools']}")
-  acc = run.evaluate_params(params)
+  acc = run.evaluate_params(traverse_util.unflatten_dict(params, sep="/"))
   return acc, {**check, "stem_head": ends, "stem_head_bits": first_last}
 
 
@@ -365,27 +364,11 @@ def decode_lut(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
   return table[rows[:, None], flat].reshape(indices.shape)
 
 
-def _copy_tree(tree):
-  return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
-def _get(tree, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path: str, value) -> None:
-  *head, last = path.split("/")
-  for k in head:
-    tree = tree[k]
-  tree[last] = value
-
-
 # -- the rows ---------------------------------------------------------------------------
 
-def run_label(run: Run) -> str:
-  return f"{net_key(run.cfg)}/{os.path.basename(os.path.normpath(run.workdir))}"
+def run_label(cfg, fp_workdir: str) -> str:
+  """The ledger's name of the FP run in ``fp_workdir`` (``cfg``: its config)."""
+  return f"{net_key(cfg)}/{os.path.basename(os.path.normpath(fp_workdir))}"
 
 
 def run_entry(run: Run, given: str, qat_ledger: str) -> dict:
@@ -442,7 +425,7 @@ def run_all(fp_workdirs: list[str], given: list[str], scratch: str, ledger_path:
           print(f"{shown}: no report.json (not finished): skipped", flush=True)
           break
         cfg = ml_collections.ConfigDict(rep["config"])
-        label = f"{net_key(cfg)}/{os.path.basename(os.path.normpath(fp))}"
+        label = run_label(cfg, fp)
         todo = [m for m in methods if f"{label}/{m}" not in ledger["rows"]
                 and (not _ONLY.value or re.search(_ONLY.value, m))]
         if not todo:
@@ -504,7 +487,7 @@ def markdown(ledger: dict) -> str:
   dates = sorted(r["machine"]["date"] for r in rows)
   calib = ", ".join(str(n) for n in sorted({r["details"]["calib_images"] for r in rows
                                             if r["tool"] == "ort"})) or "–"
-  out += [f"- Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in rows})),
+  out += ["- Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in rows})),
           f"- Code: {', '.join(commits)}; dates {dates[0][:10]} to {dates[-1][:10]}",
           "- Machine: " + "; ".join(f"{n} CPU core(s) (nproc), {cpu}, jax {j}"
                                     for n, cpu, j in machines),

@@ -117,19 +117,18 @@ def make_refit(quantizer: Any, mesh: Any) -> Any:
 
 
 def with_activation_steps(quant: Any, q: Any, qmodel: Any, params: Any,
-                          cfg: ml_collections.ConfigDict, loader: Any) -> Any:
-  """``quant`` plus activation steps calibrated (``quant.act_calibration``) on the
-  first ``quant.calib_batches`` training batches (fewer if the split is smaller),
+                          qc: ml_collections.ConfigDict, batch_size: int, loader: Any) -> Any:
+  """``quant`` plus activation steps calibrated (``qc.act_calibration``) on the first
+  ``qc.calib_batches`` training batches of ``batch_size`` (fewer if the split is smaller),
   unaugmented, with the weights quantized; computed on process 0 and sent to every
   process, as the codebooks are."""
   if jax.process_index() == 0:
     qparams = jax.jit(q.apply)(params, quant)
-    one_pass = loader("train", cfg.qat.batch_size, False)
+    one_pass = loader("train", batch_size, False)
     batches = (steps.model_input(b["image"], one_pass.pixel_stats)
-               for b in itertools.islice(one_pass, cfg.quant.calib_batches))
+               for b in itertools.islice(one_pass, qc.calib_batches))
     quant = repvgg_jax.calibrate(qmodel, {"params": qparams, "quant": quant}, batches,
-                                 method=cfg.quant.act_calibration,
-                                 percentile=cfg.quant.act_percentile)
+                                 method=qc.act_calibration, percentile=qc.act_percentile)
   return sharding.broadcast_from_primary(jax.device_get(quant))
 
 
@@ -139,7 +138,7 @@ def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int,
   """``(quantizer, quantized deploy-form model, host TrainState)`` the QAT stage starts from:
   the weight quantizer of ``qc`` (default ``cfg.quant``; per-layer bits of ``allocation``,
   if any) fitted to the merged variables ``merged``, and its activation steps calibrated
-  (``quant.act_bits``)."""
+  as ``qc`` says (``act_bits``, ``act_calibration``, ``calib_batches``)."""
   qc = cfg.quant if qc is None else qc
   q = weight_quantizer(qc, {p: l["bits"] for p, l in (allocation or {"layers": {}})["layers"]
                             .items()})
@@ -151,7 +150,8 @@ def initial_state(cfg: ml_collections.ConfigDict, merged: Any, num_classes: int,
   if qc.act_bits:
     logging.info("calibrating %d-bit activation steps (%s) on %d training batches",
                  qc.act_bits, qc.act_calibration, qc.calib_batches)
-    quant = with_activation_steps(quant, q, qmodel, merged["params"], cfg, loader)
+    quant = with_activation_steps(quant, q, qmodel, merged["params"], qc, cfg.qat.batch_size,
+                                  loader)
   return q, qmodel, create_train_state(qmodel, merged, cfg.qat, quant=quant,
                                        learned=q.learned_mask(quant))
 
