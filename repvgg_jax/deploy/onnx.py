@@ -293,14 +293,12 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
   onnx = _import_onnx()
   check_activations(activations, 0)
   graph = packed if isinstance(packed, Graph) else deploy_graph(packed)
-  if integer:
+  if integer:  # (a pool ONNX Runtime cannot requantize is refused below, for every export)
     for layer in graph.layers:
       why = _not_integer(graph, layer)
       if why is not None:
         raise ValueError(f"export_onnx(integer=True): layer {layer.name} cannot run as "
                          f"integer ops in ONNX Runtime: {why}")
-      if layer.pool and layer.pool_step is not None:
-        _check_integer_pool(graph, layer)
   bits = graph.act_bits
 
   g = _Graph(onnx)
