@@ -25,6 +25,17 @@ def int32_bias(bias, act_step: float, w_scale: np.ndarray) -> tuple[np.ndarray, 
   return q.astype(np.int32), scale
 
 
+def input_integers(graph: Graph, step: float, signed: bool) -> np.ndarray:
+  """``(3, 256)`` float32: the integers of the first quantization of the network's input,
+  for each channel and uint8 pixel value: the normalization and the grid of ``step``,
+  the very functions :func:`integer_forward_fn` applies to an image (a pixel's integer
+  depends on its value and channel alone, so a runtime may look it up)."""
+  qmin, qmax = uniform.int_range(graph.act_bits, signed)
+  pixels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=-1)
+  x = normalize_images(pixels, graph.mean, graph.std)  # (1, 256, 1, 3)
+  return np.asarray(uniform.int_values(x, step, qmin, qmax))[0, :, 0].T
+
+
 def integer_forward_fn(packed: PackedModel | Graph):
   """``f(images uint8 NHWC) -> logits``: every layer as int8 x int8 -> int32
   (``lax.conv_general_dilated`` / ``lax.dot_general`` with

@@ -2,7 +2,9 @@
 
 :func:`export_onnx` writes the network that :func:`repvgg_jax.load_packed` runs, as
 an ONNX graph that ONNX Runtime and TensorRT read: uint8 NHWC images in (1 or 3
-channels), float32 logits out, the input normalization inside the graph.
+channels), float32 logits out, the input normalization inside the graph (where the first
+conv's weights are on an int8 grid, its quantized input is looked up instead: one
+``Gather`` of each pixel's value on the grid from a table of the 3 x 256 channel values).
 
 * Activations: the input of every conv and of the head goes through a
   ``QuantizeLinear -> DequantizeLinear`` pair at *our* calibrated or learned step
@@ -47,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from repvgg_jax.deploy.graph import Graph, Layer, deploy_graph
-from repvgg_jax.deploy.integer import int32_bias
+from repvgg_jax.deploy.integer import input_integers, int32_bias
 from repvgg_jax.fileio import atomic_write_bytes
 from repvgg_jax.quant import uniform
 from repvgg_jax.quant.packed import PackedModel
@@ -283,6 +285,38 @@ def _not_integer(graph: Graph, layer: Layer) -> str | None:
   return None
 
 
+def _input(g: _Graph, graph: Graph, layer: Layer | None, activations: str) -> str:
+  """The uint8 NHWC ``images`` as the first layer's input, NCHW: normalized floats (the
+  ``Transpose`` moves the 8-bit image, before the ``Cast``); or, given the first ``layer``
+  (an integer-weight one, whose input is quantized), its quantized input, looked up: a
+  pixel's value on the grid depends on its channel and value alone, so one ``Gather`` from
+  a 768-entry table (:func:`~repvgg_jax.deploy.integer.input_integers` times the step: the
+  integer forward's own numbers) replaces the normalization's float ops before the
+  ``QuantizeLinear``. A gray image's channel is repeated (by ``Expand``, or by
+  broadcasting against the per-channel table offsets)."""
+  onnx = g.onnx
+  if layer is None:
+    x = g.op("Expand", ["images", g.const("rgb_shape", np.array([1, 1, 1, 3], np.int64))],
+             "images_rgb")
+    x = g.op("Transpose", [x], "images_nchw", perm=[0, 3, 1, 2])
+    x = g.op("Cast", [x], "images_float", to=onnx.TensorProto.FLOAT)
+    x = g.op("Mul", [x, g.const("inv_255", np.float32(1 / 255))], "images_01")
+    stats = {k: np.asarray(getattr(graph, k), np.float32).reshape(1, 3, 1, 1)
+             for k in ("mean", "std")}
+    x = g.op("Sub", [x, g.const("mean", stats["mean"])], "images_centred")
+    return g.op("Div", [x, g.const("std", stats["std"])], "images_normalized")
+  x = g.op("Transpose", ["images"], "images_nchw", perm=[0, 3, 1, 2])
+  x = g.op("Cast", [x], "images_int32", to=onnx.TensorProto.INT32)
+  x = g.op("Add", [x, g.const("channel_offsets", np.array([0, 256, 512], np.int32).reshape(
+      1, 3, 1, 1))], "images_table_index")
+  step = np.float32(layer.act_step)
+  table = input_integers(graph, layer.act_step, layer.act_signed) * step
+  x = g.op("Gather", [g.const(f"{layer.name}/act/table", table.reshape(-1)), x],
+           f"{layer.name}/act/looked_up")
+  return _quant_act(g, x, layer.name, layer.act_step, graph.act_bits, layer.act_signed,
+                    activations, True)
+
+
 def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "uint8",
                 opset: int = OPSET, integer: bool = False):
   """The packed model (or its deploy graph) as an ONNX ``ModelProto`` (see the module
@@ -302,16 +336,12 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
   bits = graph.act_bits
 
   g = _Graph(onnx)
-  x = g.op("Cast", ["images"], "images_float", to=onnx.TensorProto.FLOAT)
-  x = g.op("Expand", [x, g.const("rgb_shape", np.array([1, 1, 1, 3], np.int64))], "images_rgb")
-  x = g.op("Transpose", [x], "images_nchw", perm=[0, 3, 1, 2])
-  x = g.op("Mul", [x, g.const("inv_255", np.float32(1 / 255))], "images_01")
-  stats = {k: np.asarray(getattr(graph, k), np.float32).reshape(1, 3, 1, 1)
-           for k in ("mean", "std")}
-  x = g.op("Sub", [x, g.const("mean", stats["mean"])], "images_centred")
-  x = g.op("Div", [x, g.const("std", stats["std"])], "images_normalized")
+  first = graph.layers[0]
+  looked_up = (first.act_step is not None and not first.pool
+               and "int_scale" in (graph.quantized(first) or {}))
+  x = _input(g, graph, first if looked_up else None, activations)
 
-  for layer in graph.layers:
+  for i, layer in enumerate(graph.layers):
     entry = graph.quantized(layer)
     qdq = entry is not None and "int_scale" in entry
     flatten = None
@@ -328,7 +358,7 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
         return g.op("Flatten", [v], name)
       if layer.act_step is None or not qdq:
         x, flatten = flatten(x), None
-    if layer.act_step is not None:
+    if layer.act_step is not None and not (i == 0 and looked_up):
       x = _quant_act(g, x, layer.name, layer.act_step, bits, layer.act_signed, activations,
                      qdq, flatten)
     w, w_scale = _weight(g, graph, layer, activations)

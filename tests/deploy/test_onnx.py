@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import repvgg_jax as rv  # noqa: E402
+from repvgg_jax.deploy.graph import deploy_graph  # noqa: E402
 from repvgg_jax.deploy.onnx import export_onnx  # noqa: E402
 from repvgg_jax.models.repvgg import RepVGG, Variant  # noqa: E402
 from _util import TINY_DEPLOY, raises_naming, tiny_packed, uint8_images  # noqa: E402
@@ -61,6 +62,34 @@ def test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime(method, opts)
       _run(proto, images, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL), want)
   _assert_same_logits(_run(proto, images[..., :1]),
                       np.asarray(rv.DeployedModel(packed).integer(images[..., :1])))
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_int8_grid_export_looks_up_the_quantized_input_of_every_pixel_value(activations):
+  """The first conv's input integers, read out of ONNX Runtime for an image holding every
+  uint8 value in each channel: the normalization and rounding computed here in numpy
+  float32, and no float op before the first conv."""
+  packed = tiny_packed("uniform", act_bits=7 if activations == "int8" else 8)
+  graph = deploy_graph(packed)
+  stem = graph.layers[0]
+  values = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(1, 32, 32)
+  images = np.stack([values, values[:, ::-1], np.roll(values, 7)], axis=-1)
+  proto = export_onnx(packed, activations=activations)
+  probe = onnx.ModelProto()
+  probe.CopyFrom(proto)
+  name = f"{stem.name}/act/quantized"
+  dtype = onnx.TensorProto.UINT8 if activations == "uint8" else onnx.TensorProto.INT8
+  probe.graph.output.extend([onnx.helper.make_tensor_value_info(name, dtype, None)])
+  got = _session(probe).run([name], {"images": images})[0].astype(np.int32)
+  x = images.astype(np.float32) * np.float32(1 / 255)
+  x = (x - np.float32(graph.mean)) / np.float32(graph.std)
+  lo, hi = (-64, 63) if activations == "int8" else (-128, 127)
+  want = np.round(np.clip(x / np.float32(stem.act_step), lo, hi)).astype(np.int32)
+  zp = 128 if activations == "uint8" else 0
+  np.testing.assert_array_equal(got - zp, want.transpose(0, 3, 1, 2))
+  first_conv = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Conv")
+  ops = {n.op_type for n in proto.graph.node[:first_conv]}
+  assert "Gather" in ops and not ops & {"Mul", "Sub", "Div"}, ops
 
 
 @pytest.mark.parametrize("opts", [{}, dict(granularity="group", group_size=4),
