@@ -24,7 +24,11 @@ there; a finished row goes at once into the ledger
 (``experiments/results/qat_length_rows.json``, commit it as rows finish), which the
 report (``experiments/results/qat_length.md`` and its figure) is written from alone. A
 row the ledger has is not run again, except a QAT row of code older than ``CODE_EPOCH``
-(its workdir is cleared first). Pin a run to one core (``taskset -c 1``); the machine of
+(its workdir is cleared first). An FP row whose checkpoint the workdir lacks (a new
+checkout or machine) is trained again before the QAT rows that need it; where it comes
+out another network (float rounding differs between machines), the rows of the ledger's
+FP network move to ``ledger["earlier"]`` (reported as their own set) and that seed's QAT
+rows run again. Pin a run to one core (``taskset -c 1``); the machine of
 each row is in the ledger.
 """
 
@@ -172,8 +176,22 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
   atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
 
+def supersede(ledger_path: str, fp_row: dict, why: str) -> list[str]:
+  """Moves the FP row ``fp_row`` names and the QAT rows of its regime and seed from
+  ``ledger["rows"]`` to a new entry of ``ledger["earlier"]``: ``{"why", "rows"}``;
+  returns the names moved."""
+  ledger = load_ledger(ledger_path)
+  moved = {k: r for k, r in ledger["rows"].items()
+           if r["regime"] == fp_row["regime"] and r["seed"] == fp_row["seed"]}
+  ledger["rows"] = {k: r for k, r in ledger["rows"].items() if k not in moved}
+  ledger.setdefault("earlier", []).append({"why": why, "rows": moved})
+  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+  return list(moved)
+
+
 def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command: str,
              started: float) -> None:
+  from experiments import ledger as study_ledger
   from repvgg_jax.train.train import train_and_evaluate
   from repvgg_jax.train.loop import NonFiniteLoss
   done = {k for k, r in load_ledger(ledger_path)["rows"].items()
@@ -207,11 +225,23 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
     if row["name"] in fp_again:
       shutil.rmtree(row_dir, ignore_errors=True)
       report = train_and_evaluate(row_config(row, s, workdir), row_dir)
-      first = load_ledger(ledger_path)["rows"][row["name"]]["forms"]
+      first = load_ledger(ledger_path)["rows"][row["name"]]
       again = {k: v.get("accuracy") for k, v in report["forms"].items()}
       print(f"{row['name']}: trained again for its checkpoint: {again} "
-            f"({'the same as' if again == first else 'NOT the same as'} the ledger's {first})",
-            flush=True)
+            f"({'the same as' if again == first['forms'] else 'NOT the same as'} the "
+            f"ledger's {first['forms']})", flush=True)
+      if again != first["forms"]:
+        # Another network (float rounding differs between machines): the rows that
+        # started from the ledger's FP move to ledger["earlier"], kept and reported as
+        # their own set, and this seed's rows run again from the new checkpoint.
+        why = (f"{first['machine']['date'][:10]}, commit {first['commit']}: FP "
+               f"{first['forms']['merged']}; trained again {time.strftime('%Y-%m-%d')} at "
+               f"{study_ledger.code_version()}: FP {again['merged']}")
+        for name in supersede(ledger_path, row, why):
+          if name != row["name"]:  # a finished QAT workdir of the earlier network
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        record(ledger_path, row, report, time.time() - t, row_dir, command)
+        return run_rows(workdir, rows, s, ledger_path, command, started)
       continue
     if row["name"] in load_ledger(ledger_path)["rows"] and os.path.isdir(row_dir):
       print(f"{row['name']}: ran code older than {CODE_EPOCH}: clearing {row_dir}", flush=True)
