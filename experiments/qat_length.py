@@ -26,7 +26,7 @@ report (``experiments/results/qat_length.md`` and its figure) is written from al
 row the ledger has is not run again, except a QAT row of code older than ``CODE_EPOCH``
 (its workdir is cleared first). An FP row whose checkpoint the workdir lacks (a new
 checkout or machine) is trained again before the QAT rows that need it; where it comes
-out another network (float rounding differs between machines), the rows of the ledger's
+out another network (float rounding changed, by the code or the machine), the rows of the ledger's
 FP network move to ``ledger["earlier"]`` (reported as their own set) and that seed's QAT
 rows run again. Pin a run to one core (``taskset -c 1``); the machine of
 each row is in the ledger.
@@ -231,7 +231,7 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
             f"({'the same as' if again == first['forms'] else 'NOT the same as'} the "
             f"ledger's {first['forms']})", flush=True)
       if again != first["forms"]:
-        # Another network (float rounding differs between machines): the rows that
+        # Another network (a change of float rounding, by the code or the machine): the rows that
         # started from the ledger's FP move to ledger["earlier"], kept and reported as
         # their own set, and this seed's rows run again from the new checkpoint.
         why = (f"{first['machine']['date'][:10]}, commit {first['commit']}: FP "

@@ -91,8 +91,8 @@ def markdown(ledger: dict, figure_name: str | None) -> str:
   out += _tables(rows)
   for i, earlier in enumerate(ledger.get("earlier", [])):
     out += ["", f"## Earlier FP network {i + 1}", "",
-            "Rows that started from an FP network of the same recipe which, trained again "
-            f"(on another machine), came out another network: {earlier['why']}. Each row's "
+            "Rows that started from an FP network of the same recipe which, trained again, came "
+            f"out another network: {earlier['why']}. Each row's "
             "gap is to its own FP.", ""]
     out += [line.replace("## ", "### ") for line in _tables(earlier["rows"])]
   if figure_name:
