@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.qat.num_steps = 10 * TRAIN_EXAMPLES // c.qat.batch_size
   c.qat.base_lr = 0.01
   c.qat.weight_decay = 0.0
+  c.qat.distill = "logits"  # KL to the merged float network: docs/quantization.md says why
   if arg == "local":
     c = local(c)
   elif arg:
