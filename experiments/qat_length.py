@@ -26,9 +26,9 @@ report (``experiments/results/qat_length.md`` and its figure) is written from al
 row the ledger has is not run again, except a QAT row of code older than ``CODE_EPOCH``
 (its workdir is cleared first). An FP row whose checkpoint the workdir lacks (a new
 checkout or machine) is trained again before the QAT rows that need it; where it comes
-out another network (float rounding changed, by the code or the machine), the rows of the ledger's
-FP network move to ``ledger["earlier"]`` (reported as their own set) and that seed's QAT
-rows run again. Pin a run to one core (``taskset -c 1``); the machine of
+out another network (float rounding changed, by the code or the machine), the rows of
+the ledger's FP network move to ``ledger["earlier"]`` (reported as their own set) and
+that seed's QAT rows run again. Pin a run to one core (``taskset -c 1``); the machine of
 each row is in the ledger.
 """
 
@@ -200,8 +200,8 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
   if _ONLY.value:
     todo = [r for r in todo if re.search(_ONLY.value, r["name"])]
   # An FP row in the ledger whose checkpoint this workdir lacks (a new machine or checkout)
-  # is trained again before the QAT rows that start from it; the ledger keeps the first
-  # run's numbers and the log says whether the new one matches them.
+  # is trained again before the QAT rows that start from it; the log says whether it
+  # matches the ledger's row.
   fp_again = []
   for r in todo:
     fp_name = sr.Row(r["regime"], "fp", r["seed"]).name
@@ -231,8 +231,8 @@ def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command:
             f"({'the same as' if again == first['forms'] else 'NOT the same as'} the "
             f"ledger's {first['forms']})", flush=True)
       if again != first["forms"]:
-        # Another network (a change of float rounding, by the code or the machine): the rows that
-        # started from the ledger's FP move to ledger["earlier"], kept and reported as
+        # Another network (float rounding changed, by the code or the machine): the rows
+        # that started from the ledger's FP move to ledger["earlier"], kept and reported as
         # their own set, and this seed's rows run again from the new checkpoint.
         why = (f"{first['machine']['date'][:10]}, commit {first['commit']}: FP "
                f"{first['forms']['merged']}; trained again {time.strftime('%Y-%m-%d')} at "
