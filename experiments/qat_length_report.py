@@ -29,37 +29,46 @@ def qat_rows(rows: dict) -> list[tuple[str, dict]]:
                                 kr[1]["distill"]))
 
 
-def figure(rows: dict, path: str) -> bool:
-  """Accuracy below float against QAT steps (seed 0, oabn_median), one line per bits and
-  distillation; False when there is nothing to draw."""
+def _curve(rows: dict) -> tuple[float | None, list[tuple]]:
+  """(seed-0 oabn_median FP accuracy, [(bits, distill, steps, packed accuracy), ...])."""
   curve = [(r["bits"], r["distill"], r["steps"], r["forms"].get("packed"))
            for _, r in qat_rows(rows) if r["regime"] == "oabn_median" and r["seed"] == 0]
-  fp = fp_accuracy(rows, "oabn_median", 0)
-  curve = [c for c in curve if c[3] is not None]
-  if not curve or fp is None:
+  return fp_accuracy(rows, "oabn_median", 0), [c for c in curve if c[3] is not None]
+
+
+def figure(sets: list[tuple[str, dict]], path: str) -> bool:
+  """Accuracy below float against QAT steps (seed 0, oabn_median), one panel per
+  ``(title, rows)`` set with a curve, one line per bits and distillation; False when no
+  set has one."""
+  panels = [(title, *_curve(rows)) for title, rows in sets]
+  panels = [p for p in panels if p[1] is not None and p[2]]
+  if not panels:
     return False
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for color, bits in enumerate(sorted({c[0] for c in curve}, reverse=True)):
-    for distill, style in (("off", "--"), ("logits", "-")):
-      pts = sorted((n, 100 * (fp - acc)) for b, d, n, acc in curve if b == bits and d == distill)
-      if pts:
-        ax.plot(*zip(*pts), style, marker="o", color=f"C{color}",
-                label=f"W{bits}A8, distill {distill}")
-  for bits, goal in GOALS.items():
-    if any(c[0] == bits for c in curve):
-      ax.axhline(goal, color="grey", lw=0.5, ls=":")
-  ax.set_xscale("log")
-  steps = sorted({c[2] for c in curve})
-  ax.set_xticks(steps, [str(n) for n in steps])
-  ax.minorticks_off()
-  ax.set_xlabel("QAT steps (batch 64; cosine decay over the run)")
-  ax.set_ylabel("points below the float network")
-  ax.set_title(f"RepVGG-A0 full depth, oabn_median seed 0 (FP {100 * fp:.2f}%): packed "
-               "accuracy", fontsize=10)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True,
+                           squeeze=False)
+  for ax, (title, fp, curve) in zip(axes[0], panels):
+    for bits in sorted({c[0] for c in curve}, reverse=True):
+      for distill, style in (("off", "--"), ("logits", "-")):
+        pts = sorted((n, 100 * (fp - acc)) for b, d, n, acc in curve
+                     if b == bits and d == distill)
+        if pts:
+          ax.plot(*zip(*pts), style, marker="o", color=f"C{sorted(GOALS).index(bits)}",
+                  label=f"W{bits}A8, distill {distill}")
+    for bits, goal in GOALS.items():
+      if any(c[0] == bits for c in curve):
+        ax.axhline(goal, color="grey", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    steps = sorted({c[2] for c in curve})
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.minorticks_off()
+    ax.set_xlabel("QAT steps (batch 64; cosine decay over the run)")
+    ax.set_title(f"{title}: FP {100 * fp:.2f}%", fontsize=10)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("points below the float network (packed model)")
+  fig.suptitle("RepVGG-A0 full depth, oabn_median seed 0", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -147,9 +156,9 @@ def write(ledger: dict, out: str) -> None:
   """Writes ``out`` (and its figure beside it), keeping the findings of an existing file."""
   stem = os.path.splitext(out)[0]
   fig = stem + "_curve.png"
-  # The curve of the current rows, or of the latest earlier set while they have none.
-  sets = [ledger["rows"]] + [e["rows"] for e in reversed(ledger.get("earlier", []))]
-  name = os.path.basename(fig) if any(figure(rows, fig) for rows in sets) else None
+  sets = [("current FP network", ledger["rows"])] + [
+      (f"earlier FP network {i + 1}", e["rows"]) for i, e in enumerate(ledger.get("earlier", []))]
+  name = os.path.basename(fig) if figure(sets, fig) else None
   text = markdown(ledger, name)
   findings = study_ledger.findings_of(out, default=study_ledger.FINDINGS + "\n")
   atomic_write_text(out, text + "\n" + findings)
