@@ -344,7 +344,7 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
   for i, layer in enumerate(graph.layers):
     entry = graph.quantized(layer)
     qdq = entry is not None and "int_scale" in entry
-    flatten = None
+    on_integers = None  # the Flatten of a pooled map, where it goes on the quantized tensor
     if layer.pool:
       if layer.pool_step is not None:
         # Conv -> Relu -> Q -> DQ -> GlobalAveragePool -> Q -> Flatten -> DQ -> Gemm: ONNX
@@ -357,10 +357,12 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
       def flatten(v, name=f"{layer.name}/pooled"):
         return g.op("Flatten", [v], name)
       if layer.act_step is None or not qdq:
-        x, flatten = flatten(x), None
+        x = flatten(x)
+      else:
+        on_integers = flatten
     if layer.act_step is not None and not (i == 0 and looked_up):
       x = _quant_act(g, x, layer.name, layer.act_step, bits, layer.act_signed, activations,
-                     qdq, flatten)
+                     qdq, on_integers)
     w, w_scale = _weight(g, graph, layer, activations)
     if layer.kind == "conv":
       bias = _bias(g, f"{layer.kernel.rsplit('/', 1)[0]}/bias", layer.bias, layer.act_step,
