@@ -192,12 +192,19 @@ def _unpack_bits(g: _Graph, name: str, packed: np.ndarray, bits: int,
 LAYOUTS = {"conv": (3, 2, 0, 1), "dense": (1, 0)}
 
 
+def _int8_grid(graph: Graph, layer: Layer) -> bool:
+  """Whether the layer's kernel is a codebook on a per-channel int8 grid (int8 weights
+  and QDQ activations in the graph)."""
+  entry = graph.quantized(layer)
+  return entry is not None and "int_scale" in entry
+
+
 def _weight(g: _Graph, graph: Graph, layer: Layer,
             activations: str) -> tuple[str, np.ndarray | None]:
   """The float weight tensor of the layer's kernel in ONNX's layout: ``(name, per-channel
   int8 scale or None)``."""
   name, entry, layout = layer.kernel, graph.quantized(layer), LAYOUTS[layer.kind]
-  if entry is not None and "int_scale" in entry:
+  if _int8_grid(graph, layer):
     k, scale = graph.int8_weights(layer)
     if activations == "int8" and k.min() == -128:
       raise ValueError(f"export_onnx(activations='int8'): {name} has an int8 level at -128; "
@@ -337,13 +344,11 @@ def export_onnx(packed: PackedModel | Graph, path=None, *, activations: str = "u
 
   g = _Graph(onnx)
   first = graph.layers[0]
-  looked_up = (first.act_step is not None and not first.pool
-               and "int_scale" in (graph.quantized(first) or {}))
+  looked_up = first.act_step is not None and not first.pool and _int8_grid(graph, first)
   x = _input(g, graph, first if looked_up else None, activations)
 
   for i, layer in enumerate(graph.layers):
-    entry = graph.quantized(layer)
-    qdq = entry is not None and "int_scale" in entry
+    qdq = _int8_grid(graph, layer)
     on_integers = None  # the Flatten of a pooled map, where it goes on the quantized tensor
     if layer.pool:
       if layer.pool_step is not None:
