@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)  # configs.*, experiments.* import however it is starte
 
 from absl import app, flags  # noqa: E402
 from experiments import rows as sr  # noqa: E402
+from experiments.qat_length_report import load_ledger, supersede, write  # noqa: E402
 from repvgg_jax.fileio import atomic_write_text  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -139,10 +140,6 @@ def row_config(row: dict, s: dict, workdir: str):
   return cfg
 
 
-def load_ledger(path: str) -> dict:
-  return sr.read_json(path) or {"rows": {}}
-
-
 def qat_curve(row_dir: str) -> list[list[float]]:
   """``[[step, eval accuracy], ...]`` of the QAT stage in the row's metrics.jsonl."""
   from experiments.ledger import logged
@@ -174,19 +171,6 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
       "config": study_ledger.portable(report.get("config", {}), os.path.dirname(row_dir))}
   os.makedirs(os.path.dirname(ledger_path), exist_ok=True)
   atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
-
-
-def supersede(ledger_path: str, fp_row: dict, why: str) -> list[str]:
-  """Moves the FP row ``fp_row`` names and the QAT rows of its regime and seed from
-  ``ledger["rows"]`` to a new entry of ``ledger["earlier"]``: ``{"why", "rows"}``;
-  returns the names moved."""
-  ledger = load_ledger(ledger_path)
-  moved = {k: r for k, r in ledger["rows"].items()
-           if r["regime"] == fp_row["regime"] and r["seed"] == fp_row["seed"]}
-  ledger["rows"] = {k: r for k, r in ledger["rows"].items() if k not in moved}
-  ledger.setdefault("earlier", []).append({"why": why, "rows": moved})
-  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
-  return list(moved)
 
 
 def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command: str,
@@ -279,9 +263,8 @@ def main(argv):
     from experiments import ledger as study_ledger
     run_rows(workdir, rows, study_settings(_SMOKE.value), ledger_path,
              study_ledger.command(sys.argv), started)
-  from experiments import qat_length_report
   os.makedirs(results, exist_ok=True)
-  qat_length_report.write(load_ledger(ledger_path), out)
+  write(load_ledger(ledger_path), out)
   print(f"wrote {out}", flush=True)
 
 

@@ -1,4 +1,8 @@
-"""The report of experiments/qat_length.py, from its ledger alone: tables and the curve figure.
+"""The ledger of experiments/qat_length.py and its report, written from the ledger alone:
+tables and the curve figure.
+
+Tests import this module, not the script: absl flags are global, and two studies' scripts
+imported in one test process would define ``--workdir`` twice.
 
 Everything after the line ``<!-- findings -->`` of an existing report is kept, so the
 findings written by hand survive a regeneration.
@@ -7,11 +11,31 @@ findings written by hand survive a regeneration.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 
 from experiments import ledger as study_ledger
+from experiments import rows as sr
 from repvgg_jax.fileio import atomic_write_text
+
 GOALS = {4: 0.3, 3: 0.6, 2: 1.0}  # points below float at which a row meets the issue's goal
+
+
+def load_ledger(path: str) -> dict:
+  return sr.read_json(path) or {"rows": {}}
+
+
+def supersede(ledger_path: str, fp_row: dict, why: str) -> list[str]:
+  """Moves the FP row ``fp_row`` names and the QAT rows of its regime and seed from
+  ``ledger["rows"]`` to a new entry of ``ledger["earlier"]``: ``{"why", "rows"}``;
+  returns the names moved."""
+  ledger = load_ledger(ledger_path)
+  moved = {k: r for k, r in ledger["rows"].items()
+           if r["regime"] == fp_row["regime"] and r["seed"] == fp_row["seed"]}
+  ledger["rows"] = {k: r for k, r in ledger["rows"].items() if k not in moved}
+  ledger.setdefault("earlier", []).append({"why": why, "rows": moved})
+  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+  return list(moved)
 
 
 def _pct(x: float | None) -> str:
