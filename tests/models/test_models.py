@@ -94,8 +94,7 @@ def test_bn_is_oabn_without_a_bound_bit_for_bit():
   bound never acts (median form, hard clip at 1e30 times the median) give the same
   training forward, the same running statistics and the same eval forward, bit for bit."""
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  bn = RepVGG(dataclasses.replace(rv.VARIANTS["RepVGG-A0"], blocks=(1, 1, 1, 1)),
-              num_classes=10, norm="bn")
+  bn = RepVGG(SMALL, num_classes=10, norm="bn")
   loose = RepVGG(bn.variant, num_classes=10, norm="oabn", oabn_form="median",
                  oabn_bound="clip", oabn_tau=1e30)
   v_bn = bn.init(jax.random.key(0), x)

@@ -113,7 +113,9 @@ def test_image_folder_trains_end_to_end_and_the_report_names_its_classes(tmp_pat
               "--config.data.image_size=16", "--config.fp.num_steps=4",
               "--config.qat.num_steps=2", "--config.fp.batch_size=8",
               "--config.qat.batch_size=8", "--config.eval_batch_size=8",
-              "--config.quant.refit_every=2", timeout=600)
+              "--config.quant.refit_every=2",
+              "--config.export.coreml=off",  # tests/train/test_pipeline.py exports Core ML
+              timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   with open(workdir / "report.json") as f:
     report = json.load(f)
