@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from repvgg_jax.train import sharding, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import NonFiniteLoss, Profile, schedule, train_stage
 from repvgg_jax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from repvgg_jax.train import state as state_lib
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter
 
@@ -429,6 +431,16 @@ def _tiny_model_and_vars():
   cfg = tiny.tiny_config()
   model = build_model(cfg.model, 10, deploy=False)
   return model, init_variables(model, (16, 16, 3), 0)
+
+
+def test_init_compiled_at_o1_is_the_default_compilations_init_bit_for_bit():
+  # init_variables compiles at XLA's -O1 on CPU for speed; the values must not move (the
+  # studies' FP networks depend on them). The tiny model has every layer kind A0 has.
+  model, fast = _tiny_model_and_vars()
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  default = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(0))
+  assert state_lib.INIT_COMPILER_OPTIONS  # ... which this compares with the default
+  chex.assert_trees_all_equal(fast, flax.core.unfreeze(default))
 
 
 _KILL_DURING_SAVE = textwrap.dedent("""
