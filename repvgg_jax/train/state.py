@@ -89,7 +89,10 @@ def init_variables(model: RepVGG, image_shape: tuple[int, int, int], seed: int) 
   3-4x as long on the init's random-number code (the demo network: 25 s against 7 s on a
   busy core) and give the same values bit for bit (:data:`INIT_COMPILER_OPTIONS`)."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  # Under a trace (jax.eval_shape, an outer jit) the init is not compiled on its own, and a
+  # nested jit takes no compiler options.
+  traced = isinstance(x, jax.core.Tracer)
+  options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" and not traced else None
   variables = jax.jit(lambda k: model.init(k, x, train=False),
                       compiler_options=options)(jax.random.PRNGKey(seed))
   return flax.core.unfreeze(variables)
