@@ -24,8 +24,8 @@ def test_supersede_moves_that_seeds_rows_and_the_page_keeps_each_against_its_fp(
                      "w2a8_oabn_median_n200_ce_s1": _row(2, 0.905, seed=1)}}
   with open(path, "w") as f:
     json.dump(ledger, f)
-  moved = qat_length_report.supersede(path, {"name": "fp_oabn_median_s0", "regime": "oabn_median",
-                                      "seed": 0}, "trained again: FP 0.85")
+  fp_row = {"name": "fp_oabn_median_s0", "regime": "oabn_median", "seed": 0}
+  moved = qat_length_report.supersede(path, fp_row, "trained again: FP 0.85")
   assert sorted(moved) == ["fp_oabn_median_s0", "w2a8_oabn_median_n200_ce_s0"]
   after = qat_length_report.load_ledger(path)
   assert sorted(after["rows"]) == ["fp_oabn_median_s1", "w2a8_oabn_median_n200_ce_s1"]

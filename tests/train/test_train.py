@@ -20,11 +20,10 @@ from repvgg_jax import create_model, data
 from repvgg_jax.quant import make_quantizer
 from repvgg_jax.quant.activation import check_calibration
 from repvgg_jax.train import config as config_lib
-from repvgg_jax.train import sharding, steps
+from repvgg_jax.train import sharding, state as state_lib, steps
 from repvgg_jax.train.checkpoint import StageCheckpoints
 from repvgg_jax.train.loop import NonFiniteLoss, Profile, schedule, train_stage
 from repvgg_jax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
-from repvgg_jax.train import state as state_lib
 from repvgg_jax.train.state import build_model, create_train_state, init_variables
 from repvgg_jax.train.writers import MetricWriter
 
