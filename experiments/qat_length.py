@@ -34,7 +34,6 @@ each row is in the ledger.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -46,8 +45,7 @@ sys.path.insert(0, ROOT)  # configs.*, experiments.* import however it is starte
 
 from absl import app, flags  # noqa: E402
 from experiments import rows as sr  # noqa: E402
-from experiments.qat_length_report import load_ledger, supersede, write  # noqa: E402
-from repvgg_jax.fileio import atomic_write_text  # noqa: E402
+from experiments.qat_length_report import load_ledger, save_ledger, supersede, write  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 # QAT rows run before this commit are run again (their ledger entry replaced): from it on, the
@@ -169,8 +167,7 @@ def record(ledger_path: str, row: dict, report: dict, seconds: float, row_dir: s
       "commit": study_ledger.code_version(),
       "machine": sr.machine(),
       "config": study_ledger.portable(report.get("config", {}), os.path.dirname(row_dir))}
-  os.makedirs(os.path.dirname(ledger_path), exist_ok=True)
-  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+  save_ledger(ledger_path, ledger)
 
 
 def run_rows(workdir: str, rows: list[dict], s: dict, ledger_path: str, command: str,

@@ -25,6 +25,12 @@ def load_ledger(path: str) -> dict:
   return sr.read_json(path) or {"rows": {}}
 
 
+def save_ledger(path: str, ledger: dict) -> None:
+  """Writes ``ledger`` whole or not at all (a kill mid-write keeps the previous file)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  atomic_write_text(path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+
+
 def supersede(ledger_path: str, fp_row: dict, why: str) -> list[str]:
   """Moves the FP row ``fp_row`` names and the QAT rows of its regime and seed from
   ``ledger["rows"]`` to a new entry of ``ledger["earlier"]``: ``{"why", "rows"}``;
@@ -34,7 +40,7 @@ def supersede(ledger_path: str, fp_row: dict, why: str) -> list[str]:
            if r["regime"] == fp_row["regime"] and r["seed"] == fp_row["seed"]}
   ledger["rows"] = {k: r for k, r in ledger["rows"].items() if k not in moved}
   ledger.setdefault("earlier", []).append({"why": why, "rows": moved})
-  atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+  save_ledger(ledger_path, ledger)
   return list(moved)
 
 
