@@ -2,6 +2,7 @@
 
   python -m experiments.qat_length --workdir runs/qat_length
   python -m experiments.qat_length --workdir runs/qat_length --length 1000 --bn_distill logits
+  python -m experiments.qat_length --workdir runs/qat_length --length 1000 --recipe_length 2000
   python -m experiments.qat_length --workdir runs/qat_length --report_only
 
 The network and FP recipe are the full-depth study's (``experiments.rows`` recipe
@@ -17,7 +18,10 @@ Two phases:
   2. with ``--length L`` (chosen on the curve): seeds 0-2 of ``oabn_median`` at L,
      W4A8 / W3A8 / W2A8, with and without distillation, and the same rows of ``bn``
      with ``--bn_distill`` (the better of the two), so OABN-vs-BN is measured at a QAT
-     that has converged.
+     that has converged;
+  3. with ``--recipe_length N``: seeds 0-2 of ``oabn_median`` at N QAT steps with
+     distillation, W4A8 / W3A8 / W2A8: a longer recipe than phase 2's where the curve
+     has not flattened at L, measured on every seed.
 
 Every row runs ``repvgg_jax.train.train.train_and_evaluate`` in ``<workdir>/<row>`` and resumes
 there; a finished row goes at once into the ledger
@@ -63,6 +67,8 @@ _LENGTH = flags.DEFINE_integer("length", 0, "Phase 2's QAT length, chosen on the
                                "(0 = phase 1 only).")
 _BN_DISTILL = flags.DEFINE_enum("bn_distill", "logits", DISTILL, "Phase 2: the distillation "
                                 "of the bn rows (the better of the two on oabn_median).")
+_RECIPE_LENGTH = flags.DEFINE_integer("recipe_length", 0, "Phase 3's QAT length: every "
+                                      "seed, with distillation (0 = none).")
 _LENGTHS = flags.DEFINE_list("lengths", [str(n) for n in LENGTHS], "Phase 1's QAT lengths.")
 _ONLY = flags.DEFINE_string("only", "", "Run only the rows whose name matches this regex.")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", 0.0, "Start no row after this many minutes "
@@ -87,7 +93,7 @@ def qat_name(regime: str, bits: int, steps: int, distill: str, seed: int) -> str
   return f"w{bits}a8_{regime}_n{steps}_{'kd' if distill == 'logits' else 'ce'}_s{seed}"
 
 
-def plan(lengths, length: int, bn_distill: str) -> list[dict]:
+def plan(lengths, length: int, bn_distill: str, recipe_length: int = 0) -> list[dict]:
   """Every row, in the order they run: ``{"name", "regime", "seed"}`` plus, for a QAT
   row, ``"bits", "steps", "distill"``; an FP row comes before the rows that need it."""
   rows, seen = [], set()
@@ -118,6 +124,10 @@ def plan(lengths, length: int, bn_distill: str) -> list[dict]:
     for seed in range(SEEDS):
       for b in SEED_BITS:
         qat("bn", b, length, bn_distill, seed)
+  if recipe_length:
+    for seed in range(SEEDS):
+      for b in SEED_BITS:
+        qat("oabn_median", b, recipe_length, "logits", seed)
   return rows
 
 
@@ -248,12 +258,12 @@ def main(argv):
     lengths = [int(n) for n in _LENGTHS.value]
   except ValueError:
     raise app.UsageError(f"--lengths={','.join(_LENGTHS.value)}: expected integers") from None
-  if any(n < 1 for n in lengths) or _LENGTH.value < 0:
-    raise app.UsageError("--lengths and --length must be positive")
+  if any(n < 1 for n in lengths) or _LENGTH.value < 0 or _RECIPE_LENGTH.value < 0:
+    raise app.UsageError("--lengths, --length and --recipe_length must be positive")
   results = workdir if _SMOKE.value else _RESULTS.value
   ledger_path = os.path.join(results, "qat_length_rows.json")
   out = os.path.join(results, "qat_length.md")
-  rows = plan(lengths, _LENGTH.value, _BN_DISTILL.value)
+  rows = plan(lengths, _LENGTH.value, _BN_DISTILL.value, _RECIPE_LENGTH.value)
   if not _REPORT_ONLY.value:
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
