@@ -2,10 +2,10 @@
 subprocess environments; copies of a finished run; checks of what an error names."""
 
 import contextlib
+import copy
 import functools
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,15 @@ def tiny_packed(method="cluster", act_bits=8, variant=None, bits=4, image_size=I
                 **opts):
   """The packed model of a random 5-class ``variant`` (default TINY_DEPLOY) quantized by
   ``method`` at ``bits`` (``opts``: the quantizer's), activations calibrated (min-max
-  on random ``image_size`` images) at ``act_bits`` (0: float)."""
-  variant = variant or TINY_DEPLOY
+  on random ``image_size`` images) at ``act_bits`` (0: float). Made once per test process
+  for the same arguments (the codebook fits are the cost); each call gets its own copy."""
+  return copy.deepcopy(_tiny_packed(method, act_bits, variant or TINY_DEPLOY, bits,
+                                    image_size, tuple(sorted(opts.items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_packed(method, act_bits, variant, bits, image_size, opts):
+  opts = dict(opts)
   params = _merged_params(variant)
   q = rv.make_quantizer(method, bits=bits, **opts)
   state = q.init(params)
