@@ -12,7 +12,7 @@ ClusterQAT rows (8-bit activations, stem and head at 8 bits) that vary what that
 held fixed: the QAT length (``qat.num_steps``, cosine decay to 0 over it) and
 distillation from the float merged network (``qat.distill``: off / logits).
 
-Two phases:
+Three phases:
   1. the curve, seed 0 of ``oabn_median``: W2A8 and W4A8 at 200, 500, 1000 and 2000
      QAT steps, with and without distillation (``--lengths``);
   2. with ``--length L`` (chosen on the curve): seeds 0-2 of ``oabn_median`` at L,
