@@ -15,6 +15,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax import deploy
 from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.quant.rules import LayerRule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The one random-variables filler, the benchmarks' (tests import it from here).
@@ -102,6 +103,34 @@ def _tiny_packed(method, act_bits, variant, bits, image_size, opts):
     state = rv.calibrate(model, {"params": q.apply(params, state), "quant": state}, batches)
   return rv.pack(params, q, state, rv.model_description(model, image_size=image_size,
                                                         mean=MEAN, std=STD))
+
+
+# Every codebook layout the exporters write, a layout a layer of TINY_DEPLOY (rules by layer
+# path), so one model's codebook fits check them all: tiny_packed("cluster", **MIXED_LAYOUTS[k]).
+MIXED_LAYOUTS = {
+    # 2, 3 and 8 bits per channel, 4 per tensor, 2 per group of 4 output channels; the stem
+    # and head at 5 bits (a 6-bit Core ML LUT).
+    "scalar": dict(first_last_bits=5, rules=(
+        LayerRule("stages_0_0/.*", bits=2), LayerRule("stages_1_0/.*", bits=3),
+        LayerRule("stages_1_1/.*", bits=8), LayerRule("stages_2_0/.*", granularity="tensor"),
+        LayerRule("stages_3_0/.*", bits=2, granularity="group", group_size=4))),
+    # Vectors of 2 weights at 4, 3 and 2 bits (the last per group of 4), of 4 per tensor and
+    # per group of 4; the stem and head scalar, 4 bits per channel.
+    "vector": dict(first_last_bits=4, rules=(
+        LayerRule("stages_0_0/.*", cluster_dim=2),
+        LayerRule("stages_1_0/.*", bits=3, cluster_dim=2),
+        LayerRule("stages_1_1/.*", bits=2, cluster_dim=2, granularity="group", group_size=4),
+        LayerRule("stages_2_0/.*", cluster_dim=4, granularity="tensor"),
+        LayerRule("stages_3_0/.*", cluster_dim=4, granularity="group", group_size=4))),
+}
+
+
+def mixed_packed(kind):
+  """``tiny_packed`` of ``MIXED_LAYOUTS[kind]``; fails if a rule no longer matches a layer."""
+  packed = tiny_packed("cluster", **MIXED_LAYOUTS[kind])
+  for rule in MIXED_LAYOUTS[kind]["rules"]:
+    assert any(rule.matches(p) for p in packed.layers), rule
+  return packed
 
 
 def rel_err(a, b):

@@ -18,7 +18,7 @@ from coremltools.proto import MIL_pb2  # noqa: E402
 from repvgg_jax.deploy.coreml import LUT_BITS, export_coreml  # noqa: E402
 from repvgg_jax.models.repvgg import RepVGG, SIGNED_INPUT_LAYER, Variant  # noqa: E402
 from repvgg_jax.quant import uniform  # noqa: E402
-from _util import TINY_DEPLOY, raises_naming, tiny_packed  # noqa: E402
+from _util import TINY_DEPLOY, mixed_packed, raises_naming, tiny_packed  # noqa: E402
 
 
 def _read_back(path):
@@ -67,17 +67,12 @@ def _assert_luts_decode_to_the_packed_kernels(packed, path):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=p)
 
 
-@pytest.mark.parametrize("method,bits,opts", [
-    ("cluster", 4, {}), ("cluster", 3, {}), ("cluster", 5, {}), ("cluster", 2, {}),
-    ("cluster", 4, {"int8_levels": True}), ("cluster", 4, {"granularity": "tensor"}),
-    ("cluster", 2, {"granularity": "group", "group_size": 4}), ("lsq", 4, {}),
-    ("cluster", 4, {"cluster_dim": 2}), ("cluster", 3, {"cluster_dim": 2, "first_last_bits": 4}),
-    ("cluster", 2, {"cluster_dim": 2, "granularity": "group", "group_size": 4}),
-    ("cluster", 4, {"cluster_dim": 4, "granularity": "tensor"})],
-    ids=["w4", "w3", "w5", "w2", "w4_int8_grid", "w4_per_tensor", "w2_grouped", "lsq_w4",
-         "vector2_w4", "vector2_w3", "vector2_grouped", "vector4_per_tensor"])
-def test_every_lut_decodes_to_the_packed_kernel_bit_for_bit(tmp_path, method, bits, opts):
-  packed = tiny_packed(method, bits=bits, **opts)
+@pytest.mark.parametrize("make", [lambda: mixed_packed("scalar"), lambda: mixed_packed("vector"),
+                                  lambda: tiny_packed("cluster", int8_levels=True),
+                                  lambda: tiny_packed("lsq")],
+                         ids=["mixed_scalar", "mixed_vector", "w4_int8_grid", "lsq_w4"])
+def test_every_lut_decodes_to_the_packed_kernel_bit_for_bit(tmp_path, make):
+  packed = make()  # every layout (bits, per tensor/channel/group, vectors) on some layer
   path = tmp_path / "model.mlpackage"
   export_coreml(packed, path)
   _assert_luts_decode_to_the_packed_kernels(packed, path)

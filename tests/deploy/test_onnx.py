@@ -16,7 +16,7 @@ import repvgg_jax as rv  # noqa: E402
 from repvgg_jax.deploy.graph import deploy_graph  # noqa: E402
 from repvgg_jax.deploy.onnx import export_onnx  # noqa: E402
 from repvgg_jax.models.repvgg import RepVGG, Variant  # noqa: E402
-from _util import TINY_DEPLOY, raises_naming, tiny_packed, uint8_images  # noqa: E402
+from _util import TINY_DEPLOY, mixed_packed, raises_naming, tiny_packed, uint8_images  # noqa: E402
 
 def _session(proto_or_path, level=None, optimized_path=None):
   so = ort.SessionOptions()
@@ -92,14 +92,9 @@ def test_int8_grid_export_looks_up_the_quantized_input_of_every_pixel_value(acti
   assert "Gather" in ops and not ops & {"Mul", "Sub", "Div"}, ops
 
 
-@pytest.mark.parametrize("opts", [{}, dict(granularity="group", group_size=4),
-                                  dict(cluster_dim=2), dict(cluster_dim=2, first_last_bits=4),
-                                  dict(cluster_dim=4, granularity="group", group_size=4),
-                                  dict(bits=2), dict(bits=3, first_last_bits=5)],
-                         ids=["per_channel", "grouped", "vector2", "vector2_stem_head4",
-                              "vector4_grouped", "bits2", "bits3_stem_head5"])
-def test_codebook_export_runs_load_packed_in_onnx_runtime(opts, tmp_path):
-  packed = tiny_packed("cluster", **opts)
+@pytest.mark.parametrize("kind", ["scalar", "vector"])
+def test_codebook_export_runs_load_packed_in_onnx_runtime(kind, tmp_path):
+  packed = mixed_packed(kind)  # every codebook layout on some layer (tests/_util.py)
   proto = export_onnx(packed)
   images = uint8_images(48, 12)
   want = np.asarray(rv.DeployedModel(packed)(images))
