@@ -16,6 +16,7 @@ from repvgg_jax.quant import make_quantizer, mixed
 from repvgg_jax.quant.packed import pack, read_packed
 from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
+from repvgg_jax.quant.rules import LayerRule
 
 from _util import codebook_mse, raises_naming, random_variables, vector_squared_error
 
@@ -75,26 +76,35 @@ def test_grouped_model_packs_with_one_codebook_a_group_and_runs_bit_for_bit(tmp_
   np.testing.assert_array_equal(model.apply(got.to_variables(), x), want)
 
 
-@pytest.mark.parametrize("opts", [dict(granularity="group", group_size=4),
-                                  dict(granularity="group", group_size=4, int8_levels=True),
-                                  dict(granularity="channel"), dict(granularity="tensor"),
-                                  dict(cluster_dim=2), dict(cluster_dim=4, granularity="tensor"),
-                                  dict(granularity="group", group_size=4, cluster_dim=2)])
-def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, opts):
+# Each model a layout a layer (rules by layer path); the stem and head at 3 bits per channel.
+_GROUP4 = dict(granularity="group", group_size=4)
+LAYOUT_RULES = {
+    "scalar": (LayerRule("stages_0_0/.*", **_GROUP4),
+               LayerRule("stages_1_0/.*", int8_levels=True, **_GROUP4),
+               LayerRule("stages_3_0/.*", granularity="tensor")),  # stages_2_0: per channel
+    "vector": (LayerRule("stages_0_0/.*", cluster_dim=2),
+               LayerRule("stages_1_0/.*", cluster_dim=4, granularity="tensor"),
+               LayerRule("stages_2_0/.*", cluster_dim=2, **_GROUP4)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUT_RULES))
+def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, kind):
   params = _params()
-  q = make_quantizer("cluster", bits=2, first_last_bits=3, **opts)
+  q = make_quantizer("cluster", bits=2, first_last_bits=3, rules=LAYOUT_RULES[kind])
   packed = pack(params, q, q.init(params))
   packed.save(tmp_path / "m.packed")
   with np.load(tmp_path / "m.packed") as z:
     for path, w in q.kernels(params).items():
-      key = "/".join(path)
+      key, spec = "/".join(path), q.layer(path)
       stored = sum(z[f"q/{key}/{part}"].nbytes for part in ("packed", "codebook", "int_scale")
                    if f"q/{key}/{part}" in z.files)
-      bits = q.layer_bits(path)
-      assert stored == mixed.layer_bytes(w.shape, bits, per_channel=q.per_channel,
-                                         group_size=q.group_of(path),
-                                         cluster_dim=q.dim_of(path),
-                                         int8_levels=q.int8_levels), key
+      assert stored == mixed.layer_bytes(w.shape, spec.bits, per_channel=spec.per_channel,
+                                         group_size=spec.group_size,
+                                         cluster_dim=spec.cluster_dim,
+                                         int8_levels=spec.int8_levels), key
+  for rule in LAYOUT_RULES[kind]:  # every rule still names a layer of TINY
+    assert any(rule.matches("/".join(p)) for p in q.kernels(params)), rule
 
 
 def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
