@@ -18,6 +18,7 @@ from repvgg_jax.quant import make_quantizer
 from repvgg_jax.quant.cluster import assign, decode, quantize
 from repvgg_jax.quant.kmeans import fit_codebook
 from repvgg_jax.quant.optimal import optimal_codebook
+from repvgg_jax.quant.rules import LayerRule
 from _util import codebook_mse, raises_naming, random_variables, tiny_variant
 
 TINY = tiny_variant((1, 2, 2, 1))
@@ -176,11 +177,17 @@ def test_lloyd_refit_does_not_increase_error():
   assert codebook_mse(w, refit) <= codebook_mse(w, start)
 
 
-@pytest.mark.parametrize("method, granularity", [("cluster", "channel"), ("cluster", "tensor"),
+# cluster: per channel, and per tensor on the layers of stages 1 and 3 (one refit of both).
+@pytest.mark.parametrize("method, granularity", [("cluster", "channel_and_tensor"),
                                                  ("uniform", "channel"), ("uniform", "tensor")])
 def test_quantizer_apply_uses_few_levels_and_keeps_biases(method, granularity):
   params = _tiny_params()
-  q = make_quantizer(method, bits=2, granularity=granularity, first_last_bits=None)
+  if granularity == "channel_and_tensor":
+    q = make_quantizer(method, bits=2, first_last_bits=None,
+                       rules=[LayerRule("stages_[13]_.*", granularity="tensor")])
+    assert {q.layer(p).granularity for p in q.kernels(params)} == {"channel", "tensor"}
+  else:
+    q = make_quantizer(method, bits=2, granularity=granularity, first_last_bits=None)
   state = q.init(params)
   pq = jax.jit(q.apply)(params, state)
   k = pq["stages_1_1"]["reparam_conv"]["kernel"]
