@@ -64,6 +64,11 @@ SLOW_TESTS = (
     "tests/train/test_train.py::test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint",
     "tests/train/test_train.py::test_resume_after_kill_is_bit_exact",
     "experiments/tests/test_stock_tools.py::test_smoke_run_writes_ledger_and_page",
+    # (pytest --durations, 2026-12-08)
+    "tests/deploy/test_graph.py::test_every_runtime_follows_a_layer_added_to_the_graph",
+    "tests/deploy/test_onnx.py::test_int8_grid_export_runs_the_integer_forward_in_onnx_runtime[cluster-opts3]",
+    "tests/train/test_train.py::test_profile_writes_a_trace_tensorboard_reads",
+    "tests/test_analysis.py::test_bound_factors_are_the_branch_bounds_scale_per_channel",
 )
 
 

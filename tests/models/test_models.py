@@ -11,6 +11,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax.models.oabn import resolve_bound
 from repvgg_jax.models.repvgg import RepVGG, Variant
+from repvgg_jax.train.state import init_variables
 from _util import raises_naming, random_variables, rel_err
 
 # Official train / deploy parameter counts in millions (RepVGG README, mmpretrain).
@@ -158,7 +159,7 @@ def test_feature_map_sizes(cifar_stem, size, final):
 def test_train_mode_updates_batch_stats_and_eval_does_not():
   model = RepVGG(SMALL, num_classes=10)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
-  v = jax.jit(model.init)(jax.random.key(0), x)
+  v = init_variables(model, (32, 32, 3), seed=0)  # the trainer's init (batch_stats: 0 and 1)
   train_apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   logits, upd = train_apply(v, x)
   assert logits.shape == (4, 10)
