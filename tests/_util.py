@@ -125,11 +125,17 @@ MIXED_LAYOUTS = {
 }
 
 
+def assert_every_rule_matches(rules, paths):
+  """Fails naming the first of ``rules`` that matches none of the kernel ``paths``
+  (``/``-joined): a layout test whose layer was renamed would no longer test it."""
+  for rule in rules:
+    assert any(rule.matches(p) for p in paths), rule
+
+
 def mixed_packed(kind):
   """``tiny_packed`` of ``MIXED_LAYOUTS[kind]``; fails if a rule no longer matches a layer."""
   packed = tiny_packed("cluster", **MIXED_LAYOUTS[kind])
-  for rule in MIXED_LAYOUTS[kind]["rules"]:
-    assert any(rule.matches(p) for p in packed.layers), rule
+  assert_every_rule_matches(MIXED_LAYOUTS[kind]["rules"], packed.layers)
   return packed
 
 

@@ -177,17 +177,17 @@ def test_lloyd_refit_does_not_increase_error():
   assert codebook_mse(w, refit) <= codebook_mse(w, start)
 
 
-# cluster: per channel, and per tensor on the layers of stages 1 and 3 (one refit of both).
-@pytest.mark.parametrize("method, granularity", [("cluster", "channel_and_tensor"),
-                                                 ("uniform", "channel"), ("uniform", "tensor")])
-def test_quantizer_apply_uses_few_levels_and_keeps_biases(method, granularity):
+# cluster: per channel, and per tensor on stages 1 and 3 (one fit and refit of both).
+@pytest.mark.parametrize("method, opts, granularities", [
+    ("cluster", dict(rules=[LayerRule("stages_[13]_.*", granularity="tensor")]),
+     {"channel", "tensor"}),
+    ("uniform", dict(granularity="channel"), {"channel"}),
+    ("uniform", dict(granularity="tensor"), {"tensor"})],
+    ids=["cluster-channel_and_tensor", "uniform-channel", "uniform-tensor"])
+def test_quantizer_apply_uses_few_levels_and_keeps_biases(method, opts, granularities):
   params = _tiny_params()
-  if granularity == "channel_and_tensor":
-    q = make_quantizer(method, bits=2, first_last_bits=None,
-                       rules=[LayerRule("stages_[13]_.*", granularity="tensor")])
-    assert {q.layer(p).granularity for p in q.kernels(params)} == {"channel", "tensor"}
-  else:
-    q = make_quantizer(method, bits=2, granularity=granularity, first_last_bits=None)
+  q = make_quantizer(method, bits=2, first_last_bits=None, **opts)
+  assert {q.layer(p).granularity for p in q.kernels(params)} == granularities
   state = q.init(params)
   pq = jax.jit(q.apply)(params, state)
   k = pq["stages_1_1"]["reparam_conv"]["kernel"]

@@ -18,7 +18,8 @@ from repvgg_jax.quant.optimal import optimal_codebook
 from repvgg_jax.quant.quantizer import by_group
 from repvgg_jax.quant.rules import LayerRule
 
-from _util import codebook_mse, raises_naming, random_variables, vector_squared_error
+from _util import (assert_every_rule_matches, codebook_mse, raises_naming, random_variables,
+                   vector_squared_error)
 
 TINY = Variant((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.125))  # 16, 32, 64, 64 channels
 
@@ -103,8 +104,7 @@ def test_size_accounting_is_the_bytes_of_the_saved_arrays(tmp_path, kind):
                                          group_size=spec.group_size,
                                          cluster_dim=spec.cluster_dim,
                                          int8_levels=spec.int8_levels), key
-  for rule in LAYOUT_RULES[kind]:  # every rule still names a layer of TINY
-    assert any(rule.matches("/".join(p)) for p in q.kernels(params)), rule
+  assert_every_rule_matches(LAYOUT_RULES[kind], ["/".join(p) for p in q.kernels(params)])
 
 
 def test_grouped_int8_levels_run_the_integer_forward(tmp_path):
